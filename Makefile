@@ -1,0 +1,36 @@
+# metarec: all set-up on a fresh machine goes through these targets.
+#   make demo   - virtualenv + install + fetch ml-100k (offline default) + cold-start meta-learning run
+#   make test   - virtualenv + install + the default test suite (offline, ~minutes on 2 cores)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+DEMO_FLAGS ?=
+
+.PHONY: setup data demo test test-slow benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(PY) -c "from metarec.data import ensure_dataset; print('ml-100k at', ensure_dataset('ml-100k'))"
+
+demo: data
+	$(PY) -m experiments.meta_train --dataset=ml-100k --workdir=$(WORKDIR) $(DEMO_FLAGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+benchmark: setup
+	$(PY) -m experiments.benchmark --workdir=runs/benchmark
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,0 +1,185 @@
+"""Feature vocabularies and the encoding of :class:`UserSets` into :class:`metarec.data.tasks.Task`.
+
+Per-example model inputs ``x`` (leaves share the example axis N):
+
+* ``"user"``   int32 [N, 4]: age bucket, gender, occupation, zip prefix (first 3 characters);
+* ``"item"``   int32 [N, 2]: release year, item id;
+* ``"genres"`` float32 [N, G]: multi-hot genres;
+* ``"offset"`` float32 [N]: the user's support-mean rating shrunk toward the training mean with
+  ``offset_prior`` pseudo-ratings — the same value for all of a task's support and query examples
+  (computed from the support set only), so a model can predict residuals.
+
+Vocabularies are fitted on training data only (the items and users of ``train_ratings``); index 0 of
+every vocabulary is the out-of-vocabulary entry, used for categories never seen in training (new
+release years, unseen zip prefixes, items not rated in training). ``to_dict``/``from_dict`` store the
+vocabularies as JSON next to results so a trained model can be applied to new data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+
+from metarec.data.movielens import RatingsData
+from metarec.data.scenarios import UserSets
+from metarec.data.tasks import Examples, Task
+
+AGE_BUCKETS = ((0, 18), (18, 25), (25, 35), (35, 45), (45, 50), (50, 56), (56, 10**6))
+AGE_LABELS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
+USER_FIELDS = ("age", "gender", "occupation", "zip3")
+ITEM_FIELDS = ("year", "item_id")
+OOV = 0
+
+
+def age_bucket(age: np.ndarray) -> np.ndarray:
+    """Map ages to 1..7 (PROTOCOL buckets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+); unknown (<0) -> 0.
+    ml-1m's age codes (1, 18, 25, 35, 45, 50, 56) land in the matching buckets."""
+    age = np.asarray(age)
+    out = np.zeros(age.shape, np.int32)
+    for b, (lo, hi) in enumerate(AGE_BUCKETS, start=1):
+        out[(age >= lo) & (age < hi)] = b
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """Vocabulary sizes (including the OOV index 0) — all a model needs to size its embeddings."""
+
+    user_vocab: tuple[int, ...]
+    item_vocab: tuple[int, ...]
+    n_genres: int
+
+
+class Vocab:
+    """A token -> index map with index 0 reserved for out-of-vocabulary tokens."""
+
+    def __init__(self, tokens):
+        self.tokens = sorted({str(t) for t in tokens})
+        self.index = {t: i + 1 for i, t in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens) + 1
+
+    def encode(self, values) -> np.ndarray:
+        return np.array([self.index.get(str(v), OOV) for v in values], dtype=np.int32)
+
+
+class FeatureEncoder:
+    """Fitted vocabularies; :meth:`encode` turns :class:`UserSets` into a :class:`Task` batch."""
+
+    def __init__(self, vocabs: dict[str, list[str]], genres: list[str], global_mean: float, offset_prior: float):
+        self.vocabs = {k: Vocab(v) for k, v in vocabs.items()}
+        self.genres = list(genres)
+        self.global_mean = float(global_mean)
+        self.offset_prior = float(offset_prior)
+        self._tables: tuple | None = None
+
+    @classmethod
+    def fit(cls, data: RatingsData, train_ratings: pd.DataFrame, offset_prior: float = 2.0) -> "FeatureEncoder":
+        """Vocabularies from the users and items of ``train_ratings`` only."""
+        users = data.users[data.users["user_id"].isin(train_ratings["user_id"].unique())]
+        items = data.items[data.items["item_id"].isin(train_ratings["item_id"].unique())]
+        vocabs = {
+            "gender": list(users["gender"]),
+            "occupation": list(users["occupation"]),
+            "zip3": list(users["zip_code"].str[:3]),
+            "year": list(items["year"]),
+            "item_id": [str(i) for i in items["item_id"]],
+        }
+        enc = cls(vocabs, list(data.genres), float(train_ratings["rating"].mean()), offset_prior)
+        enc.bind(data)
+        return enc
+
+    def bind(self, data: RatingsData) -> "FeatureEncoder":
+        """Build the id -> feature-row lookup tables for ``data`` (any dataset with the same fields)."""
+        u = data.users
+        user_feats = np.stack(
+            [age_bucket(u["age"].to_numpy()), self.vocabs["gender"].encode(u["gender"]),
+             self.vocabs["occupation"].encode(u["occupation"]), self.vocabs["zip3"].encode(u["zip_code"].str[:3])],
+            axis=1,
+        )  # fmt: skip
+        it = data.items
+        item_feats = np.stack(
+            [self.vocabs["year"].encode(it["year"]), self.vocabs["item_id"].encode(it["item_id"].astype(str))], axis=1
+        )
+        gidx = {g: j for j, g in enumerate(self.genres)}
+        genres = np.zeros((len(it), len(self.genres)), np.float32)
+        for r, gs in enumerate(it["genres"]):
+            for g in gs:
+                if g in gidx:
+                    genres[r, gidx[g]] = 1.0
+        self._tables = (
+            pd.Index(u["user_id"].to_numpy()), user_feats, pd.Index(it["item_id"].to_numpy()), item_feats, genres
+        )
+        return self
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(
+            user_vocab=(len(AGE_BUCKETS) + 1, len(self.vocabs["gender"]), len(self.vocabs["occupation"]), len(self.vocabs["zip3"])),
+            item_vocab=(len(self.vocabs["year"]), len(self.vocabs["item_id"])),
+            n_genres=len(self.genres),
+        )
+
+    def user_offset(self, rating: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Shrunk support mean per user: (sum r + k * mu) / (n + k)."""
+        k = self.offset_prior
+        return ((rating * mask).sum(-1) + k * self.global_mean) / (mask.sum(-1) + k)
+
+    def _examples(self, user_rows, items, rating, mask, offset) -> Examples:
+        if self._tables is None:
+            raise RuntimeError("FeatureEncoder.bind(data) must be called before encode()")
+        user_index, user_feats, item_index, item_feats, genres = self._tables
+        t, n = items.shape
+        flat = items.reshape(-1)
+        rows = item_index.get_indexer(flat)
+        real = mask.reshape(-1) > 0
+        if np.any(rows[real] < 0):
+            bad = np.unique(flat[real][rows[real] < 0])[:5]
+            raise KeyError(f"item ids not in the item table: {bad.tolist()}")
+        rows = np.where(rows < 0, 0, rows)
+        x = {
+            "user": np.repeat(user_feats[user_rows][:, None, :], n, axis=1).astype(np.int32),
+            "item": item_feats[rows].reshape(t, n, -1).astype(np.int32),
+            "genres": genres[rows].reshape(t, n, -1),
+            "offset": np.repeat(offset[:, None], n, axis=1).astype(np.float32),
+        }
+        return Examples(x=x, y=rating.astype(np.float32), mask=mask.astype(np.float32))
+
+    def encode(self, sets: UserSets) -> Task:
+        """Encode users' support and query sets into a batched :class:`Task` (host numpy leaves)."""
+        user_index = self._tables[0]
+        user_rows = user_index.get_indexer(sets.user_id)
+        if np.any(user_rows < 0):
+            raise KeyError(f"user ids not in the user table: {sets.user_id[user_rows < 0][:5].tolist()}")
+        offset = self.user_offset(sets.support_rating, sets.support_mask).astype(np.float32)
+        support = self._examples(user_rows, sets.support_item, sets.support_rating, sets.support_mask, offset)
+        query = self._examples(user_rows, sets.query_item, sets.query_rating, sets.query_mask, offset)
+        return Task(support=support, query=query, user=sets.user_id.astype(np.int32))
+
+    def to_dict(self) -> dict:
+        return {
+            "vocabs": {k: v.tokens for k, v in self.vocabs.items()},
+            "genres": self.genres,
+            "global_mean": self.global_mean,
+            "offset_prior": self.offset_prior,
+            "age_buckets": list(AGE_LABELS),
+            "user_fields": list(USER_FIELDS),
+            "item_fields": list(ITEM_FIELDS),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureEncoder":
+        return cls(d["vocabs"], d["genres"], d["global_mean"], d["offset_prior"])
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "FeatureEncoder":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
