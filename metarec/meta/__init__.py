@@ -1,0 +1,42 @@
+"""Meta-learning core: the inner loop (:func:`adapt`) and the MAML-family meta-learners.
+
+Quick use::
+
+    from metarec import meta
+    learner = meta.maml(apply_fn, inner_steps=5, inner_lr=1e-2, adapt_mask=mask)
+    meta_params = learner.init(params)
+    loss, grad = learner.task_grad(meta_params, task)      # one task
+    phi = learner.adapt(meta_params, task.support)          # test-time adaptation
+
+See :mod:`metarec.train` for the jitted, vmapped meta step and evaluation.
+"""
+
+from metarec.meta.inner import (
+    adapt,
+    mae,
+    make_objective,
+    masked_mean,
+    mse,
+    partition,
+    path_filter,
+    path_to_str,
+    resolve_mask,
+)
+from metarec.meta.learners import (
+    LEARNERS,
+    MetaLearner,
+    MetaSGDParams,
+    cg_solve,
+    fomaml,
+    imaml,
+    make_learner,
+    maml,
+    metasgd,
+    reptile,
+)
+
+__all__ = [
+    "adapt", "mae", "make_objective", "masked_mean", "mse", "partition", "path_filter", "path_to_str",
+    "resolve_mask", "LEARNERS", "MetaLearner", "MetaSGDParams", "cg_solve", "fomaml", "imaml",
+    "make_learner", "maml", "metasgd", "reptile",
+]

@@ -1,0 +1,249 @@
+"""The one inner-loop primitive shared by every meta-learner, plus masked losses and parameter masks.
+
+Everything here is a pure function of explicit arguments and works under ``jax.jit``, ``jax.vmap``
+and ``jax.grad`` (including second-order differentiation *through* :func:`adapt`).
+
+Parameter masks
+---------------
+Which parameters the inner loop adapts is given by a *mask*: a pytree with the structure of the
+parameters whose leaves are Python ``bool`` (static: ``True`` = adapted, ``False`` = frozen). Anywhere a
+mask is accepted one may also pass
+
+* ``None`` — adapt every parameter, or
+* a callable ``params -> mask`` (e.g. ``metarec.models.melu.adapt_filter("decision")`` or
+  :func:`path_filter`), resolved at trace time against the actual parameter structure.
+
+Frozen leaves are not differentiated in the inner loop at all (no wasted gradient or Hessian work),
+but they are still closed over, so an outer ``jax.grad`` through :func:`adapt` does reach them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+MaskLike = Any  # None | bool pytree | Callable[[params], bool pytree]
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``values`` over the entries where ``mask`` is non-zero (weighted by ``mask``).
+
+    Returns exactly 0.0 (never NaN, and with a zero — not NaN — gradient) when the mask is all zero,
+    so a padded task or an empty support set contributes nothing.
+    """
+    mask = mask.astype(values.dtype)
+    total = jnp.sum(mask)
+    return jnp.sum(values * mask) / jnp.maximum(total, jnp.ones_like(total))
+
+
+def mse(preds: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean squared error over the real examples of one set (``preds``, ``targets``,
+    ``mask`` all ``[N]``). An all-padding set gives 0.0."""
+    preds = preds.astype(jnp.result_type(preds, targets))
+    return masked_mean(jnp.square(preds - targets.astype(preds.dtype)), mask)
+
+
+def mae(preds: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean absolute error (same conventions as :func:`mse`)."""
+    preds = preds.astype(jnp.result_type(preds, targets))
+    return masked_mean(jnp.abs(preds - targets.astype(preds.dtype)), mask)
+
+
+def make_objective(apply_fn: Callable, loss_fn: Callable = mse) -> Callable:
+    """Turn a prediction function and a prediction loss into a set objective.
+
+    Returns ``objective(params, examples, key=None) -> scalar`` with
+    ``loss_fn(apply_fn(params, examples.x), examples.y, examples.mask)``. When ``key`` is given the
+    model is called as ``apply_fn(params, x, key=key, train=True)`` (e.g. MeLU feature dropout);
+    without a key it is called as plain ``apply_fn(params, x)``, so any ``f(params, x)`` works.
+    """
+
+    def objective(params, examples, key=None):
+        if key is None:
+            preds = apply_fn(params, examples.x)
+        else:
+            preds = apply_fn(params, examples.x, key=key, train=True)
+        return loss_fn(preds, examples.y, examples.mask)
+
+    return objective
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------
+def path_to_str(path) -> str:
+    """Render a ``jax.tree_util`` key path as ``"a/b/0/c"`` (dict keys, attributes, indices)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(str(k.name))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:  # pragma: no cover - future key types
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def path_filter(pattern: str | Callable[[str], bool]) -> Callable[[PyTree], PyTree]:
+    """A mask builder from parameter paths.
+
+    ``pattern`` is a regular expression searched (``re.search``) in each leaf's path string (see
+    :func:`path_to_str`, e.g. ``"mlp_0/kernel"``), or a predicate ``path_str -> bool``. Returns a
+    callable ``params -> bool pytree``.
+    """
+    if isinstance(pattern, str):
+        regex = re.compile(pattern)
+        pred = lambda s: regex.search(s) is not None  # noqa: E731
+    elif callable(pattern):
+        pred = pattern
+    else:
+        raise TypeError(f"path_filter: pattern must be a regex string or a callable, got {pattern!r}")
+
+    def build(params):
+        return jax.tree_util.tree_map_with_path(lambda p, _: bool(pred(path_to_str(p))), params)
+
+    return build
+
+
+def resolve_mask(mask: MaskLike, params: PyTree) -> list[bool]:
+    """Resolve a mask-like (``None`` / callable / bool pytree) to a flat list of Python bools, one per
+    leaf of ``params`` (in ``jax.tree_util.tree_leaves`` order). Raises a clear error if the mask does
+    not match the parameter structure or has non-static leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if mask is None:
+        return [True] * len(leaves)
+    if callable(mask):
+        mask = mask(params)
+    try:
+        flat = treedef.flatten_up_to(mask)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "adapt mask does not match the parameter structure: expected a pytree of Python bools "
+            f"shaped like params {treedef}, got {jax.tree_util.tree_structure(mask)}"
+        ) from e
+    out = []
+    for m in flat:
+        if isinstance(m, (bool, np.bool_)):
+            out.append(bool(m))
+        else:
+            raise TypeError(
+                "adapt mask leaves must be static Python bools (True = adapt the whole leaf), "
+                f"got {type(m).__name__}"
+            )
+    if not any(out):
+        raise ValueError("adapt mask selects no parameter: at least one leaf must be True")
+    return out
+
+
+def partition(params: PyTree, mask_flat: list[bool]):
+    """Split ``params`` into (adapted leaves list, frozen leaves list, combine) where
+    ``combine(adapted, frozen)`` rebuilds the full pytree."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if len(leaves) != len(mask_flat):
+        raise ValueError(f"mask has {len(mask_flat)} leaves, params have {len(leaves)}")
+    adapted = [l for l, m in zip(leaves, mask_flat) if m]
+    frozen = [l for l, m in zip(leaves, mask_flat) if not m]
+
+    def combine(a, f):
+        a_it, f_it = iter(a), iter(f)
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(a_it) if m else next(f_it) for m in mask_flat]
+        )
+
+    return adapted, frozen, combine
+
+
+def _flat_lr(lr, params, mask_flat):
+    """Per-adapted-leaf learning rates from a scalar or a params-shaped pytree."""
+    n_adapt = sum(mask_flat)
+    if isinstance(lr, (int, float)) or (hasattr(lr, "shape") and jnp.ndim(lr) == 0):
+        return [lr] * n_adapt
+    treedef = jax.tree_util.tree_structure(params)
+    try:
+        flat = treedef.flatten_up_to(lr)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "lr must be a scalar or a pytree with the structure of params "
+            f"({treedef}), got {jax.tree_util.tree_structure(lr)}"
+        ) from e
+    return [l for l, m in zip(flat, mask_flat) if m]
+
+
+# ----------------------------------------------------------------------------------------------
+# The inner loop
+# ----------------------------------------------------------------------------------------------
+def adapt(
+    params: PyTree,
+    support,
+    loss_fn: Callable,
+    *,
+    steps: int,
+    lr,
+    mask: MaskLike = None,
+    first_order: bool = False,
+    remat: bool = False,
+    key: jax.Array | None = None,
+    return_losses: bool = False,
+):
+    """K steps of gradient descent on the selected parameters (``lax.scan``).
+
+    Args:
+      params: model parameters (any pytree of arrays); the starting point θ.
+      support: the set to adapt on (usually :class:`metarec.data.tasks.Examples`), passed unchanged
+        to ``loss_fn``.
+      loss_fn: ``loss_fn(params, support) -> scalar`` (e.g. from :func:`make_objective`); when
+        ``key`` is given it is called as ``loss_fn(params, support, key_k)`` with a fresh key per step.
+      steps: number of inner steps K (static Python int, may be 0).
+      lr: inner learning rate: a scalar, or a pytree shaped like ``params`` (per-parameter rates,
+        possibly traced — Meta-SGD differentiates through them).
+      mask: which parameters to adapt (see module docstring); the others stay fixed.
+      first_order: stop the gradient through the inner gradients (FOMAML): then
+        ``d φ / d θ = I`` in the outer derivative.
+      remat: ``jax.checkpoint`` each inner step, so second-order memory does not grow with ``steps``
+        (recomputes the forward pass of each step during the backward pass).
+      key: optional PRNG key for a stochastic loss (e.g. feature dropout).
+      return_losses: also return the ``[steps]`` support losses *before* each step.
+
+    Returns:
+      The adapted parameters φ (same structure as ``params``), and the losses if requested.
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"adapt: steps must be a non-negative Python int, got {steps!r}")
+    mask_flat = resolve_mask(mask, params)
+    adapted, frozen, combine = partition(params, mask_flat)
+    lrs = _flat_lr(lr, params, mask_flat)
+
+    def inner_loss(a, k):
+        full = combine(a, frozen)
+        return loss_fn(full, support) if k is None else loss_fn(full, support, k)
+
+    def step(a, i):
+        k = None if key is None else jax.random.fold_in(key, i)
+        loss, g = jax.value_and_grad(inner_loss)(a, k)
+        if first_order:
+            g = jax.lax.stop_gradient(g)
+        new = [p - jnp.asarray(r, p.dtype) * gi for p, r, gi in zip(a, lrs, g)]
+        return new, loss
+
+    if remat:
+        step = jax.checkpoint(step)
+
+    if steps == 0:
+        out, losses = adapted, jnp.zeros((0,), jnp.float32)
+    else:
+        out, losses = jax.lax.scan(step, adapted, jnp.arange(steps))
+    phi = combine(out, frozen)
+    return (phi, losses) if return_losses else phi
+

@@ -1,0 +1,369 @@
+"""Meta-learners as small NamedTuples of pure functions (in the style of ``optax.GradientTransformation``).
+
+Every learner is built on the one inner-loop primitive :func:`metarec.meta.inner.adapt`; they differ
+only in how the outer (meta) gradient of ONE task is formed:
+
+========  =====================================================================================
+maml      exact second-order ``jax.grad`` of the query loss through the K inner steps.
+fomaml    the same with the inner gradients under ``stop_gradient`` (dφ/dθ := I): the meta
+          gradient is ∇_φ L_query(φ) evaluated at the adapted parameters.
+metasgd   MAML where the per-parameter inner learning rates are meta-parameters too.
+reptile   "gradient" = θ − φ (see :func:`reptile`).
+imaml     implicit gradient of a proximal inner problem, solved with conjugate gradient on
+          Hessian-vector products (no back-propagation through the inner loop).
+========  =====================================================================================
+
+All learners expose the same interface (:class:`MetaLearner`)::
+
+    meta_params = learner.init(params)                 # model params -> meta params
+    phi         = learner.adapt(meta_params, support)   # adapted *model* params (used at test time)
+    loss, g     = learner.task_grad(meta_params, task)  # ONE task; g has meta_params' structure
+    theta       = learner.model_params(meta_params)     # the initialisation (before adaptation)
+
+``task_grad`` returns a gradient to be *minimised* by a standard optax optimizer (the meta step in
+:mod:`metarec.train` vmaps it over tasks and averages). An optional ``key`` drives a stochastic model
+(e.g. MeLU feature dropout): it is split into one key for the inner loop (a fresh sub-key per inner
+step) and one for the query loss. Without a key the model is called deterministically.
+
+``apply_fn(params, x) -> preds [N]`` works on ONE task's inputs; ``loss_fn(preds, y, mask)`` is a masked
+set loss (default :func:`metarec.meta.inner.mse`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metarec.meta import inner as _inner
+from metarec.meta.inner import MaskLike, make_objective, mse
+
+PyTree = Any
+
+
+class MetaLearner(NamedTuple):
+    """A meta-learning algorithm as pure functions. See the module docstring."""
+
+    init: Callable[[PyTree], PyTree]
+    adapt: Callable[..., PyTree]
+    task_grad: Callable[..., tuple[jax.Array, PyTree]]
+    model_params: Callable[[PyTree], PyTree]
+    name: str
+
+
+class MetaSGDParams(NamedTuple):
+    """Meta-parameters of Meta-SGD: the initialisation ``params`` and per-parameter inner learning
+    rates ``lr`` (same structure and shapes as ``params``; rates of frozen leaves are unused)."""
+
+    params: PyTree
+    lr: PyTree
+
+
+def _split(key):
+    if key is None:
+        return None, None
+    k_inner, k_query = jax.random.split(key)
+    return k_inner, k_query
+
+
+def _check_common(inner_steps, inner_lr):
+    if not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be a non-negative int, got {inner_steps!r}")
+    if isinstance(inner_lr, (int, float)) and inner_lr < 0:
+        raise ValueError(f"inner_lr must be >= 0, got {inner_lr!r}")
+
+
+def _identity(p):
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# MAML / FOMAML
+# ----------------------------------------------------------------------------------------------
+def maml(
+    apply_fn: Callable,
+    loss_fn: Callable = mse,
+    *,
+    inner_steps: int = 5,
+    inner_lr=1e-2,
+    adapt_mask: MaskLike = None,
+    first_order: bool = False,
+    remat: bool = False,
+    name: str | None = None,
+) -> MetaLearner:
+    """MAML (Finn et al., 2017) with the exact second-order meta-gradient.
+
+    ``task_grad(θ, task) = ∇_θ L_query(adapt(θ, support))`` computed by ``jax.value_and_grad``
+    through the ``lax.scan`` inner loop (Hessian-vector products included). Frozen parameters (mask
+    False) are not adapted but still receive meta-gradients through both the inner and the query
+    loss. ``first_order=True`` gives FOMAML; ``remat=True`` checkpoints each inner step.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> preds`` (and ``apply_fn(params, x, key=, train=True)``
+        if keys are used).
+      loss_fn: masked set loss ``(preds, y, mask) -> scalar``.
+      inner_steps: K inner gradient steps.
+      inner_lr: inner step size (scalar or params-shaped pytree).
+      adapt_mask: which parameters the inner loop adapts (``None`` = all, bool pytree or callable).
+      first_order: drop the second-order term.
+      remat: rematerialise each inner step (memory independent of ``inner_steps``).
+    """
+    _check_common(inner_steps, inner_lr)
+    objective = make_objective(apply_fn, loss_fn)
+
+    def adapt(params, support, key=None):
+        return _inner.adapt(
+            params, support, objective, steps=inner_steps, lr=inner_lr, mask=adapt_mask,
+            first_order=first_order, remat=remat, key=key,
+        )
+
+    def meta_loss(params, task, key=None):
+        k_inner, k_query = _split(key)
+        phi = adapt(params, task.support, k_inner)
+        return objective(phi, task.query, k_query)
+
+    def task_grad(params, task, key=None):
+        return jax.value_and_grad(meta_loss)(params, task, key)
+
+    return MetaLearner(
+        init=_identity, adapt=adapt, task_grad=task_grad, model_params=_identity,
+        name=name or ("fomaml" if first_order else "maml"),
+    )
+
+
+def fomaml(apply_fn: Callable, loss_fn: Callable = mse, **kwargs) -> MetaLearner:
+    """First-order MAML: :func:`maml` with ``first_order=True``. Its meta-gradient is
+    ``∇_φ L_query(φ)`` at the adapted parameters (the Jacobian dφ/dθ replaced by the identity)."""
+    kwargs.pop("first_order", None)
+    return maml(apply_fn, loss_fn, first_order=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta-SGD
+# ----------------------------------------------------------------------------------------------
+def metasgd(
+    apply_fn: Callable,
+    loss_fn: Callable = mse,
+    *,
+    inner_steps: int = 1,
+    inner_lr: float = 1e-2,
+    adapt_mask: MaskLike = None,
+    first_order: bool = False,
+    remat: bool = False,
+    name: str = "metasgd",
+) -> MetaLearner:
+    """Meta-SGD (Li et al., 2017): MAML whose inner learning rates are learned per parameter.
+
+    ``init(params)`` returns :class:`MetaSGDParams` with every rate set to ``inner_lr``;
+    ``task_grad`` differentiates the query loss w.r.t. both the initialisation and the rates
+    (rates may become negative, as in the paper). The paper uses a single inner step
+    (``inner_steps=1`` default here), but any K works.
+    """
+    _check_common(inner_steps, inner_lr)
+    objective = make_objective(apply_fn, loss_fn)
+
+    def init(params):
+        lr = jax.tree_util.tree_map(lambda p: jnp.full(jnp.shape(p), inner_lr, jnp.result_type(p)), params)
+        return MetaSGDParams(params=params, lr=lr)
+
+    def adapt(meta_params, support, key=None):
+        return _inner.adapt(
+            meta_params.params, support, objective, steps=inner_steps, lr=meta_params.lr,
+            mask=adapt_mask, first_order=first_order, remat=remat, key=key,
+        )
+
+    def meta_loss(meta_params, task, key=None):
+        k_inner, k_query = _split(key)
+        phi = adapt(meta_params, task.support, k_inner)
+        return objective(phi, task.query, k_query)
+
+    def task_grad(meta_params, task, key=None):
+        return jax.value_and_grad(meta_loss)(meta_params, task, key)
+
+    return MetaLearner(
+        init=init, adapt=adapt, task_grad=task_grad, model_params=lambda mp: mp.params, name=name
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reptile
+# ----------------------------------------------------------------------------------------------
+def _concat_examples(a, b):
+    return jax.tree_util.tree_map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
+
+
+def reptile(
+    apply_fn: Callable,
+    loss_fn: Callable = mse,
+    *,
+    inner_steps: int = 5,
+    inner_lr=1e-2,
+    adapt_mask: MaskLike = None,
+    inner_data: str = "support",
+    remat: bool = False,
+    name: str = "reptile",
+) -> MetaLearner:
+    """Reptile (Nichol et al., 2018).
+
+    Gradient convention: ``task_grad`` returns ``g = θ − φ`` where φ are the parameters after K inner
+    SGD steps from θ. Feeding ``g`` to ``optax.sgd(ε)`` gives exactly the Reptile update
+    ``θ ← θ + ε (φ − θ)``; averaging over tasks gives batched Reptile. (Adam etc. on this
+    pseudo-gradient also work, as in the original code.) Leaves outside ``adapt_mask`` get g = 0, so
+    with a partial mask they are never meta-trained — use the full mask (``None``) for Reptile
+    unless that is the intent.
+
+    ``inner_data``: ``"support"`` (default; the same data as test-time adaptation) or
+    ``"support+query"`` (all of the task's ratings, as in Reptile's original formulation).
+    The returned loss is the query loss of φ (a training loss when the query is used in the inner loop).
+    """
+    _check_common(inner_steps, inner_lr)
+    if inner_data not in ("support", "support+query"):
+        raise ValueError(f"reptile: inner_data must be 'support' or 'support+query', got {inner_data!r}")
+    objective = make_objective(apply_fn, loss_fn)
+
+    def adapt(params, support, key=None):
+        return _inner.adapt(
+            params, support, objective, steps=inner_steps, lr=inner_lr, mask=adapt_mask,
+            first_order=True, remat=remat, key=key,
+        )
+
+    def task_grad(params, task, key=None):
+        k_inner, k_query = _split(key)
+        data = task.support if inner_data == "support" else _concat_examples(task.support, task.query)
+        phi = adapt(params, data, k_inner)
+        loss = objective(phi, task.query, k_query)
+        g = jax.tree_util.tree_map(lambda t, p: t - p, params, phi)
+        return jax.lax.stop_gradient(loss), jax.lax.stop_gradient(g)
+
+    return MetaLearner(init=_identity, adapt=adapt, task_grad=task_grad, model_params=_identity, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# iMAML
+# ----------------------------------------------------------------------------------------------
+def _tree_vdot(a, b):
+    out = jnp.zeros((), jnp.float32)
+    for x, y in zip(a, b):
+        dt = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)  # >= f32 accumulation
+        out = out + jnp.vdot(x.astype(dt), y.astype(dt))
+    return out
+
+
+def cg_solve(matvec: Callable, b: list, steps: int) -> list:
+    """Conjugate gradient for ``matvec(x) = b`` with a fixed number of ``steps`` (``lax.scan``),
+    starting from x = 0; ``b`` and ``x`` are lists of arrays. Divisions are guarded so a zero
+    residual (already solved) or a non-positive curvature direction stops progress instead of
+    producing NaN. Exact after ``dim`` steps for a symmetric positive-definite operator."""
+    x0 = [jnp.zeros_like(v) for v in b]
+    rs0 = _tree_vdot(b, b)
+
+    def body(carry, _):
+        x, r, p, rs = carry
+        ap = matvec(p)
+        pap = _tree_vdot(p, ap)
+        ok = pap > 0
+        alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
+        x = [xi + (alpha * pi).astype(xi.dtype) for xi, pi in zip(x, p)]
+        r = [ri - (alpha * api).astype(ri.dtype) for ri, api in zip(r, ap)]
+        rs_new = _tree_vdot(r, r)
+        pos = rs > 0
+        beta = jnp.where(pos, rs_new / jnp.where(pos, rs, 1.0), 0.0)
+        p = [ri + (beta * pi).astype(ri.dtype) for ri, pi in zip(r, p)]
+        return (x, r, p, rs_new), None
+
+    (x, _, _, _), _ = jax.lax.scan(body, (x0, list(b), list(b), rs0), None, length=steps)
+    return x
+
+
+def imaml(
+    apply_fn: Callable,
+    loss_fn: Callable = mse,
+    *,
+    inner_steps: int = 10,
+    inner_lr=1e-2,
+    adapt_mask: MaskLike = None,
+    lam: float = 1.0,
+    cg_steps: int = 5,
+    name: str = "imaml",
+) -> MetaLearner:
+    """Implicit MAML (Rajeswaran et al., 2019).
+
+    Inner problem (also used at test time): ``φ* = argmin_φ L_s(φ) + lam/2 ||φ_a − θ_a||²`` over the
+    adapted leaves ``a`` (frozen leaves f stay at θ_f), approximated by ``inner_steps`` gradient steps
+    from θ (no back-propagation through them). At the optimum the implicit function theorem gives
+
+    * adapted leaves: ``g_a = (I + H/lam)^{-1} ∇_φ L_q(φ*)`` with ``H = ∇²_φ L_s(φ*)``, solved with
+      ``cg_steps`` of conjugate gradient on Hessian-vector products (forward-over-reverse);
+    * frozen leaves (exact extension, not in the paper, which adapts everything):
+      ``g_f = ∂_f L_q(φ*) − (1/lam) ∂_f ⟨∇_φ L_s(φ*, θ_f), v⟩`` with v = g_a above.
+
+    The Hessian terms use the deterministic loss (no dropout key), the inner loop uses the key.
+    """
+    _check_common(inner_steps, inner_lr)
+    if not lam > 0:
+        raise ValueError(f"imaml: lam must be > 0, got {lam!r}")
+    if not isinstance(cg_steps, int) or cg_steps < 1:
+        raise ValueError(f"imaml: cg_steps must be a positive int, got {cg_steps!r}")
+    objective = make_objective(apply_fn, loss_fn)
+
+    def adapt(params, support, key=None):
+        mask_flat = _inner.resolve_mask(adapt_mask, params)
+        anchor = jax.lax.stop_gradient(params)
+        anchor_a, _, _ = _inner.partition(anchor, mask_flat)
+
+        def prox_objective(phi, ex, k=None):
+            phi_a, _, _ = _inner.partition(phi, mask_flat)
+            prox = sum(jnp.sum(jnp.square(p - t)) for p, t in zip(phi_a, anchor_a))
+            return objective(phi, ex, k) + 0.5 * lam * prox
+
+        return _inner.adapt(
+            anchor, support, prox_objective, steps=inner_steps, lr=inner_lr, mask=mask_flat_tree(params, mask_flat),
+            first_order=True, key=key,
+        )
+
+    def task_grad(params, task, key=None):
+        k_inner, k_query = _split(key)
+        mask_flat = _inner.resolve_mask(adapt_mask, params)
+        phi = jax.lax.stop_gradient(adapt(params, task.support, k_inner))
+        phi_a, _, combine = _inner.partition(phi, mask_flat)
+        _, theta_f, _ = _inner.partition(params, mask_flat)
+
+        def q_loss(a, f):
+            return objective(combine(a, f), task.query, k_query)
+
+        loss, (gq_a, gq_f) = jax.value_and_grad(q_loss, argnums=(0, 1))(phi_a, theta_f)
+
+        def grad_s(a, f):
+            return jax.grad(lambda a_: objective(combine(a_, f), task.support))(a)
+
+        def matvec(v):
+            hv = jax.jvp(lambda a: grad_s(a, theta_f), (phi_a,), (v,))[1]
+            return [vi + hvi / lam for vi, hvi in zip(v, hv)]
+
+        v = cg_solve(matvec, gq_a, cg_steps)
+        if theta_f:
+            _, vjp_f = jax.vjp(lambda f: grad_s(phi_a, f), theta_f)
+            (mixed,) = vjp_f(v)
+            g_f = [g - m / lam for g, m in zip(gq_f, mixed)]
+        else:
+            g_f = []
+        return loss, combine(v, g_f)
+
+    return MetaLearner(init=_identity, adapt=adapt, task_grad=task_grad, model_params=_identity, name=name)
+
+
+def mask_flat_tree(params, mask_flat):
+    """Rebuild a bool pytree shaped like ``params`` from a flat list of bools."""
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), list(mask_flat))
+
+
+LEARNERS = {"maml": maml, "fomaml": fomaml, "metasgd": metasgd, "reptile": reptile, "imaml": imaml}
+
+
+def make_learner(name: str, apply_fn: Callable, loss_fn: Callable = mse, **kwargs) -> MetaLearner:
+    """Build a learner by name (``maml``, ``fomaml``, ``metasgd``, ``reptile``, ``imaml``) — handy
+    for experiment scripts. Raises a ValueError listing the allowed names."""
+    if name not in LEARNERS:
+        raise ValueError(f"unknown meta-learner {name!r}; allowed: {sorted(LEARNERS)}")
+    return LEARNERS[name](apply_fn, loss_fn, **kwargs)
