@@ -218,7 +218,12 @@ def test_encoding_vocab_oov_and_offset(scenario_data):
     warm = enc.encode(split.sets["warm_train"])
     assert np.all(warm.support.x["item"][..., 1][warm.support.mask > 0] > 0)
     spec = enc.spec
-    assert spec.item_vocab[1] == len(set(split.train_ratings.item_id)) + 1
+    assert spec.item_vocab[1] == len(scenario_data.items) + 1  # stable across seeds
+    assert len(enc.vocabs["item_id"].tokens) == len(set(split.train_ratings.item_id))
+    other = mdata.FeatureEncoder.fit(scenario_data, make_split(scenario_data, seed=1).train_ratings)
+    assert other.spec == spec
+    tight = mdata.FeatureEncoder.fit(scenario_data, split.train_ratings, stable_shapes=False)
+    assert tight.spec.item_vocab[1] == len(set(split.train_ratings.item_id)) + 1
     assert spec.n_genres == 19 and spec.user_vocab[0] == 8
     s = split.sets["warm_train"]
     k, mu = enc.offset_prior, enc.global_mean

@@ -54,14 +54,18 @@ class FeatureSpec:
 
 
 class Vocab:
-    """A token -> index map with index 0 reserved for out-of-vocabulary tokens."""
+    """A token -> index map with index 0 reserved for out-of-vocabulary tokens.
 
-    def __init__(self, tokens):
+    ``capacity`` (optional) reserves that many indices in all (unused ones are never produced), so that
+    embedding tables keep one shape across seeds whose training vocabularies differ."""
+
+    def __init__(self, tokens, capacity: int = 0):
         self.tokens = sorted({str(t) for t in tokens})
         self.index = {t: i + 1 for i, t in enumerate(self.tokens)}
+        self.capacity = max(int(capacity), len(self.tokens) + 1)
 
     def __len__(self) -> int:
-        return len(self.tokens) + 1
+        return self.capacity
 
     def encode(self, values) -> np.ndarray:
         return np.array([self.index.get(str(v), OOV) for v in values], dtype=np.int32)
@@ -70,16 +74,27 @@ class Vocab:
 class FeatureEncoder:
     """Fitted vocabularies; :meth:`encode` turns :class:`UserSets` into a :class:`Task` batch."""
 
-    def __init__(self, vocabs: dict[str, list[str]], genres: list[str], global_mean: float, offset_prior: float):
-        self.vocabs = {k: Vocab(v) for k, v in vocabs.items()}
+    def __init__(
+        self, vocabs: dict[str, list[str]], genres: list[str], global_mean: float, offset_prior: float,
+        capacity: dict[str, int] | None = None,
+    ):
+        capacity = capacity or {}
+        self.vocabs = {k: Vocab(v, capacity.get(k, 0)) for k, v in vocabs.items()}
         self.genres = list(genres)
         self.global_mean = float(global_mean)
         self.offset_prior = float(offset_prior)
         self._tables: tuple | None = None
 
     @classmethod
-    def fit(cls, data: RatingsData, train_ratings: pd.DataFrame, offset_prior: float = 2.0) -> "FeatureEncoder":
-        """Vocabularies from the users and items of ``train_ratings`` only."""
+    def fit(
+        cls, data: RatingsData, train_ratings: pd.DataFrame, offset_prior: float = 2.0, stable_shapes: bool = True
+    ) -> "FeatureEncoder":
+        """Vocabularies from the users and items of ``train_ratings`` only.
+
+        With ``stable_shapes`` every vocabulary's size (not its content) is the number of distinct
+        values in the whole dataset + 1, so models of different seeds have identical parameter shapes
+        and share compiled steps; indices of categories unseen in training are still the OOV 0.
+        """
         users = data.users[data.users["user_id"].isin(train_ratings["user_id"].unique())]
         items = data.items[data.items["item_id"].isin(train_ratings["item_id"].unique())]
         vocabs = {
@@ -89,7 +104,16 @@ class FeatureEncoder:
             "year": list(items["year"]),
             "item_id": [str(i) for i in items["item_id"]],
         }
-        enc = cls(vocabs, list(data.genres), float(train_ratings["rating"].mean()), offset_prior)
+        capacity = {}
+        if stable_shapes:
+            capacity = {
+                "gender": data.users["gender"].nunique() + 1,
+                "occupation": data.users["occupation"].nunique() + 1,
+                "zip3": data.users["zip_code"].str[:3].nunique() + 1,
+                "year": data.items["year"].nunique() + 1,
+                "item_id": len(data.items) + 1,
+            }
+        enc = cls(vocabs, list(data.genres), float(train_ratings["rating"].mean()), offset_prior, capacity)
         enc.bind(data)
         return enc
 
@@ -163,6 +187,7 @@ class FeatureEncoder:
     def to_dict(self) -> dict:
         return {
             "vocabs": {k: v.tokens for k, v in self.vocabs.items()},
+            "capacity": {k: v.capacity for k, v in self.vocabs.items()},
             "genres": self.genres,
             "global_mean": self.global_mean,
             "offset_prior": self.offset_prior,
@@ -173,7 +198,7 @@ class FeatureEncoder:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureEncoder":
-        return cls(d["vocabs"], d["genres"], d["global_mean"], d["offset_prior"])
+        return cls(d["vocabs"], d["genres"], d["global_mean"], d["offset_prior"], d.get("capacity"))
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
