@@ -52,10 +52,13 @@ def _numeric(frame: pd.DataFrame, col: str, path: str, integer: bool) -> pd.Seri
     vals = pd.to_numeric(s, errors="coerce")
     bad = vals.isna().to_numpy().copy()
     if integer:
-        bad |= ~np.isclose(vals.fillna(0).to_numpy(float) % 1, 0)
+        as_float = vals.fillna(0).to_numpy(float)
+        # not a whole number, or beyond int64 (which would wrap around silently)
+        with np.errstate(invalid="ignore"):  # inf % 1 is NaN: flagged as bad below
+            bad |= ~np.isclose(as_float % 1, 0) | (np.abs(as_float) >= 2.0**63)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        kind = "an integer" if integer else "a number"
+        kind = "an integer (within int64)" if integer else "a number"
         raise DataFormatError(
             path, f"expected {kind}, got {frame[col].iat[i]!r} ({int(bad.sum())} bad rows in all)",
             line=int(frame["_line"].iat[i]), field=col,
@@ -63,11 +66,24 @@ def _numeric(frame: pd.DataFrame, col: str, path: str, integer: bool) -> pd.Seri
     return vals.astype(np.int64) if integer else vals.astype(np.float32)
 
 
+def _warn_dropped(frame: pd.DataFrame, bad: pd.Series, path: str, field: str, what: str) -> None:
+    """Log (warning) how many rows are dropped and the file, line and value of the first one."""
+    n = int(bad.sum())
+    if n:
+        lines = frame["_line"].to_numpy()
+        i = int(np.flatnonzero(bad.to_numpy())[np.argmin(lines[bad.to_numpy()])])
+        log.warning("%s: dropped %d rating(s) %s (first: line %d, field '%s' = %s)",
+                    path, n, what, int(lines[i]), field, frame[field].to_numpy()[i])  # fmt: skip
+
+
 def clean(raw: RawData, name: str, rating_scale: tuple[float, float] = (1.0, 5.0)) -> RatingsData:
     """Type and clean raw frames (see module docstring for the rules)."""
     report: dict[str, int] = {}
     p = raw.paths
 
+    for what, frame in (("users", raw.users), ("items", raw.items), ("ratings", raw.ratings)):
+        if len(frame) == 0:
+            raise DataFormatError(p[what], f"no {what}: the file has no data lines")
     users = raw.users.copy()
     users["user_id"] = _numeric(users, "user_id", p["users"], integer=True)
     dup = users["user_id"].duplicated()
@@ -111,15 +127,19 @@ def clean(raw: RawData, name: str, rating_scale: tuple[float, float] = (1.0, 5.0
     out = (ratings["rating"] < lo) | (ratings["rating"] > hi)
     report["ratings_read"] = n_read
     report["ratings_out_of_scale"] = int(out.sum())
+    _warn_dropped(ratings, out, p["ratings"], "rating", f"outside the rating scale [{lo:g}, {hi:g}]")
     ratings = ratings[~out]
     unknown_user = ~ratings["user_id"].isin(users["user_id"])
     report["ratings_unknown_user"] = int(unknown_user.sum())
+    _warn_dropped(ratings, unknown_user, p["ratings"], "user_id", f"with a user id absent from {p['users']}")
     unknown_item = ~ratings["item_id"].isin(items["item_id"]) & ~unknown_user
     report["ratings_unknown_item"] = int(unknown_item.sum())
+    _warn_dropped(ratings, unknown_item, p["ratings"], "item_id", f"with an item id absent from {p['items']}")
     ratings = ratings[~unknown_user & ~unknown_item]
     ratings = ratings.sort_values(["user_id", "item_id", "timestamp", "_line"], kind="stable")
     dup = ratings.duplicated(["user_id", "item_id"], keep="last")
     report["ratings_duplicate"] = int(dup.sum())
+    _warn_dropped(ratings, dup, p["ratings"], "item_id", "repeating an earlier (user, item) pair (the latest kept)")
     ratings = ratings[~dup]
     ratings = ratings.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
     ratings = ratings[["user_id", "item_id", "rating", "timestamp"]]

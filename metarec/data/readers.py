@@ -140,7 +140,10 @@ def _read_recbole(path: str, wanted: dict[str, list[str]]) -> pd.DataFrame:
                 line=1,
                 field=h,
             )
-        names.append(h.split(":", 1)[0])
+        name = h.split(":", 1)[0]
+        if name in names:
+            raise DataFormatError(path, f"column {name!r} appears twice in the header", line=1, field=h)
+        names.append(name)
     frame = read_delimited(path, "\t", names, skip_header=True, min_fields=1)
     out = {}
     for ours, candidates in wanted.items():
@@ -238,6 +241,14 @@ def detect_format(directory: str) -> str:
         return "grouplens-100k"
     if {"ratings.dat", "users.dat", "movies.dat"} <= files:
         return "grouplens-1m"
+    for layout, needed in (("ml-100k", ("u.data", "u.user", "u.item")), ("ml-1m", ("ratings.dat", "users.dat", "movies.dat"))):
+        have = [f for f in needed if f in files]
+        if have:  # a partial GroupLens layout: name the missing file rather than the layout
+            missing = [f for f in needed if f not in files]
+            raise DataFormatError(
+                os.path.join(directory, missing[0]),
+                f"file not found (the {layout} layout needs {', '.join(needed)}; found {', '.join(have)})",
+            )
     if any(f.endswith(".inter") for f in files):
         return "recbole"
     raise DataFormatError(

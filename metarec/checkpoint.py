@@ -1,0 +1,204 @@
+"""Checkpoints of a training run with orbax-checkpoint: params, optimizer state, PRNG key, step and
+the data-sampler position, written atomically, keeping the last N and the best by a validation metric.
+
+A checkpoint holds two items:
+
+* ``state`` — a pytree of arrays (``{"params", "opt_state", "key"}`` for the cold-start loop), saved
+  with ``orbax.checkpoint.args.StandardSave`` and restored into the structure of a template pytree
+  (so NamedTuple optimizer states and Meta-SGD parameters come back as the same types);
+* ``meta`` — a JSON dict of host-side counters: step, sampler position ``(epoch, batch)``, the losses
+  of the current epoch so far, the training history, the early-stopping state and elapsed seconds.
+  Python floats round-trip exactly through JSON, so a resumed run continues bit-identically.
+
+Orbax writes every step into a temporary directory and renames it when complete (atomic on a local
+file system); temporary directories left by a killed process are removed when the directory is
+opened again (``cleanup_tmp_directories``). Retention: the ``keep_last`` newest checkpoints plus the
+``keep_best`` best ones among those saved with a metric (lower is better; ties go to the earlier step).
+
+The sampler is resumable because its order is a pure function of ``(sampler_seed, epoch)``
+(:func:`epoch_order`): the position ``(epoch, batch index)`` is all a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+PyTree = Any
+log = logging.getLogger("metarec.checkpoint")
+
+
+def epoch_order(sampler_seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which the ``n`` training tasks are visited in ``epoch``: a permutation that depends
+    only on ``(sampler_seed, epoch)``, so the sampler's position is just ``(epoch, batch index)``."""
+    if n < 0:
+        raise ValueError(f"epoch_order: n must be >= 0, got {n}")
+    return np.random.default_rng([int(sampler_seed), int(epoch)]).permutation(n)
+
+
+def tree_digest(tree: PyTree) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes: equal digests mean bit-identical trees."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(jax.device_get(_key_data(leaf)))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _key_data(x):
+    """Typed PRNG keys (``jax.random.key``) as their raw uint32 data; anything else unchanged."""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(x)
+    return x
+
+
+def _is_typed_key(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _metric_key(metrics: dict):
+    """Sort key of a checkpoint for the BestN policy: higher is better. Lower metric wins, NaN is
+    worst, ties go to the earlier step."""
+    v = float(metrics["value"])
+    if not math.isfinite(v):
+        v = math.inf
+    return (-v, -int(metrics["step"]))
+
+
+class Checkpointer:
+    """Checkpoints of one training unit in ``directory`` (an orbax ``CheckpointManager``).
+
+    Args:
+      directory: created if missing; one sub-directory per saved step.
+      keep_last: how many of the newest checkpoints to keep (>= 1).
+      keep_best: how many of the best checkpoints by metric to keep besides (>= 0).
+
+    Use as a context manager or call :meth:`close`. Saving is synchronous: when :meth:`save` returns,
+    the checkpoint is complete on disk.
+    """
+
+    def __init__(self, directory: str, keep_last: int = 2, keep_best: int = 1):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if keep_best < 0:
+            raise ValueError(f"keep_best must be >= 0, got {keep_best}")
+        self.directory = os.path.abspath(directory)
+        policies = [ocm.LatestN(n=keep_last)]
+        if keep_best:
+            policies.append(ocm.BestN(get_metric_fn=_metric_key, n=keep_best, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    # ------------------------------------------------------------------ queries
+    def all_steps(self) -> list[int]:
+        """Steps of the checkpoints currently on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint, or None."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The retained checkpoint with the lowest metric (earliest on ties), or None if none has one."""
+        best = None
+        for s in self.all_steps():
+            meta = self.restore_meta(s)
+            if meta.get("metric") is None:
+                continue
+            k = _metric_key({"value": meta["metric"], "step": s})
+            if best is None or k > best[0]:
+                best = (k, s)
+        return None if best is None else best[1]
+
+    # ------------------------------------------------------------------ save / restore
+    def save(self, step: int, state: PyTree, meta: dict, metric: float | None = None) -> None:
+        """Write checkpoint ``step`` (arrays ``state``, JSON-able ``meta``); ``metric`` (lower is
+        better, e.g. validation MAE) makes it a candidate for the best-checkpoint retention."""
+        meta = dict(meta, step=int(step), metric=None if metric is None else float(metric))
+        state = jax.tree_util.tree_map(_key_data, state)
+        metrics = None if metric is None else {"value": float(metric), "step": int(step)}
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, like: PyTree) -> tuple[PyTree, dict]:
+        """Restore checkpoint ``step`` into the structure, dtypes and shapes of ``like``; returns
+        ``(state, meta)``."""
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"{self.directory}: no checkpoint for step {step}; available: {self.all_steps()}"
+            )
+        template = jax.tree_util.tree_map(_key_data, like)
+        try:
+            out = self._manager.restore(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{self.directory}/{step}: the checkpoint does not match the model being trained "
+                f"(different architecture or config?): {str(e)[:300]}"
+            ) from None
+        state = jax.tree_util.tree_map(
+            lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r,
+            like, out.state,
+        )  # fmt: skip
+        return state, dict(out.meta)
+
+    def restore_meta(self, step: int) -> dict:
+        """Only the JSON part of checkpoint ``step``."""
+        out = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out.meta)
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def restore_latest_params(directory: str, like: PyTree, which: str = "best") -> PyTree:
+    """Convenience for research code: the ``params`` of the best (``which="best"``) or newest
+    (``"latest"``) checkpoint in ``directory``; ``like`` is a params pytree of the right structure."""
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    with Checkpointer(directory) as ck:
+        step = ck.best_step() if which == "best" else ck.latest_step()
+        if step is None:
+            step = ck.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint found")
+        state_like = {"params": jax.tree_util.tree_map(_key_data, like)}
+        # only the params of the saved {"params", "opt_state", "key"} tree are read
+        out = ck._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=state_like, restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_like),
+                partial_restore=True)))  # fmt: skip
+        return jax.tree_util.tree_map(jnp.asarray, out.state["params"])
+
+
+__all__ = ["Checkpointer", "epoch_order", "restore_latest_params", "tree_digest"]
