@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
-DEMO_FLAGS ?=
+DEMO_FLAGS ?= --overwrite
 
 .PHONY: setup data demo test test-slow benchmark clean
 

@@ -40,13 +40,26 @@ flags.DEFINE_float("clip_norm", _D.clip_norm, "Clip meta-gradients to this globa
 flags.DEFINE_integer("meta_batch", _D.meta_batch, "Tasks (users) per meta-batch.", lower_bound=1)
 flags.DEFINE_integer("epochs", _D.epochs, "Maximum meta-training epochs (early stopping on validation users).", lower_bound=1)
 flags.DEFINE_integer("patience", _D.patience, "Early-stopping patience in epochs.", lower_bound=1)
-flags.DEFINE_enum("adapt", _D.adapt, list(coldstart.ADAPT_CHOICES), "Parameters adapted in the inner loop.")
+flags.DEFINE_string("adapt", _D.adapt, "Parameters adapted in the inner loop: for --model=melu one of "
+                    f"{', '.join(coldstart.ADAPT_CHOICES)}; for --model=transformer one of "
+                    f"{', '.join(coldstart.TF_ADAPT_CHOICES)}.")
+flags.DEFINE_enum("model", _D.model, list(coldstart.MODELS), "Rating model: MeLU-style MLP or Transformer history encoder.")
+flags.DEFINE_string("init_from", _D.init_from, "--model=transformer: pretraining checkpoint of experiments.pretrain "
+                    "('{seed}' is replaced by each seed, e.g. runs/pretrain/seed{seed}).")
+flags.DEFINE_integer("tf_width", _D.tf_width, "Transformer width (without --init_from).", lower_bound=2)
+flags.DEFINE_integer("tf_depth", _D.tf_depth, "Transformer blocks (without --init_from).", lower_bound=1)
+flags.DEFINE_integer("tf_heads", _D.tf_heads, "Attention heads (without --init_from).", lower_bound=1)
+flags.DEFINE_integer("chunk_size", _D.chunk_size, "Tasks vmapped at once inside a meta-step (0 = the whole "
+                     "meta-batch); must divide --meta_batch.", lower_bound=0)
+flags.DEFINE_integer("lora_rank", _D.lora_rank, "LoRA rank of the transformer head (--adapt=lora).", lower_bound=0)
 flags.DEFINE_float("feature_dropout", _D.feature_dropout, "Probability of replacing a feature by its OOV index during meta-training.", lower_bound=0.0, upper_bound=0.99)
 flags.DEFINE_float("val_fraction", _D.val_fraction, "Fraction of warm training users held out for early stopping/tuning.")
 flags.DEFINE_integer("embed_dim", _D.embed_dim, "Embedding size.", lower_bound=1)
 flags.DEFINE_list("hidden", [str(h) for h in _D.hidden], "MLP hidden sizes.")
 flags.DEFINE_bool("residual", _D.residual, "Predict residuals on the user's shrunk support mean.")
 flags.DEFINE_bool("use_item_id", _D.use_item_id, "Item-id embedding (OOV row for unseen items).")
+flags.DEFINE_integer("context_dim", _D.context_dim, "Size of the CAVIA-style user-context vector (0 = none; "
+                     "--adapt=context or decision+context adapt it).", lower_bound=0)
 flags.DEFINE_bool("all_devices", False, "Shard each meta-batch over all visible devices (data parallel; "
                   "multi-host: call jax.distributed.initialize() first, see BUILD_NOTES.md).")
 flags.DEFINE_string("workdir", "runs/meta_train", "Where results.json, checkpoints, metrics and the report go.")
@@ -128,7 +141,8 @@ def config_from_flags():
     cfg.seeds = _ints("seeds", FLAGS.seeds)
     cfg.hidden = _ints("hidden", FLAGS.hidden)
     for name in ("inner_steps", "inner_lr", "meta_lr", "weight_decay", "clip_norm", "meta_batch", "epochs",
-                 "patience", "adapt", "feature_dropout", "val_fraction", "embed_dim", "residual", "use_item_id",
+                 "patience", "adapt", "feature_dropout", "val_fraction", "embed_dim", "residual", "use_item_id", "context_dim",
+                 "model", "init_from", "tf_width", "tf_depth", "tf_heads", "lora_rank", "chunk_size",
                  "all_devices", "ckpt_every", "keep_checkpoints", "log_every", "adaptation_curves"):
         cfg[name] = getattr(FLAGS, name)
     cfg.curve_steps = _ints("curve_steps", FLAGS.curve_steps)

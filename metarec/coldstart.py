@@ -38,7 +38,10 @@ from metarec import metrics as mmetrics
 from metarec.checkpoint import Checkpointer, epoch_order, tree_digest
 from metarec.data.tasks import Examples, Task, index_tasks, pad_tasks
 from metarec.meta import make_learner
+from metarec import pretrain
 from metarec.models import melu
+from metarec.models import transformer as tfm
+from metarec.models.transformer import add_history
 from metarec.runlog import MetricsWriter, Progress, read_json, run_metadata, write_json_atomic
 from metarec.train import make_eval_fn, make_mesh, make_meta_step, shard_tasks
 
@@ -46,7 +49,9 @@ log = logging.getLogger("metarec.coldstart")
 
 META_ALGOS = ("maml", "fomaml", "reptile", "metasgd", "imaml")
 BASELINES = ("global_mean", "user_mean", "item_mean", "mf", "user_knn", "item_knn", "no_adapt", "finetune")
-ADAPT_CHOICES = ("decision", "all", "head")
+ADAPT_CHOICES = ("decision", "all", "head", "context", "decision+context")
+TF_ADAPT_CHOICES = ("head", "lora", "head+last_block", "all")
+MODELS = ("melu", "transformer")
 TEST_SCENARIOS = mdata.SCENARIOS
 TABLE_METRICS = ("mae", "rmse", "ndcg@3")
 SUPPORT_WIDTH = {"melu": 100 - 10, "time": 15}  # largest support set each protocol can produce
@@ -68,11 +73,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.residual = True
     c.use_item_id = True
     c.feature_dropout = 0.1
+    c.context_dim = 16  # > 0: CAVIA-style adaptable user-context vector (adapted with --adapt=*context)
     c.offset_prior = 2.0
     # meta-learning
-    c.adapt = "decision"
+    c.adapt = "decision+context"
     c.inner_steps = 5
-    c.inner_lr = 0.05
+    c.inner_lr = 0.3
+    c.reptile_inner_lr = 0.05  # Reptile adapts every parameter (embeddings too): a smaller step
     c.meta_lr = 3e-3
     c.weight_decay = 1e-4
     c.clip_norm = 10.0
@@ -87,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.finetune_epochs = 30
     c.k = 3
     c.all_devices = False  # data-parallel meta-steps over every visible device (jax.sharding)
+    # tasks vmapped at once inside a meta-step (chunks run one after another): on a CPU a small working
+    # set avoids fresh page faults every step (see BUILD_NOTES, benchmark); 0 = the whole meta-batch
+    c.chunk_size = 8
     # run bookkeeping (issue 7): checkpoints, metrics, adaptation curves
     c.ckpt_every = 50  # meta-steps between checkpoints inside an epoch (0: only at epoch ends)
     c.keep_checkpoints = 2  # newest checkpoints kept per (seed, algorithm), plus the best by validation MAE
@@ -94,6 +104,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.adaptation_curves = True  # re-evaluate the first algorithm with curve_steps / curve_support
     c.curve_steps = [0, 1, 2, 5, 10]  # inner steps at test time for the MAE-vs-steps curve
     c.curve_support = [1, 3, 5, 10, 20]  # support-set sizes for the MAE-vs-support curve
+    # large-model path (issue 5): --model=transformer rates with a (pretrained) history encoder
+    c.model = "melu"
+    c.init_from = ""  # pretraining checkpoint dir; "{seed}" is replaced by the seed (one per split seed)
+    c.tf_width = 64
+    c.tf_depth = 2
+    c.tf_heads = 2
+    c.lora_rank = 0
     return c
 
 
@@ -110,6 +127,7 @@ class SeedData:
     val: Task
     test: dict[str, Task]
     test_sets: dict[str, mdata.UserSets]
+    encode: Callable[[mdata.UserSets], Task]  # UserSets -> model-ready Task (padding, history)
 
 
 def prepare_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
@@ -128,22 +146,45 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
     train_sets, val_sets = mdata.split_validation(split.sets["warm_train"], cfg.val_fraction, seed + 2)
     # one support width per protocol (not per seed), so every seed shares the compiled steps
     width = max([SUPPORT_WIDTH[cfg.protocol]] + [v.support_item.shape[1] for v in split.sets.values()])
-    enc = lambda s: encoder.encode(s.pad_support(width))  # noqa: E731
+    def enc(s: mdata.UserSets) -> Task:
+        tasks = encoder.encode(s.pad_support(width))
+        # the transformer rater reads the support set as the user's history
+        return add_history(tasks) if cfg.model == "transformer" else tasks
+
     test_sets = {k: split.sets[k] for k in TEST_SCENARIOS}
     return SeedData(
         split, encoder, train_sets, val_sets, enc(train_sets), enc(val_sets),
-        {k: enc(v) for k, v in test_sets.items()}, test_sets,
+        {k: enc(v) for k, v in test_sets.items()}, test_sets, enc,
     )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
 # models and learners
 # ----------------------------------------------------------------------------------------------
-def build_model(spec, cfg) -> tuple[Callable, Callable]:
+def build_model(spec, cfg, init_from: str = "") -> tuple[Callable, Callable]:
+    """``(init_fn, apply_fn)`` of ``cfg.model``: the MeLU-style MLP, or the Transformer rater on a
+    history encoder (pretrained when ``init_from`` names a checkpoint of ``experiments/pretrain.py``)."""
+    if cfg.model == "transformer":
+        if init_from:
+            enc_cfg, _ = pretrain.load_pretrained(init_from)
+        else:
+            enc_cfg = tfm.EncoderConfig(
+                num_items=spec.item_vocab[1], max_len=max(SUPPORT_WIDTH.values()), width=cfg.tf_width,
+                depth=cfg.tf_depth, heads=cfg.tf_heads,
+            )  # fmt: skip
+        rc = tfm.RaterConfig(encoder=enc_cfg, n_years=spec.item_vocab[0], n_genres=spec.n_genres, lora_rank=cfg.lora_rank)
+        return tfm.make_transformer_rater(rc, init_from=init_from or None)
     return melu.make_melu(
         spec, embed_dim=cfg.embed_dim, hidden=tuple(cfg.hidden), residual=cfg.residual,
-        use_item_id=cfg.use_item_id, feature_dropout=cfg.feature_dropout,
+        use_item_id=cfg.use_item_id, feature_dropout=cfg.feature_dropout, context_dim=cfg.context_dim,
     )  # fmt: skip
+
+
+def adapt_filter(cfg, adapt: str):
+    """The inner-loop parameter filter called ``adapt`` for ``cfg.model``."""
+    if cfg.model == "transformer":
+        return tfm.adapt_filter(adapt, depth=cfg.tf_depth)
+    return melu.adapt_filter(adapt)
 
 
 def build_learner(name: str, apply_fn: Callable, cfg, *, inner_lr=None, inner_steps=None, adapt=None):
@@ -154,10 +195,11 @@ def build_learner(name: str, apply_fn: Callable, cfg, *, inner_lr=None, inner_st
         # Reptile's meta-gradient (theta - phi) is zero on leaves the inner loop does not adapt, so a
         # partial filter would leave the embeddings untrained: Reptile always adapts every parameter.
         adapt = "all"
+        inner_lr = cfg.reptile_inner_lr if inner_lr is None else inner_lr
     kwargs = dict(
         inner_steps=cfg.inner_steps if inner_steps is None else inner_steps,
         inner_lr=cfg.inner_lr if inner_lr is None else inner_lr,
-        adapt_mask=melu.adapt_filter(adapt),
+        adapt_mask=adapt_filter(cfg, adapt),
     )
     if name == "imaml":
         kwargs.update(lam=cfg.imaml_lam, cg_steps=cfg.imaml_cg_steps)
@@ -222,14 +264,21 @@ class Compiled:
         self.cfg = cfg
         self.cache: dict = {}
         self.mesh = make_mesh() if cfg.all_devices else None
+        self.init_from = ""
+
+    def use_seed(self, seed: int) -> "Compiled":
+        """Select the seed's pretraining checkpoint (``cfg.init_from`` with ``{seed}`` filled in)."""
+        self.init_from = self.cfg.init_from.format(seed=seed) if self.cfg.init_from else ""
+        return self
 
     def _get(self, key, make):
+        key = key + (self.init_from,)
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]
 
     def model(self, spec):
-        return self._get(("model", spec), lambda: build_model(spec, self.cfg))
+        return self._get(("model", spec), lambda: build_model(spec, self.cfg, self.init_from))
 
     def learner(self, spec, name, **kw):
         key = ("learner", spec, name, tuple(sorted(kw.items())))
@@ -239,11 +288,24 @@ class Compiled:
         key = ("step", spec, name, tuple(sorted(kw.items())))
         clip = self.cfg.clip_norm or None
         return self._get(key, lambda: make_meta_step(
-            self.learner(spec, name, **kw), make_optimizer(self.cfg), clip_norm=clip, mesh=self.mesh))
+            self.learner(spec, name, **kw), make_optimizer(self.cfg), clip_norm=clip, mesh=self.mesh,
+            chunk_size=self.cfg.chunk_size or None))
 
     def eval(self, spec, name, **kw):
         key = ("eval", spec, name, tuple(sorted(kw.items())))
         return self._get(key, lambda: make_eval_fn(self.learner(spec, name, **kw), self.model(spec)[1]))
+
+
+def check_pretrained_vocab(path: str, encoder, seed: int) -> None:
+    """A pretraining checkpoint indexes items by its split's vocabulary: refuse another seed's."""
+    _, _, info = pretrain.load_pretrained(path, with_metadata=True)
+    ids = info.get("item_ids")
+    if ids is not None and not np.array_equal(np.asarray(ids), pretrain.item_ids_of_vocab(encoder)):
+        raise ValueError(
+            f"--init_from={path}: the checkpoint's item vocabulary is not this split's (seed {seed}); pretrain "
+            f"per seed with `python -m experiments.pretrain --seed={seed} --workdir=...` and pass "
+            "--init_from=<dir>/seed{seed}"
+        )
 
 
 def check_finite_tasks(tasks: Task, name: str) -> None:
@@ -469,13 +531,12 @@ def adaptation_curves(fns: Compiled, spec, name: str, params, sd: SeedData, cfg,
         for s, t in sd.test.items():
             out["steps"][s][str(int(k))] = score(predict_tasks(ev, params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k)["mae"]
     ev = fns.eval(spec, name)
-    width = sd.train.support.y.shape[1]
     for n in cfg.curve_support:
         for s, sets in sd.test_sets.items():
             sub = subsample_support(sets, int(n), strict=False)
             if sub.n_users == 0:
                 continue
-            t = sd.encoder.encode(sub.pad_support(width))
+            t = sd.encode(sub)
             mae = score(predict_tasks(ev, params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k)["mae"]
             out["support"][s][str(int(n))] = {"mae": mae, "n_users": sub.n_users}
     return out
@@ -544,7 +605,9 @@ def run_seed(
     sd = prepare_seed(data, seed, cfg)
     scale = data.rating_scale
     spec = sd.encoder.spec
-    fns = compiled or Compiled(cfg)
+    fns = (compiled or Compiled(cfg)).use_seed(seed)
+    if fns.init_from:
+        check_pretrained_vocab(fns.init_from, sd.encoder, seed)
     init_fn, _ = fns.model(spec)
     key = jax.random.PRNGKey(seed)
     results = {s: {} for s in TEST_SCENARIOS}
@@ -668,8 +731,15 @@ def validate_config(cfg) -> None:
         dup = sorted({str(v) for v in cfg[name] if list(cfg[name]).count(v) > 1})
         if dup:
             raise ValueError(f"--{name.rstrip('s') if name == 'algos' else name} lists {dup} more than once")
-    if cfg.adapt not in ADAPT_CHOICES:
-        raise ValueError(f"--adapt={cfg.adapt!r}; valid: {', '.join(ADAPT_CHOICES)}")
+    if cfg.model not in MODELS:
+        raise ValueError(f"--model={cfg.model!r}; valid: {', '.join(MODELS)}")
+    choices = TF_ADAPT_CHOICES if cfg.model == "transformer" else ADAPT_CHOICES
+    if cfg.adapt not in choices:
+        raise ValueError(f"--adapt={cfg.adapt!r} for --model={cfg.model}; valid: {', '.join(choices)}")
+    if cfg.init_from and cfg.model != "transformer":
+        raise ValueError("--init_from needs --model=transformer (it loads a pretrained history encoder)")
+    if "context" in cfg.adapt and cfg.context_dim < 1:
+        raise ValueError(f"--adapt={cfg.adapt} needs --context_dim >= 1")
     if not cfg.seeds:
         raise ValueError("--seeds must name at least one seed")
     if any(int(s) < 0 for s in cfg.seeds):
@@ -686,6 +756,8 @@ def validate_config(cfg) -> None:
         raise ValueError(
             f"--meta_batch={cfg.meta_batch} must be divisible by the {jax.device_count()} devices used by --all_devices"
         )
+    if cfg.chunk_size and cfg.meta_batch % cfg.chunk_size:
+        raise ValueError(f"--meta_batch={cfg.meta_batch} must be a multiple of --chunk_size={cfg.chunk_size} (0 = no chunks)")
     if not 0 <= cfg.feature_dropout < 1:
         raise ValueError(f"--feature_dropout must be in [0, 1), got {cfg.feature_dropout}")
     for name, lo in (("ckpt_every", 0), ("keep_checkpoints", 1), ("log_every", 0)):
@@ -716,7 +788,11 @@ def _prepare_workdir(cfg, workdir: str, resume: bool, data_sha256: str, log_fn) 
     if resume and os.path.exists(cfg_path):
         saved = read_json(cfg_path)
         changed = config_diff(saved["config"], cfg.to_dict())
-        fixed = [k for k in changed if k not in RESUME_MUTABLE]
+        # fields added to the code after the run started (absent from its config.json) are accepted
+        added = [k for k in changed if k not in saved["config"]]
+        if added:
+            log_fn(f"--resume: config fields new since the run started (their defaults are used): {', '.join(added)}")
+        fixed = [k for k in changed if k not in RESUME_MUTABLE and k not in added]
         if fixed:
             detail = "; ".join(f"{k}: {saved['config'].get(k)!r} -> {cfg.to_dict().get(k)!r}" for k in fixed)
             raise ValueError(
@@ -754,7 +830,8 @@ def run(
         data = mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, download=cfg.download)
     data_sha = mdata.data_checksum(data)
     meta = run_metadata(cfg.to_dict(), argv)
-    ctx = RunContext(progress=progress, provenance={"data_sha256": data_sha, "command": meta["command"]})
+    ctx = RunContext(progress=progress, provenance={"data_sha256": data_sha, "command": meta["command"],
+                                                    "versions": meta["versions"]})  # fmt: skip
     changed: list[str] = []
     if workdir is not None:
         changed = _prepare_workdir(cfg, workdir, resume, data_sha, log_fn)

@@ -43,6 +43,7 @@ def grid_search(
         maes, epochs = [], []
         for seed, sd in prepared.items():
             spec = sd.encoder.spec
+            fns.use_seed(seed)
             init_fn, _ = fns.model(spec)
             k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
             tr = coldstart.meta_train(

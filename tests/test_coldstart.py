@@ -36,6 +36,7 @@ def tiny_config():
     cfg.hidden = [8]
     cfg.inner_steps = 2
     cfg.eval_chunk = 32
+    cfg.adaptation_curves = False  # covered by tests/test_report.py; saves four eval compilations here
     return cfg
 
 
@@ -81,7 +82,7 @@ def test_run_is_deterministic(fixture_data, tiny_run):
 @pytest.mark.parametrize(
     "field,value,message",
     [("algos", ["mamal"], "unknown --algo"), ("baselines", ["svd"], "unknown --baselines"),
-     ("adapt", "some", "--adapt='some'; valid: decision, all, head"), ("meta_lr", 0.0, "--meta_lr must be > 0"),
+     ("adapt", "some", "--adapt='some' for --model=melu; valid: decision, all, head"), ("meta_lr", 0.0, "--meta_lr must be > 0"),
      ("seeds", [], "--seeds must name at least one seed")],
 )  # fmt: skip
 def test_bad_config_is_named(field, value, message):

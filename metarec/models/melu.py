@@ -8,6 +8,11 @@ concatenation -> ReLU MLP (``hidden``) -> linear output. Options:
   residual over the user's (shrunk) support-mean rating.
 * ``use_item_id`` (default True): embed the item-id field (``x["item"][:, 1]``); index 0 is the OOV row,
   a learned fallback used for items never seen in training.
+* ``context_dim`` (default 0 = off): a CAVIA-style (Zintgraf et al., 2019) task-context vector
+  ``context`` (a parameter initialised to 0) concatenated to every example's features and projected
+  onto the item representation (item embeddings + genre vector), i.e. an adaptable user vector with an
+  MF-like bilinear term ``(P c) . item``. The ``"context"`` filters adapt only it (plus the decision
+  layers with ``"decision+context"``): few adapted parameters, per-user factors like MF fold-in.
 * ``feature_dropout``: during meta-training (``train=True`` and a PRNG ``key``) each categorical field
   index is replaced by the OOV index 0 with this probability, so the OOV rows get trained. A float
   applies to every field; a tuple gives one probability per field (user fields, then item fields).
@@ -49,6 +54,7 @@ class MeLU(nn.Module):
     residual: bool = True
     use_item_id: bool = True
     feature_dropout: float | tuple[float, ...] = 0.0
+    context_dim: int = 0
 
     def _dropout_probs(self) -> tuple[float, ...]:
         n = len(self.user_vocab) + len(self.item_vocab)
@@ -83,18 +89,26 @@ class MeLU(nn.Module):
         feats = []
         for j, v in enumerate(self.user_vocab):
             feats.append(nn.Embed(v, self.embed_dim, name=f"user_emb_{j}")(ids[..., j]))
+        item_feats = []
         for j, v in enumerate(self.item_vocab):
             if j == 1 and not self.use_item_id:
                 continue
-            feats.append(nn.Embed(v, self.embed_dim, name=f"item_emb_{j}")(ids[..., n_user + j]))
+            item_feats.append(nn.Embed(v, self.embed_dim, name=f"item_emb_{j}")(ids[..., n_user + j]))
         genres = x["genres"].astype(jnp.float32)
         count = jnp.sum(genres, axis=-1, keepdims=True)
         g = nn.Dense(self.embed_dim, use_bias=False, name="genre_proj")(genres)
-        feats.append(g / jnp.maximum(count, 1.0))
+        item_feats.append(g / jnp.maximum(count, 1.0))
+        feats += item_feats
+        bilinear = 0.0
+        if self.context_dim:
+            c = self.param("context", nn.initializers.zeros, (self.context_dim,))
+            feats.append(jnp.broadcast_to(c, feats[0].shape[:-1] + (self.context_dim,)).astype(feats[0].dtype))
+            u = nn.Dense(self.embed_dim, use_bias=False, name="context_proj")(c)
+            bilinear = jnp.sum(sum(item_feats) * u, axis=-1)
         h = jnp.concatenate(feats, axis=-1)
         for i, width in enumerate(self.hidden):
             h = nn.relu(nn.Dense(width, name=f"mlp_{i}")(h))
-        out = nn.Dense(1, name="out")(h)[..., 0]
+        out = nn.Dense(1, name="out")(h)[..., 0] + bilinear
         if self.residual:
             out = out + x["offset"].astype(out.dtype)
         return out
@@ -134,6 +148,7 @@ def make_melu(
     residual: bool = True,
     use_item_id: bool = True,
     feature_dropout: float | Sequence[float] = 0.0,
+    context_dim: int = 0,
 ) -> tuple[Callable, Callable]:
     """Build ``(init_fn, apply_fn)`` for a MeLU model over ``spec`` (any object with ``user_vocab``,
     ``item_vocab``, ``n_genres``; see :class:`metarec.data.encode.FeatureSpec`).
@@ -150,6 +165,7 @@ def make_melu(
         user_vocab=uv, item_vocab=iv, n_genres=ng, embed_dim=int(embed_dim),
         hidden=tuple(int(h) for h in hidden), residual=bool(residual), use_item_id=bool(use_item_id),
         feature_dropout=feature_dropout if isinstance(feature_dropout, (int, float)) else tuple(feature_dropout),
+        context_dim=int(context_dim),
     )
     module._dropout_probs()  # validate early, with a clear message
 
@@ -167,6 +183,8 @@ _FILTERS = {
     "decision": r"^(mlp_\d+|out)/",
     "head": r"^out/",
     "embeddings": r"^(user_emb_\d+|item_emb_\d+|genre_proj)/",
+    "context": r"^context$",
+    "decision+context": r"^(mlp_\d+/|out/|context$)",
 }
 
 
@@ -178,7 +196,9 @@ def adapt_filter(name: str) -> Callable[[PyTree], PyTree]:
     * ``"decision"`` — MLP and output layers only (MeLU's local update),
     * ``"all"`` — every parameter,
     * ``"head"`` — the output layer only (ANIL),
-    * ``"embeddings"`` — embeddings and the genre projection only.
+    * ``"embeddings"`` — embeddings and the genre projection only,
+    * ``"context"`` — the task-context vector only (CAVIA; needs ``context_dim > 0``),
+    * ``"decision+context"`` — decision layers and the context vector.
     """
     if name not in _FILTERS:
         raise ValueError(f"unknown adapt filter {name!r}; allowed: {sorted(_FILTERS)}")
