@@ -24,7 +24,7 @@ demo: data
 	$(PY) -m experiments.meta_train --dataset=ml-100k --workdir=$(WORKDIR) $(DEMO_FLAGS)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

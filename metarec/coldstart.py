@@ -80,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.inner_steps = 5
     c.inner_lr = 0.3
     c.reptile_inner_lr = 0.05  # Reptile adapts every parameter (embeddings too): a smaller step
+    c.imaml_inner_lr = 0.05  # iMAML's proximal inner solve diverged at 0.3 (loss 3e22 at step 31, seed 0)
     c.meta_lr = 3e-3
     c.weight_decay = 1e-4
     c.clip_norm = 10.0
@@ -196,6 +197,8 @@ def build_learner(name: str, apply_fn: Callable, cfg, *, inner_lr=None, inner_st
         # partial filter would leave the embeddings untrained: Reptile always adapts every parameter.
         adapt = "all"
         inner_lr = cfg.reptile_inner_lr if inner_lr is None else inner_lr
+    if name == "imaml" and inner_lr is None:
+        inner_lr = cfg.imaml_inner_lr
     kwargs = dict(
         inner_steps=cfg.inner_steps if inner_steps is None else inner_steps,
         inner_lr=cfg.inner_lr if inner_lr is None else inner_lr,
