@@ -184,6 +184,38 @@ def _flat_lr(lr, params, mask_flat):
 # ----------------------------------------------------------------------------------------------
 # The inner loop
 # ----------------------------------------------------------------------------------------------
+_ARMIJO_C = 1e-4  # sufficient-decrease constant
+_ROUNDOFF = 1e-6  # Hager-Zhang allowance eps*|f| for round-off in the loss comparison
+
+
+def _armijo_scale(inner_loss, a, k, loss, g, lrs, max_halvings):
+    """Step scale ``s = 2^-j`` (first ``j`` in 0..max_halvings meeting the Armijo condition, see
+    :func:`adapt`), or 0.0 when none does. Treated as a constant (no gradient)."""
+    a, g, loss = jax.lax.stop_gradient((a, g, loss))
+    lrs = [jax.lax.stop_gradient(jnp.asarray(r)) for r in lrs]
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    slope = sum(jnp.sum(f32(r) * jnp.square(f32(gi))) for r, gi in zip(lrs, g))  # Σ lr·|g|²
+    f0 = f32(loss)
+    allowance = _ROUNDOFF * jnp.abs(f0)
+
+    def ok(s):
+        trial = [p - (s.astype(p.dtype) * jnp.asarray(r, p.dtype)) * gi for p, r, gi in zip(a, lrs, g)]
+        ft = f32(inner_loss(trial, k))
+        return jnp.isfinite(ft) & (ft <= f0 - _ARMIJO_C * s * slope + allowance)
+
+    def cond(c):
+        j, accepted = c
+        return (~accepted) & (j <= max_halvings)
+
+    def body(c):
+        j, _ = c
+        accepted = ok(jnp.exp2(-j.astype(jnp.float32)))
+        return jnp.where(accepted, j, j + 1), accepted
+
+    j, accepted = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+    return jnp.where(accepted, jnp.exp2(-j.astype(jnp.float32)), 0.0)
+
+
 def adapt(
     params: PyTree,
     support,
@@ -196,6 +228,7 @@ def adapt(
     remat: bool = False,
     key: jax.Array | None = None,
     return_losses: bool = False,
+    backtrack: int = 0,
 ):
     """K steps of gradient descent on the selected parameters (``lax.scan``).
 
@@ -215,12 +248,24 @@ def adapt(
         (recomputes the forward pass of each step during the backward pass).
       key: optional PRNG key for a stochastic loss (e.g. feature dropout).
       return_losses: also return the ``[steps]`` support losses *before* each step.
+      backtrack: 0 (default) = plain gradient descent. ``> 0`` = a *safeguarded* step: each step
+        uses the largest ``s = 2^-j`` (``j = 0..backtrack``) whose trial point satisfies the Armijo
+        condition ``f(a - s·lr·g) <= f(a) - 1e-4·s·Σ lr·|g|² + 1e-6·|f(a)|`` (the last term is the
+        Hager–Zhang round-off allowance, so a converged solve is not stalled by float noise); if no
+        ``s`` does, the parameters are left unchanged for that step. When the full step already
+        decreases the loss it is taken unchanged (plain GD), but a step size too large for the
+        local curvature (``lr > 2/λ_max``) can no longer make the loss — and the parameters —
+        explode. The trial losses use the same dropout key as the step's gradient. The choice of
+        ``s`` is not differentiated (``stop_gradient``); costs up to ``backtrack + 1`` extra
+        forward passes per step (a ``lax.while_loop`` that stops at the first accepted ``s``).
 
     Returns:
       The adapted parameters φ (same structure as ``params``), and the losses if requested.
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"adapt: steps must be a non-negative Python int, got {steps!r}")
+    if not isinstance(backtrack, int) or backtrack < 0:
+        raise ValueError(f"adapt: backtrack must be a non-negative Python int, got {backtrack!r}")
     mask_flat = resolve_mask(mask, params)
     adapted, frozen, combine = partition(params, mask_flat)
     lrs = _flat_lr(lr, params, mask_flat)
@@ -234,7 +279,11 @@ def adapt(
         loss, g = jax.value_and_grad(inner_loss)(a, k)
         if first_order:
             g = jax.lax.stop_gradient(g)
-        new = [p - jnp.asarray(r, p.dtype) * gi for p, r, gi in zip(a, lrs, g)]
+        if backtrack:
+            scale = _armijo_scale(inner_loss, a, k, loss, g, lrs, backtrack)
+            new = [p - (scale.astype(p.dtype) * jnp.asarray(r, p.dtype)) * gi for p, r, gi in zip(a, lrs, g)]
+        else:
+            new = [p - jnp.asarray(r, p.dtype) * gi for p, r, gi in zip(a, lrs, g)]
         return new, loss
 
     if remat:
