@@ -411,47 +411,10 @@ def grad_capture() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def finish_meta_step(meta_params, opt_state, loss_sum, grad_sum, total_w, optimizer, clip_norm=None):
-    """The part of :func:`metarec.train.make_meta_step` after the per-task sums, for the ``map`` and
-    ``loop`` variants: mean over task weight, global-norm clip, finite guard, optax update. Returns
-    ``(meta_params, opt_state, metrics)`` exactly like the library step."""
-    denom = jnp.where(total_w > 0, total_w, 1.0)
-    loss = loss_sum / denom
-    grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(jnp.result_type(p)), grad_sum, meta_params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if clip_norm is not None:
-        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
-        grads = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
-    grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-    updates, new_state = optimizer.update(grads, opt_state, meta_params)
-    new_params = optax.apply_updates(meta_params, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "weight": total_w}
-    return keep(new_params, meta_params), keep(new_state, opt_state), metrics
-
-
-def _weighted_task_grad(learner, compute_dtype):
-    """``f(meta_params, task, w, key) -> (w * loss, w * grad)`` in float32, for ONE task, with the same
-    casting and padding rules as the library step."""
-
-    def f(meta_params, task, w, key):
-        mp = mtrain.cast_floating(meta_params, compute_dtype)
-        task = mtrain.cast_floating(task, compute_dtype)
-        loss, g = learner.task_grad(mp, task) if key is None else learner.task_grad(mp, task, key)
-        w = jnp.asarray(w, jnp.float32)
-        real = w > 0
-        loss = jnp.where(real, loss.astype(jnp.float32), 0.0) * w
-        g = jax.tree_util.tree_map(lambda x: jnp.where(real, x.astype(jnp.float32), 0.0) * w, g)
-        return loss, g
-
-    return f
-
-
 def make_map_step(learner, optimizer, *, clip_norm=None, compute_dtype=None, jit: bool = True) -> Callable:
     """The meta-step with ``jax.lax.map`` over tasks (sequential inside one XLA program) instead of
     ``vmap``; same signature and result as :func:`metarec.train.make_meta_step`."""
-    one = _weighted_task_grad(learner, compute_dtype)
+    one = mtrain.weighted_task_grad(learner, compute_dtype)
 
     def step(meta_params, opt_state, tasks, task_weights, key=None):
         n = jax.tree_util.tree_leaves(tasks)[0].shape[0]
@@ -464,7 +427,7 @@ def make_map_step(learner, optimizer, *, clip_norm=None, compute_dtype=None, jit
 
         losses, grads = jax.lax.map(body, (tasks, weights, keys))
         grad_sum = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads)
-        return finish_meta_step(meta_params, opt_state, jnp.sum(losses), grad_sum, jnp.sum(weights),
+        return mtrain.finish_meta_step(meta_params, opt_state, jnp.sum(losses), grad_sum, jnp.sum(weights),
                                 optimizer, clip_norm)  # fmt: skip
 
     return jax.jit(step) if jit else step
@@ -482,9 +445,9 @@ class LoopStep:
     """
 
     def __init__(self, learner, optimizer, *, clip_norm=None, compute_dtype=None):
-        self.task_fn = jax.jit(_weighted_task_grad(learner, compute_dtype))
+        self.task_fn = jax.jit(mtrain.weighted_task_grad(learner, compute_dtype))
         self.finish = jax.jit(
-            lambda mp, st, l, g, w: finish_meta_step(mp, st, l, g, w, optimizer, clip_norm)
+            lambda mp, st, l, g, w: mtrain.finish_meta_step(mp, st, l, g, w, optimizer, clip_norm)
         )
         self.split = jax.jit(jax.random.split, static_argnums=1)
         self.task_call = self.task_fn  # may be replaced by a pre-compiled executable (see measure)

@@ -80,18 +80,52 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 # ----------------------------------------------------------------------------------------------
 # the meta step
 # ----------------------------------------------------------------------------------------------
-def _weighted_task_sums(learner, meta_params, tasks, weights, keys, compute_dtype):
-    """Sum over tasks of w_t * loss_t and w_t * grad_t (float32), vmapped over the task axis."""
-    mp = cast_floating(meta_params, compute_dtype)
-    tasks = cast_floating(tasks, compute_dtype)
+def weighted_task_grad(learner, compute_dtype=None) -> Callable:
+    """``f(meta_params, task, w, key) -> (w * loss, w * grad)`` in float32 for ONE task: the per-task
+    work of every meta-step variant (vmapped here, ``lax.map``-ed or looped in :mod:`metarec.bench`).
+    Padded tasks (``w == 0``) contribute exactly nothing, even if their values were NaN."""
 
-    def one(task, w, k):
-        loss, g = learner.task_grad(mp, task) if k is None else learner.task_grad(mp, task, k)
-        w = w.astype(jnp.float32)
-        real = w > 0  # padded tasks contribute exactly nothing, even if their values were NaN
+    def f(meta_params, task, w, key):
+        mp = cast_floating(meta_params, compute_dtype)
+        task = cast_floating(task, compute_dtype)
+        loss, g = learner.task_grad(mp, task) if key is None else learner.task_grad(mp, task, key)
+        w = jnp.asarray(w, jnp.float32)
+        real = w > 0
         loss = jnp.where(real, loss.astype(jnp.float32), 0.0) * w
         g = jax.tree_util.tree_map(lambda x: jnp.where(real, x.astype(jnp.float32), 0.0) * w, g)
         return loss, g
+
+    return f
+
+
+def finish_meta_step(meta_params, opt_state, loss_sum, grad_sum, total_w, optimizer, clip_norm=None):
+    """Everything after the per-task sums: mean over the task weight, global-norm clip, finite guard
+    (non-finite loss or gradient -> the old params and optimizer state, ``finite=False``), optax
+    update. Returns ``(meta_params, opt_state, metrics)``."""
+    denom = jnp.where(total_w > 0, total_w, 1.0)
+    loss = loss_sum / denom
+    grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(jnp.result_type(p)), grad_sum, meta_params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if clip_norm is not None:
+        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
+        grads = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
+    # zero non-finite gradients before the optimizer so its state cannot be poisoned even
+    # transiently; the `where` below restores the old state anyway.
+    grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, meta_params)
+    new_params = optax.apply_updates(meta_params, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "weight": total_w}
+    return keep(new_params, meta_params), keep(new_opt_state, opt_state), metrics
+
+
+def _weighted_task_sums(learner, meta_params, tasks, weights, keys, compute_dtype):
+    """Sum over tasks of w_t * loss_t and w_t * grad_t (float32), vmapped over the task axis."""
+    f = weighted_task_grad(learner, compute_dtype)
+
+    def one(task, w, k):
+        return f(meta_params, task, w, k)
 
     if keys is None:
         losses, grads = jax.vmap(lambda t, w: one(t, w, None))(tasks, weights)
@@ -181,32 +215,13 @@ def make_meta_step(
 
             (loss_sum, grad_sum), _ = jax.lax.scan(body, zero, xs)
 
-        total_w = jnp.sum(weights)
-        denom = jnp.where(total_w > 0, total_w, 1.0)
-        loss = loss_sum / denom
-        grads = jax.tree_util.tree_map(
-            lambda g, p: (g / denom).astype(jnp.result_type(p)), grad_sum, meta_params
+        new_params, new_opt_state, metrics = finish_meta_step(
+            meta_params, opt_state, loss_sum, grad_sum, jnp.sum(weights), optimizer, clip_norm
         )
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if clip_norm is not None:
-            scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-12))
-            grads = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grads)
-        # zero non-finite gradients before the optimizer so its state cannot be poisoned even
-        # transiently; the `where` below restores the old state anyway.
-        grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, meta_params)
-        new_params = optax.apply_updates(meta_params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda n, o: jnp.where(finite, n, o), new, old
-        )
-        new_params = keep(new_params, meta_params)
-        new_opt_state = keep(new_opt_state, opt_state)
         if mesh is not None:
             rep = NamedSharding(mesh, P())
             new_params = jax.lax.with_sharding_constraint(new_params, rep)
             new_opt_state = jax.lax.with_sharding_constraint(new_opt_state, rep)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "weight": total_w}
         return new_params, new_opt_state, metrics
 
     return jax.jit(step) if jit else step
