@@ -75,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.feature_dropout = 0.1
     c.context_dim = 16  # > 0: CAVIA-style adaptable user-context vector (adapted with --adapt=*context)
     c.offset_prior = 2.0
+    c.residual_bound = 4.0  # predictions within offset ± 4 (b * tanh(f / b)); 0 = unbounded
     # meta-learning
     c.adapt = "decision+context"
     c.inner_steps = 5
@@ -178,6 +179,7 @@ def build_model(spec, cfg, init_from: str = "") -> tuple[Callable, Callable]:
     return melu.make_melu(
         spec, embed_dim=cfg.embed_dim, hidden=tuple(cfg.hidden), residual=cfg.residual,
         use_item_id=cfg.use_item_id, feature_dropout=cfg.feature_dropout, context_dim=cfg.context_dim,
+        residual_bound=cfg.residual_bound,
     )  # fmt: skip
 
 

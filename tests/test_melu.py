@@ -236,3 +236,17 @@ def test_context_vector_is_an_adaptable_user_factor():
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), params, adapted)
     assert changed["context"] and not changed["out"]["kernel"] and not changed["context_proj"]["kernel"]
     assert float(objective(adapted, task.support)) < 0.9 * float(objective(params, task.support))
+
+
+def test_residual_bound_keeps_predictions_within_offset_plus_minus_b():
+    from metarec.data import make_synthetic_tasks
+
+    tasks, spec, _ = make_synthetic_tasks(seed=0, n_users=2, n_items=40, n_support=10, n_query=5)
+    x = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), tasks.support.x)
+    init_fn, apply_fn = make_melu(spec, embed_dim=4, hidden=(8,), residual_bound=2.0)
+    params = jax.tree_util.tree_map(lambda p: 1e4 * p, init_fn(jax.random.PRNGKey(0)))  # absurd init
+    pred = apply_fn(params, x)
+    assert np.all(np.isfinite(pred)) and np.all(np.abs(pred - x["offset"]) <= 2.0 + 1e-5)
+    assert np.abs(pred - x["offset"]).max() > 1.9  # saturates, but is not clipped to the offset
+    unbounded_init, unbounded = make_melu(spec, embed_dim=4, hidden=(8,))
+    assert np.abs(unbounded(params, x) - x["offset"]).max() > 100

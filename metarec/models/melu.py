@@ -13,6 +13,9 @@ concatenation -> ReLU MLP (``hidden``) -> linear output. Options:
   onto the item representation (item embeddings + genre vector), i.e. an adaptable user vector with an
   MF-like bilinear term ``(P c) . item``. The ``"context"`` filters adapt only it (plus the decision
   layers with ``"decision+context"``): few adapted parameters, per-user factors like MF fold-in.
+* ``residual_bound`` (default 0 = off): the network's output ``f`` becomes ``b * tanh(f / b)``, so a
+  prediction never leaves ``offset ± b`` (first-order meta-learners otherwise drift to initialisations
+  whose inner loop diverges for a few users; see BUILD_NOTES.md).
 * ``feature_dropout``: during meta-training (``train=True`` and a PRNG ``key``) each categorical field
   index is replaced by the OOV index 0 with this probability, so the OOV rows get trained. A float
   applies to every field; a tuple gives one probability per field (user fields, then item fields).
@@ -55,6 +58,7 @@ class MeLU(nn.Module):
     use_item_id: bool = True
     feature_dropout: float | tuple[float, ...] = 0.0
     context_dim: int = 0
+    residual_bound: float = 0.0
 
     def _dropout_probs(self) -> tuple[float, ...]:
         n = len(self.user_vocab) + len(self.item_vocab)
@@ -109,6 +113,10 @@ class MeLU(nn.Module):
         for i, width in enumerate(self.hidden):
             h = nn.relu(nn.Dense(width, name=f"mlp_{i}")(h))
         out = nn.Dense(1, name="out")(h)[..., 0] + bilinear
+        if self.residual_bound:
+            # soft bound b*tanh(f/b): predictions stay within offset ± b whatever the parameters, so an
+            # inner loop started from a poor initialisation cannot run off to inf
+            out = self.residual_bound * jnp.tanh(out / self.residual_bound)
         if self.residual:
             out = out + x["offset"].astype(out.dtype)
         return out
@@ -149,6 +157,7 @@ def make_melu(
     use_item_id: bool = True,
     feature_dropout: float | Sequence[float] = 0.0,
     context_dim: int = 0,
+    residual_bound: float = 0.0,
 ) -> tuple[Callable, Callable]:
     """Build ``(init_fn, apply_fn)`` for a MeLU model over ``spec`` (any object with ``user_vocab``,
     ``item_vocab``, ``n_genres``; see :class:`metarec.data.encode.FeatureSpec`).
@@ -165,7 +174,7 @@ def make_melu(
         user_vocab=uv, item_vocab=iv, n_genres=ng, embed_dim=int(embed_dim),
         hidden=tuple(int(h) for h in hidden), residual=bool(residual), use_item_id=bool(use_item_id),
         feature_dropout=feature_dropout if isinstance(feature_dropout, (int, float)) else tuple(feature_dropout),
-        context_dim=int(context_dim),
+        context_dim=int(context_dim), residual_bound=float(residual_bound),
     )
     module._dropout_probs()  # validate early, with a clear message
 
