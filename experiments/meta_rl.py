@@ -6,9 +6,15 @@ r"""Meta-RL recommendation benchmark: held-out users, CTR / return / regret vs a
 Writes ``<workdir>/rl_results.json``::
 
     {"results": {method: {"ctr"|"return"|"regret": {n_episodes: {"mean", "std"}}}},
-     "oracle_ctr": {"mean", "std"}, "config": {...}, "command": "...", ...}
+     "oracle_ctr": {"mean", "std"}, "config": {...}, "command": "...", "seeds": [...],
+     "versions": {...}, "data_sha256": "...", "simulator_sha256": {seed: "..."}, "run": {...}, ...}
 
-and prints the tables. The catalogue is restricted to the ``--n_items`` most-rated training items;
+``<workdir>/run.json`` (command, config, seeds, package versions, devices, git commit, data SHA-256;
+written when the run starts), ``<workdir>/metrics.jsonl`` / ``metrics.csv`` (per (seed, method): one
+``eval`` row per number of adaptation episodes, unit ``seed<s>/<method>``, and the training curves,
+unit ``seed<s>/<method>/train``; TensorBoard under ``tb/`` when tensorboardX is installed), prints a
+progress line per (seed, method) and the tables. A non-finite training loss stops the run with an
+error naming the seed and method. The catalogue is restricted to the ``--n_items`` most-rated training items;
 train users are the first ``--n_train_users`` warm-train users, test users the first
 ``--n_test_users`` user-cold users of each seed (see metarec/rl/benchmark.py).
 """
@@ -16,16 +22,18 @@ train users are the first ``--n_train_users`` warm-train users, test users the f
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 
+from metarec.checkpoint import tree_digest
 from metarec.rl import benchmark
 from metarec.rl import env as envlib
+from metarec.runlog import MetricsWriter, Progress, run_metadata, write_json_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m", "synthetic"], "Simulator source.")
@@ -104,19 +112,112 @@ def _jsonable(x):
     return x
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training loop of the benchmark produced a non-finite loss (or other training metric)."""
+
+
+def check_finite_training(seed: int, method: str, metrics: dict) -> None:
+    """Raise :class:`NonFiniteLossError` naming seed, method, metric and the first bad iteration if
+    any training metric (``loss``, returns, ...) of a method's training loop is NaN or inf."""
+    for name, values in metrics.items():
+        a = np.asarray(values, dtype=np.float64)
+        bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(1) if a.ndim else ~np.isfinite(a.reshape(1))
+        if bad.any():
+            it = int(np.flatnonzero(bad)[0])
+            raise NonFiniteLossError(
+                f"seed {seed}, method {method}: non-finite training {name} ({a.reshape(len(bad), -1)[it][0]}) at "
+                f"iteration {it + 1} of {len(bad)}; lower the method's learning rate and run again"
+            )
+
+
+def data_sha256(config: benchmark.BenchmarkConfig) -> str | None:
+    """SHA-256 of the MovieLens ratings file behind the simulator (None for the synthetic simulator,
+    whose per-seed environments are digested instead: ``simulator_sha256``)."""
+    if config.dataset == "synthetic":
+        return None
+    from metarec import data as mdata
+
+    return mdata.data_checksum(mdata.load_dataset(config.dataset, data_dir=config.data_dir))
+
+
+class RunRecorder:
+    """The :class:`benchmark.BenchmarkHooks` of a run: metrics rows, a progress line per (seed,
+    method), non-finite training checks and per-seed simulator digests."""
+
+    def __init__(self, config: benchmark.BenchmarkConfig, workdir: str, progress_stream=None):
+        self.writer = MetricsWriter(workdir)
+        self.bar = Progress(len(config.seeds) * len(config.methods), desc="meta_rl", stream=progress_stream)
+        self.simulator_sha256: dict[str, str] = {}
+
+    def hooks(self) -> benchmark.BenchmarkHooks:
+        return benchmark.BenchmarkHooks(on_simulator=self.on_simulator, on_train=self.on_train,
+                                        on_method=self.on_method, on_stage=self.on_stage)
+
+    def on_simulator(self, seed, sim):
+        self.simulator_sha256[str(seed)] = tree_digest(
+            {"train": sim.train, "test": sim.test, "item_ids": sim.item_ids, "popularity": sim.popularity})
+
+    def on_train(self, seed, method, metrics):
+        check_finite_training(seed, method, metrics)
+        n = len(next(iter(metrics.values()))) if metrics else 0
+        for i in range(n):
+            row = {k: float(np.mean(v[i])) for k, v in metrics.items()}
+            self.writer.write({"unit": f"seed{seed}/{method}/train", "kind": "train", "step": i + 1, **row})
+
+    def on_method(self, seed, method, curve):
+        for n in sorted({n for per_n in curve.values() for n in per_n}):
+            row = {metric: per_n[n] for metric, per_n in curve.items() if n in per_n}
+            self.writer.write({"unit": f"seed{seed}/{method}", "kind": "eval", "step": int(n), "seed": seed,
+                               "method": method, "adapt_episodes": int(n), **row})
+        self.bar.update(unit=f"seed{seed}/{method}", ctr=float(curve["ctr"][max(curve["ctr"])]))
+
+    def on_stage(self, seed, stage, seconds):
+        self.bar.update(self.bar.done, stage=f"seed{seed}/{stage}", s=float(seconds))
+
+    def close(self):
+        self.bar.close()
+        self.writer.close()
+
+
+def run(config: benchmark.BenchmarkConfig, workdir: str, argv: list[str] | None = None,
+        progress_stream=None) -> dict:
+    """The benchmark with its bookkeeping: writes ``run.json`` first, then ``metrics.jsonl`` while it
+    runs and ``rl_results.json`` at the end (atomically). Returns the ``rl_results.json`` payload."""
+    os.makedirs(workdir, exist_ok=True)
+    t = time.time()
+    sha = data_sha256(config)
+    meta = run_metadata(_jsonable(config), argv)
+    run_info = meta | {"seeds": list(config.seeds), "data_sha256": sha}
+    write_json_atomic(os.path.join(workdir, "run.json"), run_info)
+    rec = RunRecorder(config, workdir, progress_stream)
+    try:
+        payload = benchmark.run_benchmark(config, rec.hooks())
+    finally:
+        rec.close()
+    payload["config"] = run_info["config"]
+    payload["command"] = meta["command"]
+    payload["seeds"] = list(config.seeds)
+    payload["versions"] = meta["versions"]
+    payload["data_sha256"] = sha
+    payload["simulator_sha256"] = rec.simulator_sha256
+    payload["run"] = {k: meta[k] for k in ("argv", "devices", "backend", "git_commit", "platform", "started_utc")}
+    payload["wall_s"] = round(time.time() - t, 1)
+    write_json_atomic(os.path.join(workdir, "run.json"), run_info | {"simulator_sha256": rec.simulator_sha256,
+                                                                     "wall_s": payload["wall_s"]})  # fmt: skip
+    write_json_atomic(os.path.join(workdir, "rl_results.json"), payload)
+    return payload
+
+
 def main(argv):
     del argv
     logging.getLogger("metarec.rl").setLevel(logging.INFO)
     config = make_config()
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    t = time.time()
-    payload = benchmark.run_benchmark(config)
-    payload["config"] = _jsonable(config)
-    payload["command"] = " ".join([os.path.basename(sys.executable), "-m", "experiments.meta_rl"] + sys.argv[1:])
-    payload["wall_s"] = round(time.time() - t, 1)
+    try:
+        payload = run(config, FLAGS.workdir, argv=["-m", "experiments.meta_rl", *sys.argv[1:]])
+    except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        print(f"meta_rl: error: {e}", file=sys.stderr)
+        sys.exit(1)
     path = os.path.join(FLAGS.workdir, "rl_results.json")
-    with open(path, "w") as fh:
-        json.dump(payload, fh, indent=1)
     for metric in ("ctr", "return", "regret"):
         print(benchmark.format_table(payload, metric), end="\n\n")
     for s in payload["per_seed"]:

@@ -17,6 +17,7 @@ catalogue (items ``1 .. num_items - 1``; OOV and ``[MASK]`` excluded) or, with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -303,6 +304,14 @@ def make_train_epoch(config: EncoderConfig, pcfg: PretrainConfig, optimizer):
     return epoch
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_epoch(config: EncoderConfig, pcfg: PretrainConfig, total_steps: int):
+    """``(optimizer, jitted epoch)`` shared by :func:`pretrain` calls with the same configuration (a
+    resumed or repeated run does not compile again)."""
+    opt = make_optimizer(pcfg, total_steps)
+    return opt, make_train_epoch(config, pcfg, opt)
+
+
 def pretrain(
     seqs: Sequences,
     config: EncoderConfig,
@@ -311,6 +320,8 @@ def pretrain(
     eval_every: int = 0,
     log_fn: Callable[[dict], None] | None = None,
     params=None,
+    checkpointer=None,
+    resume: bool = False,
 ):
     """Train the encoder with the masked-item objective.
 
@@ -320,6 +331,14 @@ def pretrain(
 
     Returns ``(params, history)``: ``history`` is a list of per-epoch dicts (``epoch``, ``loss``,
     ``acc`` and, when evaluated, ``val_*`` metrics of :func:`evaluate_next_item`).
+
+    With a ``checkpointer`` (:class:`metarec.checkpoint.Checkpointer`) the full training state
+    (``params``, ``opt_state``, PRNG ``key``; checkpoint step = completed epochs, meta = history and
+    the run's configuration) is saved atomically at the end of every epoch, after ``log_fn``. With
+    ``resume`` training continues from the newest checkpoint (a fresh start if there is none) and
+    ends with the same params and history as an uninterrupted run: the batch order and the per-epoch
+    keys are pure functions of ``(seed, epoch)``. A checkpoint written for another model, training
+    config or number of sequences is refused with ``ValueError``.
     """
     if seqs.length > config.max_len:
         raise ValueError(f"sequences have length {seqs.length} > encoder max_len={config.max_len}")
@@ -332,12 +351,29 @@ def pretrain(
     k_init, k_train = jax.random.split(key)
     if params is None:
         params = init_encoder(k_init, config)
-    opt = make_optimizer(pcfg, nb * pcfg.epochs)
+    opt, epoch_fn = _compiled_epoch(config, pcfg, nb * pcfg.epochs)
     opt_state = opt.init(params)
-    epoch_fn = make_train_epoch(config, pcfg, opt)
     dev = jax.tree_util.tree_map(jnp.asarray, seqs)
-    history = []
-    for e in range(pcfg.epochs):
+    history: list[dict] = []
+    start = 0
+    run_id = {"encoder": config.to_dict(), "pretrain": dataclasses.asdict(pcfg), "num_users": int(U)}
+    if checkpointer is not None and resume and checkpointer.latest_step() is not None:
+        step = checkpointer.latest_step()
+        like = {"params": params, "opt_state": opt_state, "key": k_train}
+        saved_meta = checkpointer.restore_meta(step)
+        saved_id = saved_meta.get("run", {})
+        diff = sorted(k for k in set(run_id) | set(saved_id) if json.loads(json.dumps(run_id.get(k))) != saved_id.get(k))
+        if diff:
+            raise ValueError(
+                f"{checkpointer.directory}: the checkpoint of epoch {step} was written for another pretraining "
+                f"run (differs in {', '.join(diff)}); resume with the original settings or use a fresh workdir"
+            )
+        state, saved_meta = checkpointer.restore(step, like)
+        # as fresh (uncommitted) device arrays, so the jitted epoch is not compiled again
+        state = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), state)
+        params, opt_state, k_train = state["params"], state["opt_state"], state["key"]
+        start, history = int(saved_meta["epoch"]), list(saved_meta["history"])
+    for e in range(start, pcfg.epochs):
         rng = np.random.default_rng(pcfg.seed + e)
         order = rng.permutation(U)
         fill = rng.choice(U, nb * B - U, replace=True) if nb * B > U else np.zeros(0, int)
@@ -348,9 +384,20 @@ def pretrain(
             (eval_every and (e + 1) % eval_every == 0) or e + 1 == pcfg.epochs
         ):
             rec.update({f"val_{k}": v for k, v in evaluate_next_item(params, config, val).items()})
+        if not (np.isfinite(rec["loss"]) and np.isfinite(rec["acc"])):
+            last = None if checkpointer is None else checkpointer.latest_step()
+            raise FloatingPointError(
+                f"pretrain: non-finite loss in epoch {e + 1} (loss {rec['loss']}, acc {rec['acc']}); "
+                + ("no checkpoint was kept" if last is None else
+                   f"the last good state (epoch {last}) is kept in {checkpointer.directory}")
+                + "; lower the learning rate or --clip_norm and rerun (with --resume to continue)"
+            )
         history.append(rec)
         if log_fn is not None:
             log_fn(rec)
+        if checkpointer is not None:
+            state = {"params": params, "opt_state": opt_state, "key": k_train}
+            checkpointer.save(e + 1, state, {"epoch": e + 1, "history": history, "run": run_id})
     return params, history
 
 
@@ -547,6 +594,8 @@ def pretrain_on_split(
     pcfg: PretrainConfig,
     val_fraction: float = 0.1,
     log_fn: Callable[[dict], None] | None = None,
+    checkpointer=None,
+    resume: bool = False,
 ):
     """Masked-item pretraining on a split's training ratings only.
 
@@ -554,7 +603,8 @@ def pretrain_on_split(
     existing items — no test user, no new item); items are indexed with the fitted ``encoder``'s
     item vocabulary so the result plugs into :func:`metarec.models.transformer.make_transformer_rater`.
     A ``val_fraction`` of those users (seeded by ``pcfg.seed``) has its last item held out for
-    evaluation.  Returns ``(params, history, val_metrics)``.
+    evaluation.  ``checkpointer`` / ``resume``: per-epoch training state, see :func:`pretrain`.
+    Returns ``(params, history, val_metrics)``.
     """
     if enc_cfg.num_items != encoder.spec.item_vocab[1]:
         raise ValueError(
@@ -563,7 +613,8 @@ def pretrain_on_split(
         )
     seqs = build_sequences(train_ratings, encoder.vocabs["item_id"].encode, enc_cfg.max_len)
     train, val = holdout_split(seqs, val_fraction, pcfg.seed)
-    params, history = pretrain(train, enc_cfg, pcfg, val=val if val.num_users else None, log_fn=log_fn)
+    params, history = pretrain(train, enc_cfg, pcfg, val=val if val.num_users else None, log_fn=log_fn,
+                               checkpointer=checkpointer, resume=resume)
     val_metrics = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
     return params, history, val_metrics
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -78,6 +79,26 @@ class BenchmarkConfig:
         self.env.validate()
 
 
+@dataclasses.dataclass
+class BenchmarkHooks:
+    """Optional host-side callbacks of :func:`run_benchmark` for run bookkeeping (metadata, metrics
+    files, progress, sanity checks); they see intermediate results but do not change them. An
+    exception raised by a hook stops the benchmark.
+
+    ``on_simulator(seed, sim)``: after a seed's simulator is built.
+    ``on_train(seed, method, metrics)``: after a training loop (``ppo``, ``dqn``, ``maml``, ``fomaml``,
+    ``metasgd``); ``metrics`` maps names (``loss``, ``return``, ...) to numpy arrays over iterations.
+    ``on_method(seed, method, curve)``: when a method's evaluation is done; ``curve`` is
+    ``{metric: {n_adaptation_episodes: mean over test users}}`` as in the results.
+    ``on_stage(seed, stage, seconds)``: after every timed stage (``train_ppo``, ``eval_bandits``, ...).
+    """
+
+    on_simulator: Callable | None = None
+    on_train: Callable | None = None
+    on_method: Callable | None = None
+    on_stage: Callable | None = None
+
+
 def build_simulator(config: BenchmarkConfig, seed: int) -> simlib.SimulatorData:
     """The simulator of one seed (fixed numbers of train/test users and items across seeds)."""
     if config.dataset == "synthetic":
@@ -128,8 +149,9 @@ class _Runner:
             lambda k, items, e: ev.evaluate_bandits(k, self.bandit_names, items, e, n_max, ee))
         self.online = jax.jit(lambda k, mp, e: online.run_online(k, net, self.learner, mp, e, c.online_rounds))
 
-    def run_seed(self, seed: int, sim: simlib.SimulatorData) -> dict:
+    def run_seed(self, seed: int, sim: simlib.SimulatorData, hooks: BenchmarkHooks | None = None) -> dict:
         c = self.c
+        hooks = hooks or BenchmarkHooks()
         key = jax.random.PRNGKey(seed)
         ks = dict(zip(["ppo", "dqn", "maml", "eval", "oracle", "online"], jax.random.split(key, 6)))
         curves, timings, train_logs = {}, {}, {}
@@ -140,40 +162,51 @@ class _Runner:
             out = jax.block_until_ready(fn(*args))
             timings[name] = round(time.time() - t, 2)
             log.info("seed %d: %s done in %.1fs", seed, name, timings[name])
+            if hooks.on_stage is not None:
+                hooks.on_stage(seed, name, timings[name])
             return out
 
-        ppo_params = None
-        if want & {"ppo", "maml", "fomaml", "metasgd"}:
-            out = timed("train_ppo", self.ppo_train, ks["ppo"], sim.train)
-            ppo_params = out["params"]
-            train_logs["ppo_return"] = np.asarray(out["metrics"]["return"])
-            if "ppo" in want:
-                curves["ppo"] = timed("eval_ppo", self.eval_sample, ks["eval"], ppo_params, sim.test)
-        if "dqn" in want:
-            out = timed("train_dqn", self.dqn_train, ks["dqn"], sim.train)
-            train_logs["dqn_return"] = np.asarray(out["metrics"]["return"])
-            curves["dqn"] = timed("eval_dqn", self.eval_greedy, ks["eval"], out["params"], sim.test)
-        meta_params = {}
-        for name in ("maml", "fomaml", "metasgd"):
-            if name in want:
-                out = timed(f"train_{name}", self.meta_train[name], ks["maml"], sim.train, ppo_params)
-                meta_params[name] = out["meta_params"]
-                train_logs[f"{name}_post_return"] = np.asarray(out["metrics"]["post_return"])
-                curves[name] = timed(f"eval_{name}", self.eval_meta, ks["eval"], out["meta_params"], sim.test)
-        if "ppo_scratch" in want:
-            curves["ppo_scratch"] = timed("eval_ppo_scratch", self.eval_scratch, ks["eval"], sim.test)
-        if self.bandit_names:
-            items = bandits.item_inputs(sim.agent_item_factors, sim.agent_item_score, sim.popularity)
-            curves.update(timed("eval_bandits", self.eval_bandits, ks["eval"], items, sim.test))
-        oracle = timed("oracle", self.oracle, ks["oracle"], sim.test)
-        result = {"curves": {}, "oracle": {k: float(np.mean(v)) for k, v in oracle.items()},
-                  "timings": timings, "train_logs": {k: v.tolist() for k, v in train_logs.items()}}
-        for name, cur in curves.items():
+        def trained(name, out):
+            if hooks.on_train is not None:
+                hooks.on_train(seed, name, {k: np.asarray(v) for k, v in out["metrics"].items()})
+            return out
+
+        def add_curve(name, cur):
             per_n = {}
             for metric, arr in cur.items():
                 arr = np.asarray(arr)  # [U, n_max+1] or [U, 1] for non-adapting policies
                 per_n[metric] = {n: float(arr[:, min(n, arr.shape[1] - 1)].mean()) for n in c.adapt_episodes}
-            result["curves"][name] = per_n
+            curves[name] = per_n
+            if hooks.on_method is not None:
+                hooks.on_method(seed, name, per_n)
+
+        ppo_params = None
+        if want & {"ppo", "maml", "fomaml", "metasgd"}:
+            out = trained("ppo", timed("train_ppo", self.ppo_train, ks["ppo"], sim.train))
+            ppo_params = out["params"]
+            train_logs["ppo_return"] = np.asarray(out["metrics"]["return"])
+            if "ppo" in want:
+                add_curve("ppo", timed("eval_ppo", self.eval_sample, ks["eval"], ppo_params, sim.test))
+        if "dqn" in want:
+            out = trained("dqn", timed("train_dqn", self.dqn_train, ks["dqn"], sim.train))
+            train_logs["dqn_return"] = np.asarray(out["metrics"]["return"])
+            add_curve("dqn", timed("eval_dqn", self.eval_greedy, ks["eval"], out["params"], sim.test))
+        meta_params = {}
+        for name in ("maml", "fomaml", "metasgd"):
+            if name in want:
+                out = trained(name, timed(f"train_{name}", self.meta_train[name], ks["maml"], sim.train, ppo_params))
+                meta_params[name] = out["meta_params"]
+                train_logs[f"{name}_post_return"] = np.asarray(out["metrics"]["post_return"])
+                add_curve(name, timed(f"eval_{name}", self.eval_meta, ks["eval"], out["meta_params"], sim.test))
+        if "ppo_scratch" in want:
+            add_curve("ppo_scratch", timed("eval_ppo_scratch", self.eval_scratch, ks["eval"], sim.test))
+        if self.bandit_names:
+            items = bandits.item_inputs(sim.agent_item_factors, sim.agent_item_score, sim.popularity)
+            for name, cur in timed("eval_bandits", self.eval_bandits, ks["eval"], items, sim.test).items():
+                add_curve(name, cur)
+        oracle = timed("oracle", self.oracle, ks["oracle"], sim.test)
+        result = {"curves": curves, "oracle": {k: float(np.mean(v)) for k, v in oracle.items()},
+                  "timings": timings, "train_logs": {k: v.tolist() for k, v in train_logs.items()}}
         if c.online_rounds > 0:
             src = "metasgd" if "metasgd" in meta_params else next(iter(meta_params), None)
             if src is not None:
@@ -183,8 +216,9 @@ class _Runner:
         return result
 
 
-def run_benchmark(config: BenchmarkConfig) -> dict:
-    """Run all seeds; returns the ``rl_results.json`` payload (without command/config)."""
+def run_benchmark(config: BenchmarkConfig, hooks: BenchmarkHooks | None = None) -> dict:
+    """Run all seeds; returns the ``rl_results.json`` payload (without command/config). ``hooks``:
+    optional :class:`BenchmarkHooks` (metadata, metrics, progress)."""
     config.validate()
     runner = _Runner(config)
     per_seed, reports = [], {}
@@ -192,7 +226,9 @@ def run_benchmark(config: BenchmarkConfig) -> dict:
         t = time.time()
         sim = build_simulator(config, seed)
         reports[seed] = {**sim.report, "build_s": round(time.time() - t, 2)}
-        per_seed.append(runner.run_seed(seed, sim))
+        if hooks is not None and hooks.on_simulator is not None:
+            hooks.on_simulator(seed, sim)
+        per_seed.append(runner.run_seed(seed, sim, hooks))
     results = {}
     for name in config.methods:
         results[name] = {}
