@@ -73,13 +73,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.residual = True
     c.use_item_id = True
     c.feature_dropout = 0.1
-    c.context_dim = 16  # > 0: CAVIA-style adaptable user-context vector (adapted with --adapt=*context)
+    c.context_dim = 0  # > 0: CAVIA-style adaptable user-context vector (adapted with --adapt=*context)
     c.offset_prior = 2.0
     c.residual_bound = 4.0  # predictions within offset ± 4 (b * tanh(f / b)); 0 = unbounded
     # meta-learning
-    c.adapt = "decision+context"
+    c.adapt = "decision"
     c.inner_steps = 5
-    c.inner_lr = 0.3
+    c.inner_lr = 0.05
     c.reptile_inner_lr = 0.05  # Reptile adapts every parameter (embeddings too): a smaller step
     c.imaml_inner_lr = 0.05  # iMAML's proximal inner solve diverged at 0.3 (loss 3e22 at step 31, seed 0)
     c.meta_lr = 3e-3
