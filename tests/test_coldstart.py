@@ -99,3 +99,18 @@ def test_script_rejects_bad_flags():
     )  # fmt: skip
     assert out.returncode != 0
     assert "unknown --algo ['mamal']; valid: maml, fomaml, reptile, metasgd, imaml" in out.stderr
+
+
+def test_grid_search_ranks_validation_maes(fixture_data):
+    from metarec import tuning
+
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.epochs = 1
+    with pytest.raises(ValueError, match="unknown config field 'inner_rate'"):
+        tuning.grid_search(cfg, {"inner_rate": [0.1]}, algo="fomaml", data=data)
+    rows = tuning.grid_search(cfg, {"inner_lr": [0.0001, 0.05]}, algo="fomaml", seeds=(0,), data=data,
+                              log_fn=lambda m: None)  # fmt: skip
+    assert [r["inner_lr"] for r in rows] != [] and len(rows) == 2
+    assert rows[0]["val_mae"] <= rows[1]["val_mae"]
+    assert all(np.isfinite(r["val_mae"]) and r["best_epochs"] == [1] for r in rows)
