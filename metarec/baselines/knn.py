@@ -91,16 +91,21 @@ class UserKNNState:
     observed: jax.Array  # [U, I] bool
 
 
+def _centred_matrix(rows, cols, r, n_rows, n_cols):
+    """Row means and the dense row-mean-centred ``[n_rows, n_cols]`` matrix (0 where unobserved) with
+    its observed mask, from (row, col, rating) triples."""
+    mean = np.bincount(rows, weights=r, minlength=n_rows) / np.bincount(rows, minlength=n_rows)
+    centred = np.zeros((n_rows, n_cols), np.float32)
+    observed = np.zeros((n_rows, n_cols), bool)
+    centred[rows, cols] = r - mean[rows]
+    observed[rows, cols] = True
+    return mean, centred, observed
+
+
 def fit_user_knn(user_ids, item_ids, ratings) -> UserKNNState:
     """Dense, user-mean-centred training matrix for :func:`user_knn`."""
     data = prepare_ratings(user_ids, item_ids, ratings)
-    sums = np.bincount(data.u, weights=data.r, minlength=data.n_users)
-    counts = np.bincount(data.u, minlength=data.n_users)
-    umean = sums / counts
-    centred = np.zeros((data.n_users, data.n_items), np.float32)
-    observed = np.zeros((data.n_users, data.n_items), bool)
-    centred[data.u, data.i] = data.r - umean[data.u]
-    observed[data.u, data.i] = True
+    _, centred, observed = _centred_matrix(data.u, data.i, data.r, data.n_users, data.n_items)
     return UserKNNState(
         mu=jnp.float32(np.mean(data.r, dtype=np.float64)),
         r_min=jnp.float32(data.r.min()),
@@ -180,13 +185,7 @@ class ItemKNNState:
 def fit_item_knn(user_ids, item_ids, ratings) -> ItemKNNState:
     """Dense, item-mean-centred (transposed) training matrix for :func:`item_knn`."""
     data = prepare_ratings(user_ids, item_ids, ratings)
-    sums = np.bincount(data.i, weights=data.r, minlength=data.n_items)
-    counts = np.bincount(data.i, minlength=data.n_items)
-    imean = sums / counts
-    centred = np.zeros((data.n_items, data.n_users), np.float32)
-    observed = np.zeros((data.n_items, data.n_users), bool)
-    centred[data.i, data.u] = data.r - imean[data.i]
-    observed[data.i, data.u] = True
+    imean, centred, observed = _centred_matrix(data.i, data.u, data.r, data.n_items, data.n_users)
     return ItemKNNState(
         mu=jnp.float32(np.mean(data.r, dtype=np.float64)),
         r_min=jnp.float32(data.r.min()),
