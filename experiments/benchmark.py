@@ -40,6 +40,9 @@ flags.DEFINE_integer("devices", 1, "Also benchmark the sharded step over this ma
 flags.DEFINE_float("min_time", None, "Seconds of steady-state timing per measurement (preset default).", lower_bound=0.0)
 flags.DEFINE_bool("profile", True, "Profile the headline and large vmapped steps with jax.profiler.")
 flags.DEFINE_integer("seed", 0, "Seed for data, parameters and batch order.")
+flags.DEFINE_bool("tune_malloc", True, "Restart under glibc malloc settings that keep XLA's per-step temporaries "
+                  "mapped (metarec.hostmem.TUNED_ENV; no page faults per step). --notune_malloc measures the "
+                  "glibc defaults.")
 flags.DEFINE_string("workdir", "runs/benchmark", "Where benchmark.json and benchmark.txt go.")
 
 
@@ -59,6 +62,10 @@ def _ints(name):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from metarec import hostmem
+
+    if FLAGS.tune_malloc:
+        hostmem.reexec_with_tuned_malloc()  # returns when already tuned (or not glibc)
     import jax
 
     if FLAGS.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

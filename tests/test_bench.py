@@ -206,7 +206,16 @@ def test_tiny_run_has_documented_keys(tmp_path):
     (c,) = res["comparisons"]
     assert c["vmap_over_loop"] > 0 and c["vmap_over_map"] is None
     assert [(e["inner_steps"], e["remat"]) for e in res["memory_vs_inner_steps"]] == [(1, False), (1, True)]
-    assert res["targets"]["vmap_over_loop_maml_mb32"]["value"] == c["vmap_over_loop"]
+    t = res["targets"]["vmap_over_loop_maml_mb32"]
+    assert t["value"] == c["vmap_over_loop"]
+    # the attainable ratio: the loop's step time over the step's FLOPs at the measured peak
+    loop = next(r for r in res["records"] if r["mode"] == "loop")
+    vm = next(r for r in res["records"] if r["mode"] == "vmap")
+    peak = res["matmul_peak"]["float32"]["flops_per_s"]
+    assert t["bound"] == pytest.approx(loop["step_ms"] / 1e3 / (loop["flops_per_step"] / peak), rel=1e-9)
+    assert t["best"] == pytest.approx(vm["steps_per_s"] / loop["steps_per_s"]) and t["best_mode"].endswith("vmap")
+    assert all(r["sys_cpu_ms_per_step"] >= 0 and r["user_cpu_ms_per_step"] >= 0 for r in res["records"])
+    assert set(res["machine"]["malloc"]) == {"glibc", "tuned", "env"}
     prof = next(iter(res["profiles"].values()))
     assert "error" in prof or prof["op_s"] > 0
     path = tmp_path / "benchmark.json"
