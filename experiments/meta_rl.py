@@ -1,39 +1,60 @@
 r"""Meta-RL recommendation benchmark: held-out users, CTR / return / regret vs adaptation episodes.
 
     python -m experiments.meta_rl --workdir runs/meta_rl            # ml-100k, seeds 0,1,2
+    python -m experiments.meta_rl --workdir runs/meta_rl --resume   # continue an interrupted run
     python -m experiments.meta_rl --dataset synthetic --quick --workdir /tmp/rl
 
 Writes ``<workdir>/rl_results.json``::
 
     {"results": {method: {"ctr"|"return"|"regret": {n_episodes: {"mean", "std"}}}},
      "oracle_ctr": {"mean", "std"}, "config": {...}, "command": "...", "seeds": [...],
-     "versions": {...}, "data_sha256": "...", "simulator_sha256": {seed: "..."}, "run": {...}, ...}
+     "versions": {...}, "data_sha256": "...", "simulator_sha256": {seed: "..."}, "run": {...},
+     "per_seed": [{"train_logs", "params_sha256", "resumed", "timings", ...}], "invocations": [...], ...}
 
 ``<workdir>/run.json`` (command, config, seeds, package versions, devices, git commit, data SHA-256;
 written when the run starts), ``<workdir>/metrics.jsonl`` / ``metrics.csv`` (per (seed, method): one
 ``eval`` row per number of adaptation episodes, unit ``seed<s>/<method>``, and the training curves,
 unit ``seed<s>/<method>/train``; TensorBoard under ``tb/`` when tensorboardX is installed), prints a
-progress line per (seed, method) and the tables. A non-finite training loss stops the run with an
-error naming the seed and method. The catalogue is restricted to the ``--n_items`` most-rated training items;
-train users are the first ``--n_train_users`` warm-train users, test users the first
-``--n_test_users`` user-cold users of each seed (see metarec/rl/benchmark.py).
+progress line per (seed, method) and the tables. The catalogue is restricted to the ``--n_items``
+most-rated training items; train users are the first ``--n_train_users`` warm-train users, test users
+the first ``--n_test_users`` user-cold users of each seed (see metarec/rl/benchmark.py).
+
+Checkpoints and resume. Every training loop (PPO — also when it is only the meta-learners' warm
+start —, DQN, MAML, FOMAML, Meta-SGD) saves its whole state with orbax-checkpoint every
+``--checkpoint_every`` iterations (default 50) under ``checkpoints/seed<s>/<method>/<iteration>``:
+params, optimizer state, the loop's PRNG key (iteration ``i`` uses row ``i`` of
+``split(key, num_iterations)``, so the key and the iteration number are the whole sampler position),
+DQN's target network and replay buffer, and the training metrics so far. Saves are atomic (a killed
+save leaves a temporary directory that is removed on the next start). Only the newest
+``--keep_checkpoints`` (default 2) are kept — there is no validation metric during RL training, so no
+best-by-metric checkpoint; the newest is always the final state. A finished unit (a method's training
+and evaluation, the bandits, ``oracle``, ``online``) is saved to ``units/seed<s>/<unit>.json``.
+``--resume`` continues the run in ``--workdir``: finished units are read back, an unfinished training
+loop continues from its newest checkpoint, and the results, training curves, metrics rows and final
+parameters are bit-identical (on CPU) to an uninterrupted run (tests/test_rl_resume.py). Only
+``data_dir``, ``seeds``, the learning rates and the checkpoint flags may change on resume; a workdir holding a run is
+refused without ``--resume`` (``--overwrite`` deletes it). A non-finite training loss or metric stops
+the run with an error naming seed, method and iteration; the piece containing it is not saved, so the
+newest checkpoint is the last good state, and the message says to rerun with ``--resume``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
-from metarec.checkpoint import tree_digest
 from metarec.rl import benchmark
 from metarec.rl import env as envlib
-from metarec.runlog import MetricsWriter, Progress, run_metadata, write_json_atomic
+from metarec.rl import loop as rl_loop
+from metarec.runlog import MetricsWriter, Progress, read_json, run_metadata, write_json_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m", "synthetic"], "Simulator source.")
@@ -61,6 +82,25 @@ flags.DEFINE_integer("inner_steps", 2, "Inner steps (one support episode each) d
 flags.DEFINE_float("inner_lr", 1.0, "Inner learning rate (Meta-SGD: its initial value).")
 flags.DEFINE_integer("online_rounds", 5, "Online loop: rounds per streamed test user (0 = skip).")
 flags.DEFINE_bool("quick", False, "Tiny sizes for a smoke run (overrides the size flags).")
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir: finished (seed, method) units are read back, "
+                  "the unfinished training loop continues from its newest checkpoint.")
+flags.DEFINE_bool("overwrite", False, "Delete this script's files in --workdir (checkpoints, units, metrics, results) "
+                  "and start again.")
+flags.DEFINE_integer("checkpoint_every", benchmark.RunContext.checkpoint_every,
+                     "Training iterations between checkpoints (also the length of the jitted training pieces; the "
+                     "results do not depend on it).", lower_bound=1)
+flags.DEFINE_integer("keep_checkpoints", benchmark.RunContext.keep_checkpoints,
+                     "Newest checkpoints kept per (seed, method); the newest is the final state.", lower_bound=1)
+flags.register_multi_flags_validator(
+    ["resume", "overwrite"], lambda f: not (f["resume"] and f["overwrite"]),
+    "--resume and --overwrite contradict each other: --resume continues the run in --workdir, --overwrite deletes it",
+)
+
+# files this script owns in --workdir (the only ones --overwrite deletes)
+RUN_FILES = ("checkpoints", "units", "run.json", "metrics.jsonl", "metrics.csv", "tb", "rl_results.json")
+# config fields (dotted paths) that may change between a run and its --resume: where the data is, which
+# seeds are run (finished ones are read back), and the learning rates (the way out of a non-finite loss)
+RESUME_MUTABLE = ("data_dir", "seeds", "ppo.lr", "dqn.lr", "meta.meta_lr", "meta.inner_lr")
 
 
 def _ints(values, flag):
@@ -112,22 +152,75 @@ def _jsonable(x):
     return x
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A training loop of the benchmark produced a non-finite loss (or other training metric)."""
+NonFiniteLossError = rl_loop.NonFiniteLossError  # raised by the training loops, see metarec/rl/loop.py
 
 
-def check_finite_training(seed: int, method: str, metrics: dict) -> None:
+def check_finite_training(seed: int, method: str, metrics: dict, start: int = 0) -> None:
     """Raise :class:`NonFiniteLossError` naming seed, method, metric and the first bad iteration if
-    any training metric (``loss``, returns, ...) of a method's training loop is NaN or inf."""
-    for name, values in metrics.items():
-        a = np.asarray(values, dtype=np.float64)
-        bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(1) if a.ndim else ~np.isfinite(a.reshape(1))
-        if bad.any():
-            it = int(np.flatnonzero(bad)[0])
-            raise NonFiniteLossError(
-                f"seed {seed}, method {method}: non-finite training {name} ({a.reshape(len(bad), -1)[it][0]}) at "
-                f"iteration {it + 1} of {len(bad)}; lower the method's learning rate and run again"
-            )
+    any training metric (``loss``, returns, ...) of a piece of training starting after iteration
+    ``start`` is NaN or inf (the library's loop checks first; this guards the metrics files)."""
+    bad = rl_loop.first_non_finite(metrics)
+    if bad is not None:
+        it, name, value = bad
+        n = len(np.asarray(next(iter(metrics.values()))).reshape(-1))
+        raise NonFiniteLossError(
+            f"seed {seed}, method {method}: non-finite training {name} ({value}) at iteration {start + it + 1} of "
+            f"{start + n}; lower the method's learning rate and run again", start + it + 1)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def clear_workdir(workdir: str) -> None:
+    """Delete this script's files (:data:`RUN_FILES`) in ``workdir``."""
+    for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def prepare_workdir(config_json: dict, workdir: str, resume: bool, data_sha: str | None, log_fn=print) -> list[str]:
+    """Check ``workdir`` against ``resume`` and the saved ``run.json``; returns the earlier commands
+    of this run (empty for a fresh one). Without ``resume`` a workdir holding checkpoints or units is
+    refused; with it, only :data:`RESUME_MUTABLE` config fields may differ from the saved run."""
+    os.makedirs(workdir, exist_ok=True)
+    state = [p for p in ("checkpoints", "units") if os.path.exists(os.path.join(workdir, p))]
+    if state and not resume:
+        raise ValueError(
+            f"--workdir={workdir} already holds a run ({', '.join(state)}); pass --resume to continue it, "
+            "--overwrite to start it again, or choose another --workdir"
+        )
+    run_path = os.path.join(workdir, "run.json")
+    if not resume:
+        return []
+    if not os.path.exists(run_path):
+        log_fn(f"--resume: nothing to resume in {workdir}; starting a fresh run")
+        return []
+    saved = read_json(run_path)
+    old, new = _flat(saved.get("config") or {}), _flat(json.loads(json.dumps(config_json)))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<missing>") != new.get(k, "<missing>"))
+    fixed = [k for k in changed if k not in RESUME_MUTABLE]
+    if fixed:
+        detail = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}" for k in fixed)
+        raise ValueError(
+            f"--resume: the run in {workdir} was started with a different config ({detail}); only "
+            f"{', '.join(RESUME_MUTABLE)} may change on resume. Use the original flags or a fresh --workdir"
+        )
+    if saved.get("data_sha256") != data_sha:
+        raise ValueError(f"--resume: the data changed since the run in {workdir} started (ratings sha256 "
+                         f"{saved.get('data_sha256')} -> {data_sha}); use a fresh --workdir")  # fmt: skip
+    if changed:
+        log_fn(f"resuming with changed settings: {', '.join(changed)}")
+    return list(saved.get("invocations", [saved.get("command")]))
 
 
 def data_sha256(config: benchmark.BenchmarkConfig) -> str | None:
@@ -144,27 +237,37 @@ class RunRecorder:
     """The :class:`benchmark.BenchmarkHooks` of a run: metrics rows, a progress line per (seed,
     method), non-finite training checks and per-seed simulator digests."""
 
-    def __init__(self, config: benchmark.BenchmarkConfig, workdir: str, progress_stream=None):
+    def __init__(self, config: benchmark.BenchmarkConfig, workdir: str, progress_stream=None, resume: bool = False):
         self.writer = MetricsWriter(workdir)
+        self.resume = resume
         self.bar = Progress(len(config.seeds) * len(config.methods), desc="meta_rl", stream=progress_stream)
         self.simulator_sha256: dict[str, str] = {}
 
     def hooks(self) -> benchmark.BenchmarkHooks:
         return benchmark.BenchmarkHooks(on_simulator=self.on_simulator, on_train=self.on_train,
-                                        on_method=self.on_method, on_stage=self.on_stage)
+                                        on_method=self.on_method, on_stage=self.on_stage,
+                                        on_unit_start=self.on_unit_start, on_unit_read=self.on_unit_read)
 
     def on_simulator(self, seed, sim):
-        self.simulator_sha256[str(seed)] = tree_digest(
-            {"train": sim.train, "test": sim.test, "item_ids": sim.item_ids, "popularity": sim.popularity})
+        self.simulator_sha256[str(seed)] = benchmark.simulator_digest(sim)
 
-    def on_train(self, seed, method, metrics):
-        check_finite_training(seed, method, metrics)
+    def on_unit_start(self, seed, method, start):
+        if self.resume:  # rows a killed run logged after the checkpoint it continues from
+            self.writer.truncate(f"seed{seed}/{method}/train", start)
+
+    def on_train(self, seed, method, metrics, start=0):
+        check_finite_training(seed, method, metrics, start)
         n = len(next(iter(metrics.values()))) if metrics else 0
         for i in range(n):
             row = {k: float(np.mean(v[i])) for k, v in metrics.items()}
-            self.writer.write({"unit": f"seed{seed}/{method}/train", "kind": "train", "step": i + 1, **row})
+            self.writer.write({"unit": f"seed{seed}/{method}/train", "kind": "train", "step": start + i + 1, **row})
+
+    def on_unit_read(self, seed, method, curve):
+        self.bar.update(unit=f"seed{seed}/{method}", read_back=True)
 
     def on_method(self, seed, method, curve):
+        if self.resume:  # rows of an evaluation a killed run did not finish saving
+            self.writer.truncate(f"seed{seed}/{method}", -1)
         for n in sorted({n for per_n in curve.values() for n in per_n}):
             row = {metric: per_n[n] for metric, per_n in curve.items() if n in per_n}
             self.writer.write({"unit": f"seed{seed}/{method}", "kind": "eval", "step": int(n), "seed": seed,
@@ -180,18 +283,28 @@ class RunRecorder:
 
 
 def run(config: benchmark.BenchmarkConfig, workdir: str, argv: list[str] | None = None,
-        progress_stream=None) -> dict:
-    """The benchmark with its bookkeeping: writes ``run.json`` first, then ``metrics.jsonl`` while it
-    runs and ``rl_results.json`` at the end (atomically). Returns the ``rl_results.json`` payload."""
-    os.makedirs(workdir, exist_ok=True)
+        progress_stream=None, *, resume: bool = False, overwrite: bool = False, checkpoint_every: int | None = None,
+        keep_checkpoints: int | None = None, log_fn=print) -> dict:  # fmt: skip
+    """The benchmark with its bookkeeping: writes ``run.json`` first, then ``metrics.jsonl``,
+    checkpoints and unit files while it runs and ``rl_results.json`` at the end (atomically).
+    ``resume`` continues the run in ``workdir`` (:class:`benchmark.RunContext`); ``overwrite``
+    deletes it first. Returns the ``rl_results.json`` payload."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other")
+    if overwrite:
+        clear_workdir(workdir)
     t = time.time()
     sha = data_sha256(config)
     meta = run_metadata(_jsonable(config), argv)
-    run_info = meta | {"seeds": list(config.seeds), "data_sha256": sha}
+    invocations = prepare_workdir(meta["config"], workdir, resume, sha, log_fn)
+    run_info = meta | {"seeds": list(config.seeds), "data_sha256": sha, "invocations": invocations + [meta["command"]]}
     write_json_atomic(os.path.join(workdir, "run.json"), run_info)
-    rec = RunRecorder(config, workdir, progress_stream)
+    d = benchmark.RunContext()
+    ctx = benchmark.RunContext(workdir, resume, checkpoint_every or d.checkpoint_every,
+                               keep_checkpoints or d.keep_checkpoints)
+    rec = RunRecorder(config, workdir, progress_stream, resume=resume)
     try:
-        payload = benchmark.run_benchmark(config, rec.hooks())
+        payload = benchmark.run_benchmark(config, rec.hooks(), ctx)
     finally:
         rec.close()
     payload["config"] = run_info["config"]
@@ -201,6 +314,7 @@ def run(config: benchmark.BenchmarkConfig, workdir: str, argv: list[str] | None 
     payload["data_sha256"] = sha
     payload["simulator_sha256"] = rec.simulator_sha256
     payload["run"] = {k: meta[k] for k in ("argv", "devices", "backend", "git_commit", "platform", "started_utc")}
+    payload["invocations"] = run_info["invocations"]
     payload["wall_s"] = round(time.time() - t, 1)
     write_json_atomic(os.path.join(workdir, "run.json"), run_info | {"simulator_sha256": rec.simulator_sha256,
                                                                      "wall_s": payload["wall_s"]})  # fmt: skip
@@ -211,9 +325,12 @@ def run(config: benchmark.BenchmarkConfig, workdir: str, argv: list[str] | None 
 def main(argv):
     del argv
     logging.getLogger("metarec.rl").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint save at INFO through absl
     config = make_config()
     try:
-        payload = run(config, FLAGS.workdir, argv=["-m", "experiments.meta_rl", *sys.argv[1:]])
+        payload = run(config, FLAGS.workdir, argv=["-m", "experiments.meta_rl", *sys.argv[1:]], resume=FLAGS.resume,
+                      overwrite=FLAGS.overwrite, checkpoint_every=FLAGS.checkpoint_every,
+                      keep_checkpoints=FLAGS.keep_checkpoints, log_fn=lambda m: print(m, flush=True))  # fmt: skip
     except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
         print(f"meta_rl: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -173,7 +173,7 @@ def _tiny_rl_config(**kw):
     return dataclasses.replace(benchmark.BenchmarkConfig(), **(base | kw))
 
 
-def _fake_benchmark(config, hooks):
+def _fake_benchmark(config, hooks, ctx=None):
     """Stands in for ``benchmark.run_benchmark`` (whose jitted evaluation takes ~20 s to compile): calls
     the hooks the way the real one does and returns a payload of the same shape."""
     import types

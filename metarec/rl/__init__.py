@@ -4,6 +4,7 @@ MAML / FOMAML / Meta-SGD across users with DiCE inner losses, bandit baselines, 
 and an online serving loop.
 
 Modules: env, rollout, simulator, networks, pg, reinforce, ppo, dqn, maml, bandits, evaluate, online,
+loop (training in resumable, checkpointed pieces),
 benchmark (the pipeline behind experiments/meta_rl.py).
 """
 

@@ -13,19 +13,27 @@ from the PPO policy), then evaluate every method on the held-out users with
 
 All jitted functions take the environments as arguments and every seed has the same numbers of
 users and items, so each is compiled once for all seeds.
+
+Training loops run in pieces of ``checkpoint_every`` iterations (:mod:`metarec.rl.loop`); with a
+workdir (:class:`RunContext`) every piece is checkpointed, every finished (seed, unit) saved, and an
+interrupted run resumes bit-identically. A non-finite training metric stops the run with
+:class:`metarec.rl.loop.NonFiniteLossError` naming seed, method and iteration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import time
 from typing import Callable
 
 import jax
 import numpy as np
 
-from metarec.rl import bandits
+from metarec.checkpoint import Checkpointer, tree_digest
+from metarec.rl import bandits, loop
 from metarec.rl import dqn as dqnlib
 from metarec.rl import env as envlib
 from metarec.rl import evaluate as ev
@@ -33,6 +41,7 @@ from metarec.rl import maml as mamllib
 from metarec.rl import networks, online
 from metarec.rl import ppo as ppolib
 from metarec.rl import simulator as simlib
+from metarec.runlog import read_json, write_json_atomic
 
 log = logging.getLogger("metarec.rl")
 
@@ -86,10 +95,15 @@ class BenchmarkHooks:
     exception raised by a hook stops the benchmark.
 
     ``on_simulator(seed, sim)``: after a seed's simulator is built.
-    ``on_train(seed, method, metrics)``: after a training loop (``ppo``, ``dqn``, ``maml``, ``fomaml``,
-    ``metasgd``); ``metrics`` maps names (``loss``, ``return``, ...) to numpy arrays over iterations.
+    ``on_unit_start(seed, method, start)``: a training loop (``ppo``, ``dqn``, ``maml``, ``fomaml``,
+    ``metasgd``) starts, or continues from its checkpoint at iteration ``start``: anything logged for
+    it after ``start`` by an earlier, killed run is stale.
+    ``on_train(seed, method, metrics, start=0)``: after each checkpointed piece of a training loop;
+    ``metrics`` maps names (``loss``, ``return``, ...) to finite numpy arrays over its iterations,
+    the first being iteration ``start + 1``.
     ``on_method(seed, method, curve)``: when a method's evaluation is done; ``curve`` is
     ``{metric: {n_adaptation_episodes: mean over test users}}`` as in the results.
+    ``on_unit_read(seed, method, curve)``: a method finished by an earlier run was read back (resume).
     ``on_stage(seed, stage, seconds)``: after every timed stage (``train_ppo``, ``eval_bandits``, ...).
     """
 
@@ -97,6 +111,8 @@ class BenchmarkHooks:
     on_train: Callable | None = None
     on_method: Callable | None = None
     on_stage: Callable | None = None
+    on_unit_start: Callable | None = None
+    on_unit_read: Callable | None = None
 
 
 def build_simulator(config: BenchmarkConfig, seed: int) -> simlib.SimulatorData:
@@ -124,6 +140,84 @@ def build_simulator(config: BenchmarkConfig, seed: int) -> simlib.SimulatorData:
                                       seed=seed, max_train_users=config.n_train_users)
 
 
+def simulator_digest(sim: simlib.SimulatorData) -> str:
+    """SHA-256 of a seed's simulator (environments, catalogue, popularity): saved with every unit and
+    checkpoint so that ``resume`` refuses state computed on other data."""
+    return tree_digest({"train": sim.train, "test": sim.test, "item_ids": sim.item_ids, "popularity": sim.popularity})
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Where and how :func:`run_benchmark` keeps its state (``workdir`` None: nothing is written).
+
+    With a ``workdir``, every training loop (``ppo`` — also when it is only the meta-learners' warm
+    start —, ``dqn``, ``maml``, ``fomaml``, ``metasgd``) saves its full state (params, optimizer state,
+    PRNG key, DQN target network and replay buffer; step = iterations done, metrics so far) every
+    ``checkpoint_every`` iterations under ``checkpoints/seed<s>/<method>`` with
+    :class:`metarec.checkpoint.Checkpointer`, keeping the newest ``keep_checkpoints`` (there is no
+    validation metric during RL training, so no best-by-metric one); the newest is the final state.
+    Every finished unit — a method's training and evaluation, the bandits', ``oracle``, ``online`` —
+    is saved to ``units/seed<s>/<unit>.json``. ``resume``: finished units are read back instead of
+    recomputed, an unfinished training loop continues from its newest checkpoint; the results are
+    bit-identical to an uninterrupted run on CPU. ``checkpoint_every`` also sets the length of the
+    jitted training pieces when nothing is written (the numbers do not depend on it).
+    """
+
+    workdir: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+def unit_paths(workdir: str, seed: int, unit: str) -> tuple[str, str]:
+    """``(checkpoint directory, result file)`` of one (seed, unit) inside ``workdir``."""
+    return (os.path.join(workdir, "checkpoints", f"seed{seed}", unit),
+            os.path.join(workdir, "units", f"seed{seed}", f"{unit}.json"))  # fmt: skip
+
+
+class _UnitStore:
+    """The files of one seed's units (see :class:`RunContext`)."""
+
+    def __init__(self, ctx: RunContext, seed: int, sim_sha256: str):
+        self.ctx, self.seed, self.sim_sha256 = ctx, seed, sim_sha256
+
+    def load(self, unit: str) -> dict | None:
+        if self.ctx.workdir is None or not self.ctx.resume:
+            return None
+        path = unit_paths(self.ctx.workdir, self.seed, unit)[1]
+        if not os.path.exists(path):
+            return None
+        rec = read_json(path)
+        if rec.get("simulator_sha256") != self.sim_sha256:
+            raise ValueError(f"{path} was computed on another simulator (data or settings changed since the run "
+                             "started); use a fresh --workdir")  # fmt: skip
+        if "curve" in rec:  # JSON object keys are strings; the numbers of episodes are ints
+            rec["curve"] = {m: {int(n): v for n, v in per_n.items()} for m, per_n in rec["curve"].items()}
+        return rec
+
+    def save(self, unit: str, rec: dict) -> None:
+        if self.ctx.workdir is not None:
+            write_json_atomic(unit_paths(self.ctx.workdir, self.seed, unit)[1],
+                              {"seed": self.seed, "unit": unit, "simulator_sha256": self.sim_sha256} | rec)
+
+    def checkpointer(self, unit: str) -> Checkpointer | contextlib.nullcontext:
+        if self.ctx.workdir is None:
+            return contextlib.nullcontext()
+        ckpt_dir = unit_paths(self.ctx.workdir, self.seed, unit)[0]
+        ck = Checkpointer(ckpt_dir, keep_last=self.ctx.keep_checkpoints, keep_best=0)
+        if ck.latest_step() is not None and not self.ctx.resume:
+            ck.close()
+            raise ValueError(
+                f"{ckpt_dir} already holds checkpoints; pass --resume to continue or use a fresh --workdir")
+        return ck
+
+
 class _Runner:
     """Holds the jitted functions (built once, reused for all seeds)."""
 
@@ -132,11 +226,12 @@ class _Runner:
         self.c = c
         self.net = networks.make_item_scorer(c.n_items, c.env.history_len, c.embed_dim, c.hidden)
         self.n_max = max(c.adapt_episodes)
-        self.ppo_train = jax.jit(ppolib.make_train(c.ppo, self.net))
-        self.dqn_train = jax.jit(dqnlib.make_train(c.dqn, self.net))
         variants = {"maml": dict(), "fomaml": dict(first_order=True), "metasgd": dict(meta_sgd=True)}
         self.meta_cfg = {k: dataclasses.replace(c.meta, **v) for k, v in variants.items()}
-        self.meta_train = {k: jax.jit(mamllib.make_meta_train(v, self.net)) for k, v in self.meta_cfg.items()}
+        self.trainers = {"ppo": ppolib.make_trainer(c.ppo, self.net), "dqn": dqnlib.make_trainer(c.dqn, self.net)}
+        self.trainers |= {k: mamllib.make_meta_trainer(v, self.net) for k, v in self.meta_cfg.items()}
+        self.init = {k: jax.jit(t.init) for k, t in self.trainers.items()}
+        self.run = {k: jax.jit(t.run, static_argnames="length") for k, t in self.trainers.items()}
         self.learner = mamllib.make_meta_rl(self.net, c.meta)
         net, n_max, ee = self.net, self.n_max, c.eval_episodes
         self.eval_meta = jax.jit(lambda k, mp, e: ev.evaluate_users(k, ev.meta_agent(net, self.learner, mp), e, n_max, ee))
@@ -149,26 +244,28 @@ class _Runner:
             lambda k, items, e: ev.evaluate_bandits(k, self.bandit_names, items, e, n_max, ee))
         self.online = jax.jit(lambda k, mp, e: online.run_online(k, net, self.learner, mp, e, c.online_rounds))
 
-    def run_seed(self, seed: int, sim: simlib.SimulatorData, hooks: BenchmarkHooks | None = None) -> dict:
+    def run_seed(self, seed: int, sim: simlib.SimulatorData, hooks: BenchmarkHooks | None = None,
+                 ctx: RunContext | None = None) -> dict:  # fmt: skip
         c = self.c
         hooks = hooks or BenchmarkHooks()
+        ctx = ctx or RunContext()
+        store = _UnitStore(ctx, seed, simulator_digest(sim))
         key = jax.random.PRNGKey(seed)
         ks = dict(zip(["ppo", "dqn", "maml", "eval", "oracle", "online"], jax.random.split(key, 6)))
-        curves, timings, train_logs = {}, {}, {}
+        curves, timings, train_logs, digests, resumed, loops = {}, {}, {}, {}, [], {}
         want = set(c.methods)
+        metas = [m for m in ("maml", "fomaml", "metasgd") if m in want]
+
+        def stage_done(name, seconds):
+            timings[name] = round(seconds, 2)
+            log.info("seed %d: %s done in %.1fs", seed, name, timings[name])
+            if hooks.on_stage is not None:
+                hooks.on_stage(seed, name, timings[name])
 
         def timed(name, fn, *args):
             t = time.time()
             out = jax.block_until_ready(fn(*args))
-            timings[name] = round(time.time() - t, 2)
-            log.info("seed %d: %s done in %.1fs", seed, name, timings[name])
-            if hooks.on_stage is not None:
-                hooks.on_stage(seed, name, timings[name])
-            return out
-
-        def trained(name, out):
-            if hooks.on_train is not None:
-                hooks.on_train(seed, name, {k: np.asarray(v) for k, v in out["metrics"].items()})
+            stage_done(name, time.time() - t)
             return out
 
         def add_curve(name, cur):
@@ -179,47 +276,122 @@ class _Runner:
             curves[name] = per_n
             if hooks.on_method is not None:
                 hooks.on_method(seed, name, per_n)
+            return per_n
 
-        ppo_params = None
+        def unit(name, compute):
+            """A finished unit's record read back (resume), or ``compute()``'s saved."""
+            rec = store.load(name)
+            if rec is None:
+                rec = compute()
+                store.save(name, rec)
+            else:
+                resumed.append(name)
+                log.info("seed %d: %s finished earlier, read back", seed, name)
+                timings.update(rec.get("timings", {}))
+                if "curve" in rec:
+                    curves[name] = rec["curve"]
+                    if hooks.on_unit_read is not None:
+                        hooks.on_unit_read(seed, name, rec["curve"])
+            train_logs.update(rec.get("train_logs", {}))
+            if "params_sha256" in rec:
+                digests[name] = rec["params_sha256"]
+            return rec
+
+        def train(name):
+            """The final state of training loop ``name``: trained, continued from its newest
+            checkpoint, or (finished earlier) restored."""
+            if name in loops:
+                return loops[name]
+            def init(warm=True):
+                if name == "ppo":
+                    return self.init["ppo"](ks["ppo"])
+                if name == "dqn":
+                    return self.init["dqn"](ks["dqn"], sim.train)
+                # meta-learners start from the PPO policy (trained, or restored, only for a fresh start)
+                return self.init[name](ks["maml"], sim.train, train("ppo").state["params"] if warm else None)
+
+            with store.checkpointer(name) as ck:
+                start = ck.latest_step() if ck is not None and ctx.resume else None
+                if hooks.on_unit_start is not None:
+                    hooks.on_unit_start(seed, name, start or 0)
+                on_chunk = None
+                if hooks.on_train is not None:
+                    on_chunk = lambda i, m: hooks.on_train(seed, name, m, start=i)  # noqa: E731
+                out = loop.train_checkpointed(
+                    self.run[name], init, sim.train, self.trainers[name].num_iterations, every=ctx.checkpoint_every,
+                    checkpointer=ck, resume=ctx.resume, name=f"seed {seed}, method {name}", on_chunk=on_chunk,
+                    like=jax.eval_shape(lambda: init(False)),
+                    meta={"unit": f"seed{seed}/{name}", "simulator_sha256": store.sim_sha256},
+                )  # fmt: skip
+            if out.resumed_from is not None and out.resumed_from < self.trainers[name].num_iterations:
+                resumed.append(f"{name}@{out.resumed_from}")
+                log.info("seed %d: %s continued from its checkpoint at iteration %d", seed, name, out.resumed_from)
+            stage_done(f"train_{name}", out.seconds)
+            loops[name] = out
+            return out
+
+        def trained(name, evaluate=None):
+            def compute():
+                out = train(name)
+                curve = "post_return" if name in metas else "return"  # the training curve kept in the results
+                rec = {"train_logs": {f"{name}_{curve}": out.metrics[curve].tolist()},
+                       "params_sha256": tree_digest(out.state["params"])}
+                if evaluate is not None:
+                    rec["curve"] = add_curve(name, evaluate(out.state["params"]))
+                rec["timings"] = {k: v for k, v in timings.items() if k in (f"train_{name}", f"eval_{name}")}
+                return rec
+
+            return unit(name, compute)
+
         if want & {"ppo", "maml", "fomaml", "metasgd"}:
-            out = trained("ppo", timed("train_ppo", self.ppo_train, ks["ppo"], sim.train))
-            ppo_params = out["params"]
-            train_logs["ppo_return"] = np.asarray(out["metrics"]["return"])
-            if "ppo" in want:
-                add_curve("ppo", timed("eval_ppo", self.eval_sample, ks["eval"], ppo_params, sim.test))
+            evaluate = lambda p: timed("eval_ppo", self.eval_sample, ks["eval"], p, sim.test)  # noqa: E731
+            trained("ppo", evaluate if "ppo" in want else None)
         if "dqn" in want:
-            out = trained("dqn", timed("train_dqn", self.dqn_train, ks["dqn"], sim.train))
-            train_logs["dqn_return"] = np.asarray(out["metrics"]["return"])
-            add_curve("dqn", timed("eval_dqn", self.eval_greedy, ks["eval"], out["params"], sim.test))
-        meta_params = {}
-        for name in ("maml", "fomaml", "metasgd"):
-            if name in want:
-                out = trained(name, timed(f"train_{name}", self.meta_train[name], ks["maml"], sim.train, ppo_params))
-                meta_params[name] = out["meta_params"]
-                train_logs[f"{name}_post_return"] = np.asarray(out["metrics"]["post_return"])
-                add_curve(name, timed(f"eval_{name}", self.eval_meta, ks["eval"], out["meta_params"], sim.test))
+            trained("dqn", lambda p: timed("eval_dqn", self.eval_greedy, ks["eval"], p, sim.test))
+        for name in metas:
+            trained(name, lambda p, name=name: timed(f"eval_{name}", self.eval_meta, ks["eval"], p, sim.test))
         if "ppo_scratch" in want:
-            add_curve("ppo_scratch", timed("eval_ppo_scratch", self.eval_scratch, ks["eval"], sim.test))
+            unit("ppo_scratch", lambda: {"curve": add_curve("ppo_scratch", timed("eval_ppo_scratch", self.eval_scratch,
+                                                                                 ks["eval"], sim.test)),
+                                         "timings": {"eval_ppo_scratch": timings["eval_ppo_scratch"]}})  # fmt: skip
         if self.bandit_names:
-            items = bandits.item_inputs(sim.agent_item_factors, sim.agent_item_score, sim.popularity)
-            for name, cur in timed("eval_bandits", self.eval_bandits, ks["eval"], items, sim.test).items():
-                add_curve(name, cur)
-        oracle = timed("oracle", self.oracle, ks["oracle"], sim.test)
-        result = {"curves": curves, "oracle": {k: float(np.mean(v)) for k, v in oracle.items()},
-                  "timings": timings, "train_logs": {k: v.tolist() for k, v in train_logs.items()}}
+            recs = [store.load(n) for n in self.bandit_names]
+            if any(r is None for r in recs):  # evaluated together: all again
+                items = bandits.item_inputs(sim.agent_item_factors, sim.agent_item_score, sim.popularity)
+                out = timed("eval_bandits", self.eval_bandits, ks["eval"], items, sim.test)
+                for name in self.bandit_names:
+                    rec = {"curve": add_curve(name, out[name]), "timings": {"eval_bandits": timings["eval_bandits"]}}
+                    store.save(name, rec)
+            else:
+                for name in self.bandit_names:
+                    unit(name, None)
+        def run_oracle():
+            out = timed("oracle", self.oracle, ks["oracle"], sim.test)
+            return {"oracle": {k: float(np.mean(v)) for k, v in out.items()}, "timings": {"oracle": timings["oracle"]}}
+
+        rec = unit("oracle", run_oracle)
+        result = {"curves": curves, "oracle": rec["oracle"], "timings": timings, "train_logs": train_logs,
+                  "params_sha256": digests, "resumed": resumed}  # fmt: skip
         if c.online_rounds > 0:
-            src = "metasgd" if "metasgd" in meta_params else next(iter(meta_params), None)
+            src = "metasgd" if "metasgd" in metas else next(iter(metas), None)
             if src is not None:
-                on = timed("online", self.online, ks["online"], meta_params[src], sim.test)
-                result["online"] = {"policy": src, "round_ctr": np.asarray(on["round_ctr"]).tolist(),
-                                    "final_running_ctr": float(np.asarray(on["running_ctr"])[-1])}
+                def run_online():
+                    on = timed("online", self.online, ks["online"], train(src).state["params"], sim.test)
+                    return {"online": {"policy": src, "round_ctr": np.asarray(on["round_ctr"]).tolist(),
+                                       "final_running_ctr": float(np.asarray(on["running_ctr"])[-1])},
+                            "timings": {"online": timings["online"]}}  # fmt: skip
+
+                result["online"] = unit("online", run_online)["online"]
         return result
 
 
-def run_benchmark(config: BenchmarkConfig, hooks: BenchmarkHooks | None = None) -> dict:
+def run_benchmark(config: BenchmarkConfig, hooks: BenchmarkHooks | None = None, ctx: RunContext | None = None) -> dict:
     """Run all seeds; returns the ``rl_results.json`` payload (without command/config). ``hooks``:
-    optional :class:`BenchmarkHooks` (metadata, metrics, progress)."""
+    optional :class:`BenchmarkHooks` (metadata, metrics, progress); ``ctx``: checkpoints, unit files
+    and resume (:class:`RunContext`; default: nothing written)."""
     config.validate()
+    ctx = ctx or RunContext()
+    ctx.validate()
     runner = _Runner(config)
     per_seed, reports = [], {}
     for seed in config.seeds:
@@ -228,7 +400,7 @@ def run_benchmark(config: BenchmarkConfig, hooks: BenchmarkHooks | None = None) 
         reports[seed] = {**sim.report, "build_s": round(time.time() - t, 2)}
         if hooks is not None and hooks.on_simulator is not None:
             hooks.on_simulator(seed, sim)
-        per_seed.append(runner.run_seed(seed, sim, hooks))
+        per_seed.append(runner.run_seed(seed, sim, hooks, ctx))
     results = {}
     for name in config.methods:
         results[name] = {}
@@ -244,6 +416,7 @@ def run_benchmark(config: BenchmarkConfig, hooks: BenchmarkHooks | None = None) 
     out = {"results": results, "oracle_ctr": oracle["ctr"], "oracle_return": oracle["return"],
            "simulators": {str(k): v for k, v in reports.items()},
            "per_seed": [{"seed": s, "timings": r["timings"], "oracle": r["oracle"], "train_logs": r["train_logs"],
+                         "params_sha256": r["params_sha256"], "resumed": r["resumed"],
                          **({"online": r["online"]} if "online" in r else {})}
                         for s, r in zip(config.seeds, per_seed)]}
     return out

@@ -11,6 +11,7 @@ TD target: ``r + gamma * (1 - done) * Q_target(s', argmax_a' Q(s', a'))`` over t
 valid actions (double DQN; ``double=False`` uses ``max_a' Q_target``). ``done`` is terminated *or*
 truncated: the step fraction is part of the observation, so the horizon is part of the MDP.
 The recommendation is ``argmax_a Q(s, a)`` (:func:`metarec.rl.networks.greedy_actor`).
+:func:`make_trainer` is the same loop in resumable pieces (checkpointed by :mod:`metarec.rl.loop`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import optax
 
 from metarec.rl import env as envlib
 from metarec.rl import networks
+from metarec.rl.loop import Trainer, iteration_keys
 from metarec.rl.rollout import episode_metrics, rollout
 
 
@@ -81,40 +83,42 @@ def _transitions(traj):
     }
 
 
-def make_train(config: DQNConfig, network: networks.Network, env_params: envlib.EnvParams | None = None) -> Callable:
-    """``train(key, env_params=<given>) -> {"params", "metrics": {"return", "ctr", "loss", "epsilon"} [num_iterations]}``."""
+def make_trainer(config: DQNConfig, network: networks.Network) -> Trainer:
+    """The training loop in resumable pieces (:class:`metarec.rl.loop.Trainer`): ``init(key, env_params)
+    -> {"params", "target", "opt_state", "buffer", "ptr", "size", "key"}`` (the replay buffer is part of
+    the state, so a resumed run replays the same transitions), ``run(state, env_params, start, length)``."""
     config.validate()
     tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.lr))
     decay_iters = max(1, int(config.eps_decay_frac * config.num_iterations))
 
-    def train(key, env_params=env_params):
-        if env_params is None:
-            raise ValueError("pass env_params to make_train or to train")
+    def collect_eps(k, params, eps, k_users, env_params, with_metrics=False):
+        users = jax.random.randint(k_users, (config.num_envs,), 0, envlib.num_users(env_params))
+        ep = envlib.index_params(env_params, users)
+        act = networks.epsilon_greedy_actor(network.apply, params, eps)
+        traj = jax.vmap(lambda kk, e: rollout(kk, e, act)[0])(jax.random.split(k, config.num_envs), ep)
+        tr = _transitions(traj)
+        if with_metrics:
+            m = episode_metrics(traj)
+            return tr, {"return": m["return"].mean(), "ctr": m["ctr"].mean()}
+        return tr
+
+    def init(key, env_params):
         k_init, k_loop = jax.random.split(key)
-        n_users = envlib.num_users(env_params)
         params = network.init(k_init)
-        def collect_eps(k, params, eps, k_users, with_metrics=False):
-            users = jax.random.randint(k_users, (config.num_envs,), 0, n_users)
-            ep = envlib.index_params(env_params, users)
-            act = networks.epsilon_greedy_actor(network.apply, params, eps)
-            traj = jax.vmap(lambda kk, e: rollout(kk, e, act)[0])(jax.random.split(k, config.num_envs), ep)
-            tr = _transitions(traj)
-            if with_metrics:
-                m = episode_metrics(traj)
-                return tr, {"return": m["return"].mean(), "ctr": m["ctr"].mean()}
-            return tr
-
         # shapes of one transition, for the buffer (abstract evaluation, no compute)
-        dummy = jax.eval_shape(lambda: collect_eps(k_init, params, 1.0, k_init))
+        dummy = jax.eval_shape(lambda: collect_eps(k_init, params, 1.0, k_init, env_params))
         buffer = jax.tree_util.tree_map(lambda x: jnp.zeros((config.buffer_size,) + x.shape[1:], x.dtype), dummy)
+        return {"params": params, "target": params, "opt_state": tx.init(params), "buffer": buffer,
+                "ptr": jnp.zeros((), jnp.int32), "size": jnp.zeros((), jnp.int32), "key": k_loop}  # fmt: skip
 
+    def run(state, env_params, start, length):
         def body(carry, xs):
             params, target, opt_state, buffer, ptr, size = carry
             it, k = xs
             k_c, k_u, k_s = jax.random.split(k, 3)
             frac = jnp.minimum(it / decay_iters, 1.0)
             eps = config.eps_start + frac * (config.eps_end - config.eps_start)
-            tr, metrics = collect_eps(k_c, params, eps, k_u, with_metrics=True)
+            tr, metrics = collect_eps(k_c, params, eps, k_u, env_params, with_metrics=True)
             n = tr["action"].shape[0]
             idx = (ptr + jnp.arange(n)) % config.buffer_size
             buffer = jax.tree_util.tree_map(lambda b, x: b.at[idx].set(x), buffer, tr)
@@ -135,9 +139,23 @@ def make_train(config: DQNConfig, network: networks.Network, env_params: envlib.
             metrics = {**metrics, "loss": jnp.mean(losses), "epsilon": eps}
             return (params, target, opt_state, buffer, ptr, size), metrics
 
-        carry = (params, params, tx.init(params), buffer, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-        xs = (jnp.arange(config.num_iterations), jax.random.split(k_loop, config.num_iterations))
-        (params, _, _, _, _, _), metrics = jax.lax.scan(body, carry, xs)
-        return {"params": params, "metrics": metrics}
+        names = ("params", "target", "opt_state", "buffer", "ptr", "size")
+        xs = (start + jnp.arange(length), iteration_keys(state["key"], config.num_iterations, start, length))
+        carry, metrics = jax.lax.scan(body, tuple(state[n] for n in names), xs)
+        return {**state, **dict(zip(names, carry))}, metrics
+
+    return Trainer(init, run, config.num_iterations)
+
+
+def make_train(config: DQNConfig, network: networks.Network, env_params: envlib.EnvParams | None = None) -> Callable:
+    """``train(key, env_params=<given>) -> {"params", "metrics": {"return", "ctr", "loss", "epsilon"}
+    [num_iterations]}`` (the whole :func:`make_trainer` loop in one piece)."""
+    trainer = make_trainer(config, network)
+
+    def train(key, env_params=env_params):
+        if env_params is None:
+            raise ValueError("pass env_params to make_train or to train")
+        state, metrics = trainer.run(trainer.init(key, env_params), env_params, 0, config.num_iterations)
+        return {"params": state["params"], "metrics": metrics}
 
     return train

@@ -21,7 +21,8 @@ estimator against the exact meta-gradient of that objective on a bandit). Sampli
 
 Options: ``first_order=True`` stops the gradient through the inner gradients (FOMAML);
 ``meta_sgd=True`` learns a per-parameter inner learning rate (Meta-SGD) initialised at ``inner_lr``.
-Meta-batches of users are ``vmap``-ped; ``make_meta_train`` jits the whole loop (``lax.scan``).
+Meta-batches of users are ``vmap``-ped; ``make_meta_train`` jits the whole loop (``lax.scan``);
+``make_meta_trainer`` is the same loop in resumable pieces (checkpointed by :mod:`metarec.rl.loop`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import optax
 
 from metarec.rl import env as envlib
 from metarec.rl import networks, pg
+from metarec.rl.loop import Trainer, iteration_keys
 from metarec.rl.rollout import episode_metrics, rollouts
 
 
@@ -126,18 +128,10 @@ def make_meta_rl(network: networks.Network, config: MetaRLConfig) -> MetaRL:
     return MetaRL(init, inner_step, adapt, meta_loss)
 
 
-def make_meta_train(config: MetaRLConfig, network: networks.Network,
-                    env_params: envlib.EnvParams | None = None) -> Callable:
-    """``train(key, env_params=<given>, init_params=None) -> {"meta_params", "metrics" [num_iterations]}``.
-
-    ``init_params`` (optional) warm-starts the meta-initialisation, e.g. from a PPO policy trained on
-    all training users: meta-training then only has to make it *adaptable* (much cheaper than
-    learning the policy from scratch through the meta-gradient alone).
-
-    Each iteration draws ``meta_batch`` users uniformly from the batched training ``env_params``,
-    vmaps ``meta_loss`` over them, and takes one clipped Adam step on the mean. The per-parameter
-    learning rates are meta-learned only with ``meta_sgd=True`` (otherwise their gradient is zero).
-    """
+def make_meta_trainer(config: MetaRLConfig, network: networks.Network) -> Trainer:
+    """Meta-training in resumable pieces (:class:`metarec.rl.loop.Trainer`): ``init(key, env_params=None,
+    init_params=None) -> {"params": meta_params, "opt_state", "key"}``, ``run(state, env_params, start,
+    length)``. See :func:`make_meta_train`."""
     learner = make_meta_rl(network, config)
     tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.meta_lr))
 
@@ -146,13 +140,15 @@ def make_meta_train(config: MetaRLConfig, network: networks.Network,
         losses, aux = jax.vmap(learner.meta_loss, in_axes=(None, 0, 0))(meta_params, keys, ep)
         return jnp.mean(losses), jax.tree_util.tree_map(jnp.mean, aux)
 
-    def train(key, env_params=env_params, init_params=None):
-        if env_params is None:
-            raise ValueError("make_meta_train: pass env_params to make_meta_train or to train")
+    def init(key, env_params=None, init_params=None):
+        del env_params
         k_init, k_loop = jax.random.split(key)
         meta_params = learner.init(k_init)
         if init_params is not None:  # warm start, e.g. from a PPO policy trained on all users
             meta_params = {**meta_params, "params": init_params}
+        return {"params": meta_params, "opt_state": tx.init(meta_params), "key": k_loop}
+
+    def run(state, env_params, start, length):
         n_users = envlib.num_users(env_params)
 
         def body(carry, k):
@@ -164,8 +160,33 @@ def make_meta_train(config: MetaRLConfig, network: networks.Network,
             upd, opt_state = tx.update(g, opt_state, meta_params)
             return (optax.apply_updates(meta_params, upd), opt_state), {"loss": loss, **aux}
 
-        (meta_params, _), metrics = jax.lax.scan(body, (meta_params, tx.init(meta_params)),
-                                                 jax.random.split(k_loop, config.num_iterations))
-        return {"meta_params": meta_params, "metrics": metrics}
+        keys = iteration_keys(state["key"], config.num_iterations, start, length)
+        (meta_params, opt_state), metrics = jax.lax.scan(body, (state["params"], state["opt_state"]), keys)
+        return {**state, "params": meta_params, "opt_state": opt_state}, metrics
+
+    return Trainer(init, run, config.num_iterations)
+
+
+def make_meta_train(config: MetaRLConfig, network: networks.Network,
+                    env_params: envlib.EnvParams | None = None) -> Callable:
+    """``train(key, env_params=<given>, init_params=None) -> {"meta_params", "metrics" [num_iterations]}``.
+
+    ``init_params`` (optional) warm-starts the meta-initialisation, e.g. from a PPO policy trained on
+    all training users: meta-training then only has to make it *adaptable* (much cheaper than
+    learning the policy from scratch through the meta-gradient alone).
+
+    Each iteration draws ``meta_batch`` users uniformly from the batched training ``env_params``,
+    vmaps ``meta_loss`` over them, and takes one clipped Adam step on the mean. The per-parameter
+    learning rates are meta-learned only with ``meta_sgd=True`` (otherwise their gradient is zero).
+    The same loop in resumable pieces: :func:`make_meta_trainer`.
+    """
+    trainer = make_meta_trainer(config, network)
+
+    def train(key, env_params=env_params, init_params=None):
+        if env_params is None:
+            raise ValueError("make_meta_train: pass env_params to make_meta_train or to train")
+        state = trainer.init(key, env_params, init_params)
+        state, metrics = trainer.run(state, env_params, 0, config.num_iterations)
+        return {"meta_params": state["params"], "metrics": metrics}
 
     return train

@@ -4,6 +4,7 @@
 whole training loop (``lax.scan`` over updates; inside, a vmapped batch of episodes on randomly
 drawn users, then ``update_epochs`` x ``num_minibatches`` clipped-PPO steps). Jit it, or vmap it
 over seeds. Metrics come back as arrays ``[num_updates]`` and are logged outside jit.
+:func:`make_trainer` is the same loop in resumable pieces (checkpointed by :mod:`metarec.rl.loop`).
 
 :func:`ppo_update` is the update on one batch of trajectories; it is reused by the "PPO from
 scratch per user" baseline in :mod:`metarec.rl.evaluate`.
@@ -20,6 +21,7 @@ import optax
 
 from metarec.rl import env as envlib
 from metarec.rl import networks, pg
+from metarec.rl.loop import Trainer, iteration_keys
 from metarec.rl.rollout import Trajectory, episode_metrics, rollout
 
 
@@ -110,18 +112,19 @@ def collect(key, params, apply_fn: Callable, env_params: envlib.EnvParams, num_e
     return jax.vmap(lambda k, e: rollout(k, e, act)[0])(jax.random.split(k_r, num_envs), ep)
 
 
-def make_train(config: PPOConfig, network: networks.Network, env_params: envlib.EnvParams | None = None) -> Callable:
-    """``train(key, env_params=<given>) -> {"params", "metrics": {"return", "ctr", "loss"} [num_updates]}``."""
+def make_trainer(config: PPOConfig, network: networks.Network) -> Trainer:
+    """The training loop in resumable pieces (:class:`metarec.rl.loop.Trainer`): ``init(key,
+    env_params=None) -> {"params", "opt_state", "key"}``, ``run(state, env_params, start, length)``."""
     config.validate()
     tx = make_optimizer(config)
 
-    def train(key, env_params=env_params):
-        if env_params is None:
-            raise ValueError("pass env_params to make_train or to train")
+    def init(key, env_params=None):
+        del env_params
         k_init, k_loop = jax.random.split(key)
         params = network.init(k_init)
-        opt_state = tx.init(params)
+        return {"params": params, "opt_state": tx.init(params), "key": k_loop}
 
+    def run(state, env_params, start, length):
         def body(carry, k):
             params, opt_state = carry
             k_c, k_u = jax.random.split(k)
@@ -130,7 +133,22 @@ def make_train(config: PPOConfig, network: networks.Network, env_params: envlib.
             m = episode_metrics(traj)
             return (params, opt_state), {"return": m["return"].mean(), "ctr": m["ctr"].mean(), "loss": loss}
 
-        (params, _), metrics = jax.lax.scan(body, (params, opt_state), jax.random.split(k_loop, config.num_updates))
-        return {"params": params, "metrics": metrics}
+        keys = iteration_keys(state["key"], config.num_updates, start, length)
+        (params, opt_state), metrics = jax.lax.scan(body, (state["params"], state["opt_state"]), keys)
+        return {**state, "params": params, "opt_state": opt_state}, metrics
+
+    return Trainer(init, run, config.num_updates)
+
+
+def make_train(config: PPOConfig, network: networks.Network, env_params: envlib.EnvParams | None = None) -> Callable:
+    """``train(key, env_params=<given>) -> {"params", "metrics": {"return", "ctr", "loss"} [num_updates]}``
+    (the whole :func:`make_trainer` loop in one piece)."""
+    trainer = make_trainer(config, network)
+
+    def train(key, env_params=env_params):
+        if env_params is None:
+            raise ValueError("pass env_params to make_train or to train")
+        state, metrics = trainer.run(trainer.init(key), env_params, 0, config.num_updates)
+        return {"params": state["params"], "metrics": metrics}
 
     return train
