@@ -12,7 +12,6 @@ installed), ``config.json``, ``run.json`` (command, package versions, devices, g
 """
 
 import os
-import shutil
 import sys
 
 import jax
@@ -21,7 +20,7 @@ from absl import app, flags, logging
 from experiments import report
 from metarec import coldstart
 from metarec.data import DataFormatError
-from metarec.runlog import write_json_atomic
+from metarec.runlog import remove_run_files, write_json_atomic
 
 FLAGS = flags.FLAGS
 _D = coldstart.default_config()
@@ -154,15 +153,6 @@ def config_from_flags():
     return cfg
 
 
-def _clear_workdir(workdir):
-    for name in RUN_FILES:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -172,7 +162,7 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     workdir = FLAGS.workdir
     if FLAGS.overwrite:
-        _clear_workdir(workdir)
+        remove_run_files(workdir, RUN_FILES)
     os.makedirs(workdir, exist_ok=True)
     logging.get_absl_handler().use_absl_log_file("meta_train", workdir)
     log_path = os.path.join(workdir, "train_log.txt")

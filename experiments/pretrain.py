@@ -21,7 +21,6 @@ the same params as an uninterrupted run.
 import dataclasses
 import json
 import os
-import shutil
 import sys
 
 from absl import app, flags
@@ -30,7 +29,7 @@ from metarec import data as mdata
 from metarec import pretrain as mpre
 from metarec.checkpoint import Checkpointer
 from metarec.models.transformer import EncoderConfig
-from metarec.runlog import MetricsWriter, Progress, read_json, run_metadata, write_json_atomic
+from metarec.runlog import MetricsWriter, Progress, read_json, remove_run_files, run_metadata, write_json_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "MovieLens variant.")
@@ -66,15 +65,6 @@ RUN_FILES = (mpre.PARAMS_DIR, mpre.CONFIG_FILE, mpre.ITEMS_FILE, "history.json",
              "metrics.jsonl", "metrics.csv", "tb")  # fmt: skip
 
 
-def clear_workdir(workdir: str) -> None:
-    for name in RUN_FILES:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
 def run_pretrain(
     data, seed: int, protocol: str, enc_kwargs: dict, pcfg: mpre.PretrainConfig, val_fraction: float, workdir: str,
     *, resume: bool = False, overwrite: bool = False, argv: list[str] | None = None, print_fn=print,
@@ -86,7 +76,7 @@ def run_pretrain(
     if resume and overwrite:
         raise ValueError("resume and overwrite contradict each other")
     if overwrite:
-        clear_workdir(workdir)
+        remove_run_files(workdir, RUN_FILES)
     if os.path.exists(os.path.join(workdir, mpre.PARAMS_DIR)):
         raise FileExistsError(
             f"--workdir={workdir} already holds a finished pretraining checkpoint; pass --overwrite to replace "

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,22 @@ def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> str:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def remove_run_files(workdir: str, names) -> list[str]:
+    """Delete the files and folders ``names`` (a script's own run files) inside ``workdir``, nothing
+    else (``--overwrite``). Returns the names that existed."""
+    removed = []
+    for name in names:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def read_json(path: str) -> Any:

@@ -139,3 +139,14 @@ def test_run_metadata_and_atomic_json(tmp_path):
     assert meta["versions"]["orbax-checkpoint"] == "0.12.8" or meta["versions"]["orbax-checkpoint"]
     p = runlog.write_json_atomic(str(tmp_path / "sub" / "x.json"), {"v": [1, 2]})
     assert runlog.read_json(p) == {"v": [1, 2]} and os.listdir(tmp_path / "sub") == ["x.json"]
+
+
+def test_remove_run_files_deletes_only_the_named_files(tmp_path):
+    (tmp_path / "checkpoints" / "seed0").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "seed0" / "x").write_text("1")
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "checkpoints")
+    removed = runlog.remove_run_files(str(tmp_path), ["checkpoints", "results.json", "metrics.jsonl", "link"])
+    assert removed == ["checkpoints", "results.json", "link"]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # a symlink is unlinked, never followed
