@@ -146,7 +146,10 @@ def test_remove_run_files_deletes_only_the_named_files(tmp_path):
     (tmp_path / "checkpoints" / "seed0" / "x").write_text("1")
     (tmp_path / "results.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    (tmp_path / "link").symlink_to(tmp_path / "checkpoints")
-    removed = runlog.remove_run_files(str(tmp_path), ["checkpoints", "results.json", "metrics.jsonl", "link"])
-    assert removed == ["checkpoints", "results.json", "link"]
-    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # a symlink is unlinked, never followed
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep").write_text("2")
+    (tmp_path / "tb").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    removed = runlog.remove_run_files(str(tmp_path), ["checkpoints", "results.json", "metrics.jsonl", "tb"])
+    assert removed == ["checkpoints", "results.json", "tb"]
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "notes.txt"]
+    assert (tmp_path / "elsewhere" / "keep").read_text() == "2"  # a symlink is unlinked, never followed
