@@ -44,7 +44,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 
@@ -54,7 +53,7 @@ from absl import app, flags
 from metarec.rl import benchmark
 from metarec.rl import env as envlib
 from metarec.rl import loop as rl_loop
-from metarec.runlog import MetricsWriter, Progress, read_json, run_metadata, write_json_atomic
+from metarec.runlog import MetricsWriter, Progress, read_json, remove_run_files, run_metadata, write_json_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m", "synthetic"], "Simulator source.")
@@ -78,8 +77,15 @@ flags.DEFINE_integer("ppo_updates", 150, "PPO updates (non-meta PPO, also the me
 flags.DEFINE_integer("dqn_iterations", 100, "DQN iterations.")
 flags.DEFINE_integer("meta_iterations", 150, "Meta-training iterations.")
 flags.DEFINE_integer("meta_batch", 16, "Users per meta-batch.")
-flags.DEFINE_integer("inner_steps", 2, "Inner steps (one support episode each) during meta-training.")
-flags.DEFINE_float("inner_lr", 1.0, "Inner learning rate (Meta-SGD: its initial value).")
+flags.DEFINE_integer("inner_steps", 2, "Inner steps (one support episode each) during meta-training; evaluation "
+                     "takes the same step once per adaptation episode.")
+flags.DEFINE_float("inner_lr", 3.0, "Inner learning rate (Meta-SGD: its initial value).")
+flags.DEFINE_list("inner_params", ["item_bias"], "Policy parameters the inner loop adapts per user (meta-training "
+                  "and evaluation): top-level names of the item scorer (item_bias, item_out, item_in, hidden, user, "
+                  "value) or paths such as user/bias, or 'all'. Adapting the shared history encoder from one episode "
+                  "hurts (BUILD_NOTES.md).")
+flags.DEFINE_enum("inner_credit", "myopic", ["myopic", "causal"], "Inner policy gradient: 'myopic' credits each "
+                  "click to its own recommendation only (low variance), 'causal' is the DiCE return estimator.")
 flags.DEFINE_integer("online_rounds", 5, "Online loop: rounds per streamed test user (0 = skip).")
 flags.DEFINE_bool("quick", False, "Tiny sizes for a smoke run (overrides the size flags).")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir: finished (seed, method) units are read back, "
@@ -123,7 +129,9 @@ def make_config() -> benchmark.BenchmarkConfig:
         ppo=dataclasses.replace(base.ppo, num_updates=f.ppo_updates),
         dqn=dataclasses.replace(base.dqn, num_iterations=f.dqn_iterations),
         meta=dataclasses.replace(base.meta, num_iterations=f.meta_iterations, meta_batch=f.meta_batch,
-                                 inner_steps=f.inner_steps, inner_lr=f.inner_lr),
+                                 inner_steps=f.inner_steps, inner_lr=f.inner_lr,
+                                 inner_params=None if f.inner_params == ["all"] else tuple(f.inner_params),
+                                 inner_credit=f.inner_credit),
         online_rounds=f.online_rounds,
     )
     if f.quick:
@@ -176,16 +184,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def clear_workdir(workdir: str) -> None:
-    """Delete this script's files (:data:`RUN_FILES`) in ``workdir``."""
-    for name in RUN_FILES:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
 
 
 def prepare_workdir(config_json: dict, workdir: str, resume: bool, data_sha: str | None, log_fn=print) -> list[str]:
@@ -292,7 +290,7 @@ def run(config: benchmark.BenchmarkConfig, workdir: str, argv: list[str] | None 
     if resume and overwrite:
         raise ValueError("resume and overwrite contradict each other")
     if overwrite:
-        clear_workdir(workdir)
+        remove_run_files(workdir, RUN_FILES)
     t = time.time()
     sha = data_sha256(config)
     meta = run_metadata(_jsonable(config), argv)

@@ -135,3 +135,64 @@ def test_bad_baseline_rejected():
         maml.MetaRLConfig(inner_baseline="bogus").validate()
     with pytest.raises(ValueError, match="inner_episodes"):
         maml.MetaRLConfig(inner_baseline="loo", inner_episodes=1).validate()
+
+
+def test_myopic_dice_gradient_credits_each_reward_to_its_own_action_only():
+    net = networks.make_tabular(3)
+    params = {"logits": jnp.array([0.1, 0.3, -0.2])}
+    traj = _sample(net, params, _bandit(3, 3), 8, 2)
+    disc = 0.9 ** jnp.arange(3)
+    for baseline in ("episode", "loo", "none"):
+        g = jax.grad(pg.dice_loss)(params, net.apply, traj, 0.9, baseline, "myopic")["logits"]
+
+        def by_hand(theta):  # sum_t log pi(a_t) * (gamma^t r_t - b_t), b_t fixed
+            logp, _, _ = networks.log_probs(net.apply, {"logits": theta}, traj.obs, traj.action)
+            dr = disc * traj.reward * traj.alive
+            if baseline == "episode":
+                b = disc * jnp.mean(traj.reward, -1, keepdims=True)  # every step alive here
+            elif baseline == "loo":
+                b = (jnp.sum(dr, 0, keepdims=True) - dr) / (dr.shape[0] - 1)
+            else:
+                b = jnp.zeros_like(dr)
+            return -jnp.mean(jnp.sum(logp * (dr - b) * traj.alive, -1))
+
+        np.testing.assert_allclose(g, jax.grad(by_hand)(params["logits"]), rtol=1e-5, atol=1e-6, err_msg=baseline)
+    # its value is still the sampled return
+    np.testing.assert_allclose(pg.dice_objective(params, net.apply, traj, 0.9, "episode", "myopic"),
+                               jnp.mean(jnp.sum(traj.reward * traj.alive * disc, -1)), rtol=1e-5)
+    with pytest.raises(ValueError, match="credit"):
+        pg.dice_loss(params, net.apply, traj, 0.9, "episode", "bogus")
+
+
+def test_value_baseline_uses_the_critic_in_reinforce_and_dice():
+    net = networks.make_item_scorer(3, 1, 4, 8)
+    params = net.init(jax.random.PRNGKey(0))
+    traj = _sample(net, params, _bandit(3, 3), 16, 3)
+    g1 = jax.grad(pg.reinforce_loss)(params, net.apply, traj, 0.9, "value")
+    g2 = jax.grad(pg.dice_loss)(params, net.apply, traj, 0.9, "value")
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(g1["value"]["kernel"])).max() == 0  # the critic is only a (stop-gradient) baseline
+
+
+def test_inner_params_freeze_the_rest_and_meta_sgd_rates_are_clipped_at_zero():
+    net = networks.make_item_scorer(3, 1, 4, 8)
+    traj = _sample(net, net.init(jax.random.PRNGKey(0)), _bandit(3, 3), 4, 4)
+    cfg = maml.MetaRLConfig(inner_params=("item_bias", "user/bias"), meta_sgd=True, inner_episodes=4)
+    learner = maml.make_meta_rl(net, cfg)
+    mp = learner.init(jax.random.PRNGKey(0))
+    assert float(mp["lr"]["user"]["kernel"].max()) == 0 and float(mp["lr"]["item_bias"].min()) == cfg.inner_lr
+    new = learner.inner_step(mp, mp["params"], traj)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), new, mp["params"])
+    assert changed["item_bias"] and changed["user"]["bias"]
+    frozen = [changed[k] for k in ("hidden", "item_in", "item_out", "value")] + [changed["user"]["kernel"]]
+    assert not any(jax.tree_util.tree_leaves(frozen))
+    # a learned negative rate (or one on a frozen parameter) does not step
+    neg = {**mp, "lr": jax.tree_util.tree_map(lambda a: -jnp.ones_like(a), mp["lr"])}
+    same = learner.inner_step(neg, mp["params"], traj)
+    for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(mp["params"])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="no parameters"):
+        maml.make_meta_rl(net, maml.MetaRLConfig(inner_params=("usr",))).init(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="inner_credit"):
+        maml.MetaRLConfig(inner_credit="bogus").validate()

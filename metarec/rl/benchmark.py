@@ -9,7 +9,8 @@ from the PPO policy), then evaluate every method on the held-out users with
 ``random, popular, mf_greedy, egreedy, linucb, thompson`` (per-user bandits, learn every step),
 ``ppo`` (non-meta, trained on all training users, no adaptation), ``dqn`` (same, greedy on Q),
 ``ppo_scratch`` (fresh PPO per user, one update per adaptation episode),
-``maml, fomaml, metasgd`` (one inner step per adaptation episode).
+``maml, fomaml, metasgd`` (one inner step per adaptation episode, the same step as in meta-training:
+by default on the item biases only, with the myopic policy gradient; see :mod:`metarec.rl.maml`).
 
 All jitted functions take the environments as arguments and every seed has the same numbers of
 users and items, so each is compiled once for all seeds.
@@ -68,9 +69,12 @@ class BenchmarkConfig:
     ppo: ppolib.PPOConfig = ppolib.PPOConfig(num_updates=150, num_envs=32)
     ppo_scratch: ppolib.PPOConfig = ppolib.PPOConfig(num_envs=1, update_epochs=4, num_minibatches=1, lr=1e-2)
     dqn: dqnlib.DQNConfig = dqnlib.DQNConfig(num_iterations=100, num_envs=16)
+    # inner loop chosen on validation (held-out training) users: adapt only the item biases, with the
+    # myopic (per-step click) policy gradient, step 3.0 (BUILD_NOTES.md, "Meta-RL (issue 4)")
     meta: mamllib.MetaRLConfig = mamllib.MetaRLConfig(num_iterations=150, meta_batch=16, inner_steps=2,
-                                                       inner_episodes=1, query_episodes=4, inner_lr=1.0,
-                                                       meta_lr=3e-3)
+                                                       inner_episodes=1, query_episodes=4, inner_lr=3.0,
+                                                       meta_lr=3e-3, inner_params=("item_bias",),
+                                                       inner_credit="myopic")
     online_rounds: int = 0
 
     def validate(self) -> None:

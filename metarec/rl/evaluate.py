@@ -94,8 +94,9 @@ def fixed_policy_agent(network: networks.Network, params, greedy: bool = False) 
 
 
 def meta_agent(network: networks.Network, learner: MetaRL, meta_params) -> EvalAgent:
-    """MAML / FOMAML / Meta-SGD: one inner step (the learner's, with its learning rates) per
-    adaptation episode, starting from the meta-learned initialisation."""
+    """MAML / FOMAML / Meta-SGD: one inner step (the learner's: same adapted parameters, credit and
+    learning rates as in meta-training) per adaptation episode, starting from the meta-learned
+    initialisation. Beyond the meta-trained ``inner_steps`` the same step is simply repeated."""
     def act(key, state, obs):
         return networks.sample_actor(network.apply, state["params"])(key, None, obs)
 

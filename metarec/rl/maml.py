@@ -20,7 +20,20 @@ estimator against the exact meta-gradient of that objective on a bandit). Sampli
 ``stop_gradient`` parameters (actions are discrete; no gradient flows through them anyway).
 
 Options: ``first_order=True`` stops the gradient through the inner gradients (FOMAML);
-``meta_sgd=True`` learns a per-parameter inner learning rate (Meta-SGD) initialised at ``inner_lr``.
+``meta_sgd=True`` learns a per-parameter inner learning rate (Meta-SGD) initialised at ``inner_lr``
+(used clipped at 0: a learned rate never turns the inner step into gradient descent on the return);
+``inner_params`` names the parameters the inner loop adapts (``None``: all of them): a name is a
+top-level parameter (``"item_bias"``) or a ``/``-separated path (``"user/bias"``). The
+others keep their meta-learned values for every user (their rates are 0, also for Meta-SGD).
+Adapting only per-item parameters (``("item_bias",)``) is what makes adaptation help on MovieLens:
+a policy-gradient step on the shared history encoder from one 20-step episode destroys the
+within-episode feedback behaviour the policy learned from all users, at any inner step size
+(BUILD_NOTES.md, "Meta-RL (issue 4)"). ``inner_credit="myopic"`` makes the inner step the
+per-step (contextual-bandit) policy gradient of :func:`metarec.rl.pg.dice_objective` (each click credited
+to its own recommendation), much less noisy from one episode than the return estimator
+(``"causal"``); the outer (query) loss is always the full DiCE return, and ``jax.grad`` through the
+inner loop stays exact for whichever inner surrogate is used. Evaluation
+(:func:`metarec.rl.evaluate.meta_agent`) takes exactly this inner step once per adaptation episode.
 Meta-batches of users are ``vmap``-ped; ``make_meta_train`` jits the whole loop (``lax.scan``);
 ``make_meta_trainer`` is the same loop in resumable pieces (checkpointed by :mod:`metarec.rl.loop`).
 """
@@ -34,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metarec.meta.inner import path_to_str
 from metarec.rl import env as envlib
 from metarec.rl import networks, pg
 from metarec.rl.loop import Trainer, iteration_keys
@@ -57,6 +71,8 @@ class MetaRLConfig:
     meta_batch: int = 16
     num_iterations: int = 200
     max_grad_norm: float = 1.0
+    inner_params: tuple[str, ...] | None = None
+    inner_credit: str = "causal"
 
     def validate(self) -> None:
         for name in ("inner_steps", "inner_episodes", "query_episodes", "meta_batch", "num_iterations"):
@@ -69,6 +85,12 @@ class MetaRLConfig:
             raise ValueError("inner_baseline='loo' needs inner_episodes >= 2")
         if self.outer_baseline == "loo" and self.query_episodes < 2:
             raise ValueError("outer_baseline='loo' needs query_episodes >= 2")
+        if self.inner_credit not in pg.CREDITS:
+            raise ValueError(f"MetaRLConfig.inner_credit must be one of {pg.CREDITS}, got {self.inner_credit!r}")
+        if self.inner_credit == "myopic" and self.inner_baseline == "value":
+            raise ValueError("MetaRLConfig: inner_credit='myopic' has no critic baseline (inner_baseline='value')")
+        if self.inner_params is not None and not self.inner_params:
+            raise ValueError("MetaRLConfig.inner_params must name at least one parameter (None: all)")
 
 
 class MetaRL(NamedTuple):
@@ -91,16 +113,33 @@ def make_meta_rl(network: networks.Network, config: MetaRLConfig) -> MetaRL:
     config.validate()
     apply_fn = network.apply
 
+    def adapted(params):
+        """A pytree like ``params`` of bools: which leaves the inner loop changes."""
+        if config.inner_params is None:
+            return jax.tree_util.tree_map(lambda _: True, params)
+        names = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        unknown = [n for n in config.inner_params if not any(m == n or m.startswith(n + "/") for m in names)]
+        if unknown:
+            raise ValueError(f"MetaRLConfig.inner_params: no parameters {unknown}; the network has {names}")
+
+        def on(path, _):
+            name = path_to_str(path)
+            return any(name == n or name.startswith(n + "/") for n in config.inner_params)
+
+        return jax.tree_util.tree_map_with_path(on, params)
+
     def init(key):
         params = network.init(key)
-        lr = jax.tree_util.tree_map(lambda p: jnp.full_like(p, config.inner_lr), params)
+        lr = jax.tree_util.tree_map(lambda p, on: jnp.full_like(p, config.inner_lr if on else 0.0),
+                                    params, adapted(params))
         return {"params": params, "lr": lr}
 
     def inner_step(meta_params, params, traj):
-        g = jax.grad(pg.dice_loss)(params, apply_fn, traj, config.gamma, config.inner_baseline)
+        g = jax.grad(pg.dice_loss)(params, apply_fn, traj, config.gamma, config.inner_baseline, config.inner_credit)
         if config.first_order:
             g = jax.lax.stop_gradient(g)
         lr = meta_params["lr"] if config.meta_sgd else jax.lax.stop_gradient(meta_params["lr"])
+        lr = jax.tree_util.tree_map(lambda a, on: jnp.maximum(a, 0.0) if on else jnp.zeros_like(a), lr, adapted(params))
         return jax.tree_util.tree_map(lambda p, a, gg: p - a * gg, params, lr, g)
 
     def sample(key, params, env_params, n):
