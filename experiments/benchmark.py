@@ -40,9 +40,9 @@ flags.DEFINE_integer("devices", 1, "Also benchmark the sharded step over this ma
 flags.DEFINE_float("min_time", None, "Seconds of steady-state timing per measurement (preset default).", lower_bound=0.0)
 flags.DEFINE_bool("profile", True, "Profile the headline and large vmapped steps with jax.profiler.")
 flags.DEFINE_integer("seed", 0, "Seed for data, parameters and batch order.")
-flags.DEFINE_bool("tune_malloc", True, "Restart under glibc malloc settings that keep XLA's per-step temporaries "
-                  "mapped (metarec.hostmem.TUNED_ENV; no page faults per step). --notune_malloc measures the "
-                  "glibc defaults.")
+flags.DEFINE_bool("tune_malloc", False, "Restart under glibc malloc settings that keep XLA's per-step temporaries "
+                  "mapped (metarec.hostmem.TUNED_ENV): ~30x fewer page faults per step, but no faster on the "
+                  "2-core VM and lax.map 2-3x slower (one malloc arena; BUILD_NOTES.md), hence off by default.")
 flags.DEFINE_string("workdir", "runs/benchmark", "Where benchmark.json and benchmark.txt go.")
 
 

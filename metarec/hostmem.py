@@ -12,8 +12,13 @@ of the headline step's temporaries) and ~25 ms of kernel time per step on the 2-
 a 1 GiB trim threshold (freed heap memory is kept for the next step) and one arena (so worker
 threads share the main heap instead of 64 MiB per-thread heaps). glibc reads these variables only
 at start-up, hence :func:`reexec_with_tuned_malloc`, which restarts the current command with them
-set. The cost is that the process keeps up to its peak heap size after freeing (it does anyway
-between steps of a training loop). Nothing here is needed for correctness; results are bit-identical.
+set. Nothing here changes results (bit-identical).
+
+Measured on the 2-core VM (BUILD_NOTES.md, issue 6): the page faults per step drop ~30x, but the
+wall time of the vmapped step does not improve and ``lax.map`` steps get 2-3x slower (one arena
+serialises the many small allocations of XLA's worker threads). So it is an opt-in experiment
+(``experiments/benchmark.py --tune_malloc``), not a default; bounding temporaries with
+``chunk_size`` is what avoids the faults in practice.
 
 This module imports nothing heavy, so a script can call it before importing JAX.
 """
