@@ -53,8 +53,9 @@ def malloc_status() -> dict:
 def reexec_with_tuned_malloc(argv: list[str] | None = None) -> None:
     """Restart this process with :data:`TUNED_ENV` in the environment (``os.execve``: same
     interpreter, same command line, including ``python -m module``), unless it is already set, the
-    C library is not glibc, or this process is itself the re-executed one. Returns only when nothing
-    had to be done. Variables the user already set are kept as they are.
+    C library is not glibc, this process is itself the re-executed one, or it runs interactively or
+    from a script on stdin (which cannot be read twice). Returns only when nothing had to be done.
+    Variables the user already set are kept as they are.
 
     Call it first thing in a script's ``main`` — before any thread is started or much memory
     allocated — since everything done before it is done twice.
@@ -66,6 +67,8 @@ def reexec_with_tuned_malloc(argv: list[str] | None = None) -> None:
         env.setdefault(k, v)
     env[_MARK] = "1"
     args = list(argv) if argv is not None else list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    if len(args) < 2 or args[1] == "-":
+        return  # interactive or a script read from stdin: nothing to run again
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *args[1:]], env)

@@ -65,3 +65,11 @@ def test_no_reexec_when_already_tuned(monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setenv("METAREC_MALLOC_REEXEC", "1")
     hostmem.reexec_with_tuned_malloc()  # the re-executed process never restarts again
+
+
+def test_no_reexec_for_stdin_or_interactive(monkeypatch):
+    for k in hostmem.TUNED_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("METAREC_MALLOC_REEXEC", raising=False)
+    hostmem.reexec_with_tuned_malloc([sys.executable, "-"])  # returns instead of replacing the process
+    hostmem.reexec_with_tuned_malloc([sys.executable])
