@@ -84,6 +84,15 @@ def _kv_table(rows: list[tuple[str, str]]) -> str:
 # ----------------------------------------------------------------------------------------------
 # figures
 # ----------------------------------------------------------------------------------------------
+
+def _save(fig, path: str) -> str:
+    """Lay out, write ``path`` (PNG, 100 dpi) and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_training(res: dict, path: str) -> str | None:
     """Validation MAE and training loss per epoch for every algorithm and seed."""
     training = res.get("training") or {}
@@ -108,10 +117,7 @@ def plot_training(res: dict, path: str) -> str | None:
         axes[1, j].set_xlabel("epoch")
         axes[0, j].legend(fontsize=7)
     fig.suptitle("Meta-training (dotted: best epoch, kept by early stopping)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_adaptation(adapt: dict, kind: str, path: str) -> str | None:
@@ -136,10 +142,7 @@ def plot_adaptation(adapt: dict, kind: str, path: str) -> str | None:
     ax.set_title(f"{adapt.get('algo', '')}: MAE vs {'inner steps' if kind == 'steps' else 'support size'}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_scenario_bars(res: dict, path: str, metrics=METRICS) -> str | None:
@@ -168,10 +171,7 @@ def plot_scenario_bars(res: dict, path: str, metrics=METRICS) -> str | None:
         if finite and metric in ("mae", "rmse"):
             ax.set_ylim(0.8 * min(finite), 1.05 * max(finite))
     axes[0, 0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_rl(rl: dict, path: str) -> str | None:
@@ -195,10 +195,7 @@ def plot_rl(rl: dict, path: str) -> str | None:
     ax.set_title("Meta-RL: CTR vs adaptation episodes")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,6 +61,13 @@ class Sequences:
         return jax.tree_util.tree_map(lambda a: a[idx], self)
 
 
+def _exclude_items(logits: jax.Array, items: jax.Array, mask: jax.Array) -> jax.Array:
+    """``logits`` ``[B, V]`` with the items of each row's history (``items`` ``[B, L]`` where
+    ``mask > 0``) set to ``NEG``, so they cannot be ranked."""
+    seen = jnp.zeros_like(logits, bool).at[jnp.arange(items.shape[0])[:, None], items].max(mask > 0)
+    return jnp.where(seen, NEG, logits)
+
+
 def build_sequences(
     ratings,
     item_index: Callable[[np.ndarray], np.ndarray],
@@ -483,8 +490,7 @@ def evaluate_next_item(
     def score(it, rt, mk, tg):
         logits = next_item_logits(params, config, it, rt, mk)
         if exclude_seen:
-            seen = jnp.zeros_like(logits, bool).at[jnp.arange(it.shape[0])[:, None], it].max(mk > 0)
-            logits = jnp.where(seen, NEG, logits)
+            logits = _exclude_items(logits, it, mk)
         rel = jax.nn.one_hot(tg, V1, dtype=bool)
         return ranking_metrics(logits, rel, k)
 
@@ -648,8 +654,7 @@ def support_ranking(
     def score(it, rt, mk, rl):
         logits = next_item_logits(params, config, it, rt, mk)
         if exclude_support:
-            seen = jnp.zeros_like(logits, bool).at[jnp.arange(it.shape[0])[:, None], it].max(mk > 0)
-            logits = jnp.where(seen, NEG, logits)
+            logits = _exclude_items(logits, it, mk)
         return ranking_metrics(logits, rl, k)
 
     idx = np.flatnonzero(keep)
