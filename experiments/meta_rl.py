@@ -53,7 +53,7 @@ from absl import app, flags
 from metarec.rl import benchmark
 from metarec.rl import env as envlib
 from metarec.rl import loop as rl_loop
-from metarec.runlog import MetricsWriter, Progress, read_json, remove_run_files, run_metadata, write_json_atomic
+from metarec.training.runlog import MetricsWriter, Progress, read_json, remove_run_files, run_metadata, write_json_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m", "synthetic"], "Simulator source.")

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from experiments import report
 from metarec import coldstart
 from metarec.data import DataFormatError
-from metarec.runlog import remove_run_files, write_json_atomic
+from metarec.training.runlog import remove_run_files, write_json_atomic
 
 FLAGS = flags.FLAGS
 _D = coldstart.default_config()

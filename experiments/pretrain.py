@@ -27,9 +27,9 @@ from absl import app, flags
 
 from metarec import data as mdata
 from metarec import pretrain as mpre
-from metarec.checkpoint import Checkpointer
+from metarec.training.checkpoint import Checkpointer
 from metarec.models.transformer import EncoderConfig
-from metarec.runlog import MetricsWriter, Progress, read_json, remove_run_files, run_metadata, write_json_atomic
+from metarec.training.runlog import MetricsWriter, Progress, read_json, remove_run_files, run_metadata, write_json_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "MovieLens variant.")

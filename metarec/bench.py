@@ -3,7 +3,7 @@
 What is measured, per configuration (meta-learner, data, meta-batch, support size, inner steps,
 model width, remat, chunking, compute dtype, devices) and per *execution mode* of the same meta-step:
 
-* ``vmap`` — the library step, :func:`metarec.train.make_meta_step` (``vmap(task_grad)`` over the task
+* ``vmap`` — the library step, :func:`metarec.meta.step.make_meta_step` (``vmap(task_grad)`` over the task
   axis, one ``jax.jit``);
 * ``map``  — the same meta-step with ``jax.lax.map`` over tasks instead of ``vmap`` (one jitted
   program, tasks processed one after another inside XLA);
@@ -52,7 +52,7 @@ import optax
 
 from metarec import hostmem
 from metarec import meta as mmeta
-from metarec import train as mtrain
+from metarec.meta import step as train as mtrain
 from metarec.data.tasks import Task, index_tasks
 from metarec.models import melu
 
@@ -416,7 +416,7 @@ def grad_capture() -> optax.GradientTransformation:
 
 def make_map_step(learner, optimizer, *, clip_norm=None, compute_dtype=None, jit: bool = True) -> Callable:
     """The meta-step with ``jax.lax.map`` over tasks (sequential inside one XLA program) instead of
-    ``vmap``; same signature and result as :func:`metarec.train.make_meta_step`."""
+    ``vmap``; same signature and result as :func:`metarec.meta.step.make_meta_step`."""
     one = mtrain.weighted_task_grad(learner, compute_dtype)
 
     def step(meta_params, opt_state, tasks, task_weights, key=None):
@@ -472,7 +472,7 @@ class LoopStep:
 
 
 def make_step(learner, optimizer, mode: str, *, chunk_size=None, clip_norm=None, compute_dtype=None, mesh=None):
-    """The meta-step in execution ``mode`` (``vmap`` = :func:`metarec.train.make_meta_step`, ``map``
+    """The meta-step in execution ``mode`` (``vmap`` = :func:`metarec.meta.step.make_meta_step`, ``map``
     = :func:`make_map_step`, ``loop`` = :class:`LoopStep`). ``chunk_size``/``mesh`` apply to vmap."""
     if mode == "vmap":
         return mtrain.make_meta_step(learner, optimizer, chunk_size=chunk_size, clip_norm=clip_norm,

@@ -35,15 +35,15 @@ import optax
 from metarec import baselines as mbaselines
 from metarec import data as mdata
 from metarec import metrics as mmetrics
-from metarec.checkpoint import Checkpointer, epoch_order, tree_digest
+from metarec.training.checkpoint import Checkpointer, epoch_order, tree_digest
 from metarec.data.tasks import Examples, Task, index_tasks, pad_tasks
 from metarec.meta import make_learner
 from metarec import pretrain
 from metarec.models import melu
 from metarec.models import transformer as tfm
 from metarec.models.transformer import add_history
-from metarec.runlog import MetricsWriter, Progress, read_json, run_metadata, write_json_atomic
-from metarec.train import make_eval_fn, make_mesh, make_meta_step, shard_tasks
+from metarec.training.runlog import MetricsWriter, Progress, read_json, run_metadata, write_json_atomic
+from metarec.meta.step import make_eval_fn, make_mesh, make_meta_step, shard_tasks
 
 log = logging.getLogger("metarec.coldstart")
 
@@ -234,7 +234,7 @@ class TrainResult:
     """What :func:`meta_train` returns: the best meta-parameters by validation MAE and how they were
     found. ``seconds`` is the total training time (summed over resumed pieces); ``steps`` the number
     of meta-steps taken; ``resumed_from`` the checkpoint step training continued from (None: fresh);
-    ``params_sha256`` a digest of ``params`` (:func:`metarec.checkpoint.tree_digest`)."""
+    ``params_sha256`` a digest of ``params`` (:func:`metarec.training.checkpoint.tree_digest`)."""
 
     params: Any
     history: list[dict]
@@ -346,7 +346,7 @@ def meta_train(
     """Meta-train with ``step`` (from ``make_meta_step`` with :func:`make_optimizer`) and early
     stopping on validation MAE (``eval_fn`` from ``make_eval_fn``); returns the best meta-parameters.
 
-    Sampling: epoch ``e`` visits the training tasks in the order :func:`metarec.checkpoint.epoch_order`
+    Sampling: epoch ``e`` visits the training tasks in the order :func:`metarec.training.checkpoint.epoch_order`
     ``(sampler_seed, e)`` in meta-batches of ``min(cfg.meta_batch, n_tasks)`` (the incomplete last
     batch is dropped), where ``sampler_seed`` is drawn from ``key``. One PRNG sub-key per meta-step is
     split off ``key`` (feature dropout). The whole loop state is therefore (params, optimizer state,

@@ -339,7 +339,7 @@ def pretrain(
     Returns ``(params, history)``: ``history`` is a list of per-epoch dicts (``epoch``, ``loss``,
     ``acc`` and, when evaluated, ``val_*`` metrics of :func:`evaluate_next_item`).
 
-    With a ``checkpointer`` (:class:`metarec.checkpoint.Checkpointer`) the full training state
+    With a ``checkpointer`` (:class:`metarec.training.checkpoint.Checkpointer`) the full training state
     (``params``, ``opt_state``, PRNG ``key``; checkpoint step = completed epochs, meta = history and
     the run's configuration) is saved atomically at the end of every epoch, after ``log_fn``. With
     ``resume`` training continues from the newest checkpoint (a fresh start if there is none) and
@@ -755,7 +755,7 @@ def run_large_model_seed(data, seed: int, cfg, log_fn: Callable = print) -> dict
     from metarec import coldstart
     from metarec.meta import make_learner
     from metarec.models.transformer import EncoderConfig, add_history, adapt_filter, make_transformer_rater
-    from metarec.train import make_eval_fn, make_meta_step
+    from metarec.meta.step import make_eval_fn, make_meta_step
 
     t_start = _time.time()
     sd = coldstart.prepare_seed(data, seed, cfg)

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from metarec import bench, meta, train
+from metarec import bench, meta
+from metarec.meta import step as train
 from metarec.data.tasks import Examples, Task
 
 

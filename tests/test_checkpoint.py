@@ -17,11 +17,11 @@ import numpy as np
 import optax
 import pytest
 
-from metarec import checkpoint as ckpt
+from metarec.training import checkpoint as ckpt
 from metarec import coldstart
 from metarec import data as mdata
 from metarec.meta import MetaSGDParams
-from metarec.runlog import MetricsWriter, read_metrics
+from metarec.training.runlog import MetricsWriter, read_metrics
 from tests.conftest import write_ml100k
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests of the inner loop, the meta-learners and the generic meta step (metarec.meta, metarec.train).
+"""Tests of the inner loop, the meta-learners and the generic meta step (metarec.meta, metarec.meta.step).
 
 The gradient tests run in float64 (``jax.enable_x64``) and compare with closed forms on quadratic
 (linear-regression) tasks or with central finite differences, so any missing second-order term,
@@ -20,7 +20,8 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from metarec import meta, train
+from metarec import meta
+from metarec.meta import step as train
 from metarec.data.tasks import Examples, Task, pad_tasks
 
 # ----------------------------------------------------------------------------------------------
@@ -578,7 +579,8 @@ _SHARDING_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax
     assert jax.device_count() == 8, jax.devices()
-    from metarec import meta, train
+    from metarec import meta
+    from metarec.meta import step as train
     from tests.test_meta import make_tasks, mlp_init, mlp_apply, MLP_MASK
     from metarec.data.tasks import pad_tasks
     tasks, w = pad_tasks(jax.tree_util.tree_map(np.asarray, make_tasks(0, 14)), 16)

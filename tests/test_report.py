@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from experiments import report
-from metarec import runlog
+from metarec.training import runlog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -21,9 +21,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from metarec.checkpoint import Checkpointer, tree_digest
+from metarec.training.checkpoint import Checkpointer, tree_digest
 from metarec.rl import loop
-from metarec.runlog import read_metrics
+from metarec.training.runlog import read_metrics
 from tests.test_runs_rl_pretrain import _script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,7 +250,7 @@ def test_resume_refuses_another_config(tmp_path):
     wd = str(tmp_path / "rl")
     cfg = dataclasses.replace(benchmark.BenchmarkConfig(), dataset="synthetic")
     meta_rl.prepare_workdir(meta_rl._jsonable(cfg), wd, False, None)
-    from metarec.runlog import run_metadata, write_json_atomic
+    from metarec.training.runlog import run_metadata, write_json_atomic
 
     write_json_atomic(os.path.join(wd, "run.json"), run_metadata(meta_rl._jsonable(cfg), []) | {"data_sha256": None})
     os.makedirs(os.path.join(wd, "units"))

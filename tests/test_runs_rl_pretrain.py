@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from metarec import pretrain as mpre
-from metarec.checkpoint import Checkpointer, tree_digest
+from metarec.training.checkpoint import Checkpointer, tree_digest
 from metarec.models.transformer import EncoderConfig
-from metarec.runlog import read_json, read_metrics
+from metarec.training.runlog import read_json, read_metrics
 from tests.conftest import write_ml100k
 
 V, L = 16, 8

@@ -8,7 +8,7 @@ Quick use::
     loss, grad = learner.task_grad(meta_params, task)      # one task
     phi = learner.adapt(meta_params, task.support)          # test-time adaptation
 
-See :mod:`metarec.train` for the jitted, vmapped meta step and evaluation.
+See :mod:`metarec.meta.step` for the jitted, vmapped meta step and evaluation.
 """
 
 from metarec.meta.inner import (
@@ -24,6 +24,7 @@ from metarec.meta.inner import (
 )
 from metarec.meta.learners import (
     LEARNERS,
+    LearnerEntry,
     MetaLearner,
     MetaSGDParams,
     cg_solve,
@@ -37,6 +38,6 @@ from metarec.meta.learners import (
 
 __all__ = [
     "adapt", "mae", "make_objective", "masked_mean", "mse", "partition", "path_filter", "path_to_str",
-    "resolve_mask", "LEARNERS", "MetaLearner", "MetaSGDParams", "cg_solve", "fomaml", "imaml",
+    "resolve_mask", "LEARNERS", "LearnerEntry", "MetaLearner", "MetaSGDParams", "cg_solve", "fomaml", "imaml",
     "make_learner", "maml", "metasgd", "reptile",
 ]

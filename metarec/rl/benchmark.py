@@ -33,7 +33,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from metarec.checkpoint import Checkpointer, tree_digest
+from metarec.training.checkpoint import Checkpointer, tree_digest
 from metarec.rl import bandits, loop
 from metarec.rl import dqn as dqnlib
 from metarec.rl import env as envlib
@@ -42,7 +42,7 @@ from metarec.rl import maml as mamllib
 from metarec.rl import networks, online
 from metarec.rl import ppo as ppolib
 from metarec.rl import simulator as simlib
-from metarec.runlog import read_json, write_json_atomic
+from metarec.training.runlog import read_json, write_json_atomic
 
 log = logging.getLogger("metarec.rl")
 
@@ -158,7 +158,7 @@ class RunContext:
     start —, ``dqn``, ``maml``, ``fomaml``, ``metasgd``) saves its full state (params, optimizer state,
     PRNG key, DQN target network and replay buffer; step = iterations done, metrics so far) every
     ``checkpoint_every`` iterations under ``checkpoints/seed<s>/<method>`` with
-    :class:`metarec.checkpoint.Checkpointer`, keeping the newest ``keep_checkpoints`` (there is no
+    :class:`metarec.training.checkpoint.Checkpointer`, keeping the newest ``keep_checkpoints`` (there is no
     validation metric during RL training, so no best-by-metric one); the newest is the final state.
     Every finished unit — a method's training and evaluation, the bandits', ``oracle``, ``online`` —
     is saved to ``units/seed<s>/<unit>.json``. ``resume``: finished units are read back instead of

@@ -14,7 +14,7 @@ for bit on CPU). ``make_train`` of :mod:`metarec.rl.ppo`, :mod:`~metarec.rl.dqn`
 :func:`train_checkpointed` is the host loop: pieces of ``every`` iterations; after each piece the
 metrics are checked (a non-finite value raises :class:`NonFiniteLossError` *before* anything is
 saved, so the newest checkpoint is the last good state), handed to ``on_chunk`` (metrics rows,
-progress) and the state is saved with :class:`metarec.checkpoint.Checkpointer` (step = iterations
+progress) and the state is saved with :class:`metarec.training.checkpoint.Checkpointer` (step = iterations
 done; meta = the metrics so far, elapsed seconds, ``done``). With ``resume`` it continues from the
 newest checkpoint. There is no validation metric during RL training, so only the newest
 ``keep_last`` checkpoints are kept (``keep_best=0``); the newest is always the final state.
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from metarec.checkpoint import Checkpointer
+    from metarec.training.checkpoint import Checkpointer
 
 PyTree = Any
 

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 PyTree = Any
-log = logging.getLogger("metarec.checkpoint")
+log = logging.getLogger("metarec.training.checkpoint")
 
 
 def epoch_order(sampler_seed: int, epoch: int, n: int) -> np.ndarray:

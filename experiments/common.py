@@ -1,0 +1,129 @@
+"""The one way every experiment script runs: shared flags, a quiet terminal, one-line errors.
+
+Each ``experiments/<name>/main.py`` defines its config flag and calls :func:`run_main`::
+
+    _CONFIG = config_flags.DEFINE_config_file("config", common.config_path(__file__, "default"))
+    common.define_run_flags(default_workdir="runs/coldstart")
+    ...
+    if __name__ == "__main__":
+        common.run_main("coldstart", lambda: pipeline.main(_CONFIG.value, FLAGS.workdir, ...))
+
+The terminal shows progress lines, warnings and the result table; library INFO logs (orbax, absl,
+``logging``) go to ``<workdir>/<name>.log``. A user-facing error (bad file, folder, flag or config
+value, non-finite training) prints one line ``<name>: error: ...`` and exits with status 1;
+``--traceback`` shows the Python traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from metarec.data import DataFormatError
+from metarec.training.runlog import remove_run_files
+from metarec.training.trainer import NonFiniteLossError
+
+FLAGS = flags.FLAGS
+# errors whose message is written for the user: shown as one line without a traceback
+USER_ERRORS = (
+    DataFormatError,
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    NonFiniteLossError,
+)
+
+
+def config_path(main_file: str, name: str) -> str:
+    """``configs/<name>.py`` beside an experiment's ``main.py`` (a flag default that works from any
+    working directory)."""
+    return os.path.join(os.path.dirname(os.path.abspath(main_file)), "configs", f"{name}.py")
+
+
+def define_run_flags(default_workdir: str | None, *, resumable: bool = True) -> None:
+    """``--workdir``, ``--traceback`` and, for resumable runs, ``--resume`` / ``--overwrite``."""
+    flags.DEFINE_string("workdir", default_workdir, "Folder for this run's results, logs and checkpoints.")
+    flags.DEFINE_bool("traceback", False, "Show the Python traceback of an error instead of one line.")
+    if not resumable:
+        return
+    flags.DEFINE_bool("resume", False, "Continue the interrupted run in --workdir from its checkpoints.")
+    flags.DEFINE_bool(
+        "overwrite", False, "Delete this script's files in --workdir (nothing else) and start again."
+    )
+    flags.register_multi_flags_validator(
+        ["resume", "overwrite"],
+        lambda f: not (f["resume"] and f["overwrite"]),
+        "--resume and --overwrite contradict each other: --resume continues the run in --workdir, "
+        "--overwrite deletes it",
+    )
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in ``~/.cache/metarec/jax`` (a second run with the same
+    shapes skips XLA compilation); ``METAREC_COMPILATION_CACHE=0`` turns it off."""
+    if os.environ.get("METAREC_COMPILATION_CACHE", "1") == "0":
+        return
+    import jax
+
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "metarec", "jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def prepare_workdir(workdir: str, name: str, run_files=(), *, overwrite: bool = False) -> str:
+    """Create ``workdir`` (after deleting this script's ``run_files`` with ``--overwrite``) and send
+    library INFO logs to ``<workdir>/<name>.log``; warnings still reach the terminal."""
+    if overwrite:
+        remove_run_files(workdir, run_files)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"--workdir={workdir} exists and is not a folder")
+    os.makedirs(workdir, exist_ok=True)
+    absl_logging.get_absl_handler().use_absl_log_file(name, workdir)
+    FLAGS.stderrthreshold = "warning"
+    return workdir
+
+
+def quiet_terminal() -> None:
+    """For scripts without a workdir: only warnings and errors of the libraries reach the terminal."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def run_main(name: str, body: Callable[[], object]) -> None:
+    """``absl.app.run`` a script body with :data:`USER_ERRORS` turned into one line on stderr."""
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        try:
+            body()
+        except USER_ERRORS as e:
+            if FLAGS.traceback:
+                raise
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"{name}: error: {msg}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(main)
+
+
+def check_choice(flag: str, value: str, allowed) -> str:
+    """``value`` if it is one of ``allowed``, else ``ValueError`` naming ``flag`` and what is allowed."""
+    if value not in allowed:
+        raise ValueError(f"{flag}={value!r}; allowed: {', '.join(map(str, allowed))}")
+    return value
+
+
+def format_mean_std(value: dict, n_seeds: int, width: int = 18) -> str:
+    """``"0.7860 ± 0.0210"``, or the mean alone for one seed (no spread was measured)."""
+    if not value:
+        return f"{'':>{width}s}"
+    if n_seeds < 2:
+        return f"{value['mean']:9.4f}{'':9s}"
+    return f"{value['mean']:9.4f} ± {value['std']:.4f}"
