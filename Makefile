@@ -21,7 +21,7 @@ data: setup
 	$(PY) -c "from metarec.data import ensure_dataset; print('ml-100k at', ensure_dataset('ml-100k'))"
 
 demo: data
-	$(PY) -m experiments.meta_train --dataset=ml-100k --workdir=$(WORKDIR) $(DEMO_FLAGS)
+	$(PY) -m experiments.coldstart.main --workdir=$(WORKDIR) $(DEMO_FLAGS)
 
 test: setup
 	$(PY) -m pytest -q -n 2

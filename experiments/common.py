@@ -2,7 +2,7 @@
 
 Each ``experiments/<name>/main.py`` defines its config flag and calls :func:`run_main`::
 
-    _CONFIG = config_flags.DEFINE_config_file("config", common.config_path(__file__, "default"))
+    _CONFIG = common.define_config(__file__)
     common.define_run_flags(default_workdir="runs/coldstart")
     ...
     if __name__ == "__main__":
@@ -22,6 +22,7 @@ from typing import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 from metarec.data import DataFormatError
 from metarec.training.runlog import remove_run_files
@@ -45,6 +46,21 @@ def config_path(main_file: str, name: str) -> str:
     """``configs/<name>.py`` beside an experiment's ``main.py`` (a flag default that works from any
     working directory)."""
     return os.path.join(os.path.dirname(os.path.abspath(main_file)), "configs", f"{name}.py")
+
+
+def define_config(main_file: str, default: str = "default", name: str = "config"):
+    """``config_flags.DEFINE_config_file`` with ``configs/<default>.py`` beside ``main_file`` as the
+    default. config_flags reads the ``--config.<field>`` overrides while the flag is defined (at
+    import), so an unknown field is reported here, as one line."""
+    try:
+        return config_flags.DEFINE_config_file(name, config_path(main_file, default))
+    except (AttributeError, KeyError) as e:
+        if "--traceback" in sys.argv:
+            raise
+        field = str(e).strip("\"'")
+        bad = [a.split("=")[0] for a in sys.argv[1:] if a.split("=")[0].endswith(f".{field}")]
+        script = os.path.basename(os.path.dirname(os.path.abspath(main_file)))
+        _fail(script, f"{bad[0] if bad else field}: unknown config field")
 
 
 def define_run_flags(default_workdir: str | None, *, resumable: bool = True) -> None:
@@ -95,6 +111,43 @@ def quiet_terminal() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+def _fail(name: str, msg) -> None:
+    print(f"{name}: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _flags_parser(name: str) -> Callable[[list[str]], list[str]]:
+    """absl's flag parsing with every error (a bad flag, a config file that does not load, an
+    unknown ``--config.<field>``) reported as one line."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return FLAGS(argv)
+        except Exception as e:  # config_flags raises plain exceptions from the config file too
+            if "--traceback" in argv:
+                raise
+            _fail(name, e)
+
+    return parse
+
+
+def _load_configs() -> None:
+    """Load every config-file flag now: config_flags defers loading the file and applying the
+    ``--config.<field>`` overrides to the first access, where its errors would surface as tracebacks."""
+    for flag in {id(f): f for f in FLAGS._flags().values()}.values():
+        if type(flag).__name__ != "_ConfigFlag":
+            continue
+        try:
+            flag.value.to_dict()
+        except (AttributeError, KeyError) as e:
+            field = str(e).strip("\"'")
+            raise ValueError(f"--{flag.name}.{field}: unknown config field") from None
+        except OSError as e:
+            path = getattr(flag, "config_filename", "?")
+            detail = str(e).strip().splitlines()[-1].strip()
+            raise ValueError(f"--{flag.name}={path}: the config file cannot be loaded ({detail})") from None
+
+
 def run_main(name: str, body: Callable[[], object]) -> None:
     """``absl.app.run`` a script body with :data:`USER_ERRORS` turned into one line on stderr."""
 
@@ -102,15 +155,14 @@ def run_main(name: str, body: Callable[[], object]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
+            _load_configs()
             body()
         except USER_ERRORS as e:
             if FLAGS.traceback:
                 raise
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"{name}: error: {msg}", file=sys.stderr)
-            sys.exit(1)
+            _fail(name, e.args[0] if isinstance(e, KeyError) and e.args else e)
 
-    app.run(main)
+    app.run(main, flags_parser=_flags_parser(name))
 
 
 def check_choice(flag: str, value: str, allowed) -> str:

@@ -3,7 +3,7 @@ when ``tensorboardX`` is importable), run metadata (command, config, package ver
 commit) and atomic JSON writes.
 
 Everything here runs outside ``jit`` on Python scalars; nothing here is needed by the pure library
-functions. Typical use (see :func:`metarec.coldstart.run`)::
+functions. Typical use (see :func:`experiments.coldstart.pipeline.run`)::
 
     writer = MetricsWriter(workdir)                # metrics.jsonl + metrics.csv (+ tb/ if available)
     bar = Progress(total=steps, desc="seed0/maml")

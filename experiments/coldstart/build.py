@@ -1,0 +1,265 @@
+"""Per-seed data, the config's model and learners, and their compiled steps (shared between seeds)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from metarec import data as mdata
+from metarec.baselines import BASELINES as FITTED_BASELINES
+from metarec.data.tasks import Task
+from metarec.meta import LEARNERS, make_learner
+from metarec.meta.step import make_eval_fn, make_mesh, make_meta_step
+from metarec.models.registry import MODELS, get_model
+from metarec.training.meta_train import make_optimizer
+
+# baselines built from the meta-learning network rather than fitted on ratings
+NETWORK_BASELINES = ("no_adapt", "finetune")
+BASELINES = (*FITTED_BASELINES, *NETWORK_BASELINES)
+TEST_SCENARIOS = mdata.SCENARIOS
+SUPPORT_WIDTH = {"melu": 100 - 10, "time": 15}  # largest support set each protocol can produce
+NAME_FIELDS = ("algos", "baselines")
+
+
+def split_names(values) -> tuple[str, ...]:
+    """``("maml,metasgd",)`` (how ``--config.algos=maml,metasgd`` arrives) -> ``("maml", "metasgd")``."""
+    if isinstance(values, str):
+        values = (values,)
+    return tuple(n.strip() for v in values for n in str(v).split(",") if n.strip())
+
+
+@dataclasses.dataclass
+class SeedData:
+    split: mdata.Split
+    encoder: mdata.FeatureEncoder
+    train_sets: mdata.UserSets
+    val_sets: mdata.UserSets
+    train: Task
+    val: Task
+    test: dict[str, Task]
+    test_sets: dict[str, mdata.UserSets]
+    encode: Callable[[mdata.UserSets], Task]  # UserSets -> model-ready Task (padding, history)
+
+
+def prepare_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
+    """Scenarios, vocabularies and encoded tasks for one seed; all support sets padded to one width."""
+    split = mdata.make_split(data, seed, cfg.protocol)
+    empty = [k for k, v in split.sets.items() if v.n_users == 0]
+    if empty:
+        rule = (
+            "each user needs 13..100 ratings inside the scenario"
+            if cfg.protocol == "melu"
+            else "each user needs at least 20 ratings inside the scenario"
+        )
+        sizes = {k: v.n_users for k, v in split.sets.items()}
+        raise ValueError(
+            f"scenario(s) {empty} are empty after filtering for {data.name} / protocol "
+            f"{cfg.protocol} / seed {seed} ({rule}; sizes: {sizes}); nothing can be trained or "
+            "scored there: use a larger dataset or another protocol"
+        )
+    encoder = mdata.FeatureEncoder.fit(
+        data, split.train_ratings, offset_prior=cfg.offset_prior, stable_shapes=True
+    )
+    train_sets, val_sets = mdata.split_validation(split.sets["warm_train"], cfg.val_fraction, seed + 2)
+    # one support width per protocol (not per seed), so every seed shares the compiled steps
+    width = max([SUPPORT_WIDTH[cfg.protocol]] + [v.support_item.shape[1] for v in split.sets.values()])
+    prepare = get_model(cfg.model).prepare_tasks
+
+    def enc(s: mdata.UserSets) -> Task:
+        return prepare(encoder.encode(s.pad_support(width)))
+
+    test_sets = {k: split.sets[k] for k in TEST_SCENARIOS}
+    return SeedData(
+        split=split,
+        encoder=encoder,
+        train_sets=train_sets,
+        val_sets=val_sets,
+        train=enc(train_sets),
+        val=enc(val_sets),
+        test={k: enc(v) for k, v in test_sets.items()},
+        test_sets=test_sets,
+        encode=enc,
+    )
+
+
+def load_encoder(path: str):
+    """``(EncoderConfig, params, metadata)`` of a pretraining checkpoint."""
+    from metarec.training.pretrain import load_pretrained
+
+    return load_pretrained(path, with_metadata=True)
+
+
+def check_pretrained_vocab(info: dict, path: str, encoder, seed: int) -> None:
+    """A pretraining checkpoint indexes items by its split's vocabulary: refuse another seed's."""
+    from metarec.training.pretrain import item_ids_of_vocab
+
+    ids = info.get("item_ids")
+    if ids is not None and not np.array_equal(np.asarray(ids), item_ids_of_vocab(encoder)):
+        raise ValueError(
+            f"--config.init_from={path}: the checkpoint's item vocabulary is not this split's "
+            f"(seed {seed}); pretrain per seed with `python -m experiments.pretrain.main "
+            f"--config.seed={seed} --workdir=...` and pass --config.init_from=<dir>/seed{{seed}}"
+        )
+
+
+def build_learner(name: str, apply_fn: Callable, cfg, **overrides):
+    """The registered learner ``name`` with the config's settings, its ``learner_options`` and
+    ``overrides`` (``inner_lr``, ``inner_steps``, ``adapt``) on top."""
+    opts = cfg.learner_options[name].to_dict() if name in cfg.learner_options else {}
+    inner_lr = overrides.get("inner_lr", opts.pop("inner_lr", cfg.inner_lr))
+    inner_steps = overrides.get("inner_steps", opts.pop("inner_steps", cfg.inner_steps))
+    adapt = overrides.get("adapt") or cfg.adapt
+    mask = get_model(cfg.model).adapt_filter(adapt, cfg)
+    return make_learner(
+        name, apply_fn, inner_steps=inner_steps, inner_lr=inner_lr, adapt_mask=mask, **opts
+    )
+
+
+class Compiled:
+    """Memo of models, learners and their jitted steps, keyed by everything that shapes them, so
+    seeds with identical parameter shapes (``FeatureEncoder.fit(stable_shapes=True)``) reuse one
+    compilation instead of compiling again."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.cache: dict = {}
+        self.mesh = make_mesh() if cfg.all_devices else None
+        self.init_from = ""
+        self.pretrained = None
+
+    def use_seed(self, seed: int) -> Compiled:
+        """Select the seed's pretraining checkpoint (``cfg.init_from`` with ``{seed}`` filled in)."""
+        self.init_from = self.cfg.init_from.format(seed=seed) if self.cfg.init_from else ""
+        self.pretrained = None
+        return self
+
+    def load_pretrained(self, encoder, seed: int) -> None:
+        """Load the seed's pretrained encoder (checking its vocabulary against ``encoder``)."""
+        if self.init_from:
+            enc_cfg, params, info = load_encoder(self.init_from)
+            check_pretrained_vocab(info, self.init_from, encoder, seed)
+            self.pretrained = (enc_cfg, params)
+
+    def _get(self, key, make):
+        key = key + (self.init_from,)
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def model(self, spec):
+        max_len = max(SUPPORT_WIDTH.values())
+
+        def make():
+            return get_model(self.cfg.model).build(spec, self.cfg, self.pretrained, max_len)
+
+        return self._get(("model", spec), make)
+
+    def learner(self, spec, name, **kw):
+        key = ("learner", spec, name, tuple(sorted(kw.items())))
+        return self._get(key, lambda: build_learner(name, self.model(spec)[1], self.cfg, **kw))
+
+    def step(self, spec, name, **kw):
+        key = ("step", spec, name, tuple(sorted(kw.items())))
+        clip = self.cfg.clip_norm or None
+
+        def make():
+            return make_meta_step(
+                self.learner(spec, name, **kw),
+                make_optimizer(self.cfg),
+                clip_norm=clip,
+                mesh=self.mesh,
+                chunk_size=self.cfg.chunk_size or None,
+            )
+
+        return self._get(key, make)
+
+    def eval(self, spec, name, **kw):
+        key = ("eval", spec, name, tuple(sorted(kw.items())))
+        return self._get(
+            key, lambda: make_eval_fn(self.learner(spec, name, **kw), self.model(spec)[1])
+        )
+
+
+def _check_names(field: str, values, allowed) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"--config.{field}: unknown {bad}; allowed: {', '.join(allowed)}")
+    dup = sorted({v for v in values if list(values).count(v) > 1})
+    if dup:
+        raise ValueError(f"--config.{field} lists {dup} more than once")
+
+
+def normalize_config(cfg) -> None:
+    """Split comma lists given on the command line (``--config.algos=maml,metasgd``) in place."""
+    for field in NAME_FIELDS:
+        cfg[field] = split_names(cfg[field])
+
+
+def validate_config(cfg) -> None:
+    """Raise ``ValueError`` naming the config field and what is allowed."""
+    normalize_config(cfg)
+    mdata.check_dataset(cfg.dataset)
+    _check_names("algos", cfg.algos, tuple(LEARNERS))
+    _check_names("baselines", cfg.baselines, BASELINES)
+    if cfg.protocol not in SUPPORT_WIDTH:
+        raise ValueError(f"--config.protocol={cfg.protocol!r}; allowed: {', '.join(SUPPORT_WIDTH)}")
+    if cfg.model not in MODELS:
+        raise ValueError(f"--config.model={cfg.model!r}; allowed: {', '.join(MODELS)}")
+    entry = MODELS[cfg.model]
+    if cfg.adapt not in entry.adapt_modes:
+        raise ValueError(
+            f"--config.adapt={cfg.adapt!r} for model {cfg.model}; allowed: "
+            f"{', '.join(entry.adapt_modes)}"
+        )
+    if cfg.init_from and not entry.pretrainable:
+        raise ValueError(
+            f"--config.init_from needs a model that takes a pretrained encoder "
+            f"({', '.join(n for n, e in MODELS.items() if e.pretrainable)})"
+        )
+    unknown = sorted(set(cfg.learner_options) - set(LEARNERS))
+    if unknown:
+        raise ValueError(
+            f"--config.learner_options: unknown learner(s) {unknown}; allowed: {', '.join(LEARNERS)}"
+        )
+    if "context" in cfg.adapt and cfg.context_dim < 1:
+        raise ValueError(f"--config.adapt={cfg.adapt} needs --config.context_dim >= 1")
+    _validate_numbers(cfg)
+
+
+def _validate_numbers(cfg) -> None:
+    import jax
+
+    if not cfg.seeds:
+        raise ValueError("--config.seeds must name at least one seed")
+    if any(int(s) < 0 for s in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"--config.seeds must be distinct non-negative integers, got {cfg.seeds}")
+    lower = {
+        "inner_steps": 0, "meta_batch": 1, "epochs": 1, "eval_chunk": 1, "patience": 1,
+        "ckpt_every": 0, "keep_checkpoints": 1, "log_every": 0, "embed_dim": 1, "chunk_size": 0,
+        "finetune_epochs": 1, "k": 1,
+    }  # fmt: skip
+    for name, lo in lower.items():
+        if cfg[name] < lo:
+            raise ValueError(f"--config.{name} must be >= {lo}, got {cfg[name]}")
+    for name in ("inner_lr", "meta_lr"):
+        if not cfg[name] > 0:
+            raise ValueError(f"--config.{name} must be > 0, got {cfg[name]}")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"--config.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if not 0 <= cfg.feature_dropout < 1:
+        raise ValueError(f"--config.feature_dropout must be in [0, 1), got {cfg.feature_dropout}")
+    if cfg.all_devices and cfg.meta_batch % jax.device_count():
+        raise ValueError(
+            f"--config.meta_batch={cfg.meta_batch} must be divisible by the "
+            f"{jax.device_count()} devices used by --config.all_devices"
+        )
+    if cfg.chunk_size and cfg.meta_batch % cfg.chunk_size:
+        raise ValueError(
+            f"--config.meta_batch={cfg.meta_batch} must be a multiple of "
+            f"--config.chunk_size={cfg.chunk_size} (0 = no chunks)"
+        )
+    for name, lo in (("hidden", 1), ("curve_steps", 0), ("curve_support", 1)):
+        if any(int(v) < lo for v in cfg[name]):
+            raise ValueError(f"--config.{name} values must be integers >= {lo}, got {cfg[name]}")

@@ -1,0 +1,34 @@
+"""Cold-start meta-learning on MovieLens: meta-train on warm users, evaluate every method on every
+scenario over several seeds, print one table and write ``results.json`` (PROTOCOL.md) to --workdir.
+
+  python -m experiments.coldstart.main --workdir=runs/demo
+  python -m experiments.coldstart.main --config=experiments/coldstart/configs/quick.py --workdir=/tmp/q
+  python -m experiments.coldstart.main --config.algos=maml,metasgd --config.seeds=0 --workdir=/tmp/a
+  python -m experiments.coldstart.main --workdir=runs/demo --resume   # continue an interrupted run
+
+The workdir also gets per-(seed, learner) checkpoints and results (``checkpoints/``, ``units/``),
+``metrics.jsonl``/``metrics.csv``, ``config.json``, ``run.json`` (command, package versions, devices,
+git commit), ``train_log.txt``, ``coldstart.log`` (library logs) and ``report/report.md``.
+"""
+
+import sys
+
+from absl import flags
+
+from experiments import common
+from experiments.coldstart import pipeline
+
+FLAGS = flags.FLAGS
+_CONFIG = common.define_config(__file__)
+common.define_run_flags(default_workdir="runs/coldstart")
+
+
+def _main():
+    argv = ["-m", "experiments.coldstart.main", *sys.argv[1:]]
+    pipeline.main(
+        _CONFIG.value, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite, argv=argv
+    )
+
+
+if __name__ == "__main__":
+    common.run_main("coldstart", _main)

@@ -1,0 +1,358 @@
+"""The cold-start experiment: meta-train on warm users, evaluate every method on every scenario over
+several seeds; :func:`run` returns the ``results.json`` dict of PROTOCOL.md.
+
+Per seed (PROTOCOL.md, "melu" or "time"):
+
+1. :func:`~experiments.coldstart.build.prepare_seed` builds the scenarios; warm_train users are split
+   again into train / validation users (``val_fraction``, seeded). Validation users drive early
+   stopping; no test scenario is looked at before the final evaluation.
+2. Each meta-learner (``algos``) meta-trains the configured model with
+   :func:`metarec.training.meta_train.meta_train`, keeping the best parameters by validation MAE.
+3. Baselines: global/user/item means, biased MF with fold-in, user-/item-kNN (fitted on the training
+   ratings only), ``no_adapt`` (the first meta-learner's initialisation, not adapted) and
+   ``finetune`` (the same network trained conventionally on the pooled training ratings, then
+   fine-tuned per user with the same inner loop; its step size chosen on validation users).
+4. Every method predicts each test user's 10 query ratings from the support set only; predictions
+   are clipped to the rating scale; MAE, RMSE, nDCG@3 (and more) are averaged over users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from metarec import baselines as mbaselines
+from metarec import data as mdata
+from metarec import metrics as mmetrics
+from metarec.training.checkpoint import Checkpointer
+from metarec.training.meta_train import TrainResult, meta_train, pooled, predict_tasks, score
+from metarec.training.runlog import MetricsWriter, read_json, run_metadata, write_json_atomic
+from metarec.training.workdir import open_run
+from experiments.coldstart.build import (
+    NETWORK_BASELINES,
+    TEST_SCENARIOS,
+    Compiled,
+    prepare_seed,
+    validate_config,
+)
+from experiments.coldstart.curves import adaptation_curves, aggregate_curves
+from experiments.common import enable_compilation_cache, format_mean_std, prepare_workdir
+
+TABLE_METRICS = ("mae", "rmse", "ndcg@3")
+# config fields that may change between a run and its --resume (they do not change what was computed
+# so far, or are needed to recover from a non-finite loss); any other difference is refused.
+RESUME_MUTABLE = (
+    "epochs", "patience", "meta_lr", "inner_lr", "clip_norm", "weight_decay", "ckpt_every",
+    "keep_checkpoints", "log_every", "eval_chunk", "all_devices", "data_dir", "download",
+    "baselines", "seeds", "curve_steps", "curve_support", "adaptation_curves", "finetune_lrs",
+    "progress", "report",
+)
+
+
+def unit_paths(workdir: str, seed: int, unit: str) -> tuple[str, str]:
+    """``(checkpoint directory, result file)`` of one (seed, algorithm) unit inside ``workdir``."""
+    return (os.path.join(workdir, "checkpoints", f"seed{seed}", unit),
+            os.path.join(workdir, "units", f"seed{seed}", f"{unit}.json"))  # fmt: skip
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Where and how :func:`run_seed` keeps its state: ``workdir`` (None: nothing written), ``resume``
+    (skip finished units, continue unfinished ones from their newest checkpoint), a metrics writer,
+    whether to draw progress lines, and provenance copied into every unit file."""
+
+    workdir: str | None = None
+    resume: bool = False
+    metrics: MetricsWriter | None = None
+    progress: bool = False
+    provenance: dict = dataclasses.field(default_factory=dict)
+
+
+def _train_unit(ctx: RunContext, seed: int, unit: str, log_fn, cfg, train_fn: Callable[..., TrainResult]):
+    """Run ``train_fn(checkpointer=..., resume=..., metrics=..., unit=..., progress=...)`` with this
+    unit's checkpoint directory (or none without a workdir)."""
+    if ctx.workdir is None:
+        return train_fn(checkpointer=None, resume=False, metrics=None, unit=f"seed{seed}/{unit}", progress=ctx.progress)
+    ckpt_dir, _ = unit_paths(ctx.workdir, seed, unit)
+    with Checkpointer(ckpt_dir, keep_last=cfg.get("keep_checkpoints", 2), keep_best=1) as ck:
+        if ck.latest_step() is not None and not ctx.resume:
+            raise ValueError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue or use a fresh --workdir")
+        return train_fn(checkpointer=ck, resume=ctx.resume, metrics=ctx.metrics, unit=f"seed{seed}/{unit}",
+                        progress=ctx.progress)  # fmt: skip
+
+
+def _load_unit(ctx: RunContext, seed: int, unit: str) -> dict | None:
+    if ctx.workdir is None or not ctx.resume:
+        return None
+    path = unit_paths(ctx.workdir, seed, unit)[1]
+    return read_json(path) if os.path.exists(path) else None
+
+
+def _save_unit(ctx: RunContext, seed: int, unit: str, rec: dict) -> None:
+    if ctx.workdir is not None:
+        write_json_atomic(unit_paths(ctx.workdir, seed, unit)[1], {"seed": seed, "unit": unit} | ctx.provenance | rec)
+
+
+def run_seed(
+    data: mdata.RatingsData, seed: int, cfg, log_fn: Callable = print, compiled: Compiled | None = None,
+    ctx: RunContext | None = None,
+) -> dict:  # fmt: skip
+    """All methods on all scenarios for one seed: ``{scenario: {method: {metric: value}}}`` plus
+    ``_info`` (scenario sizes, training histories, timings, parameter digests, adaptation curves).
+
+    Each meta-learner and ``finetune`` is a unit: with ``ctx.workdir`` it is checkpointed under
+    ``checkpoints/seed<seed>/<unit>`` and its scores saved to ``units/seed<seed>/<unit>.json`` when
+    done; with ``ctx.resume`` finished units are read back instead of trained, and an unfinished one
+    continues from its newest checkpoint. Baselines are cheap and deterministic: always recomputed.
+    """
+    ctx = ctx or RunContext()
+    sd = prepare_seed(data, seed, cfg)
+    scale = data.rating_scale
+    spec = sd.encoder.spec
+    fns = (compiled or Compiled(cfg)).use_seed(seed)
+    fns.load_pretrained(sd.encoder, seed)
+    init_fn, _ = fns.model(spec)
+    key = jax.random.PRNGKey(seed)
+    results = {s: {} for s in TEST_SCENARIOS}
+    info = {"n_users": {s: int(t.num_tasks) for s, t in sd.test.items()},
+            "n_train_users": int(sd.train.num_tasks), "n_val_users": int(sd.val.num_tasks),
+            "histories": {}, "seconds": {}, "params_sha256": {}, "best_epoch": {}, "resumed": []}  # fmt: skip
+    for s, t in sd.test.items():
+        r = score(np.zeros_like(t.query.y), t, scale, cfg.k)
+        results[s]["random"] = {f"ndcg@{cfg.k}": r[f"random_ndcg@{cfg.k}"]}
+
+    def record(unit, rec):
+        for s in TEST_SCENARIOS:
+            results[s].update(rec["scores"][s])
+        info["histories"][unit] = rec["history"]
+        info["seconds"][unit] = rec["seconds"]
+        info["params_sha256"][unit] = rec["params_sha256"]
+        info["best_epoch"][unit] = rec["best_epoch"]
+        if "adaptation" in rec:
+            info["adaptation"] = rec["adaptation"]
+        if "finetune_lr" in rec:
+            info["finetune_lr"] = rec["finetune_lr"]
+
+    for name in cfg.algos:
+        key, k_init, k_train = jax.random.split(key, 3)
+        done = _load_unit(ctx, seed, name)
+        if done is not None:
+            log_fn(f"seed {seed} {name}: finished earlier, results read from {unit_paths(ctx.workdir, seed, name)[1]}")
+            info["resumed"].append(name)
+            record(name, done)
+            continue
+        learner, eval_fn = fns.learner(spec, name), fns.eval(spec, name)
+        tr = _train_unit(ctx, seed, name, log_fn, cfg, lambda **kw: meta_train(
+            learner, fns.step(spec, name), eval_fn, init_fn(k_init), sd.train, sd.val, cfg, k_train, scale,
+            log_fn=log_fn, mesh=fns.mesh, **kw))  # fmt: skip
+        log_fn(f"seed {seed} {name}: best epoch {tr.best_epoch}, val MAE {tr.best_val_mae:.4f}, {tr.seconds:.1f}s"
+               + (f" (resumed from step {tr.resumed_from})" if tr.resumed_from is not None else ""))  # fmt: skip
+        scores = {s: {} for s in TEST_SCENARIOS}
+        for s, t in sd.test.items():
+            out = predict_tasks(eval_fn, tr.params, t, cfg.eval_chunk)
+            scores[s][name] = score(out["pred"], t, scale, cfg.k)
+            if name == cfg.algos[0] and "no_adapt" in cfg.baselines:
+                # the first meta-learner's initialisation, not adapted
+                scores[s]["no_adapt"] = score(out["pred_init"], t, scale, cfg.k)
+        rec = {"scores": scores, "history": tr.history, "seconds": tr.seconds, "params_sha256": tr.params_sha256,
+               "best_epoch": tr.best_epoch, "best_val_mae": tr.best_val_mae, "steps": tr.steps}  # fmt: skip
+        if name == cfg.algos[0] and cfg.get("adaptation_curves", False):
+            rec["adaptation"] = {"algo": name, **adaptation_curves(fns, spec, name, tr.params, sd, cfg, scale)}
+        _save_unit(ctx, seed, name, rec)
+        record(name, rec)
+
+    if "finetune" in cfg.baselines:
+        key, k_init, k_train = jax.random.split(key, 3)
+        done = _load_unit(ctx, seed, "finetune")
+        if done is not None:
+            log_fn(f"seed {seed} finetune: finished earlier, results read back")
+            info["resumed"].append("finetune")
+            record("finetune", done)
+        else:
+            ft_cfg = ml_collections.ConfigDict(cfg.to_dict())
+            ft_cfg.epochs = cfg.finetune_epochs
+            # conventional training: no inner loop (0 steps), every training rating in the loss; early
+            # stopping on the validation users' query MAE without adaptation.
+            plain = dict(inner_steps=0, adapt="all")
+            tr = _train_unit(ctx, seed, "finetune", log_fn, ft_cfg, lambda **kw: meta_train(
+                fns.learner(spec, "maml", **plain), fns.step(spec, "maml", **plain), fns.eval(spec, "maml", **plain),
+                init_fn(k_init), pooled(sd.train), sd.val, ft_cfg, k_train, scale, mesh=fns.mesh, **kw))  # fmt: skip
+            t_trained = time.time()
+            best_lr, best_mae = None, np.inf
+            for lr in cfg.finetune_lrs:
+                out = predict_tasks(fns.eval(spec, "maml", inner_lr=lr, adapt="all"), tr.params, sd.val, cfg.eval_chunk)
+                m = score(out["pred"], sd.val, scale, cfg.k)["mae"]
+                if m < best_mae:
+                    best_lr, best_mae = lr, m
+            ft_eval = fns.eval(spec, "maml", inner_lr=best_lr, adapt="all")
+            scores = {s: {"finetune": score(predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k)}
+                      for s, t in sd.test.items()}  # fmt: skip
+            rec = {"scores": scores, "history": tr.history, "seconds": tr.seconds + time.time() - t_trained,
+                   "params_sha256": tr.params_sha256, "best_epoch": tr.best_epoch, "best_val_mae": tr.best_val_mae,
+                   "steps": tr.steps, "finetune_lr": best_lr}  # fmt: skip
+            _save_unit(ctx, seed, "finetune", rec)
+            record("finetune", rec)
+            log_fn(f"seed {seed} finetune: lr {best_lr} (val MAE {best_mae:.4f}), {rec['seconds']:.1f}s")
+
+    tr_r = sd.split.train_ratings
+    for name in cfg.baselines:
+        if name in NETWORK_BASELINES:
+            continue
+        t0 = time.time()
+        model = mbaselines.make_baseline(name, seed=seed) if name == "mf" else mbaselines.make_baseline(name)
+        state = model.fit(tr_r["user_id"].to_numpy(), tr_r["item_id"].to_numpy(), tr_r["rating"].to_numpy())
+        for s, sets in sd.test_sets.items():
+            pred = model.predict(state, sets.support_item, sets.support_rating, sets.support_mask,
+                                 sets.query_item, sets.query_mask, sets.user_id)  # fmt: skip
+            results[s][name] = score(np.asarray(pred), sd.test[s], scale, cfg.k)
+        info["seconds"][name] = time.time() - t0
+    results["_info"] = info
+    return results
+
+
+def run(
+    cfg, data: mdata.RatingsData | None = None, log_fn: Callable = print, compiled: Compiled | None = None, *,
+    workdir: str | None = None, resume: bool = False, progress: bool = False, argv: list[str] | None = None,
+) -> dict:  # fmt: skip
+    """Every seed, then mean and sample std over seeds, in PROTOCOL.md's results format.
+    ``compiled`` may carry jitted steps over from an earlier call with the same config.
+
+    With ``workdir``: ``config.json`` and ``run.json`` (command, package versions, devices, git
+    commit), per-unit checkpoints and results, ``metrics.jsonl``/``metrics.csv`` (+ TensorBoard if
+    ``tensorboardX`` is installed) are written there; ``resume`` continues an interrupted run (see
+    :func:`run_seed`). Without it nothing is written (library/test use). :func:`main` writes
+    ``results.json``.
+    """
+    validate_config(cfg)
+    if data is None:
+        data = mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, download=cfg.download)
+    data_sha = mdata.data_checksum(data)
+    changed: list[str] = []
+    if workdir is None:
+        meta = run_metadata(cfg.to_dict(), argv)
+    else:
+        meta, changed = open_run(
+            workdir,
+            cfg.to_dict(),
+            resume=resume,
+            mutable=RESUME_MUTABLE,
+            data_sha256=data_sha,
+            state=("config.json", "units", "checkpoints"),
+            argv=argv,
+            log_fn=log_fn,
+        )
+    provenance = {"data_sha256": data_sha, "command": meta["command"], "versions": meta["versions"]}
+    ctx = RunContext(progress=progress, provenance=provenance)
+    if workdir is not None:
+        ctx.workdir, ctx.resume = workdir, resume
+        ctx.metrics = MetricsWriter(workdir, tensorboard=True)
+    per_seed = {}
+    compiled = compiled or Compiled(cfg)
+    try:
+        for seed in cfg.seeds:
+            log_fn(f"=== seed {seed}")
+            per_seed[seed] = run_seed(data, seed, cfg, log_fn, compiled, ctx)
+    finally:
+        if ctx.metrics is not None:
+            ctx.metrics.close()
+    results = {}
+    for s in TEST_SCENARIOS:
+        results[s] = {}
+        methods = per_seed[cfg.seeds[0]][s].keys()
+        for m in methods:
+            metrics = per_seed[cfg.seeds[0]][s][m].keys()
+            results[s][m] = {
+                k: mmetrics.mean_std_over_seeds([per_seed[seed][s][m][k] for seed in cfg.seeds]) for k in metrics
+            }
+    first = per_seed[cfg.seeds[0]]["_info"]
+    out = {
+        "dataset": data.name,
+        "protocol": cfg.protocol,
+        "seeds": list(cfg.seeds),
+        "config": cfg.to_dict(),
+        "scenarios": {s: {"n_users": first["n_users"][s]} for s in TEST_SCENARIOS}
+        | {"warm_train": {"n_users": first["n_train_users"] + first["n_val_users"]}},
+        "results": results,
+        "per_seed": {str(seed): {s: r[s] for s in TEST_SCENARIOS} for seed, r in per_seed.items()},
+        "training": {str(seed): r["_info"] for seed, r in per_seed.items()},
+        "data": {"source": data.source, "format": data.format, "cleaning": data.report, "sha256": data_sha},
+        "command": meta["command"],
+        "versions": meta["versions"],
+        "run": {k: meta[k] for k in ("devices", "backend", "git_commit", "platform", "started_utc")}
+        | {"resumed_with_changes": changed},
+    }  # fmt: skip
+    curves = [per_seed[seed]["_info"].get("adaptation") for seed in cfg.seeds]
+    if curves and all(c is not None for c in curves):
+        out["adaptation"] = aggregate_curves(curves)
+    return out
+
+
+def format_table(res: dict, metrics=TABLE_METRICS) -> str:
+    """One table: scenario x method x metric, mean ± sample std over seeds (the mean alone for one
+    seed)."""
+    seeds = res["seeds"]
+    cfg = res["config"]
+    spread = "mean ± sample std over seeds" if len(seeds) > 1 else "one seed, no spread measured"
+    lines = [
+        f"{res['dataset']} / protocol {res['protocol']} / seeds {seeds} / query 10 per user / "
+        f"adapt '{cfg['adapt']}' {cfg['inner_steps']} steps lr {cfg['inner_lr']} / "
+        f"metrics averaged over users, {spread}; predictions clipped to the scale",
+    ]
+    header = f"{'scenario':15s} {'method':12s}" + "".join(f"{m:>18s}" for m in metrics)
+    lines += [header, "-" * len(header)]
+    for s in TEST_SCENARIOS:
+        n = res["scenarios"][s]["n_users"]
+        for m, vals in res["results"][s].items():
+            cells = [format_mean_std(vals.get(k), len(seeds)) for k in metrics]
+            lines.append(f"{s + f' ({n})':15s} {m:12s}" + "".join(f"{c:>18s}" for c in cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# files this experiment owns in its workdir (the only ones --overwrite deletes)
+RUN_FILES = (
+    "checkpoints", "units", "config.json", "run.json", "metrics.jsonl", "metrics.csv", "tb",
+    "results.json", "results.md", "report", "train_log.txt", "coldstart.log",
+)
+
+
+def main(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    argv: list[str] | None = None,
+) -> dict:
+    """The script body: run, write ``results.json`` / ``results.md`` / the report, print the table.
+    ``train_log.txt`` gets every log line; the terminal the ones that are not indented."""
+    from experiments.report import report
+
+    validate_config(cfg)
+    enable_compilation_cache()
+    prepare_workdir(workdir, "coldstart", RUN_FILES, overwrite=overwrite)
+    with open(os.path.join(workdir, "train_log.txt"), "a" if resume else "w") as log_file:
+
+        def log_fn(msg):
+            log_file.write(msg + "\n")
+            log_file.flush()
+            if not msg.startswith("  "):
+                print(msg, flush=True)
+
+        res = run(cfg, log_fn=log_fn, workdir=workdir, resume=resume, progress=cfg.progress, argv=argv)
+    path = write_json_atomic(os.path.join(workdir, "results.json"), res)
+    table = format_table(res)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write("```\n" + table + "\n```\n")
+    print()
+    print(table)
+    print(f"wrote {path}")
+    if cfg.report:
+        print(f"report: {report.make_report(workdir)}")
+    return res

@@ -1,0 +1,93 @@
+"""The MODELS registry: every rating model the cold-start pipeline can meta-learn, with its adapt modes.
+
+A model entry turns ``(feature spec, config, pretrained encoder)`` into a pure ``(init_fn, apply_fn)``
+pair, names the parameter subsets its inner loop may adapt, and says how tasks are prepared for it (the
+Transformer rater reads the support set as the user's history). Adding a model is one module with its
+``make_*`` function plus one entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from metarec.data.tasks import Task
+from metarec.models import melu
+from metarec.models import transformer as tfm
+
+
+def _identity(tasks: Task) -> Task:
+    return tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """``build(spec, cfg, pretrained, max_len) -> (init_fn, apply_fn)``; ``adapt_filter(mode, cfg)``
+    the inner-loop parameter filter of an adapt mode (one of ``adapt_modes``); ``prepare_tasks`` maps
+    encoded tasks to the model's inputs; ``pretrainable``: accepts a pretrained encoder."""
+
+    build: Callable[..., tuple[Callable, Callable]]
+    adapt_modes: tuple[str, ...]
+    adapt_filter: Callable[[str, Any], Callable]
+    prepare_tasks: Callable[[Task], Task] = _identity
+    pretrainable: bool = False
+
+
+def _build_melu(spec, cfg, pretrained=None, max_len=None):
+    del pretrained, max_len
+    return melu.make_melu(
+        spec,
+        embed_dim=cfg.embed_dim,
+        hidden=tuple(cfg.hidden),
+        residual=cfg.residual,
+        use_item_id=cfg.use_item_id,
+        feature_dropout=cfg.feature_dropout,
+        context_dim=cfg.context_dim,
+        residual_bound=cfg.residual_bound,
+    )
+
+
+def _build_transformer(spec, cfg, pretrained=None, max_len=None):
+    """``pretrained``: ``(EncoderConfig, encoder params)`` of a pretraining checkpoint, or None for a
+    randomly initialised encoder of the configured size."""
+    if pretrained is not None:
+        enc_cfg, enc_params = pretrained
+    else:
+        enc_cfg = tfm.EncoderConfig(
+            num_items=spec.item_vocab[1],
+            max_len=max_len,
+            width=cfg.tf_width,
+            depth=cfg.tf_depth,
+            heads=cfg.tf_heads,
+        )
+        enc_params = None
+    rc = tfm.RaterConfig(
+        encoder=enc_cfg,
+        n_years=spec.item_vocab[0],
+        n_genres=spec.n_genres,
+        lora_rank=cfg.lora_rank,
+    )
+    return tfm.make_transformer_rater(rc, pretrained=enc_params)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "melu": ModelEntry(
+        build=_build_melu,
+        adapt_modes=("decision", "all", "head", "context", "decision+context"),
+        adapt_filter=lambda mode, cfg: melu.adapt_filter(mode),
+    ),
+    "transformer": ModelEntry(
+        build=_build_transformer,
+        adapt_modes=("head", "lora", "head+last_block", "all"),
+        adapt_filter=lambda mode, cfg: tfm.adapt_filter(mode, depth=cfg.tf_depth),
+        prepare_tasks=tfm.add_history,
+        pretrainable=True,
+    ),
+}
+
+
+def get_model(name: str) -> ModelEntry:
+    """The registered model ``name``; ``ValueError`` listing the allowed names otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    return MODELS[name]

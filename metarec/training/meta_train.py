@@ -1,0 +1,264 @@
+"""Meta-training with early stopping on validation users, on the one resumable trainer.
+
+:func:`meta_train` runs a jitted meta-step (:func:`metarec.meta.step.make_meta_step`) over meta-batches
+of training tasks, scores the validation users after every epoch (adapt on their support sets, predict
+their query sets) and keeps the best meta-parameters by validation MAE. :func:`predict_tasks` and
+:func:`score` are the evaluation used for validation and for the test scenarios alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metarec import metrics as mmetrics
+from metarec.data.tasks import Task, index_tasks, pad_tasks
+from metarec.meta.step import shard_tasks
+from metarec.training import trainer
+from metarec.training.checkpoint import Checkpointer, epoch_order, tree_digest
+from metarec.training.runlog import MetricsWriter, Progress
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`meta_train` returns: the best meta-parameters by validation MAE and how they were
+    found. ``seconds`` is the total training time (summed over resumed pieces); ``steps`` the number
+    of meta-steps taken; ``resumed_from`` the checkpoint step training continued from (None: fresh);
+    ``params_sha256`` a digest of ``params`` (:func:`metarec.training.checkpoint.tree_digest`)."""
+
+    params: Any
+    history: list[dict]
+    best_epoch: int
+    best_val_mae: float
+    seconds: float
+    steps: int = 0
+    resumed_from: int | None = None
+    params_sha256: str = ""
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW on the meta-parameters (gradient clipping happens inside the meta step)."""
+    return optax.adamw(cfg.meta_lr, weight_decay=cfg.weight_decay)
+
+
+def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np.ndarray]:
+    """Run a jitted eval function over ``tasks`` in fixed-size padded chunks (one compilation)."""
+    n = tasks.num_tasks
+    padded, _ = pad_tasks(tasks, chunk)
+    outs = []
+    for start in range(0, padded.num_tasks, chunk):
+        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[start : start + chunk]), padded)
+        outs.append(jax.device_get(eval_fn(meta_params, batch)))
+    return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+
+
+def score(pred: np.ndarray, tasks: Task, scale: tuple[float, float], k: int) -> dict[str, float]:
+    """Per-user query metrics averaged over users (predictions clipped to the rating scale)."""
+    pred = np.clip(pred, *scale)
+    values, valid = mmetrics.per_task_metrics(pred, tasks.query.y, tasks.query.mask, k=k)
+    return {m: float(mmetrics.summarize(values[m], valid[m])) for m in values}
+
+
+def check_finite_tasks(tasks: Task, name: str) -> None:
+    """Raise ``ValueError`` if a floating-point input, target or mask of ``tasks`` is NaN or inf,
+    naming the set (``name``), the field, the task index, the user id and how many values are bad.
+    Run once before training: a NaN feature would otherwise surface much later as a non-finite loss."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tasks)[0]:
+        a = np.asarray(leaf)
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(a)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            per_task = a.ndim and a.shape[0] == tasks.user.shape[0]
+            user = int(np.asarray(tasks.user)[first[0]]) if per_task else None
+            field = jax.tree_util.keystr(path).lstrip(".")
+            raise ValueError(
+                f"{name}: {int(bad.sum())} non-finite value(s) (NaN/inf) in {field} "
+                f"(first at index {tuple(int(i) for i in first)}, user {user}, value {a[tuple(first)]}); "
+                "inputs, targets and masks must be finite numbers"
+            )
+
+
+def pooled(tasks: Task) -> Task:
+    """Support and query of every training task concatenated into the query set (empty support):
+    conventional (non-meta) training on the same ratings."""
+
+    def cat(a, b):
+        return np.concatenate([np.asarray(a), np.asarray(b)], axis=1)
+
+    q = jax.tree_util.tree_map(cat, tasks.support, tasks.query)
+    empty = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, :1], tasks.support)
+    empty = empty.replace(mask=np.zeros_like(empty.mask))
+    return Task(support=empty, query=q, user=tasks.user)
+
+
+def meta_train(
+    learner,
+    step,
+    eval_fn,
+    init_params,
+    train: Task,
+    val: Task,
+    cfg,
+    key,
+    scale,
+    *,
+    log_fn: Callable | None = None,
+    mesh=None,
+    checkpointer: Checkpointer | None = None,
+    resume: bool = False,
+    metrics: MetricsWriter | None = None,
+    unit: str = "",
+    progress: bool = False,
+) -> TrainResult:
+    """Meta-train with ``step`` (from ``make_meta_step`` with :func:`make_optimizer`) and early
+    stopping on validation MAE (``eval_fn`` from ``make_eval_fn``); returns the best meta-parameters.
+
+    Sampling: epoch ``e`` visits the training tasks in the order
+    :func:`~metarec.training.checkpoint.epoch_order` ``(sampler_seed, e)`` in meta-batches of
+    ``min(cfg.meta_batch, n_tasks)`` (the incomplete last batch is dropped), where ``sampler_seed`` is
+    drawn from ``key``. One PRNG sub-key per meta-step is split off ``key`` (feature dropout).
+
+    The loop runs on :mod:`metarec.training.trainer`: a piece ends every ``cfg.ckpt_every`` steps
+    inside an epoch and at every epoch end (with the validation MAE as the checkpoint metric, so the
+    best one is retained). With ``resume`` it continues from the newest checkpoint and, on a
+    deterministic backend, ends with bit-identical parameters and history (timings aside).
+
+    A non-finite loss or gradient stops training with :class:`~metarec.training.trainer.NonFiniteLossError`
+    naming the step; the step function already refused the update and nothing is saved after it.
+    ``metrics`` gets a record every ``cfg.log_every`` steps and one per epoch (tagged ``unit``);
+    ``progress`` draws a progress line on stderr with rate and ETA.
+    """
+    name = unit or learner.name
+    check_finite_tasks(train, f"{name}: training tasks")
+    check_finite_tasks(val, f"{name}: validation tasks")
+    ckpt_every = int(cfg.get("ckpt_every", 0) or 0)
+    log_every = int(cfg.get("log_every", 0) or 0)
+    sampler_seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    n_tasks = train.num_tasks
+    meta_batch = min(cfg.meta_batch, n_tasks)
+    n_batches = n_tasks // meta_batch
+    ident = {"sampler_seed": sampler_seed, "n_tasks": n_tasks, "meta_batch": meta_batch}
+
+    def init() -> trainer.LoopState:
+        meta_params = learner.init(init_params)
+        arrays = {"params": meta_params, "opt_state": make_optimizer(cfg).init(meta_params), "key": key}
+        host = {
+            "epoch": 1,
+            "batch": 0,
+            "losses": [],
+            "history": [],
+            "best_val": None,
+            "best_epoch": 0,
+            "best_step": None,
+            "unit": name,
+        }
+        return trainer.LoopState(arrays, host)
+
+    state, resumed_from = trainer.restore_or_init(
+        init, checkpointer=checkpointer, resume=resume, ident=ident, what="data split or seed"
+    )
+    h = state.host
+    best_params = state.arrays["params"]
+    if resumed_from is not None:
+        if h["best_step"] is not None and h["best_step"] != resumed_from:
+            best = checkpointer.restore(h["best_step"], state.arrays)[0]
+            best_params = best["params"]
+        if metrics is not None:
+            metrics.truncate(name, state.step)
+        if log_fn:
+            log_fn(
+                f"  {name}: resumed from checkpoint step {state.step} (epoch {h['epoch']}, batch "
+                f"{h['batch']}/{n_batches})"
+            )
+    bar = None
+    if progress and not state.done:
+        done_steps = (h["epoch"] - 1) * n_batches + h["batch"]
+        bar = Progress(cfg.epochs * n_batches, desc=name, done=done_steps)
+
+    def piece(state: trainer.LoopState) -> tuple[trainer.LoopState, float | None]:
+        nonlocal best_params
+        h = state.host
+        params, opt_state, k = (state.arrays[n] for n in ("params", "opt_state", "key"))
+        n_step, epoch = state.step, h["epoch"]
+        order = epoch_order(sampler_seed, epoch, n_tasks)
+        while h["batch"] < n_batches:
+            b = h["batch"]
+            tasks = index_tasks(train, order[b * meta_batch : (b + 1) * meta_batch])
+            k, sub = jax.random.split(k)
+            weights = jnp.ones(meta_batch)
+            if mesh is not None:  # data parallel: tasks split over devices, params replicated
+                tasks, weights = shard_tasks(tasks, mesh), shard_tasks(weights, mesh)
+            else:
+                tasks = jax.tree_util.tree_map(jnp.asarray, tasks)
+            new_params, new_opt_state, m = step(params, opt_state, tasks, weights, sub)
+            if not bool(m["finite"]):
+                if bar is not None:
+                    bar.close()
+                raise trainer.non_finite_error(
+                    f"{name}: non-finite meta-loss or gradient at step {n_step + 1} (epoch {epoch}, "
+                    f"batch {b + 1}/{n_batches}, loss {float(m['loss'])}); training stopped and "
+                    f"nothing after step {n_step} was saved",
+                    n_step + 1,
+                    checkpointer,
+                    hint="lower --config.meta_lr/--config.inner_lr or set --config.clip_norm",
+                )
+            params, opt_state = new_params, new_opt_state
+            n_step += 1
+            h["batch"] = b + 1
+            loss = float(m["loss"])
+            h["losses"].append(loss)
+            if metrics is not None and log_every and n_step % log_every == 0:
+                metrics.write({
+                    "unit": name, "kind": "step", "step": n_step, "epoch": epoch, "loss": loss,
+                    "grad_norm": float(m["grad_norm"]), "elapsed": state.seconds,
+                })  # fmt: skip
+            if bar is not None:
+                bar.update(epoch=epoch, loss=loss)
+            if ckpt_every and n_step % ckpt_every == 0 and h["batch"] < n_batches:
+                state.arrays, state.step = {"params": params, "opt_state": opt_state, "key": k}, n_step
+                return state, None
+        out = predict_tasks(eval_fn, params, val, cfg.eval_chunk)
+        val_mae = score(out["pred"], val, scale, cfg.k)["mae"]
+        train_loss = float(np.mean(h["losses"]))
+        h["history"].append({
+            "epoch": epoch, "step": n_step, "train_loss": train_loss, "val_mae": val_mae,
+            "seconds": state.seconds,
+        })  # fmt: skip
+        if metrics is not None:
+            metrics.write({
+                "unit": name, "kind": "epoch", "step": n_step, "epoch": epoch,
+                "train_loss": train_loss, "val_mae": val_mae, "elapsed": state.seconds,
+            })  # fmt: skip
+        if log_fn:
+            log_fn(f"  {name} epoch {epoch:3d} train_loss {train_loss:.4f} val_mae {val_mae:.4f}")
+        best_val = np.inf if h["best_val"] is None else h["best_val"]
+        if val_mae < best_val:
+            h["best_val"], h["best_epoch"], h["best_step"] = val_mae, epoch, n_step
+            best_params = params
+        state.done = epoch - h["best_epoch"] >= cfg.patience or epoch >= cfg.epochs
+        h["epoch"], h["batch"], h["losses"] = epoch + 1, 0, []
+        state.arrays, state.step = {"params": params, "opt_state": opt_state, "key": k}, n_step
+        return state, val_mae
+
+    state = trainer.run(piece, state, checkpointer=checkpointer, ident=ident)
+    h = state.host
+    best_val = np.inf if h["best_val"] is None else h["best_val"]
+    if bar is not None:
+        bar.close(best_val_mae=float(best_val))
+    return TrainResult(
+        params=best_params,
+        history=h["history"],
+        best_epoch=h["best_epoch"],
+        best_val_mae=float(best_val),
+        seconds=state.seconds,
+        steps=state.step,
+        resumed_from=resumed_from,
+        params_sha256=tree_digest(best_params),
+    )

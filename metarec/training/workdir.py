@@ -1,0 +1,112 @@
+"""A run's work folder: refuse to mix runs, check a resumed run against the one it continues, record
+every invocation.
+
+Every resumable script calls :func:`open_run` once: it refuses a folder that already holds a run
+unless ``resume``; on resume it compares the saved config and data checksum with the new ones (only
+the ``mutable`` fields may change) and it writes ``config.json`` and ``run.json`` (run metadata plus
+the list of invocations).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from metarec.training.runlog import read_json, run_metadata, write_json_atomic
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Names of top-level config fields whose values differ (or exist on one side only)."""
+    missing = "<missing>"
+    return sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
+
+
+def check_resume(
+    workdir: str,
+    config: dict,
+    *,
+    resume: bool,
+    mutable=(),
+    data_sha256: str | None = None,
+    state=("config.json",),
+    log_fn: Callable = print,
+) -> list[str]:
+    """Check ``workdir`` against ``resume`` and the saved ``config.json``; write the new one.
+
+    ``state``: names whose presence means the folder holds a run. Returns the config fields that
+    changed since the saved run (only ``mutable`` ones are allowed; fields new in the code are
+    accepted with their defaults). Raises ``ValueError`` naming the conflict and what to do.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    cfg_path = os.path.join(workdir, "config.json")
+    held = [p for p in state if os.path.exists(os.path.join(workdir, p))]
+    changed: list[str] = []
+    if held and not resume:
+        raise ValueError(
+            f"--workdir={workdir} already holds a run ({', '.join(held)}); pass --resume to continue "
+            "it, --overwrite to start it again, or choose another --workdir"
+        )
+    if resume and os.path.exists(cfg_path):
+        saved = read_json(cfg_path)
+        changed = config_diff(saved["config"], config)
+        added = [k for k in changed if k not in saved["config"]]
+        if added:
+            log_fn(
+                "--resume: config fields new since the run started (their defaults are used): "
+                + ", ".join(added)
+            )
+        fixed = [k for k in changed if k not in mutable and k not in added]
+        if fixed:
+            detail = "; ".join(f"{k}: {saved['config'].get(k)!r} -> {config.get(k)!r}" for k in fixed)
+            raise ValueError(
+                f"--resume: the run in {workdir} was started with a different config ({detail}); "
+                f"only {', '.join(mutable) or 'nothing'} may change on resume. Use the original "
+                "settings or a fresh --workdir"
+            )
+        old_sha = saved.get("data_sha256")
+        if old_sha not in (None, data_sha256):
+            raise ValueError(
+                f"--resume: the data changed since the run in {workdir} started (ratings sha256 "
+                f"{old_sha[:12]}... -> {str(data_sha256)[:12]}...); use a fresh --workdir"
+            )
+        if changed:
+            log_fn(f"resuming with changed settings: {', '.join(changed)}")
+    elif resume:
+        log_fn(f"--resume: nothing to resume in {workdir}; starting a fresh run")
+    write_json_atomic(cfg_path, {"config": config, "data_sha256": data_sha256})
+    return changed
+
+
+def record_invocation(workdir: str, meta: dict, *, resume: bool) -> None:
+    """Write ``run.json``: ``meta`` (see :func:`~metarec.training.runlog.run_metadata`) plus the
+    commands of every invocation of this run (the earlier ones kept on resume)."""
+    path = os.path.join(workdir, "run.json")
+    history = read_json(path).get("invocations", []) if resume and os.path.exists(path) else []
+    write_json_atomic(path, meta | {"invocations": history + [meta["command"]]})
+
+
+def open_run(
+    workdir: str,
+    config: dict,
+    *,
+    resume: bool,
+    mutable=(),
+    data_sha256: str | None = None,
+    state=("config.json",),
+    argv: list[str] | None = None,
+    log_fn: Callable = print,
+) -> tuple[dict, list[str]]:
+    """:func:`check_resume` then :func:`record_invocation`. Returns ``(run metadata, changed
+    fields)``."""
+    changed = check_resume(
+        workdir,
+        config,
+        resume=resume,
+        mutable=mutable,
+        data_sha256=data_sha256,
+        state=state,
+        log_fn=log_fn,
+    )
+    meta = run_metadata(config, argv)
+    record_invocation(workdir, meta, resume=resume)
+    return meta, changed

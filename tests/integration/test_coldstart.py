@@ -1,0 +1,170 @@
+"""End-to-end cold-start experiment on a small fixture dataset: structure of results.json (PROTOCOL.md),
+seeded determinism, config validation, and a tuning stage that never reads a test scenario."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.coldstart import build, pipeline
+from experiments.coldstart.configs import default as default_config
+from experiments.tune.pipeline import grid_search
+from metarec import data as mdata
+from metarec.data import readers
+from metarec.data.movielens import clean
+from tests.conftest import write_ml100k
+
+
+@pytest.fixture(scope="module")
+def fixture_data(tmp_path_factory):
+    d = write_ml100k(
+        tmp_path_factory.mktemp("cs") / "ml-100k",
+        n_users=150,
+        n_items=120,
+        min_per_user=14,
+        max_per_user=60,
+        seed=11,
+    )
+    return clean(readers.read_any(d), "ml-100k"), d
+
+
+def tiny_config():
+    cfg = default_config.get_config()
+    cfg.seeds = (0, 1)
+    cfg.algos = ("maml",)
+    cfg.baselines = ("global_mean", "user_mean", "item_mean", "no_adapt", "finetune")
+    cfg.epochs = 2
+    cfg.finetune_epochs = 1
+    cfg.finetune_lrs = (0.05,)
+    cfg.meta_batch = 8
+    cfg.embed_dim = 4
+    cfg.hidden = (8,)
+    cfg.inner_steps = 2
+    cfg.eval_chunk = 32
+    cfg.adaptation_curves = False  # covered by the report tests; saves four eval compilations here
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_run(fixture_data):
+    data, _ = fixture_data
+    cfg = tiny_config()
+    compiled = build.Compiled(cfg)
+    return cfg, compiled, pipeline.run(cfg, data=data, log_fn=lambda m: None, compiled=compiled)
+
+
+def test_run_writes_protocol_format(tiny_run):
+    cfg, _, res = tiny_run
+    assert res["dataset"] == "ml-100k" and res["protocol"] == "melu" and res["seeds"] == [0, 1]
+    assert set(res["scenarios"]) >= set(build.TEST_SCENARIOS)
+    for s in build.TEST_SCENARIOS:
+        methods = res["results"][s]
+        expected = {"random", "maml", "global_mean", "user_mean", "item_mean", "no_adapt", "finetune"}
+        assert set(methods) == expected
+        for m, vals in methods.items():
+            keys = {"ndcg@3"} if m == "random" else {"mae", "rmse", "ndcg@3"}
+            assert keys <= set(vals), (s, m)
+            for k in keys:
+                assert set(vals[k]) == {"mean", "std"}
+                assert np.isfinite(vals[k]["mean"]) and vals[k]["std"] >= 0
+        # the mean over seeds is the mean of the per-seed values
+        per = [res["per_seed"][str(seed)][s]["maml"]["mae"] for seed in (0, 1)]
+        assert methods["maml"]["mae"]["mean"] == pytest.approx(np.mean(per))
+        assert methods["maml"]["mae"]["std"] == pytest.approx(np.std(per, ddof=1))
+        assert 0 <= methods["maml"]["ndcg@3"]["mean"] <= 1
+    json.dumps(res)  # serialisable
+    table = pipeline.format_table(res)
+    assert "user_item_cold" in table and "± " in table
+    one_seed = res | {"seeds": [0]}
+    assert "± " not in pipeline.format_table(one_seed).split("\n", 1)[1]  # no spread for one seed
+
+
+def test_run_is_deterministic(fixture_data, tiny_run):
+    data, _ = fixture_data
+    cfg, compiled, res = tiny_run
+    again = pipeline.run_seed(data, 1, cfg, log_fn=lambda m: None, compiled=compiled)
+    for s in build.TEST_SCENARIOS:
+        assert again[s] == res["per_seed"]["1"][s]
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("algos", ("mamal",), "--config.algos: unknown ['mamal']; allowed: maml, fomaml, reptile"),
+        ("algos", ("maml,metasgd,maml",), "--config.algos lists ['maml'] more than once"),
+        ("baselines", ("svd",), "--config.baselines: unknown ['svd']; allowed: global_mean"),
+        ("adapt", "some", "--config.adapt='some' for model melu; allowed: decision, all, head"),
+        ("model", "gpt", "--config.model='gpt'; allowed: melu, transformer"),
+        ("dataset", "ml-7m", "ml-7m"),
+        ("meta_lr", 0.0, "--config.meta_lr must be > 0"),
+        ("seeds", (), "--config.seeds must name at least one seed"),
+    ],
+)
+def test_bad_config_is_named(field, value, message):
+    cfg = default_config.get_config()
+    cfg[field] = value
+    with pytest.raises(ValueError) as e:
+        build.validate_config(cfg)
+    assert message in str(e.value)
+
+
+def test_comma_lists_from_the_command_line_are_split():
+    cfg = default_config.get_config()
+    cfg.algos = ("maml,metasgd",)
+    build.validate_config(cfg)
+    assert cfg.algos == ("maml", "metasgd")
+
+
+def test_script_rejects_bad_config_in_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.coldstart.main", "--config.algos=mamal", "--workdir=/tmp/never"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines == [
+        "coldstart: error: --config.algos: unknown ['mamal']; allowed: maml, fomaml, reptile, metasgd, "
+        "imaml"
+    ]
+
+
+def _poison(data: mdata.RatingsData, keep: np.ndarray) -> mdata.RatingsData:
+    """``data`` with every rating outside ``keep`` (a bool mask over rows) mirrored (r -> 6 - r)."""
+    r = data.ratings.copy()
+    r.loc[~keep, "rating"] = (6.0 - r.loc[~keep, "rating"]).astype(r["rating"].dtype)
+    return dataclasses.replace(data, ratings=r)
+
+
+def test_tuning_never_reads_a_test_scenario(fixture_data):
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.epochs = 1
+    with pytest.raises(ValueError, match="unknown config field 'inner_rate'"):
+        grid_search(cfg, {"inner_rate": [0.1]}, algo="fomaml", data=data)
+    grid = {"inner_lr": [0.0001, 0.05]}
+
+    def search(d):
+        return grid_search(cfg, grid, algo="fomaml", seeds=(0,), data=d, log_fn=lambda m: None)
+
+    rows = search(data)
+    assert len(rows) == 2 and all(np.isfinite(r["val_mae"]) and r["best_epochs"] == [1] for r in rows)
+    # every rating outside the training ratings (all test scenarios: new users, new items, warm_test
+    # users; support and query sets alike) poisoned: the tuning output does not move
+    split = mdata.make_split(data, 0, cfg.protocol)
+    train_pairs = set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
+    pairs = zip(data.ratings["user_id"], data.ratings["item_id"])
+    in_train = np.array([p in train_pairs for p in pairs])
+    assert 0 < (~in_train).sum() < len(in_train)
+    assert search(_poison(data, in_train)) == rows
+    # the same poison on the validation users' ratings does move it: the check can fail
+    val_users = set(build.prepare_seed(data, 0, cfg).val_sets.user_id.tolist())
+    not_val = ~data.ratings["user_id"].isin(val_users).to_numpy()
+    assert search(_poison(data, not_val)) != rows

@@ -1,0 +1,140 @@
+"""Meta-training on the resumable trainer: bit-identical resume after a crash, a finished run trains
+nothing, a non-finite loss stops naming the step and keeps the last good checkpoint, a checkpoint of
+another split is refused, metrics are de-duplicated on resume."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from experiments.coldstart import build
+from experiments.coldstart.configs import default as default_config
+from metarec import data as mdata
+from metarec.training import checkpoint as ckpt
+from metarec.training import trainer
+from metarec.training.meta_train import make_optimizer, meta_train
+from metarec.training.runlog import MetricsWriter, read_metrics
+
+
+# ---------------------------------------------------------------- meta_train resume (in process)
+def _cfg():
+    cfg = default_config.get_config()
+    cfg.embed_dim, cfg.hidden, cfg.inner_steps, cfg.meta_batch = 4, (8,), 2, 8
+    cfg.epochs, cfg.patience, cfg.ckpt_every, cfg.log_every, cfg.eval_chunk = 3, 3, 6, 1, 32
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tasks, spec, _ = mdata.make_synthetic_tasks(seed=3, n_users=44, n_items=40, n_support=6, n_query=4)
+    train, val = mdata.index_tasks(tasks, slice(0, 36)), mdata.index_tasks(tasks, slice(36, 44))
+    cfg = _cfg()
+    fns = build.Compiled(cfg)
+    init_fn, _ = fns.model(spec)
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(0))
+    args = (fns.learner(spec, "maml"), fns.step(spec, "maml"), fns.eval(spec, "maml"), init_fn(k_init), train, val,
+            cfg, k_train, (1.0, 5.0))  # fmt: skip
+    return args
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_after(step, n):
+    count = {"n": 0}
+
+    def wrapped(*a):
+        count["n"] += 1
+        if count["n"] > n:
+            raise Crash(f"simulated crash before step {count['n']}")
+        return step(*a)
+
+    return wrapped
+
+
+def _strip(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_resume_after_crash_is_bit_identical(setup, tmp_path):
+    learner, step, *rest = setup
+    # uninterrupted reference (4 steps per epoch, 3 epochs; checkpoints at epoch ends 4, 8, 12 and mid-epoch at 6)
+    w_ref = MetricsWriter(str(tmp_path / "ref"), tensorboard=False)
+    with ckpt.Checkpointer(str(tmp_path / "ref" / "ck")) as ck:
+        ref = meta_train(learner, step, *rest, checkpointer=ck, metrics=w_ref, unit="u")
+    w_ref.close()
+    assert ref.steps == 12 and len(ref.history) == 3 and ref.resumed_from is None
+    # the same again without checkpoints: bit-identical (determinism, and checkpointing changes nothing)
+    again = meta_train(learner, step, *rest)
+    assert again.params_sha256 == ref.params_sha256 and _strip(again.history) == _strip(ref.history)
+
+    # crash in the middle of epoch 2 (after step 7; newest checkpoint: step 6, mid-epoch), then resume
+    w = MetricsWriter(str(tmp_path / "run"), tensorboard=False)
+    with ckpt.Checkpointer(str(tmp_path / "run" / "ck")) as ck:
+        with pytest.raises(Crash):
+            meta_train(learner, _crash_after(step, 7), *rest, checkpointer=ck, metrics=w, unit="u")
+        assert ck.latest_step() == 6
+    with ckpt.Checkpointer(str(tmp_path / "run" / "ck")) as ck:
+        res = meta_train(learner, step, *rest, checkpointer=ck, resume=True, metrics=w, unit="u")
+        final = ck.restore(ck.latest_step(), {"params": res.params, "opt_state": optax.adamw(1e-3).init(res.params),
+                                               "key": jax.random.PRNGKey(0)})[1]  # fmt: skip
+    w.close()
+    assert res.resumed_from == 6
+    assert res.params_sha256 == ref.params_sha256
+    assert ckpt.tree_digest(res.params) == ckpt.tree_digest(ref.params)
+    assert _strip(res.history) == _strip(ref.history)
+    assert (res.best_epoch, res.best_val_mae, res.steps) == (ref.best_epoch, ref.best_val_mae, ref.steps)
+    assert final["done"] and final["step"] == 12
+    # metric records: step 7 was logged before the crash, dropped on resume, logged again once
+    key = lambda r: (r["kind"], r["step"])  # noqa: E731
+    got, want = sorted(map(key, read_metrics(str(tmp_path / "run")))), sorted(map(key, read_metrics(str(tmp_path / "ref"))))
+    assert got == want and len(got) == 12 + 3
+
+
+def test_resume_of_a_finished_run_trains_nothing(setup, tmp_path):
+    learner, step, *rest = setup
+    with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
+        ref = meta_train(learner, step, *rest, checkpointer=ck)
+    with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
+        res = meta_train(learner, _crash_after(step, 0), *rest, checkpointer=ck, resume=True)
+    assert res.params_sha256 == ref.params_sha256 and _strip(res.history) == _strip(ref.history)
+
+
+def test_non_finite_loss_stops_naming_step_and_keeps_last_good_checkpoint(setup, tmp_path):
+    learner, step, *rest = setup
+
+    def poisoned(*a):  # the real step, but from step 5 on it reports a non-finite loss (and, like the
+        p, s, m = step(*a)  # real guard, returns the old state)
+        poisoned.n += 1
+        if poisoned.n >= 5:
+            return a[0], a[1], m | {"finite": jnp.array(False), "loss": jnp.array(jnp.nan)}
+        return p, s, m
+
+    poisoned.n = 0
+    with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
+        with pytest.raises(trainer.NonFiniteLossError) as e:
+            meta_train(learner, poisoned, *rest, checkpointer=ck, unit="seed0/maml")
+        assert ck.latest_step() == 4  # epoch 1's end; nothing saved after the bad step
+    msg = str(e.value)
+    assert "seed0/maml: non-finite meta-loss or gradient at step 5 (epoch 2, batch 1/4" in msg
+    assert "last good checkpoint (step 4)" in msg and "--resume" in msg and str(tmp_path / "ck") in msg
+    assert e.value.step == 5 and e.value.last_good_step == 4
+    # ... and resuming from it with a healthy step finishes exactly like a run that never failed
+    with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
+        res = meta_train(learner, step, *rest, checkpointer=ck, resume=True)
+    ref = meta_train(learner, step, *rest)
+    assert res.params_sha256 == ref.params_sha256
+
+
+def test_resume_refuses_checkpoint_of_another_split(setup, tmp_path):
+    learner, step, eval_fn, init, train, val, cfg, key, scale = setup
+    mp = learner.init(init)
+    with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
+        arrays = {"params": mp, "opt_state": make_optimizer(cfg).init(mp), "key": key}
+        ident = {"sampler_seed": 1, "n_tasks": 999, "meta_batch": 8}
+        trainer.save(trainer.LoopState(arrays, {}, step=3), ck, ident)
+        with pytest.raises(ValueError, match="written for another data split or seed"):
+            meta_train(learner, step, eval_fn, init, train, val, cfg, key, scale, checkpointer=ck, resume=True)
