@@ -44,3 +44,56 @@ def write_ml100k(directory, n_users=60, n_items=80, seed=0, extra_ratings=(), mi
 @pytest.fixture
 def ml100k_dir(tmp_path):
     return write_ml100k(tmp_path / "ml-100k")
+
+
+def load_ml100k(directory):
+    """Read and clean a folder written by :func:`write_ml100k` (no dataset lookup, no cache)."""
+    from metarec.data import readers
+    from metarec.data.movielens import clean
+
+    return clean(readers.read_any(str(directory)), "ml-100k")
+
+
+def rewrite_lines(path, edit):
+    """Replace the lines of a latin-1 text file (e.g. ``u.data``) with ``edit(lines)``."""
+    with open(path, encoding="latin-1") as f:
+        lines = f.read().splitlines()
+    with open(path, "w", encoding="latin-1") as f:
+        f.write("\n".join(edit(lines)) + "\n")
+
+
+# a last line of u.data whose rating is not a number: a fatal error naming file, line and field
+MALFORMED_RATING = "1\t2\tfour\t881250949"
+
+
+@pytest.fixture
+def malformed_ml100k_dir(tmp_path):
+    """An ml-100k folder whose ``u.data`` ends with :data:`MALFORMED_RATING`."""
+    return write_ml100k(tmp_path / "malformed" / "ml-100k", extra_ratings=[MALFORMED_RATING])
+
+
+@pytest.fixture
+def scenario_data(tmp_path):
+    """Cleaned ml-100k-shaped data in which every cold-start scenario has users."""
+    directory = write_ml100k(
+        tmp_path / "scenarios", n_users=120, n_items=150, min_per_user=5, max_per_user=110, seed=7
+    )
+    return load_ml100k(directory)
+
+
+def random_sequences(n_users=40, num_items=16, max_len=8, seed=0, min_len=3):
+    """:class:`metarec.data.sequences.Sequences` of random item ids ``1 .. num_items - 1``, each
+    user with ``min_len .. max_len`` real positions (right-padded) and ratings 1..5."""
+    from metarec.data.sequences import Sequences
+
+    rng = np.random.default_rng(seed)
+    items = rng.integers(1, num_items, (n_users, max_len)).astype(np.int32)
+    n = rng.integers(min_len, max_len + 1, n_users)
+    mask = (np.arange(max_len)[None] < n[:, None]).astype(np.float32)
+    items = items * mask.astype(np.int32)
+    ratings = (mask * rng.integers(1, 6, (n_users, max_len))).astype(np.float32)
+    return Sequences(items=items, ratings=ratings, mask=mask, user=np.arange(n_users))
+
+
+# the repository root (scripts run as `python -m experiments...` from here)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

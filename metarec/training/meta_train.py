@@ -262,3 +262,56 @@ def meta_train(
         resumed_from=resumed_from,
         params_sha256=tree_digest(best_params),
     )
+
+
+def meta_fit(
+    step: Callable,
+    meta_params,
+    opt_state,
+    tasks,
+    *,
+    meta_batch: int,
+    epochs: int,
+    seed: int,
+    use_keys: bool = False,
+    callback: Callable[[int, dict], None] | None = None,
+):
+    """Run ``epochs`` epochs of a step from :func:`~metarec.meta.step.make_meta_step` on the trainer,
+    one piece per epoch, without validation or checkpoints (research-code convenience).
+
+    Each epoch visits the (host numpy) ``tasks`` once in a seeded random order
+    (``numpy.random.default_rng(seed + epoch)``), in meta-batches of ``meta_batch`` tasks (the last
+    incomplete batch is padded with weight-0 tasks, so every batch has one static shape). With
+    ``use_keys`` a PRNG key derived from ``seed`` and the step number is passed to every step
+    (feature dropout). ``callback(step_index, metrics)`` receives host-side float metrics.
+
+    Returns ``(meta_params, opt_state, history)``: ``history`` has one metric dict per step; a step
+    whose loss or gradient was non-finite is recorded (``finite`` False) and skipped by the step
+    itself (old parameters kept).
+    """
+    n = jax.tree_util.tree_leaves(tasks)[0].shape[0]
+    if meta_batch <= 0 or epochs < 0:
+        raise ValueError(f"meta_batch must be > 0 and epochs >= 0, got {meta_batch}, {epochs}")
+    base_key = jax.random.key(seed)
+    history: list[dict] = []
+
+    def epoch_piece(state: trainer.LoopState) -> tuple[trainer.LoopState, None]:
+        params, opt = state.arrays
+        epoch = state.host["epoch"]
+        order = np.random.default_rng(seed + epoch).permutation(n)
+        for start in range(0, n, meta_batch):
+            batch, weights = pad_tasks(index_tasks(tasks, order[start : start + meta_batch]), meta_batch)
+            key = jax.random.fold_in(base_key, state.step) if use_keys else None
+            params, opt, metrics = step(params, opt, batch, weights, key)
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()} | {"epoch": epoch}
+            history.append(m)
+            if callback is not None:
+                callback(state.step, m)
+            state.step += 1
+        state.arrays, state.host["epoch"] = (params, opt), epoch + 1
+        state.done = epoch + 1 >= epochs
+        return state, None
+
+    state = trainer.LoopState((meta_params, opt_state), {"epoch": 0}, done=epochs == 0)
+    params, opt = trainer.run(epoch_piece, state).arrays
+    return params, opt, history

@@ -13,9 +13,8 @@ import time
 import jax
 import pytest
 
-from tests.conftest import write_ml100k
+from tests.conftest import REPO, write_ml100k
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _strip(history):

@@ -23,6 +23,8 @@ from jax.flatten_util import ravel_pytree
 from metarec import meta
 from metarec.meta import step as train
 from metarec.data.tasks import Examples, Task, pad_tasks
+from metarec.training.meta_train import meta_fit
+from tests.conftest import REPO
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -581,7 +583,7 @@ _SHARDING_SCRIPT = textwrap.dedent(
     assert jax.device_count() == 8, jax.devices()
     from metarec import meta
     from metarec.meta import step as train
-    from tests.test_meta import make_tasks, mlp_init, mlp_apply, MLP_MASK
+    from tests.unit.meta.test_meta import make_tasks, mlp_init, mlp_apply, MLP_MASK
     from metarec.data.tasks import pad_tasks
     tasks, w = pad_tasks(jax.tree_util.tree_map(np.asarray, make_tasks(0, 14)), 16)
     opt = optax.adam(1e-2)
@@ -615,7 +617,7 @@ def test_data_parallel_step_on_8_host_devices_matches_single_device():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -657,7 +659,7 @@ def test_maml_adaptation_beats_no_adaptation_on_user_specific_preferences():
     opt = optax.adam(1e-2)
     step = train.make_meta_step(learner, opt)
     seen = []
-    params, _, history = train.meta_fit(step, params, opt.init(params), train_tasks, meta_batch=32,
+    params, _, history = meta_fit(step, params, opt.init(params), train_tasks, meta_batch=32,
                                         epochs=8, seed=0, callback=lambda i, m: seen.append(i))
     assert len(history) == 8 * 8 and seen == list(range(64))  # 250 tasks -> 8 batches (last padded)
     assert all(m["finite"] for m in history)
