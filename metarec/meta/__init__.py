@@ -23,18 +23,16 @@ from metarec.meta.inner import (
     resolve_mask,
 )
 from metarec.meta.learners import (
-    LEARNERS,
-    LearnerEntry,
     MetaLearner,
     MetaSGDParams,
     cg_solve,
     fomaml,
     imaml,
-    make_learner,
     maml,
     metasgd,
     reptile,
 )
+from metarec.meta.registry import LEARNERS, LearnerEntry, make_learner
 
 __all__ = [
     "adapt", "mae", "make_objective", "masked_mean", "mse", "partition", "path_filter", "path_to_str",
