@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 DEMO_FLAGS ?= --overwrite
 
-.PHONY: setup data demo test test-slow benchmark clean
+.PHONY: setup data demo test test-slow lint format benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,19 @@ demo: data
 test: setup
 	$(PY) -m pytest -q -n 2
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 benchmark: setup
-	$(PY) -m experiments.benchmark --workdir=runs/benchmark
+	$(PY) -m benchmarks.meta_step.main --workdir=runs/benchmark
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
