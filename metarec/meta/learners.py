@@ -326,10 +326,8 @@ def imaml(
       ``backtrack``: a step is halved up to ``backtrack`` times until the proximal objective
       decreases (Armijo)). Plain fixed-step GD diverges as soon as the support-loss curvature
       exceeds ``2/inner_lr − lam``, and nothing in the implicit gradient (which ignores the inner
-      path) keeps meta-training away from such sharp initialisations — on MovieLens the top
-      Hessian eigenvalue at θ grew from ~5 to ~500 over 200 meta-steps while ``2/lr − lam ≈ 39``,
-      the inner loss then exploded (1e4 .. 1e30) and training died. With the safeguard every
-      step decreases the proximal objective (up to a 1e-6 relative round-off allowance, under the
+      path) keeps meta-training away from such sharp initialisations (BUILD_NOTES.md, "Stability").
+      With the safeguard every step decreases the proximal objective (up to a 1e-6 relative round-off allowance, under the
       step's dropout key), so ``|φ − θ|² ≲ 2 L_s(θ)/lam`` stays bounded. ``backtrack=0`` restores
       plain GD.
     * CG stops at a non-positive-curvature direction of ``I + H/lam`` (indefinite when φ is not a

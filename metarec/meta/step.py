@@ -156,7 +156,7 @@ def make_meta_step(
         summation order), peak memory of one chunk. ``T`` must be divisible by it. Chunk ``j`` holds
         tasks ``j, j + T/c, j + 2T/c, ...`` so that, under data parallelism, every device keeps
         working on its own slice of each chunk. On CPU it is also faster: chunks of 8 tasks keep the
-        temporaries in cache (1.9x the unchunked step at meta-batch 32; BUILD_NOTES.md, issue 6).
+        temporaries in cache (measured in BUILD_NOTES.md, "Performance").
       clip_norm: clip the averaged meta-gradient to this global norm before the optimizer.
       compute_dtype: e.g. ``jnp.bfloat16``: the per-task computation (inner loop, query loss,
         meta-gradient) runs in this dtype; meta-parameters, gradient accumulation and the optimizer
