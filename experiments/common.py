@@ -57,10 +57,15 @@ def define_config(main_file: str, default: str = "default", name: str = "config"
     except (AttributeError, KeyError) as e:
         if "--traceback" in sys.argv:
             raise
-        field = str(e).strip("\"'")
+        msg = e
+        while isinstance(msg, BaseException) and msg.args:  # AttributeError(KeyError(text))
+            msg = msg.args[0]
+        first, _, hint = str(msg).partition("\n")
+        field = first.strip("\"'")
         bad = [a.split("=")[0] for a in sys.argv[1:] if a.split("=")[0].endswith(f".{field}")]
         script = os.path.basename(os.path.dirname(os.path.abspath(main_file)))
-        _fail(script, f"{bad[0] if bad else field}: unknown config field")
+        hint = f" ({hint.strip()})" if hint.strip() else ""
+        _fail(script, f"{bad[0] if bad else field}: unknown config field{hint}")
 
 
 def define_run_flags(default_workdir: str | None, *, resumable: bool = True) -> None:
@@ -153,7 +158,7 @@ def run_main(name: str, body: Callable[[], object]) -> None:
 
     def main(argv):
         if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            _fail(name, f"unexpected arguments: {' '.join(argv[1:])} (settings are --config.<field>=...)")
         try:
             _load_configs()
             body()

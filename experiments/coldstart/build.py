@@ -192,9 +192,17 @@ def _check_names(field: str, values, allowed) -> None:
 
 
 def normalize_config(cfg) -> None:
-    """Split comma lists given on the command line (``--config.algos=maml,metasgd``) in place."""
+    """Split comma lists given on the command line (``--config.algos=maml,metasgd``) in place and
+    read integer lists as integers."""
     for field in NAME_FIELDS:
         cfg[field] = split_names(cfg[field])
+    for field in ("seeds", "hidden", "curve_steps", "curve_support"):
+        try:
+            cfg[field] = tuple(int(v) for v in split_names(cfg[field]))
+        except ValueError:
+            raise ValueError(
+                f"--config.{field} takes a comma list of integers, got {','.join(map(str, cfg[field]))!r}"
+            ) from None
 
 
 def validate_config(cfg) -> None:

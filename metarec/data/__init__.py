@@ -1,16 +1,31 @@
 """MovieLens readers, cleaning, cold-start scenarios, feature encoding and fixed-shape task batches.
 
-Data flows one way: files -> :func:`load_dataset` (cleaned frames) -> :func:`make_split` (per-scenario
-support/query sets) -> :class:`FeatureEncoder` (fixed-shape :class:`Task` pytrees) -> jitted steps.
+Data flows one way: files -> :func:`load_dataset` (a name from :data:`DATASETS`; cleaned frames) ->
+:func:`make_split` (per-scenario support/query sets) -> :class:`FeatureEncoder` (fixed-shape
+:class:`Task` pytrees) -> jitted steps.
 """
 
 from metarec.data.encode import FeatureEncoder, FeatureSpec
 from metarec.data.fetch import ensure_dataset
-from metarec.data.movielens import RatingsData, clean, data_checksum, load_dataset
+from metarec.data.movielens import RatingsData, clean, data_checksum
 from metarec.data.readers import DataFormatError, read_any
+from metarec.data.registry import (
+    DATASETS,
+    DatasetEntry,
+    check_dataset,
+    load_dataset,
+    register_dataset,
+)
 from metarec.data.scenarios import SCENARIOS, Split, UserSets, make_split, split_validation
 from metarec.data.synthetic import make_synthetic_tasks
-from metarec.data.tasks import Examples, Task, index_tasks, iterate_meta_batches, pad_tasks, stack_tasks
+from metarec.data.tasks import (
+    Examples,
+    Task,
+    index_tasks,
+    iterate_meta_batches,
+    pad_tasks,
+    stack_tasks,
+)
 
 
 def melu_scenarios(data: RatingsData, seed: int) -> dict[str, UserSets]:
@@ -19,13 +34,36 @@ def melu_scenarios(data: RatingsData, seed: int) -> dict[str, UserSets]:
 
 
 def train_ratings(data: RatingsData, seed: int, protocol: str = "melu"):
-    """The ratings training may see for ``seed`` (shortcut for ``make_split(...).train_ratings``)."""
+    """The ratings training may see for ``seed`` (``make_split(...).train_ratings``)."""
     return make_split(data, seed, protocol).train_ratings
 
 
 __all__ = [
-    "DataFormatError", "Examples", "FeatureEncoder", "FeatureSpec", "RatingsData", "SCENARIOS", "Split",
-    "Task", "UserSets", "clean", "data_checksum", "ensure_dataset", "index_tasks", "iterate_meta_batches",
-    "load_dataset", "make_split", "make_synthetic_tasks", "melu_scenarios", "pad_tasks", "read_any",
-    "split_validation", "stack_tasks", "train_ratings",
-]  # fmt: skip
+    "DATASETS",
+    "DataFormatError",
+    "DatasetEntry",
+    "Examples",
+    "FeatureEncoder",
+    "FeatureSpec",
+    "RatingsData",
+    "SCENARIOS",
+    "Split",
+    "Task",
+    "UserSets",
+    "check_dataset",
+    "clean",
+    "data_checksum",
+    "ensure_dataset",
+    "index_tasks",
+    "iterate_meta_batches",
+    "load_dataset",
+    "make_split",
+    "make_synthetic_tasks",
+    "melu_scenarios",
+    "pad_tasks",
+    "read_any",
+    "register_dataset",
+    "split_validation",
+    "stack_tasks",
+    "train_ratings",
+]

@@ -9,10 +9,10 @@ Per-example model inputs ``x`` (leaves share the example axis N):
   ``offset_prior`` pseudo-ratings — the same value for all of a task's support and query examples
   (computed from the support set only), so a model can predict residuals.
 
-Vocabularies are fitted on training data only (the items and users of ``train_ratings``); index 0 of
-every vocabulary is the out-of-vocabulary entry, used for categories never seen in training (new
-release years, unseen zip prefixes, items not rated in training). ``to_dict``/``from_dict`` store the
-vocabularies as JSON next to results so a trained model can be applied to new data.
+Vocabularies are fitted on training data only (the items and users of ``train_ratings``); index 0
+of every vocabulary is the out-of-vocabulary entry, used for categories never seen in training (new
+release years, unseen zip prefixes, items not rated in training). ``to_dict``/``from_dict`` store
+the vocabularies as JSON next to results so a trained model can be applied to new data.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ OOV = 0
 
 
 def age_bucket(age: np.ndarray) -> np.ndarray:
-    """Map ages to 1..7 (PROTOCOL buckets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+); unknown (<0) -> 0.
-    ml-1m's age codes (1, 18, 25, 35, 45, 50, 56) land in the matching buckets."""
+    """Map ages to 1..7 (PROTOCOL buckets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+); unknown
+    (<0) -> 0. ml-1m's age codes (1, 18, 25, 35, 45, 50, 56) land in the matching buckets."""
     age = np.asarray(age)
     out = np.zeros(age.shape, np.int32)
     for b, (lo, hi) in enumerate(AGE_BUCKETS, start=1):
@@ -56,8 +56,8 @@ class FeatureSpec:
 class Vocab:
     """A token -> index map with index 0 reserved for out-of-vocabulary tokens.
 
-    ``capacity`` (optional) reserves that many indices in all (unused ones are never produced), so that
-    embedding tables keep one shape across seeds whose training vocabularies differ."""
+    ``capacity`` (optional) reserves that many indices in all (unused ones are never produced), so
+    that embedding tables keep one shape across seeds whose training vocabularies differ."""
 
     def __init__(self, tokens, capacity: int = 0):
         self.tokens = sorted({str(t) for t in tokens})
@@ -75,7 +75,11 @@ class FeatureEncoder:
     """Fitted vocabularies; :meth:`encode` turns :class:`UserSets` into a :class:`Task` batch."""
 
     def __init__(
-        self, vocabs: dict[str, list[str]], genres: list[str], global_mean: float, offset_prior: float,
+        self,
+        vocabs: dict[str, list[str]],
+        genres: list[str],
+        global_mean: float,
+        offset_prior: float,
         capacity: dict[str, int] | None = None,
     ):
         capacity = capacity or {}
@@ -87,13 +91,18 @@ class FeatureEncoder:
 
     @classmethod
     def fit(
-        cls, data: RatingsData, train_ratings: pd.DataFrame, offset_prior: float = 2.0, stable_shapes: bool = True
-    ) -> "FeatureEncoder":
+        cls,
+        data: RatingsData,
+        train_ratings: pd.DataFrame,
+        offset_prior: float = 2.0,
+        stable_shapes: bool = True,
+    ) -> FeatureEncoder:
         """Vocabularies from the users and items of ``train_ratings`` only.
 
         With ``stable_shapes`` every vocabulary's size (not its content) is the number of distinct
-        values in the whole dataset + 1, so models of different seeds have identical parameter shapes
-        and share compiled steps; indices of categories unseen in training are still the OOV 0.
+        values in the whole dataset + 1, so models of different seeds have identical parameter
+        shapes and share compiled steps; indices of categories unseen in training are still the
+        OOV 0.
         """
         users = data.users[data.users["user_id"].isin(train_ratings["user_id"].unique())]
         items = data.items[data.items["item_id"].isin(train_ratings["item_id"].unique())]
@@ -113,21 +122,31 @@ class FeatureEncoder:
                 "year": data.items["year"].nunique() + 1,
                 "item_id": len(data.items) + 1,
             }
-        enc = cls(vocabs, list(data.genres), float(train_ratings["rating"].mean()), offset_prior, capacity)
+        enc = cls(
+            vocabs, list(data.genres), float(train_ratings["rating"].mean()), offset_prior, capacity
+        )
         enc.bind(data)
         return enc
 
-    def bind(self, data: RatingsData) -> "FeatureEncoder":
-        """Build the id -> feature-row lookup tables for ``data`` (any dataset with the same fields)."""
+    def bind(self, data: RatingsData) -> FeatureEncoder:
+        """Build the id -> feature-row lookup tables for ``data`` (any dataset, same fields)."""
         u = data.users
         user_feats = np.stack(
-            [age_bucket(u["age"].to_numpy()), self.vocabs["gender"].encode(u["gender"]),
-             self.vocabs["occupation"].encode(u["occupation"]), self.vocabs["zip3"].encode(u["zip_code"].str[:3])],
+            [
+                age_bucket(u["age"].to_numpy()),
+                self.vocabs["gender"].encode(u["gender"]),
+                self.vocabs["occupation"].encode(u["occupation"]),
+                self.vocabs["zip3"].encode(u["zip_code"].str[:3]),
+            ],
             axis=1,
-        )  # fmt: skip
+        )
         it = data.items
         item_feats = np.stack(
-            [self.vocabs["year"].encode(it["year"]), self.vocabs["item_id"].encode(it["item_id"].astype(str))], axis=1
+            [
+                self.vocabs["year"].encode(it["year"]),
+                self.vocabs["item_id"].encode(it["item_id"].astype(str)),
+            ],
+            axis=1,
         )
         gidx = {g: j for j, g in enumerate(self.genres)}
         genres = np.zeros((len(it), len(self.genres)), np.float32)
@@ -136,14 +155,23 @@ class FeatureEncoder:
                 if g in gidx:
                     genres[r, gidx[g]] = 1.0
         self._tables = (
-            pd.Index(u["user_id"].to_numpy()), user_feats, pd.Index(it["item_id"].to_numpy()), item_feats, genres
+            pd.Index(u["user_id"].to_numpy()),
+            user_feats,
+            pd.Index(it["item_id"].to_numpy()),
+            item_feats,
+            genres,
         )
         return self
 
     @property
     def spec(self) -> FeatureSpec:
         return FeatureSpec(
-            user_vocab=(len(AGE_BUCKETS) + 1, len(self.vocabs["gender"]), len(self.vocabs["occupation"]), len(self.vocabs["zip3"])),
+            user_vocab=(
+                len(AGE_BUCKETS) + 1,
+                len(self.vocabs["gender"]),
+                len(self.vocabs["occupation"]),
+                len(self.vocabs["zip3"]),
+            ),
             item_vocab=(len(self.vocabs["year"]), len(self.vocabs["item_id"])),
             n_genres=len(self.genres),
         )
@@ -178,10 +206,16 @@ class FeatureEncoder:
         user_index = self._tables[0]
         user_rows = user_index.get_indexer(sets.user_id)
         if np.any(user_rows < 0):
-            raise KeyError(f"user ids not in the user table: {sets.user_id[user_rows < 0][:5].tolist()}")
+            raise KeyError(
+                f"user ids not in the user table: {sets.user_id[user_rows < 0][:5].tolist()}"
+            )
         offset = self.user_offset(sets.support_rating, sets.support_mask).astype(np.float32)
-        support = self._examples(user_rows, sets.support_item, sets.support_rating, sets.support_mask, offset)
-        query = self._examples(user_rows, sets.query_item, sets.query_rating, sets.query_mask, offset)
+        support = self._examples(
+            user_rows, sets.support_item, sets.support_rating, sets.support_mask, offset
+        )
+        query = self._examples(
+            user_rows, sets.query_item, sets.query_rating, sets.query_mask, offset
+        )
         return Task(support=support, query=query, user=sets.user_id.astype(np.int32))
 
     def to_dict(self) -> dict:
@@ -197,7 +231,7 @@ class FeatureEncoder:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureEncoder":
+    def from_dict(cls, d: dict) -> FeatureEncoder:
         return cls(d["vocabs"], d["genres"], d["global_mean"], d["offset_prior"], d.get("capacity"))
 
     def save(self, path: str) -> None:
@@ -205,6 +239,6 @@ class FeatureEncoder:
             json.dump(self.to_dict(), f, indent=1)
 
     @classmethod
-    def load(cls, path: str) -> "FeatureEncoder":
+    def load(cls, path: str) -> FeatureEncoder:
         with open(path) as f:
             return cls.from_dict(json.load(f))

@@ -1,15 +1,16 @@
-"""Getting MovieLens onto the machine — never into the repository (the licence forbids redistribution).
+"""Getting MovieLens onto the machine — never into the repository (its licence forbids
+redistribution).
 
 Three ways, tried in this order by :func:`ensure_dataset`:
 
 1. ``data_dir``: a directory the user already has, in GroupLens or RecBole layout; used as is.
 2. The cache (``$METAREC_DATA`` or ``~/.cache/metarec``), filled earlier by 3 or 4.
-3. Offline default for ml-100k: the copy of ml-100k inside the ``recbole==1.2.1`` wheel, fetched with
-   ``pip download --no-deps recbole==1.2.1`` (PyPI is reachable where GroupLens may not be) and
+3. Offline default for ml-100k: the copy of ml-100k inside the ``recbole==1.2.1`` wheel, fetched
+   with ``pip download --no-deps recbole==1.2.1`` (PyPI is reachable where GroupLens may not be) and
    extracted (only ``recbole/dataset_example/ml-100k/ml-100k.{inter,user,item}``) into the cache.
    The wheel's SHA-256 is checked.
-4. ``download=True``: GroupLens' published zip (checked against its published MD5) extracted into the
-   cache.
+4. ``download=True``: GroupLens' published zip (checked against its published MD5) extracted into
+   the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 
@@ -39,17 +41,30 @@ RECBOLE_ML100K_SHA256 = {
 
 GROUPLENS = {
     # name: (url, md5 of the zip as published by GroupLens next to it, folder inside the zip)
-    "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723", "ml-100k"),
-    "ml-1m": ("https://files.grouplens.org/datasets/movielens/ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906", "ml-1m"),
-}  # fmt: skip
+    "ml-100k": (
+        "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+        "0e33842e24a9c977be4e0107933c0723",
+        "ml-100k",
+    ),
+    "ml-1m": (
+        "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+        "c4d9eecfca2ab87c1945afe126590906",
+        "ml-1m",
+    ),
+}
 
-DATASETS = ("ml-100k", "ml-1m")
+
+def _check_name(name: str) -> None:
+    if name not in GROUPLENS:
+        raise ValueError(f"unknown MovieLens dataset {name!r}; allowed: {', '.join(GROUPLENS)}")
 
 
 def cache_root(cache_dir: str | None = None) -> str:
     """The data cache: ``cache_dir``, else ``$METAREC_DATA``, else ``~/.cache/metarec``."""
     return os.path.abspath(
-        cache_dir or os.environ.get("METAREC_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "metarec")
+        cache_dir
+        or os.environ.get("METAREC_DATA")
+        or os.path.join(os.path.expanduser("~"), ".cache", "metarec")
     )
 
 
@@ -66,12 +81,14 @@ def _check_digest(path: str, expected: str, algo: str) -> None:
     got = file_digest(path, algo)
     if got != expected:
         raise DataFormatError(
-            path, f"{algo} checksum mismatch: expected {expected}, got {got} (corrupt or different download)"
+            path,
+            f"{algo} checksum mismatch: expected {expected}, got {got} "
+            "(corrupt or different download)",
         )
 
 
 def extract_from_recbole_wheel(wheel: str, dest: str, check: bool = True) -> str:
-    """Extract ml-100k's RecBole atomic files from a recbole wheel into ``dest``; returns ``dest``."""
+    """Extract ml-100k's RecBole atomic files from a recbole wheel into ``dest`` (returned)."""
     if check:
         _check_digest(wheel, RECBOLE_WHEEL_SHA256, "sha256")
     os.makedirs(dest, exist_ok=True)
@@ -98,30 +115,47 @@ def fetch_recbole_wheel(cache: str) -> str:
     if os.path.isfile(wheel):
         return wheel
     os.makedirs(cache, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-           f"recbole=={RECBOLE_VERSION}", "-d", cache]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        f"recbole=={RECBOLE_VERSION}",
+        "-d",
+        cache,
+    ]
     log.info("fetching ml-100k via the recbole wheel: %s", " ".join(cmd))
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 or not os.path.isfile(wheel):
-        raise RuntimeError(
-            f"could not download {RECBOLE_WHEEL} with pip (exit {res.returncode}): {res.stderr.strip()[-500:]}\n"
-            "Point --data_dir at a MovieLens copy you have, or use download=True (GroupLens)."
+        why = (res.stderr.strip().splitlines() or ["no message"])[-1]
+        raise FileNotFoundError(
+            f"ml-100k is not in the cache {cache} and pip could not download {RECBOLE_WHEEL} "
+            f"(exit {res.returncode}: {why}); set data_dir to a MovieLens copy you have "
+            "(--config.data_dir=...) or allow downloading from GroupLens (--config.download=true)"
         )
     return wheel
 
 
-def download_grouplens(name: str, cache: str, url: str | None = None, md5: str | None = None) -> str:
-    """Download GroupLens' zip of ``name`` (or ``url``), check its MD5, extract; returns the folder."""
-    if name not in GROUPLENS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {sorted(GROUPLENS)}")
+def download_grouplens(
+    name: str, cache: str, url: str | None = None, md5: str | None = None
+) -> str:
+    """Download GroupLens' zip of ``name`` (or ``url``), check its MD5, extract it; returns the
+    folder."""
+    _check_name(name)
     default_url, default_md5, folder = GROUPLENS[name]
     url, md5 = url or default_url, md5 or default_md5
     os.makedirs(cache, exist_ok=True)
     zpath = os.path.join(cache, f"{name}.zip")
     part = zpath + ".part"
     log.info("downloading %s", url)
-    with urllib.request.urlopen(url) as r, open(part, "wb") as f:
-        shutil.copyfileobj(r, f)
+    try:
+        with urllib.request.urlopen(url) as r, open(part, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except urllib.error.URLError as e:
+        raise FileNotFoundError(f"could not download {name} from {url}: {e.reason}") from None
     _check_digest(part, md5, "md5")
     os.replace(part, zpath)
     return extract_grouplens_zip(zpath, os.path.join(cache, "grouplens"), folder)
@@ -150,14 +184,22 @@ def extract_grouplens_zip(zpath: str, dest_parent: str, folder: str) -> str:
 
 
 def ensure_dataset(
-    name: str = "ml-100k", data_dir: str | None = None, cache_dir: str | None = None, download: bool = False
+    name: str = "ml-100k",
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    download: bool = False,
 ) -> str:
-    """Return a directory holding ``name`` in a layout :func:`metarec.data.readers.read_any` reads."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {list(DATASETS)}")
+    """Return a directory holding ``name`` in a layout :func:`metarec.data.readers.read_any` reads.
+    ``data_dir`` and ``download`` exclude each other."""
+    _check_name(name)
+    if data_dir and download:
+        raise ValueError(
+            "download fetches GroupLens' zip into the cache; it cannot be combined with data_dir "
+            f"(files you already have: {data_dir})"
+        )
     if data_dir:
         if not os.path.isdir(data_dir):
-            raise DataFormatError(data_dir, "--data_dir does not exist or is not a directory")
+            raise DataFormatError(data_dir, "data_dir does not exist or is not a folder")
         return data_dir
     cache = cache_root(cache_dir)
     grouplens_dir = os.path.join(cache, "grouplens", GROUPLENS[name][2])
@@ -172,6 +214,6 @@ def ensure_dataset(
     if download:
         return download_grouplens(name, cache)
     raise FileNotFoundError(
-        f"{name} is not in the cache {cache}. Pass --data_dir=<folder with ratings.dat, users.dat, "
-        "movies.dat> or allow downloading from GroupLens (download=True / --download)."
+        f"{name} is not in the cache {cache}: set data_dir to a folder holding its files "
+        "(--config.data_dir=...) or allow downloading from GroupLens (--config.download=true)"
     )

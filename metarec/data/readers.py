@@ -8,11 +8,11 @@ wrong number of columns, missing header fields) raise :class:`DataFormatError` a
 Supported layouts (``detect_format`` picks one from the files present in a directory):
 
 * ``grouplens-100k``: ``u.data`` (tab: user, item, rating, timestamp), ``u.user``
-  (``|``: user, age, gender, occupation, zip), ``u.item`` (``|``, latin-1: item, title, release date,
-  video release date, IMDb URL, 19 genre flags).
-* ``grouplens-1m``: ``ratings.dat`` / ``users.dat`` / ``movies.dat`` with ``::`` separators, latin-1,
-  genres as ``A|B|C``, the release year inside the title ``"Toy Story (1995)"``, ages and occupations
-  as codes.
+  (``|``: user, age, gender, occupation, zip), ``u.item`` (``|``, latin-1: item, title, release
+  date, video release date, IMDb URL, 19 genre flags).
+* ``grouplens-1m``: ``ratings.dat`` / ``users.dat`` / ``movies.dat`` with ``::`` separators,
+  latin-1, genres as ``A|B|C``, the release year inside the title ``"Toy Story (1995)"``, ages and
+  occupations as codes.
 * ``recbole``: ``<name>.inter`` / ``<name>.user`` / ``<name>.item`` with typed headers
   (``user_id:token<TAB>item_id:token<TAB>rating:float...``).
 """
@@ -26,18 +26,51 @@ import re
 import pandas as pd
 
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-    "War", "Western",
-)  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 # ml-1m's occupation codes (README of ml-1m).
 ML1M_OCCUPATIONS = (
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
-)  # fmt: skip
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
+)
 
 
 class DataFormatError(ValueError):
@@ -55,8 +88,9 @@ class DataFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RawData:
-    """String-typed frames straight from the files (plus ``_line``); see :mod:`metarec.data.movielens`
-    for typing and cleaning. ``items`` has columns item_id, title, year, genres (genres joined by '|')."""
+    """String-typed frames straight from the files (plus ``_line``); see
+    :mod:`metarec.data.movielens` for typing and cleaning. ``items`` has columns item_id, title,
+    year, genres (genres joined by '|')."""
 
     ratings: pd.DataFrame  # user_id, item_id, rating, timestamp, _line
     users: pd.DataFrame  # user_id, age, gender, occupation, zip_code, _line
@@ -81,9 +115,9 @@ def read_delimited(
 ) -> pd.DataFrame:
     """Read a delimited text file into a frame of strings with a 1-based ``_line`` column.
 
-    ``sep`` may be multi-character (``'::'``). Every non-blank line must have exactly ``len(names)``
-    fields (or at least ``min_fields``, the missing trailing ones becoming empty strings); blank lines
-    are skipped. Errors name the file and line and say what was expected.
+    ``sep`` may be multi-character (``'::'``). Every non-blank line must have exactly
+    ``len(names)`` fields (or at least ``min_fields``, the missing trailing ones becoming empty
+    strings); blank lines are skipped. Errors name the file and line and say what was expected.
     """
     _require(path)
     with open(path, "rb") as f:
@@ -122,7 +156,7 @@ def read_delimited(
 
 
 def _read_recbole(path: str, wanted: dict[str, list[str]]) -> pd.DataFrame:
-    """Read a RecBole atomic file (typed header ``name:type``), returning the wanted columns renamed.
+    """Read a RecBole atomic file (typed header ``name:type``); the wanted columns, renamed.
 
     ``wanted`` maps our column name to a list of acceptable header names (first found wins).
     """
@@ -131,18 +165,20 @@ def _read_recbole(path: str, wanted: dict[str, list[str]]) -> pd.DataFrame:
         header_line = f.readline().rstrip("\n\r")
     header = header_line.split("\t")
     names = []
-    for j, h in enumerate(header):
+    for h in header:
         if ":" not in h:
             raise DataFormatError(
                 path,
-                f"header field {h!r} has no ':type' suffix; RecBole atomic files need typed headers "
-                "like 'user_id:token'",
+                f"header field {h!r} has no ':type' suffix; RecBole atomic files need typed "
+                "headers like 'user_id:token'",
                 line=1,
                 field=h,
             )
         name = h.split(":", 1)[0]
         if name in names:
-            raise DataFormatError(path, f"column {name!r} appears twice in the header", line=1, field=h)
+            raise DataFormatError(
+                path, f"column {name!r} appears twice in the header", line=1, field=h
+            )
         names.append(name)
     frame = read_delimited(path, "\t", names, skip_header=True, min_fields=1)
     out = {}
@@ -150,7 +186,9 @@ def _read_recbole(path: str, wanted: dict[str, list[str]]) -> pd.DataFrame:
         found = next((c for c in candidates if c in names), None)
         if found is None:
             raise DataFormatError(
-                path, f"missing column for {ours!r}: expected one of {candidates} in the header", line=1
+                path,
+                f"missing column for {ours!r}: expected one of {candidates} in the header",
+                line=1,
             )
         out[ours] = frame[found]
     out["_line"] = frame["_line"]
@@ -159,7 +197,10 @@ def _read_recbole(path: str, wanted: dict[str, list[str]]) -> pd.DataFrame:
 
 def read_grouplens_100k(directory: str) -> RawData:
     """Read ml-100k in GroupLens' layout (``u.data``, ``u.user``, ``u.item``)."""
-    p = {k: os.path.join(directory, f) for k, f in (("ratings", "u.data"), ("users", "u.user"), ("items", "u.item"))}
+    p = {
+        k: os.path.join(directory, f)
+        for k, f in (("ratings", "u.data"), ("users", "u.user"), ("items", "u.item"))
+    }
     ratings = read_delimited(p["ratings"], "\t", ["user_id", "item_id", "rating", "timestamp"])
     users = read_delimited(p["users"], "|", ["user_id", "age", "gender", "occupation", "zip_code"])
     item_cols = ["item_id", "title", "release_date", "video_release_date", "url", *ML100K_GENRES]
@@ -168,37 +209,55 @@ def read_grouplens_100k(directory: str) -> RawData:
     flags = items[list(ML100K_GENRES)]
     bad = ~flags.isin(["0", "1"])
     if bad.to_numpy().any():
-        r, c = map(int, next(zip(*bad.to_numpy().nonzero())))
+        r, c = map(int, next(zip(*bad.to_numpy().nonzero(), strict=True)))
         raise DataFormatError(
-            p["items"], f"genre flag must be 0 or 1, got {flags.iat[r, c]!r}",
-            line=int(items["_line"].iat[r]), field=ML100K_GENRES[c],
-        )  # fmt: skip
-    genres = flags.apply(lambda row: "|".join(g for g, v in zip(ML100K_GENRES, row) if v == "1"), axis=1)
+            p["items"],
+            f"genre flag must be 0 or 1, got {flags.iat[r, c]!r}",
+            line=int(items["_line"].iat[r]),
+            field=ML100K_GENRES[c],
+        )
+    genres = flags.apply(
+        lambda row: "|".join(g for g, v in zip(ML100K_GENRES, row, strict=True) if v == "1"),
+        axis=1,
+    )
     items = pd.DataFrame(
-        {"item_id": items["item_id"], "title": items["title"], "year": years, "genres": genres,
-         "_line": items["_line"]}
-    )  # fmt: skip
+        {
+            "item_id": items["item_id"],
+            "title": items["title"],
+            "year": years,
+            "genres": genres,
+            "_line": items["_line"],
+        }
+    )
     return RawData(ratings, users, items, p, "grouplens-100k")
 
 
 def read_grouplens_1m(directory: str) -> RawData:
     """Read ml-1m in GroupLens' layout (``ratings.dat``, ``users.dat``, ``movies.dat``, ``::``)."""
-    p = {k: os.path.join(directory, f) for k, f in (("ratings", "ratings.dat"), ("users", "users.dat"), ("items", "movies.dat"))}
+    p = {
+        k: os.path.join(directory, f)
+        for k, f in (("ratings", "ratings.dat"), ("users", "users.dat"), ("items", "movies.dat"))
+    }
     ratings = read_delimited(p["ratings"], "::", ["user_id", "item_id", "rating", "timestamp"])
     users = read_delimited(p["users"], "::", ["user_id", "gender", "age", "occupation", "zip_code"])
     occ = pd.to_numeric(users["occupation"], errors="coerce")
     users["occupation"] = [
         ML1M_OCCUPATIONS[int(o)] if o == o and 0 <= o < len(ML1M_OCCUPATIONS) else raw
-        for o, raw in zip(occ, users["occupation"])
+        for o, raw in zip(occ, users["occupation"], strict=True)
     ]
     users = users[["user_id", "age", "gender", "occupation", "zip_code", "_line"]]
     movies = read_delimited(p["items"], "::", ["item_id", "title", "genres"], encoding="latin-1")
     years = movies["title"].str.extract(r"\((\d{4})\)\s*$", expand=False).fillna("")
     titles = movies["title"].str.replace(r"\s*\(\d{4}\)\s*$", "", regex=True)
     items = pd.DataFrame(
-        {"item_id": movies["item_id"], "title": titles, "year": years, "genres": movies["genres"],
-         "_line": movies["_line"]}
-    )  # fmt: skip
+        {
+            "item_id": movies["item_id"],
+            "title": titles,
+            "year": years,
+            "genres": movies["genres"],
+            "_line": movies["_line"],
+        }
+    )
     return RawData(ratings, users, items, p, "grouplens-1m")
 
 
@@ -209,25 +268,48 @@ def read_recbole(directory: str, name: str | None = None) -> RawData:
     the item file's ``class``/``genre`` token_seq column (space-separated).
     """
     if name is None:
-        inters = sorted(f for f in os.listdir(directory) if f.endswith(".inter")) if os.path.isdir(directory) else []
+        inters = (
+            sorted(f for f in os.listdir(directory) if f.endswith(".inter"))
+            if os.path.isdir(directory)
+            else []
+        )
         if len(inters) != 1:
-            raise DataFormatError(directory, f"expected exactly one *.inter file, found {inters or 'none'}")
+            raise DataFormatError(
+                directory, f"expected exactly one *.inter file, found {inters or 'none'}"
+            )
         name = inters[0][: -len(".inter")]
-    p = {k: os.path.join(directory, f"{name}.{ext}") for k, ext in (("ratings", "inter"), ("users", "user"), ("items", "item"))}
+    p = {
+        k: os.path.join(directory, f"{name}.{ext}")
+        for k, ext in (("ratings", "inter"), ("users", "user"), ("items", "item"))
+    }
     ratings = _read_recbole(
         p["ratings"],
-        {"user_id": ["user_id"], "item_id": ["item_id"], "rating": ["rating"], "timestamp": ["timestamp"]},
+        {
+            "user_id": ["user_id"],
+            "item_id": ["item_id"],
+            "rating": ["rating"],
+            "timestamp": ["timestamp"],
+        },
     )
     users = _read_recbole(
         p["users"],
-        {"user_id": ["user_id"], "age": ["age"], "gender": ["gender"], "occupation": ["occupation"],
-         "zip_code": ["zip_code"]},
-    )  # fmt: skip
+        {
+            "user_id": ["user_id"],
+            "age": ["age"],
+            "gender": ["gender"],
+            "occupation": ["occupation"],
+            "zip_code": ["zip_code"],
+        },
+    )
     items = _read_recbole(
         p["items"],
-        {"item_id": ["item_id"], "title": ["movie_title", "title"], "year": ["release_year", "year"],
-         "genres": ["class", "genre", "genres"]},
-    )  # fmt: skip
+        {
+            "item_id": ["item_id"],
+            "title": ["movie_title", "title"],
+            "year": ["release_year", "year"],
+            "genres": ["class", "genre", "genres"],
+        },
+    )
     items["genres"] = items["genres"].map(lambda s: "|".join(str(s).split()))
     return RawData(ratings, users, items, p, "recbole")
 
@@ -241,13 +323,17 @@ def detect_format(directory: str) -> str:
         return "grouplens-100k"
     if {"ratings.dat", "users.dat", "movies.dat"} <= files:
         return "grouplens-1m"
-    for layout, needed in (("ml-100k", ("u.data", "u.user", "u.item")), ("ml-1m", ("ratings.dat", "users.dat", "movies.dat"))):
+    for layout, needed in (
+        ("ml-100k", ("u.data", "u.user", "u.item")),
+        ("ml-1m", ("ratings.dat", "users.dat", "movies.dat")),
+    ):
         have = [f for f in needed if f in files]
         if have:  # a partial GroupLens layout: name the missing file rather than the layout
             missing = [f for f in needed if f not in files]
             raise DataFormatError(
                 os.path.join(directory, missing[0]),
-                f"file not found (the {layout} layout needs {', '.join(needed)}; found {', '.join(have)})",
+                f"file not found (the {layout} layout needs {', '.join(needed)}; "
+                f"found {', '.join(have)})",
             )
     if any(f.endswith(".inter") for f in files):
         return "recbole"
@@ -262,7 +348,11 @@ def detect_format(directory: str) -> str:
 def read_any(directory: str) -> RawData:
     """Read whatever MovieLens layout ``directory`` holds (see :func:`detect_format`)."""
     fmt = detect_format(directory)
-    return {"grouplens-100k": read_grouplens_100k, "grouplens-1m": read_grouplens_1m, "recbole": read_recbole}[fmt](directory)
+    return {
+        "grouplens-100k": read_grouplens_100k,
+        "grouplens-1m": read_grouplens_1m,
+        "recbole": read_recbole,
+    }[fmt](directory)
 
 
 _YEAR_RE = re.compile(r"^\d{4}$")
@@ -274,6 +364,15 @@ def is_year(value: str) -> bool:
 
 
 __all__ = [
-    "DataFormatError", "RawData", "read_delimited", "read_grouplens_100k", "read_grouplens_1m",
-    "read_recbole", "read_any", "detect_format", "is_year", "ML100K_GENRES", "ML1M_OCCUPATIONS",
-]  # fmt: skip
+    "DataFormatError",
+    "RawData",
+    "read_delimited",
+    "read_grouplens_100k",
+    "read_grouplens_1m",
+    "read_recbole",
+    "read_any",
+    "detect_format",
+    "is_year",
+    "ML100K_GENRES",
+    "ML1M_OCCUPATIONS",
+]

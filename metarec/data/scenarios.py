@@ -1,8 +1,9 @@
-"""Cold-start scenarios (PROTOCOL.md): "melu" (MeLU's split, seeded and with warm users held out) and
-"time" (users split by the time of their first rating, MAMO-style).
+"""Cold-start scenarios (PROTOCOL.md): "melu" (MeLU's split, seeded and with warm users held out)
+and "time" (users split by the time of their first rating, MAMO-style).
 
 The output is a dict of :class:`UserSets` — padded host arrays of each user's support and query
-ratings (raw ids). :mod:`metarec.data.encode` turns them into model inputs; baselines use them as is.
+ratings (raw ids). :mod:`metarec.data.encode` turns them into model inputs; baselines use them as
+is.
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ class UserSets:
     def n_ratings(self) -> int:
         return int(self.support_mask.sum() + self.query_mask.sum())
 
-    def select(self, idx) -> "UserSets":
+    def select(self, idx) -> UserSets:
         """The users at positions ``idx``."""
         return UserSets(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
 
-    def pad_support(self, size: int) -> "UserSets":
+    def pad_support(self, size: int) -> UserSets:
         """Pad (never truncate) the support axis to ``size`` so batches share one static shape."""
         s = self.support_item.shape[1]
         if size < s:
@@ -67,9 +68,11 @@ class UserSets:
         )
 
 
-def _pack(rows: list[tuple[int, pd.DataFrame, pd.DataFrame]], n_query: int, n_support: int | None = None) -> UserSets:
-    """Pad a list of (user_id, support_frame, query_frame) into a :class:`UserSets` whose support width
-    is ``n_support`` (default: the largest support set, at least 1)."""
+def _pack(
+    rows: list[tuple[int, pd.DataFrame, pd.DataFrame]], n_query: int, n_support: int | None = None
+) -> UserSets:
+    """Pad a list of (user_id, support_frame, query_frame) into a :class:`UserSets` whose support
+    width is ``n_support`` (default: the largest support set, at least 1)."""
     t = len(rows)
     s = n_support if n_support is not None else max([len(sup) for _, sup, _ in rows], default=1)
     out = {
@@ -100,7 +103,9 @@ def new_items(data: RatingsData, year_cutoff: int | None = None) -> np.ndarray:
     return np.sort(data.items.loc[years >= cutoff, "item_id"].to_numpy())
 
 
-def _scenario_frames(data: RatingsData, new_users: np.ndarray, new_item_ids: np.ndarray) -> dict[str, pd.DataFrame]:
+def _scenario_frames(
+    data: RatingsData, new_users: np.ndarray, new_item_ids: np.ndarray
+) -> dict[str, pd.DataFrame]:
     r = data.ratings
     user_new = r["user_id"].isin(new_users)
     item_new = r["item_id"].isin(new_item_ids)
@@ -156,12 +161,16 @@ class Split:
         """Per-scenario user and rating counts."""
         return pd.DataFrame(
             [
-                {"scenario": k, "users": v.n_users, "ratings": v.n_ratings,
-                 "support_mean": float(v.support_mask.sum(1).mean()) if v.n_users else 0.0,
-                 "query_size": v.query_item.shape[1]}
+                {
+                    "scenario": k,
+                    "users": v.n_users,
+                    "ratings": v.n_ratings,
+                    "support_mean": float(v.support_mask.sum(1).mean()) if v.n_users else 0.0,
+                    "query_size": v.query_item.shape[1],
+                }
                 for k, v in self.sets.items()
             ]
-        )  # fmt: skip
+        )
 
 
 def make_split(
@@ -179,14 +188,15 @@ def make_split(
 ) -> Split:
     """Build the cold-start scenarios of PROTOCOL.md for ``seed``.
 
-    melu: new users drawn with ``default_rng(seed)``; per scenario users with ``min_ratings..max_ratings``
-    ratings, ordered by item id, permuted by ``default_rng(seed + user_id)``, the last ``n_query``
-    (default 10) are the query set. time: the last ``new_user_fraction`` of users by first-rating time are
-    new; support = earliest ``n_support`` (15), query = next ``n_query`` (default 5).
+    melu: new users drawn with ``default_rng(seed)``; per scenario users with
+    ``min_ratings..max_ratings`` ratings, ordered by item id, permuted by
+    ``default_rng(seed + user_id)``, the last ``n_query`` (default 10) are the query set. time: the
+    last ``new_user_fraction`` of users by first-rating time are new; support = earliest
+    ``n_support`` (15), query = next ``n_query`` (default 5).
     In both, ``default_rng(seed + 1)`` holds out ``warm_test_fraction`` of the warm users.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; valid: {list(PROTOCOLS)}")
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     user_ids = np.sort(data.users["user_id"].to_numpy())
     n_new = int(new_user_fraction * len(user_ids))
     if protocol == "melu":
@@ -195,7 +205,11 @@ def make_split(
         build = lambda f: _melu_sets(f, seed, min_ratings, max_ratings, n_query)  # noqa: E731
     else:
         first = data.ratings.groupby("user_id")["timestamp"].min()
-        order = first.reset_index().sort_values(["timestamp", "user_id"], kind="stable")["user_id"].to_numpy()
+        order = (
+            first.reset_index()
+            .sort_values(["timestamp", "user_id"], kind="stable")["user_id"]
+            .to_numpy()
+        )
         new_users = order[len(order) - n_new :]
         n_query = 5 if n_query is None else n_query
         build = lambda f: _time_sets(f, n_support, n_query)  # noqa: E731
@@ -205,7 +219,9 @@ def make_split(
     sets = {name: build(frame) for name, frame in frames.items()}
     warm = sets.pop("warm")
     warm_ids = np.sort(warm.user_id)
-    test_ids = np.random.default_rng(seed + 1).choice(warm_ids, int(warm_test_fraction * len(warm_ids)), replace=False)
+    test_ids = np.random.default_rng(seed + 1).choice(
+        warm_ids, int(warm_test_fraction * len(warm_ids)), replace=False
+    )
     is_test = np.isin(warm.user_id, test_ids)
     out = {"warm_train": warm.select(~is_test), "warm_test": warm.select(is_test)}
     out.update(sets)
@@ -213,7 +229,9 @@ def make_split(
     train_ratings = w[~w["user_id"].isin(test_ids)].reset_index(drop=True)
     for name, s in out.items():
         if s.n_users == 0:
-            log.warning("scenario %s is empty after filtering (protocol %s, seed %d)", name, protocol, seed)
+            log.warning(
+                "scenario %s is empty after filtering (protocol %s, seed %d)", name, protocol, seed
+            )
     return Split(protocol, seed, out, train_ratings, new_users, new_item_ids)
 
 

@@ -40,7 +40,9 @@ class SyntheticTruth:
 
     def true_mean(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         d = self.user_latent.shape[1]
-        dot = np.einsum("...d,...d->...", self.user_latent[users], self.item_latent[items]) / np.sqrt(d)
+        dot = np.einsum(
+            "...d,...d->...", self.user_latent[users], self.item_latent[items]
+        ) / np.sqrt(d)
         return self.base + self.user_bias[users] + self.item_bias[items] + self.scale * dot
 
 
@@ -73,18 +75,33 @@ def make_synthetic_tasks(
     user_group = rng.integers(0, n_user_groups, n_users)
     user_latent = group_means[user_group] + user_noise * rng.normal(size=(n_users, dim))
     user_bias = user_bias_std * rng.normal(size=n_users)
-    truth = SyntheticTruth(user_latent, user_bias, user_group, item_latent, item_bias, item_group, genres, base, scale, noise)
+    truth = SyntheticTruth(
+        user_latent,
+        user_bias,
+        user_group,
+        item_latent,
+        item_bias,
+        item_group,
+        genres,
+        base,
+        scale,
+        noise,
+    )
 
     n = n_support + n_query
     items = np.stack([rng.choice(n_items, n, replace=False) for _ in range(n_users)])
     users = np.repeat(np.arange(n_users)[:, None], n, axis=1)
-    ratings = np.clip(truth.true_mean(users, items) + noise * rng.normal(size=items.shape), 1.0, 5.0).astype(np.float32)
+    ratings = np.clip(
+        truth.true_mean(users, items) + noise * rng.normal(size=items.shape), 1.0, 5.0
+    ).astype(np.float32)
     mean = float(ratings[:, :n_support].mean())
 
     def examples(sl: slice) -> Examples:
         it, r = items[:, sl], ratings[:, sl]
         m = it.shape[1]
-        user_fields = np.stack([user_group + 1, np.ones(n_users, int), np.ones(n_users, int), np.ones(n_users, int)], 1)
+        user_fields = np.stack(
+            [user_group + 1, np.ones(n_users, int), np.ones(n_users, int), np.ones(n_users, int)], 1
+        )
         offset = (ratings[:, :n_support].sum(1) + 2.0 * mean) / (n_support + 2.0)
         x = {
             "user": np.repeat(user_fields[:, None, :], m, axis=1).astype(np.int32),
@@ -94,6 +111,14 @@ def make_synthetic_tasks(
         }
         return Examples(x=x, y=r, mask=np.ones_like(r, dtype=np.float32))
 
-    task = Task(support=examples(slice(0, n_support)), query=examples(slice(n_support, n)), user=np.arange(n_users, dtype=np.int32))
-    spec = FeatureSpec(user_vocab=(n_user_groups + 1, 2, 2, 2), item_vocab=(n_item_groups + 1, n_items + 1), n_genres=n_genres)
+    task = Task(
+        support=examples(slice(0, n_support)),
+        query=examples(slice(n_support, n)),
+        user=np.arange(n_users, dtype=np.int32),
+    )
+    spec = FeatureSpec(
+        user_vocab=(n_user_groups + 1, 2, 2, 2),
+        item_vocab=(n_item_groups + 1, n_items + 1),
+        n_genres=n_genres,
+    )
     return task, spec, truth

@@ -6,14 +6,16 @@ leaves carry a leading task axis ``[T, ...]`` and ``jax.vmap`` over that axis gi
 time. Padding is always explicit: ``mask`` is 1.0 for a real example and 0.0 for padding, and every
 loss and metric in metarec is masked.
 
-``x`` is any pytree of per-example inputs whose leaves share the leading example axis ``N`` (for the
-MovieLens tasks: a dict of integer feature ids and multi-hot genres, see :mod:`metarec.data.encode`).
+``x`` is any pytree of per-example inputs whose leaves share the leading example axis ``N`` (for
+the MovieLens tasks: a dict of integer feature ids and multi-hot genres, see
+:mod:`metarec.data.encode`).
 The meta-learners never look inside ``x``; only the model's ``apply_fn`` does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.struct
 import jax
@@ -72,9 +74,9 @@ def to_device(tasks: Task) -> Task:
 def pad_tasks(tasks: Task, multiple: int) -> tuple[Task, np.ndarray]:
     """Pad the task axis to a multiple of ``multiple`` with all-masked copies of task 0.
 
-    Returns the padded tasks and a ``[T_padded]`` float weight vector (1.0 real task, 0.0 padding) so
-    that averages over tasks can ignore the padding. Padding tasks have ``mask == 0`` everywhere and
-    ``user == -1``.
+    Returns the padded tasks and a ``[T_padded]`` float weight vector (1.0 real task, 0.0 padding)
+    so that averages over tasks can ignore the padding. Padding tasks have ``mask == 0`` everywhere
+    and ``user == -1``.
     """
     n = tasks.num_tasks
     n_pad = (-n) % multiple

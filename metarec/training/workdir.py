@@ -9,6 +9,7 @@ the list of invocations).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -38,6 +39,7 @@ def check_resume(
     accepted with their defaults). Raises ``ValueError`` naming the conflict and what to do.
     """
     os.makedirs(workdir, exist_ok=True)
+    config = json.loads(json.dumps(config))  # as saved: tuples become lists
     cfg_path = os.path.join(workdir, "config.json")
     held = [p for p in state if os.path.exists(os.path.join(workdir, p))]
     changed: list[str] = []

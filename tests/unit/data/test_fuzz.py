@@ -20,14 +20,42 @@ from metarec.data import readers
 from metarec.data.movielens import clean
 from tests.conftest import write_ml100k
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+FUZZ = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
 
 # fields that look almost right: numbers of every kind, near-miss tokens and junk
 _field = st.one_of(
     st.integers(-3, 2000).map(str),
-    st.sampled_from(["", " ", "nan", "inf", "-inf", "1e400", "99999999999999999999", "18446744073709551615",
-                     "9223372036854775808", "3.5", "4.0", "0x10", "1_000", "four", "V", "unknown", "M", "F", "01-Jan-1995",
-                     "Toy Story (1995)", "Action|Comedy", "\u00e9\u00e8", "\x00", "1997", "-1"]),  # fmt: skip
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "nan",
+            "inf",
+            "-inf",
+            "1e400",
+            "99999999999999999999",
+            "18446744073709551615",
+            "9223372036854775808",
+            "3.5",
+            "4.0",
+            "0x10",
+            "1_000",
+            "four",
+            "V",
+            "unknown",
+            "M",
+            "F",
+            "01-Jan-1995",
+            "Toy Story (1995)",
+            "Action|Comedy",
+            "\u00e9\u00e8",
+            "\x00",
+            "1997",
+            "-1",
+        ]
+    ),
     st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8),
 )
 
@@ -73,14 +101,20 @@ _ML100K = None
 def _ml100k():
     global _ML100K
     if _ML100K is None:
-        _ML100K = write_ml100k(tempfile.mkdtemp(prefix="fuzzsrc") + "/ml-100k", n_users=8, n_items=10, max_per_user=6)
+        directory = tempfile.mkdtemp(prefix="fuzzsrc") + "/ml-100k"
+        _ML100K = write_ml100k(directory, n_users=8, n_items=10, max_per_user=6)
     return _ML100K
 
 
 @FUZZ
-@given(which=st.sampled_from(["u.data", "u.user", "u.item"]), body=st.one_of(
-    _lines("\t", st.integers(1, 6)), _lines("|", st.sampled_from([1, 4, 5, 6, 23, 24, 25])),
-    st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))  # fmt: skip
+@given(
+    which=st.sampled_from(["u.data", "u.user", "u.item"]),
+    body=st.one_of(
+        _lines("\t", st.integers(1, 6)),
+        _lines("|", st.sampled_from([1, 4, 5, 6, 23, 24, 25])),
+        st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+    ),
+)
 def test_fuzz_ml100k_files(which, body):
     with _Dir(_ml100k()) as d:
         with open(os.path.join(d, which), "w", encoding="utf-8", errors="surrogatepass") as f:
@@ -89,7 +123,9 @@ def test_fuzz_ml100k_files(which, body):
 
 
 @FUZZ
-@given(extra=st.lists(st.lists(_field, min_size=4, max_size=4).map("\t".join), min_size=1, max_size=6))
+@given(
+    extra=st.lists(st.lists(_field, min_size=4, max_size=4).map("\t".join), min_size=1, max_size=6)
+)
 def test_fuzz_ml100k_appended_ratings(extra):
     """Valid files plus a few almost-valid rating lines (the likeliest real-world corruption)."""
     with _Dir(_ml100k()) as d:
@@ -99,8 +135,11 @@ def test_fuzz_ml100k_appended_ratings(extra):
 
 
 @FUZZ
-@given(ratings=_lines("::", st.integers(3, 5)), users=_lines("::", st.integers(4, 6)),
-       movies=_lines("::", st.integers(2, 4)))  # fmt: skip
+@given(
+    ratings=_lines("::", st.integers(3, 5)),
+    users=_lines("::", st.integers(4, 6)),
+    movies=_lines("::", st.integers(2, 4)),
+)
 def test_fuzz_ml1m_files(ratings, users, movies):
     d = tempfile.mkdtemp(prefix="fuzz1m")
     try:
@@ -113,23 +152,47 @@ def test_fuzz_ml1m_files(ratings, users, movies):
 
 
 _header_field = st.one_of(
-    st.sampled_from(["user_id:token", "item_id:token", "rating:float", "timestamp:float", "age:token", "gender:token",
-                     "occupation:token", "zip_code:token", "movie_title:token_seq", "release_year:token",
-                     "class:token_seq", "user_id", "rating", ":", "x:y:z"]),
+    st.sampled_from(
+        [
+            "user_id:token",
+            "item_id:token",
+            "rating:float",
+            "timestamp:float",
+            "age:token",
+            "gender:token",
+            "occupation:token",
+            "zip_code:token",
+            "movie_title:token_seq",
+            "release_year:token",
+            "class:token_seq",
+            "user_id",
+            "rating",
+            ":",
+            "x:y:z",
+        ]
+    ),
     st.text(max_size=6),
-)  # fmt: skip
+)
 
 
 @FUZZ
-@given(inter_h=st.lists(_header_field, min_size=1, max_size=5), inter=_lines("\t", st.integers(1, 5)),
-       user_h=st.lists(_header_field, min_size=1, max_size=6), item_h=st.lists(_header_field, min_size=1, max_size=5))
+@given(
+    inter_h=st.lists(_header_field, min_size=1, max_size=5),
+    inter=_lines("\t", st.integers(1, 5)),
+    user_h=st.lists(_header_field, min_size=1, max_size=6),
+    item_h=st.lists(_header_field, min_size=1, max_size=5),
+)
 def test_fuzz_recbole_files(inter_h, inter, user_h, item_h):
     d = tempfile.mkdtemp(prefix="fuzzrb")
     try:
-        body = {"inter": "\t".join(inter_h) + "\n" + inter, "user": "\t".join(user_h) + "\n1\t20\tM\tx\t12345\n",
-                "item": "\t".join(item_h) + "\n1\tT\t1995\tDrama\n"}  # fmt: skip
+        body = {
+            "inter": "\t".join(inter_h) + "\n" + inter,
+            "user": "\t".join(user_h) + "\n1\t20\tM\tx\t12345\n",
+            "item": "\t".join(item_h) + "\n1\tT\t1995\tDrama\n",
+        }
         for ext, text in body.items():
-            with open(os.path.join(d, f"toy.{ext}"), "w", encoding="utf-8", errors="surrogatepass") as f:
+            path = os.path.join(d, f"toy.{ext}")
+            with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
                 f.write(text)
         _check(d, "toy")
     finally:

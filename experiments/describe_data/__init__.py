@@ -1,0 +1,1 @@
+"""Describe a dataset: cleaning counts and the cold-start scenarios of one protocol and seed."""
