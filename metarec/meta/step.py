@@ -82,7 +82,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 # ----------------------------------------------------------------------------------------------
 def weighted_task_grad(learner, compute_dtype=None) -> Callable:
     """``f(meta_params, task, w, key) -> (w * loss, w * grad)`` in float32 for ONE task: the per-task
-    work of every meta-step variant (vmapped here, ``lax.map``-ed or looped in :mod:`metarec.bench`).
+    work of every meta-step variant (vmapped here, ``lax.map``-ed or looped in the ``benchmarks.meta_step`` harness).
     Padded tasks (``w == 0``) contribute exactly nothing, even if their values were NaN."""
 
     def f(meta_params, task, w, key):

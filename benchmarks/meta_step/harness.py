@@ -1,0 +1,276 @@
+"""The whole benchmark run: the machine's peaks, every configuration in each of its modes, memory
+vs inner steps, profiles, the sharded-step check and the targets; returns the ``benchmark.json``
+dict (:data:`TOP_KEYS`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.meta_step import machine
+from benchmarks.meta_step.config import HEADLINE, BenchConfig, Settings
+from benchmarks.meta_step.measure import compiled_temp_bytes, measure
+from benchmarks.meta_step.problems import CLIP_NORM, build_problem, sample_batches
+from benchmarks.meta_step.profile import profile_ops
+from benchmarks.meta_step.report import malloc_line
+from benchmarks.meta_step.steps import grad_capture, make_step
+from metarec.meta import step as mstep
+
+#: top-level keys of ``benchmark.json``
+TOP_KEYS = tuple(
+    """command preset machine settings load_average matmul_peak memory_bandwidth records
+    comparisons memory_vs_inner_steps profiles devices targets wall_s""".split()
+)
+
+TARGETS = {
+    # vmapped 2nd-order MAML at the headline configuration vs the per-task loop
+    "vmap_over_loop_maml_mb32": 10.0,
+    # best fraction of the matmul peak at a large configuration
+    "large_config_peak_fraction": 0.25,
+}
+#: configuration fields that make two records the same meta-step
+_SAME_STEP = tuple(
+    "data meta_batch support query inner_steps width embed_dim dtype remat dropout devices".split()
+)
+
+
+def _ratio(a, b):
+    return None if not a or not b else a / b
+
+
+def memory_vs_inner_steps(settings: Settings, pools: dict, log_fn: Callable = print) -> list[dict]:
+    """Compiled temp bytes of the vmapped second-order MAML step for each inner-step count in
+    ``settings.memory_steps``, with and without remat (compile only; no dropout key)."""
+    out = []
+    for k in settings.memory_steps:
+        for remat in (False, True):
+            fields = HEADLINE | settings.memory_config | dict(inner_steps=k)
+            cfg = BenchConfig(**fields, learner="maml", remat=remat, dropout=0.0, section="memory")
+            machine.reset_peak_rss()
+            m = compiled_temp_bytes(build_problem(cfg, pools, settings.seed))
+            row = {
+                "inner_steps": k,
+                "remat": remat,
+                "meta_batch": cfg.meta_batch,
+                "support": cfg.support,
+                "width": cfg.width,
+                "temp_bytes": m["temp_bytes"],
+                "compile_s": m["compile_s"],
+                "peak_rss_bytes": machine.peak_rss_bytes(),
+            }
+            log_fn(
+                f"  memory K={k:3d} remat={remat!s:5s}: temp {m['temp_bytes'] / 2**20:9.2f} MiB "
+                f"(compile {m['compile_s']:.1f}s)"
+            )
+            out.append(row)
+    return out
+
+
+def _log_record(log_fn: Callable, cfg: BenchConfig, mode: str, r: dict) -> None:
+    log_fn(
+        f"  {cfg.section:11s} {cfg.short():46s} {mode:4s} {r['steps_per_s']:9.2f} steps/s "
+        f"{r['tasks_per_s']:10.1f} tasks/s  compile {r['compile_s']:6.1f}s  "
+        f"{r['achieved_flops_per_s'] / 1e9:7.2f} GFLOP/s "
+        f"({100 * (r['peak_fraction'] or 0):5.1f}% peak)  "
+        f"wait {100 * r['input_wait_fraction']:4.1f}%  "
+        f"faults/step {r['minor_faults_per_step']:.0f}"
+    )
+
+
+def _comparison(cfg: BenchConfig, by_mode: dict) -> dict:
+    rate = {m: r["steps_per_s"] for m, r in by_mode.items()}
+    return {
+        "section": cfg.section,
+        "label": cfg.short(),
+        "config": cfg.as_dict(),
+        "steps_per_s": rate,
+        "vmap_over_loop": _ratio(rate.get("vmap"), rate.get("loop")),
+        "vmap_over_map": _ratio(rate.get("vmap"), rate.get("map")),
+        "map_over_loop": _ratio(rate.get("map"), rate.get("loop")),
+    }
+
+
+def run_benchmark(
+    grid: Sequence[BenchConfig],
+    settings: Settings,
+    *,
+    log_fn: Callable = print,
+    command: str = "",
+    preset: str = "custom",
+) -> dict:
+    """Run every configuration of ``grid`` in each of its modes plus the matmul peak, memory vs
+    inner steps, profiles and the device check; return the ``benchmark.json`` dict
+    (:data:`TOP_KEYS`)."""
+    t_start = time.perf_counter()
+    load_before = machine.load_average()
+    log_fn(f"command: {command}")
+    info = machine.machine_info()
+    log_fn(
+        f"machine: {info['cpu_model']} x{info['cpu_count']} cores, jax {info['jax']}, backend "
+        f"{info['backend']}, {len(info['devices'])} device(s), load average {load_before}; "
+        f"allocator: {malloc_line(info['malloc'])}"
+    )
+    dtypes = sorted({c.dtype for c in grid} | {"float32"})
+    peaks = {}
+    for dt in dtypes:
+        peaks[dt] = machine.matmul_peak(dt, settings.matmul_sizes, settings.matmul_min_time)
+        log_fn(
+            f"matmul peak {dt}: {peaks[dt]['flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"(n={peaks[dt]['best_n']})"
+        )
+    bw = machine.memory_bandwidth(min_time=settings.matmul_min_time)
+    log_fn(f"memory bandwidth: {bw['bytes_per_s'] / 1e9:.2f} GB/s")
+    pools: dict = {}
+    records, comparisons, profiles = [], [], {}
+    for cfg in grid:
+        problem = build_problem(cfg, pools, settings.seed)
+        by_mode = {}
+        for mode in cfg.modes:
+            keep: dict = {}
+            r = measure(
+                problem,
+                mode,
+                min_time=settings.min_time,
+                min_steps=settings.min_steps,
+                peak=peaks[cfg.dtype],
+                seed=settings.seed,
+                keep=keep,
+            )
+            records.append(r)
+            by_mode[mode] = r
+            _log_record(log_fn, cfg, mode, r)
+            profiled = (cfg.section == "headline" and cfg.learner == "maml") or (
+                cfg.section == "large"
+            )
+            if settings.profile and mode == "vmap" and keep and profiled:
+                prof = profile_ops(keep["compiled"], keep["args"])
+                prof["label"], prof["steps_per_s"] = cfg.short(), r["steps_per_s"]
+                profiles[cfg.short()] = prof
+        if len(by_mode) > 1:
+            comparisons.append(_comparison(cfg, by_mode))
+    log_fn("memory vs inner steps (vmapped second-order MAML, compiled temp bytes):")
+    mem = memory_vs_inner_steps(settings, pools, log_fn) if settings.memory_steps else []
+    devices = device_check(grid, pools, settings) if any(c.devices > 1 for c in grid) else None
+    result = {
+        "command": command,
+        "preset": preset,
+        "machine": info,
+        "settings": dataclasses.asdict(settings),
+        "load_average": {"before": load_before, "after": machine.load_average()},
+        "matmul_peak": peaks,
+        "memory_bandwidth": bw,
+        "records": records,
+        "comparisons": comparisons,
+        "memory_vs_inner_steps": mem,
+        "profiles": profiles,
+        "devices": devices,
+        "targets": {},
+        "wall_s": 0.0,
+    }
+    result["targets"] = check_targets(result)
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def device_check(grid: Sequence[BenchConfig], pools: dict, settings: Settings) -> dict:
+    """Correctness of the sharded step: the meta-gradient with the task axis sharded over N devices
+    (:func:`grad_capture`) equals the single-device one; plus the measured steps/s of both."""
+    n = max(c.devices for c in grid)
+    cfg = BenchConfig(**HEADLINE, learner="maml", dropout=0.0, section="devices")
+    problem = build_problem(cfg, pools, settings.seed, optimizer=grad_capture())
+    batch = next(sample_batches(problem.pool, cfg.meta_batch, settings.seed))
+    w = jnp.ones((cfg.meta_batch,), jnp.float32)
+    single = make_step(problem.learner, problem.optimizer, "vmap", clip_norm=CLIP_NORM)
+    g1 = single(problem.meta_params, problem.opt_state, jax.device_put(batch), w)[1]
+    mesh = mstep.make_mesh(n)
+    sharded = make_step(problem.learner, problem.optimizer, "vmap", clip_norm=CLIP_NORM, mesh=mesh)
+    gn = sharded(
+        mstep.replicate(problem.meta_params, mesh),
+        mstep.replicate(problem.opt_state, mesh),
+        mstep.shard_tasks(batch, mesh),
+        mstep.shard_tasks(w, mesh),
+    )[1]
+    leaves1, leavesn = jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(gn)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves1, leavesn, strict=True))
+    scale = max(float(jnp.max(jnp.abs(a))) for a in leaves1)
+    return {
+        "n_devices": n,
+        "device_count": jax.device_count(),
+        "max_abs_grad_diff": diff,
+        "max_abs_grad": scale,
+        "grads_match": bool(diff <= 1e-5 * max(scale, 1.0)),
+    }
+
+
+def _speedup_target(result: dict, name: str) -> dict:
+    head = [
+        c
+        for c in result["comparisons"]
+        if c["section"] == "headline" and c["config"]["learner"] == "maml"
+    ]
+    v = head[0]["vmap_over_loop"] if head else None
+    out = {
+        "value": v,
+        "target": TARGETS[name],
+        "met": None if v is None else bool(v >= TARGETS[name]),
+        "where": head[0]["label"] if head else None,
+        "bound": None,
+        "best": None,
+        "best_mode": None,
+    }
+    if not head:
+        return out
+    config, label = head[0]["config"], head[0]["label"]
+    recs = [r for r in result["records"] if r["label"] == label and r["section"] == "headline"]
+    loop = next((r for r in recs if r["mode"] == "loop"), None)
+    peak = (result.get("matmul_peak") or {}).get(config["dtype"], {}).get("flops_per_s")
+    if not (loop and peak and loop["flops_per_step"]):
+        return out
+    out["bound"] = loop["step_ms"] / 1e3 * peak / loop["flops_per_step"]
+    # the same step in the library's other executions: lax.map here, chunked vmap in "chunk"
+    same = [
+        r
+        for r in result["records"]
+        if r["mode"] != "loop"
+        and r["config"]["learner"] == "maml"
+        and all(r["config"][k] == config[k] for k in _SAME_STEP)
+    ]
+    if same:
+        best = max(same, key=lambda r: r["steps_per_s"])
+        out["best"] = best["steps_per_s"] / loop["steps_per_s"]
+        out["best_mode"] = f"{best['label']} {best['mode']}"
+    return out
+
+
+def check_targets(result: dict) -> dict:
+    """Evaluate :data:`TARGETS` on a result dict: ``{name: {"value", "target", "met", "where",
+    ...}}`` (value None when the run did not include the needed configuration).
+
+    ``vmap_over_loop_maml_mb32`` also gets ``bound``: the largest vmap/loop ratio this machine can
+    give at all, the loop's measured step time over the time the step's FLOPs take at 100% of the
+    measured matmul peak. When ``bound < target`` the target is out of reach for any
+    implementation of the step on this machine (the per-task loop is compute-bound, not
+    dispatch-bound); ``best`` and ``best_mode`` report the fastest library execution (vmap, chunked
+    vmap or ``lax.map``) of the same step over the loop."""
+    out = {}
+    name = "vmap_over_loop_maml_mb32"
+    out[name] = _speedup_target(result, name)
+    name = "large_config_peak_fraction"
+    large = [
+        r
+        for r in result["records"]
+        if r["section"] in ("large", "width", "dtype") and r["peak_fraction"] is not None
+    ]
+    best = max(large, key=lambda r: r["peak_fraction"]) if large else None
+    v = best["peak_fraction"] if best else None
+    out[name] = {
+        "value": v,
+        "target": TARGETS[name],
+        "met": None if v is None else bool(v >= TARGETS[name]),
+        "where": f"{best['label']} {best['mode']}" if best else None,
+    }
+    return out

@@ -1,0 +1,144 @@
+"""The benchmark result as plain-text tables (``benchmark.txt`` and the terminal)."""
+
+from __future__ import annotations
+
+import collections
+
+
+def malloc_line(m: dict | None) -> str:
+    """One line describing the allocator settings of :func:`machine.malloc_status`."""
+    if not m:
+        return "unknown"
+    if not m["glibc"]:
+        return "not glibc (settings do not apply)"
+    env = " ".join(f"{k}={v}" for k, v in m["env"].items() if v is not None) or "glibc defaults"
+    return ("tuned: " if m["tuned"] else "") + env
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def _times(x):
+    return "-" if x is None else f"{x:.1f}x"
+
+
+def _header(result: dict) -> list[str]:
+    m = result["machine"]
+    load = result["load_average"]
+    lines = [
+        f"command: {result['command']}",
+        f"machine: {m['cpu_model']} ({m['cpu_count']} cores), jax {m['jax']} / jaxlib "
+        f"{m['jaxlib']}, backend {m['backend']}, devices {len(m['devices'])}; load average before "
+        f"{load['before']} after {load['after']}",
+        f"allocator: {malloc_line(m.get('malloc'))}",
+    ]
+    for dt, p in result["matmul_peak"].items():
+        lines.append(
+            f"measured matmul peak ({dt}): {p['flops_per_s'] / 1e9:.1f} GFLOP/s at n={p['best_n']}"
+        )
+    bw = result["memory_bandwidth"]["bytes_per_s"]
+    lines.append(f"measured memory bandwidth: {bw / 1e9:.2f} GB/s")
+    return lines
+
+
+def _records(result: dict) -> list[str]:
+    hdr = (
+        f"{'section':11s} {'configuration':46s} {'mode':4s} {'steps/s':>9s} {'tasks/s':>10s} "
+        f"{'compile s':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'%peak':>6s} {'temp MiB':>9s} "
+        f"{'RSS MiB':>8s} {'wait %':>6s} {'faults':>7s} {'sys ms':>6s}"
+    )
+    lines = ["", hdr, "-" * len(hdr)]
+    for r in result["records"]:
+        lines.append(
+            f"{r['section']:11s} {r['label']:46s} {r['mode']:4s} {r['steps_per_s']:9.2f} "
+            f"{r['tasks_per_s']:10.1f} {r['compile_s']:9.1f} {r['flops_per_step'] / 1e9:10.3f} "
+            f"{r['achieved_flops_per_s'] / 1e9:8.2f} {100 * (r['peak_fraction'] or 0):6.1f} "
+            f"{_mib(r['temp_bytes']):>9s} {_mib(r['peak_rss_bytes']):>8s} "
+            f"{100 * r['input_wait_fraction']:6.2f} {r['minor_faults_per_step']:7.0f} "
+            f"{r.get('sys_cpu_ms_per_step', float('nan')):6.1f}"
+        )
+    return lines
+
+
+def _comparisons(result: dict) -> list[str]:
+    if not result["comparisons"]:
+        return []
+    lines = ["", "same meta-step, three executions (ratios of steps/s, measured in this run):"]
+    for c in result["comparisons"]:
+        lines.append(
+            f"  {c['label']:46s} vmap/loop {_times(c['vmap_over_loop']):>8s}  "
+            f"vmap/map {_times(c['vmap_over_map']):>8s}  map/loop {_times(c['map_over_loop']):>8s}"
+        )
+    return lines
+
+
+def _memory(result: dict) -> list[str]:
+    if not result["memory_vs_inner_steps"]:
+        return []
+    lines = ["", "memory vs inner steps (vmapped 2nd-order MAML, XLA compiled temp MiB):"]
+    rows = collections.defaultdict(dict)
+    for e in result["memory_vs_inner_steps"]:
+        rows[e["inner_steps"]][e["remat"]] = e["temp_bytes"]
+    lines.append(f"  {'K':>4s} {'no remat':>10s} {'remat':>10s}")
+    for k, d in sorted(rows.items()):
+        lines.append(f"  {k:4d} {_mib(d.get(False)):>10s} {_mib(d.get(True)):>10s}")
+    return lines
+
+
+def _profiles(result: dict) -> list[str]:
+    lines = []
+    for label, p in result["profiles"].items():
+        if "error" in p:
+            lines.append(f"profile {label}: {p['error']}")
+            continue
+        by_share = sorted(p["fractions"].items(), key=lambda kv: -kv[1])
+        fr = ", ".join(f"{k} {100 * v:.0f}%" for k, v in by_share if v > 0)
+        lines += [
+            "",
+            f"profile {label}: wall {1e3 * p['wall_s']:.1f} ms/step, XLA op time (summed over "
+            f"threads) {1e3 * p['op_s']:.1f} ms/step: {fr}",
+        ]
+        for name, cat, s in p["top_ops"][:6]:
+            lines.append(f"    {name:40s} {cat:12s} {1e3 * s:8.3f} ms")
+    return lines
+
+
+def _targets(result: dict) -> list[str]:
+    lines = ["", "targets:"]
+    for name, t in result["targets"].items():
+        v = "not measured" if t["value"] is None else f"{t['value']:.3g}"
+        met = {True: "MET", False: "NOT MET", None: "-"}[t["met"]]
+        lines.append(f"  {name:28s} {v:>12s} (target >= {t['target']})  {met}  [{t['where']}]")
+        if t.get("bound") is not None:
+            out_of_reach = t["bound"] < t["target"]
+            lines.append(
+                f"  {'':28s} attainable on this machine at 100% of the matmul peak: "
+                f"{t['bound']:.2g}x"
+                + ("  -> out of reach for any implementation here" if out_of_reach else "")
+            )
+        if t.get("best") is not None:
+            lines.append(
+                f"  {'':28s} fastest library execution of the step vs the loop: {t['best']:.2f}x"
+                f" [{t['best_mode']}]"
+            )
+    return lines
+
+
+def format_report(result: dict) -> str:
+    """The benchmark as plain-text tables (records, mode ratios, memory vs inner steps, profiles,
+    device check, targets)."""
+    lines = _header(result) + _records(result) + _comparisons(result) + _memory(result)
+    lines += _profiles(result)
+    if result["devices"]:
+        d = result["devices"]
+        match = "match" if d["grads_match"] else "MISMATCH"
+        lines += [
+            "",
+            f"devices: {d['n_devices']} (of {d['device_count']}); sharded vs single-device "
+            f"meta-gradient max |diff| {d['max_abs_grad_diff']:.2e} (max |g| "
+            f"{d['max_abs_grad']:.2e}) -> {match}",
+        ]
+    lines += _targets(result)
+    lines.append(f"wall time {result['wall_s']:.0f} s")
+    return "\n".join(lines)
