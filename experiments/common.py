@@ -9,13 +9,14 @@ Each ``experiments/<name>/main.py`` defines its config flag and calls :func:`run
         common.run_main("coldstart", lambda: pipeline.main(_CONFIG.value, FLAGS.workdir, ...))
 
 The terminal shows progress lines, warnings and the result table; library INFO logs (orbax, absl,
-``logging``) go to ``<workdir>/<name>.log``. A user-facing error (bad file, folder, flag or config
+``logging``) go to ``<workdir>/<name>.INFO``. A user-facing error (bad file, folder, flag or config
 value, non-finite training) prints one line ``<name>: error: ...`` and exits with status 1;
 ``--traceback`` shows the Python traceback instead.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from typing import Callable
@@ -35,6 +36,7 @@ USER_ERRORS = (
     ValueError,
     KeyError,
     FileNotFoundError,
+    FileExistsError,
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
@@ -99,10 +101,12 @@ def enable_compilation_cache() -> None:
 
 
 def prepare_workdir(workdir: str, name: str, run_files=(), *, overwrite: bool = False) -> str:
-    """Create ``workdir`` (after deleting this script's ``run_files`` with ``--overwrite``) and send
-    library INFO logs to ``<workdir>/<name>.log``; warnings still reach the terminal."""
+    """Create ``workdir`` (after deleting this script's ``run_files`` and its logs with
+    ``--overwrite``) and send library INFO logs to ``<workdir>/<name>.INFO`` (absl's log file);
+    warnings still reach the terminal."""
     if overwrite:
-        remove_run_files(workdir, run_files)
+        logs = glob.glob(os.path.join(glob.escape(workdir), f"{glob.escape(name)}.*"))
+        remove_run_files(workdir, [*run_files, *(os.path.basename(p) for p in logs)])
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise NotADirectoryError(f"--workdir={workdir} exists and is not a folder")
     os.makedirs(workdir, exist_ok=True)

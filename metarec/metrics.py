@@ -38,10 +38,13 @@ Three groups of functions:
    target item (:func:`hit_rate_at_k`, :func:`ndcg_at_k_single_target`) or several
    (:func:`recall_at_k`). Ties are broken by item index (stable) by default, or pessimistically
    (``ties="pessimistic"``: the target is placed after every candidate with an equal score, so a
-   constant scorer earns nothing from ties).
+   constant scorer earns nothing from ties). :func:`ranking_metrics` scores a whole batch
+   ``scores [B, N]`` against a relevance matrix ``[B, N]`` with one ``lax.top_k`` (ties by item
+   index) and returns HR@k, recall@k, nDCG@k and top-1 accuracy per row.
 
-Naming note: ``recall_at_k`` is the full-catalogue recall; the query-set recall is
-``query_recall_at_k``.
+Naming note: ``recall_at_k`` is the full-catalogue recall (hits / #targets); ``ranking_metrics``'
+``recall@k`` divides by ``min(k, #relevant)`` so that a perfect top-k scores 1; the query-set recall
+is ``query_recall_at_k``.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ __all__ = [
     "hit_rate_at_k",
     "ndcg_at_k_single_target",
     "recall_at_k",
+    "ranking_metrics",
 ]
 
 
@@ -463,3 +467,27 @@ def recall_at_k(scores, targets, exclude=None, k: int = 10, ties: str = "stable"
     n_t = jnp.sum(tmask).astype(jnp.float32)
     hits = jnp.sum(tmask & (ranks < k)).astype(jnp.float32)
     return _safe_div(hits, n_t), (n_t > 0).astype(jnp.float32)
+
+
+def ranking_metrics(scores, relevant, k: int = 10) -> dict[str, jax.Array]:
+    """Per-row full-catalogue ranking metrics from ``scores [B, N]`` and binary ``relevant [B, N]``.
+
+    ``hr@k`` (any relevant item in the top k), ``recall@k`` (relevant in top k / min(k, #relevant)),
+    ``ndcg@k`` (binary gain, ``1/log2(rank+1)`` discount, ideal = all relevant first) and ``acc``
+    (top-1 is relevant).  Ties are broken by the lower item index (``lax.top_k``).  Rows with no
+    relevant item give 0.  Items that must not be ranked (already seen, invalid tokens) are given a
+    very low score by the caller.
+    """
+    _, top = jax.lax.top_k(scores, k)
+    hits = jnp.take_along_axis(relevant.astype(jnp.float32), top, axis=-1)  # [B, k]
+    n_rel = relevant.sum(-1).astype(jnp.float32)
+    disc = 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=jnp.float32))
+    dcg = (hits * disc).sum(-1)
+    idcg = jnp.cumsum(disc)[jnp.clip(jnp.minimum(n_rel, k).astype(jnp.int32) - 1, 0, k - 1)]
+    safe = n_rel > 0
+    return {
+        f"hr@{k}": (hits.sum(-1) > 0).astype(jnp.float32),
+        f"recall@{k}": jnp.where(safe, hits.sum(-1) / jnp.maximum(jnp.minimum(n_rel, k), 1.0), 0.0),
+        f"ndcg@{k}": jnp.where(safe, dcg / idcg, 0.0),
+        "acc": hits[:, 0],
+    }

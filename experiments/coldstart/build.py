@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import numpy as np
 
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
@@ -13,6 +12,7 @@ from metarec.data.tasks import Task
 from metarec.meta import LEARNERS, make_learner
 from metarec.meta.step import make_eval_fn, make_mesh, make_meta_step
 from metarec.models.registry import MODELS, get_model
+from metarec.training.encoder_checkpoint import load_pretrained, same_item_vocab
 from metarec.training.meta_train import make_optimizer
 
 # baselines built from the meta-learning network rather than fitted on ratings
@@ -84,19 +84,10 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
     )
 
 
-def load_encoder(path: str):
-    """``(EncoderConfig, params, metadata)`` of a pretraining checkpoint."""
-    from metarec.training.pretrain import load_pretrained
-
-    return load_pretrained(path, with_metadata=True)
-
-
 def check_pretrained_vocab(info: dict, path: str, encoder, seed: int) -> None:
     """A pretraining checkpoint indexes items by its split's vocabulary: refuse another seed's."""
-    from metarec.training.pretrain import item_ids_of_vocab
-
     ids = info.get("item_ids")
-    if ids is not None and not np.array_equal(np.asarray(ids), item_ids_of_vocab(encoder)):
+    if ids is not None and not same_item_vocab(ids, encoder):
         raise ValueError(
             f"--config.init_from={path}: the checkpoint's item vocabulary is not this split's "
             f"(seed {seed}); pretrain per seed with `python -m experiments.pretrain.main "
@@ -138,7 +129,7 @@ class Compiled:
     def load_pretrained(self, encoder, seed: int) -> None:
         """Load the seed's pretrained encoder (checking its vocabulary against ``encoder``)."""
         if self.init_from:
-            enc_cfg, params, info = load_encoder(self.init_from)
+            enc_cfg, params, info = load_pretrained(self.init_from, with_metadata=True)
             check_pretrained_vocab(info, self.init_from, encoder, seed)
             self.pretrained = (enc_cfg, params)
 

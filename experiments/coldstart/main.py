@@ -8,7 +8,7 @@ scenario over several seeds, print one table and write ``results.json`` (PROTOCO
 
 The workdir also gets per-(seed, learner) checkpoints and results (``checkpoints/``, ``units/``),
 ``metrics.jsonl``/``metrics.csv``, ``config.json``, ``run.json`` (command, package versions, devices,
-git commit), ``train_log.txt``, ``coldstart.log`` (library logs) and ``report/report.md``.
+git commit), ``train_log.txt``, ``coldstart.INFO`` (library logs) and ``report/report.md``.
 """
 
 import sys

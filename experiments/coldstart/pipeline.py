@@ -318,7 +318,7 @@ def format_table(res: dict, metrics=TABLE_METRICS) -> str:
 # files this experiment owns in its workdir (the only ones --overwrite deletes)
 RUN_FILES = (
     "checkpoints", "units", "config.json", "run.json", "metrics.jsonl", "metrics.csv", "tb",
-    "results.json", "results.md", "report", "train_log.txt", "coldstart.log",
+    "results.json", "results.md", "report", "train_log.txt",
 )
 
 

@@ -44,7 +44,10 @@ class ItemEmbeddings:
     def __post_init__(self):
         ids, vec = np.asarray(self.item_ids), np.asarray(self.vectors)
         if ids.ndim != 1 or vec.ndim != 2 or len(ids) != len(vec):
-            raise ValueError(f"ItemEmbeddings: need item_ids [N] and vectors [N, D], got {ids.shape} and {vec.shape}")
+            raise ValueError(
+                "ItemEmbeddings: need item_ids [N] and vectors [N, D], got "
+                f"{ids.shape} and {vec.shape}"
+            )
         if len(np.unique(ids)) != len(ids):
             raise ValueError("ItemEmbeddings: duplicate item ids")
 
@@ -72,16 +75,22 @@ def load_item_embeddings(path: str) -> ItemEmbeddings:
         with np.load(path) as z:
             for k in ("item_id", "vectors"):
                 if k not in z:
-                    raise ContentFormatError(f"{path}: missing array '{k}' (need 'item_id' [N] and 'vectors' [N, D])")
+                    raise ContentFormatError(
+                        f"{path}: missing array '{k}' (need 'item_id' [N] and 'vectors' [N, D])"
+                    )
             ids, vec = z["item_id"], z["vectors"]
         if not np.issubdtype(ids.dtype, np.integer):
             raise ContentFormatError(f"{path}: 'item_id' must be integers, got {ids.dtype}")
         if vec.ndim != 2 or ids.ndim != 1 or len(ids) != len(vec):
-            raise ContentFormatError(f"{path}: need item_id [N] and vectors [N, D], got {ids.shape} and {vec.shape}")
+            raise ContentFormatError(
+                f"{path}: need item_id [N] and vectors [N, D], got {ids.shape} and {vec.shape}"
+            )
         _check_unique(path, ids, None)
         return ItemEmbeddings(ids.astype(np.int64), vec.astype(np.float32))
     if ext not in (".tsv", ".txt"):
-        raise ContentFormatError(f"{path}: unknown embedding file type {ext!r}; use .tsv, .txt or .npz")
+        raise ContentFormatError(
+            f"{path}: unknown embedding file type {ext!r}; use .tsv, .txt or .npz"
+        )
     ids, rows, lines, dim = [], [], [], None
     with open(path, encoding="utf-8") as f:
         for ln, raw in enumerate(f, start=1):
@@ -89,22 +98,28 @@ def load_item_embeddings(path: str) -> ItemEmbeddings:
             if not line or line.startswith("#"):
                 continue
             if "\t" not in line:
-                raise ContentFormatError(f"{path}:{ln}: expected 'item_id<TAB>v1 v2 ...', found no tab")
+                raise ContentFormatError(
+                    f"{path}:{ln}: expected 'item_id<TAB>v1 v2 ...', found no tab"
+                )
             head, rest = line.split("\t", 1)
             try:
                 item = int(head)
             except ValueError:
-                raise ContentFormatError(f"{path}:{ln}: item_id {head!r} is not an integer") from None
+                msg = f"{path}:{ln}: item_id {head!r} is not an integer"
+                raise ContentFormatError(msg) from None
             try:
                 vals = [float(v) for v in rest.split()]
             except ValueError as e:
-                raise ContentFormatError(f"{path}:{ln}: vector value is not a number ({e})") from None
+                msg = f"{path}:{ln}: vector value is not a number ({e})"
+                raise ContentFormatError(msg) from None
             if not vals:
                 raise ContentFormatError(f"{path}:{ln}: empty vector for item {item}")
             if dim is None:
                 dim = len(vals)
             elif len(vals) != dim:
-                raise ContentFormatError(f"{path}:{ln}: vector has {len(vals)} values, earlier lines have {dim}")
+                raise ContentFormatError(
+                    f"{path}:{ln}: vector has {len(vals)} values, earlier lines have {dim}"
+                )
             if not np.all(np.isfinite(vals)):
                 raise ContentFormatError(f"{path}:{ln}: vector contains NaN or inf")
             ids.append(item)
@@ -133,23 +148,29 @@ def save_item_embeddings(path: str, emb: ItemEmbeddings) -> None:
         np.savez(path, item_id=emb.item_ids, vectors=emb.vectors)
     elif ext in (".tsv", ".txt"):
         with open(path, "w", encoding="utf-8") as f:
-            for i, v in zip(emb.item_ids, emb.vectors):
+            for i, v in zip(emb.item_ids, emb.vectors, strict=True):
                 f.write(f"{int(i)}\t" + " ".join(f"{x:.7g}" for x in v) + "\n")
     else:
         raise ValueError(f"{path}: unknown embedding file type {ext!r}; use .tsv, .txt or .npz")
 
 
-def add_content(task: Task, support_item: np.ndarray, query_item: np.ndarray, emb: ItemEmbeddings) -> Task:
+def add_content(
+    task: Task, support_item: np.ndarray, query_item: np.ndarray, emb: ItemEmbeddings
+) -> Task:
     """Add ``x["content"]`` to a task batch from the raw item ids it was encoded from.
 
     ``support_item``/``query_item`` are the ``[T, S]`` / ``[T, Q]`` raw ids of the
     :class:`~metarec.data.scenarios.UserSets` given to ``FeatureEncoder.encode``.  Items without a
     vector (and padding) get zeros.
     """
+
     def put(ex, ids):
         ids = np.asarray(ids)
         if ids.shape != tuple(np.shape(ex.y)):
-            raise ValueError(f"add_content: item ids of shape {ids.shape} do not match the examples {np.shape(ex.y)}")
+            raise ValueError(
+                f"add_content: item ids of shape {ids.shape} do not match the examples "
+                f"{np.shape(ex.y)}"
+            )
         vec, _ = emb.lookup(ids)
         return ex.replace(x=dict(ex.x, content=vec))
 
@@ -159,7 +180,9 @@ def add_content(task: Task, support_item: np.ndarray, query_item: np.ndarray, em
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def hashed_title_embeddings(item_ids, titles, years=None, dim: int = 64, seed: int = 0) -> ItemEmbeddings:
+def hashed_title_embeddings(
+    item_ids, titles, years=None, dim: int = 64, seed: int = 0
+) -> ItemEmbeddings:
     """Deterministic content vectors from titles: signed feature hashing of lower-cased title words
     and word bigrams (plus ``"year:<y>"`` tokens), L2-normalised.  No model weights needed; items
     whose titles share words (sequels, "Star Trek ...") get similar vectors."""
@@ -172,7 +195,7 @@ def hashed_title_embeddings(item_ids, titles, years=None, dim: int = 64, seed: i
     out = np.zeros((len(ids), dim), np.float32)
     for r, t in enumerate(titles):
         words = _WORD.findall(re.sub(r"\(\d{4}\)", " ", str(t).lower()))
-        toks = words + [a + "_" + b for a, b in zip(words, words[1:])]
+        toks = words + [a + "_" + b for a, b in zip(words, words[1:], strict=False)]
         if years is not None:
             toks.append(f"year:{years[r]}")
         for tok in toks:
@@ -182,7 +205,9 @@ def hashed_title_embeddings(item_ids, titles, years=None, dim: int = 64, seed: i
     return ItemEmbeddings(ids, out / np.maximum(norm, 1e-12))
 
 
-def sentence_title_embeddings(item_ids, titles, model_name: str = "all-MiniLM-L6-v2", batch_size: int = 64) -> ItemEmbeddings:
+def sentence_title_embeddings(
+    item_ids, titles, model_name: str = "all-MiniLM-L6-v2", batch_size: int = 64
+) -> ItemEmbeddings:
     """Title embeddings from a locally available ``sentence-transformers`` model (optional extra).
 
     Raises ImportError with instructions when the package is not installed; nothing is downloaded
@@ -197,5 +222,7 @@ def sentence_title_embeddings(item_ids, titles, model_name: str = "all-MiniLM-L6
             "hashed_title_embeddings works without either"
         ) from e
     model = SentenceTransformer(model_name)
-    vec = model.encode(list(titles), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    vec = model.encode(
+        list(titles), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
+    )
     return ItemEmbeddings(np.asarray(item_ids, np.int64), np.asarray(vec, np.float32))

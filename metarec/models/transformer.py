@@ -1,6 +1,7 @@
 """Transformer encoder over a user's interaction history, and a rating model built on it.
 
-Token conventions (shared by :mod:`metarec.pretrain`, the rater below and the checkpoints):
+Token conventions (shared by masked-item pretraining (:mod:`metarec.training.pretrain`), the rater
+below and the encoder checkpoints):
 
 * item tokens are the integer item *indices* of the feature encoder's item vocabulary
   (``x["item"][:, 1]`` of :mod:`metarec.data.encode`): ``1 .. num_items - 1`` are known items, index
@@ -21,7 +22,8 @@ are zeroed.  With ``causal=True`` position ``i`` attends only to positions ``<= 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,6 +33,7 @@ import numpy as np
 from metarec.data.tasks import Examples, Task
 
 Array = jax.Array
+NEG = -1e9  # score of tokens that must never be ranked (finite, so softmaxes stay NaN-free)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,9 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.num_items < 2:
-            raise ValueError(f"EncoderConfig.num_items must be >= 2 (OOV + one item), got {self.num_items}")
+            raise ValueError(
+                f"EncoderConfig.num_items must be >= 2 (OOV + one item), got {self.num_items}"
+            )
         if self.max_len < 1:
             raise ValueError(f"EncoderConfig.max_len must be >= 1, got {self.max_len}")
         if self.width % self.heads:
@@ -70,7 +75,9 @@ class EncoderConfig:
                 f"EncoderConfig.width={self.width} must be divisible by heads={self.heads}"
             )
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"EncoderConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+            raise ValueError(
+                f"EncoderConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}"
+            )
 
     @property
     def mask_token(self) -> int:
@@ -81,11 +88,13 @@ class EncoderConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EncoderConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> EncoderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown EncoderConfig fields {sorted(unknown)}; allowed {sorted(known)}")
+            raise ValueError(
+                f"unknown EncoderConfig fields {sorted(unknown)}; allowed {sorted(known)}"
+            )
         return cls(**d)
 
 
@@ -149,16 +158,21 @@ class HistoryEncoder(nn.Module):
         c = self.config
         init = nn.initializers.normal(stddev=0.02)
         self.item_embed = nn.Embed(c.num_items + 1, c.width, embedding_init=init, name="item_embed")
-        self.rating_embed = nn.Embed(c.rating_levels + 1, c.width, embedding_init=init, name="rating_embed")
+        self.rating_embed = nn.Embed(
+            c.rating_levels + 1, c.width, embedding_init=init, name="rating_embed"
+        )
         self.pos_embed = self.param("pos_embed", init, (c.max_len, c.width))
         self.blocks = [
-            Block(c.width, c.heads, c.mlp_ratio, c.dropout_rate, name=f"block_{i}") for i in range(c.depth)
+            Block(c.width, c.heads, c.mlp_ratio, c.dropout_rate, name=f"block_{i}")
+            for i in range(c.depth)
         ]
         self.final_ln = nn.LayerNorm(name="final_ln")
         self.drop = nn.Dropout(c.dropout_rate)
         self.out_bias = self.param("out_bias", nn.initializers.zeros, (c.num_items + 1,))
 
-    def __call__(self, items: Array, ratings: Array, mask: Array, deterministic: bool = True) -> Array:
+    def __call__(
+        self, items: Array, ratings: Array, mask: Array, deterministic: bool = True
+    ) -> Array:
         c = self.config
         L = items.shape[-1]
         if L > c.max_len:
@@ -191,13 +205,57 @@ class HistoryEncoder(nn.Module):
 
 
 def valid_item_mask(num_items: int) -> Array:
-    """``[num_items + 1]`` bool: True for real items ``1 .. num_items - 1`` (not OOV, not [MASK])."""
+    """``[num_items + 1]`` bool: True for real items ``1 .. num_items - 1`` (not OOV nor [MASK])."""
     ids = jnp.arange(num_items + 1)
     return (ids > 0) & (ids < num_items)
 
 
+def init_encoder(key: Array, config: EncoderConfig):
+    """Random encoder parameters ``{"params": ...}``."""
+    L = config.max_len
+    z = jnp.zeros((1, L), jnp.int32)
+    return HistoryEncoder(config).init(key, z, jnp.zeros((1, L)), jnp.ones((1, L)))
+
+
+def append_mask_token(items: Array, ratings: Array, mask: Array, mask_token: int):
+    """Append ``[MASK]`` after the last real position (shifting a full sequence left by one).
+
+    Returns ``(items, ratings, mask, pos)`` where ``pos [B]`` is the position of the ``[MASK]``.
+    """
+    L = items.shape[-1]
+    n = mask.sum(-1).astype(jnp.int32)
+    full = (n >= L)[..., None]
+
+    def roll(a):
+        return jnp.where(full, jnp.roll(a, -1, axis=-1), a)
+
+    items, ratings, mask = roll(items), roll(ratings), roll(mask)
+    pos = jnp.minimum(n, L - 1)
+    at = jax.nn.one_hot(pos, L, dtype=bool)
+    return (
+        jnp.where(at, mask_token, items).astype(jnp.int32),
+        jnp.where(at, 0.0, ratings),
+        jnp.where(at, 1.0, mask),
+        pos,
+    )
+
+
+def next_item_logits(
+    params, config: EncoderConfig, items: Array, ratings: Array, mask: Array
+) -> Array:
+    """Scores ``[B, num_items + 1]`` of the item following each history (``[MASK]`` appended);
+    invalid tokens (OOV, ``[MASK]``) get :data:`NEG`."""
+    model = HistoryEncoder(config)
+    it, rt, mk, pos = append_mask_token(items, ratings, mask, config.mask_token)
+    h = model.apply(params, it, rt, mk)
+    h_last = jnp.take_along_axis(h, pos[:, None, None], axis=1)[:, 0]
+    logits = model.apply(params, h_last, method=HistoryEncoder.logits)
+    return jnp.where(valid_item_mask(config.num_items), logits, NEG)
+
+
 def pool(hidden: Array, mask: Array, mode: str = "mean") -> Array:
-    """Summarise ``hidden [..., L, D]`` into ``[..., D]``: masked ``"mean"`` or ``"last"`` real position.
+    """Summarise ``hidden [..., L, D]`` into ``[..., D]``: the masked ``"mean"`` or the ``"last"``
+    real position.
 
     An empty history (all padding) gives the zero vector.
     """
@@ -229,20 +287,28 @@ def add_history(task: Task) -> Task:
     """
     sup = task.support
     if not isinstance(sup.x, Mapping) or "item" not in sup.x:
-        raise ValueError("add_history needs task.support.x to be a dict with an 'item' [.., N, 2] entry")
+        raise ValueError(
+            "add_history needs task.support.x to be a dict with an 'item' [.., N, 2] entry"
+        )
     xp = np if isinstance(sup.y, np.ndarray) else jnp
     items = sup.x["item"][..., 1].astype(xp.int32)
     ratings = sup.y.astype(xp.float32)
     mask = sup.mask.astype(xp.float32)
     # Right-align padding: stable sort real examples first.
     order = xp.argsort(-mask, axis=-1, stable=True)
-    take = lambda a: xp.take_along_axis(a, order, axis=-1)
+
+    def take(a):
+        return xp.take_along_axis(a, order, axis=-1)
+
     items, ratings, mask = take(items), take(ratings), take(mask)
     ratings = ratings * mask
 
     def attach(ex: Examples) -> Examples:
         n = ex.y.shape[-1]
-        tile = lambda a: xp.broadcast_to(a[..., None, :], a.shape[:-1] + (n, a.shape[-1]))
+
+        def tile(a):
+            return xp.broadcast_to(a[..., None, :], a.shape[:-1] + (n, a.shape[-1]))
+
         x = dict(ex.x)
         x["hist_item"] = xp.asarray(tile(items))
         x["hist_rating"] = xp.asarray(tile(ratings))
@@ -270,7 +336,8 @@ class LoRADense(nn.Module):
     def __call__(self, x: Array) -> Array:
         y = nn.Dense(self.features, name="dense")(x)
         if self.rank > 0:
-            a = self.param("lora_a", nn.initializers.normal(stddev=1.0 / np.sqrt(x.shape[-1])), (x.shape[-1], self.rank))
+            init_a = nn.initializers.normal(stddev=1.0 / np.sqrt(x.shape[-1]))
+            a = self.param("lora_a", init_a, (x.shape[-1], self.rank))
             b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
             y = y + (x @ a) @ b * (self.alpha / self.rank)
         return y
@@ -281,7 +348,7 @@ class RaterConfig:
     """Configuration of :func:`make_transformer_rater`.
 
     Attributes:
-      encoder: the history encoder (must match the checkpoint when ``init_from`` is used).
+      encoder: the history encoder (must match the pretrained encoder's config, if any).
       n_years: size of the release-year vocabulary (``x["item"][:, 0]``).
       n_genres: number of genres (``x["genres"]`` width).
       item_dim: width of the year/genre item features.
@@ -322,11 +389,14 @@ class TransformerRater(nn.Module):
         item_idx = x["item"][..., 1]
         item_e = enc.embed_items(item_idx)  # [N, D]
         year = nn.Embed(c.n_years, c.item_dim, name="year_embed")(x["item"][..., 0])
-        genre = nn.Dense(c.item_dim, use_bias=False, name="genre_proj")(x["genres"].astype(jnp.float32))
+        genres = x["genres"].astype(jnp.float32)
+        genre = nn.Dense(c.item_dim, use_bias=False, name="genre_proj")(genres)
         feats = [jnp.broadcast_to(summary, item_e.shape), item_e, summary * item_e, year, genre]
         if c.content_dim:
             if "content" not in x:
-                raise ValueError("RaterConfig.content_dim > 0 but x has no 'content' entry (see add_content)")
+                raise ValueError(
+                    "RaterConfig.content_dim > 0 but x has no 'content' entry (see add_content)"
+                )
             feats.append(nn.Dense(c.item_dim, name="content_proj")(x["content"]))
         z = jnp.concatenate(feats, -1)
         for i, width in enumerate(c.head_hidden):
@@ -356,14 +426,16 @@ def adapt_filter(mode: str, depth: int | None = None) -> Callable[[Any], Any]:
     """Mask builder ``params -> bool pytree`` selecting the rater parameters adapted per user.
 
     Same contract as :func:`metarec.meta.inner.path_filter` (pass it as the meta-learners'
-    ``adapt_filter``/``mask``).  Modes: ``"head"`` (the rating head ``head_*``), ``"lora"`` (only the
-    LoRA factors of the head; needs ``lora_rank > 0``), ``"head+last_block"`` (head and the last
+    ``adapt_filter``/``mask``).  Modes: ``"head"`` (the rating head ``head_*``), ``"lora"`` (only
+    the LoRA factors of the head; needs ``lora_rank > 0``), ``"head+last_block"`` (head and the last
     encoder block; needs ``depth``), ``"all"``.
     """
     if mode not in ADAPT_MODES:
         raise ValueError(f"adapt mode must be one of {ADAPT_MODES}, got {mode!r}")
     if mode == "head+last_block" and not depth:
-        raise ValueError("adapt mode 'head+last_block' needs depth (the encoder's number of blocks)")
+        raise ValueError(
+            "adapt mode 'head+last_block' needs depth (the encoder's number of blocks)"
+        )
 
     def pred(names: list[str]) -> bool:
         is_head = any(n.startswith("head_") for n in names)
@@ -378,37 +450,41 @@ def adapt_filter(mode: str, depth: int | None = None) -> Callable[[Any], Any]:
     def build(params):
         mask = jax.tree_util.tree_map_with_path(lambda p, _: pred(_path_names(p)), params)
         if not any(jax.tree_util.tree_leaves(mask)):
-            raise ValueError(f"adapt mode {mode!r} selects no parameter (lora needs RaterConfig.lora_rank > 0)")
+            raise ValueError(
+                f"adapt mode {mode!r} selects no parameter (lora needs RaterConfig.lora_rank > 0)"
+            )
         return mask
 
     return build
 
 
+def _encoder_params(pretrained: Mapping, config: EncoderConfig):
+    """The ``params`` collection of a pretrained encoder, checked against ``config``."""
+    src = pretrained["params"] if "params" in pretrained else pretrained
+    want = jax.eval_shape(lambda: init_encoder(jax.random.PRNGKey(0), config))["params"]
+    tree = jax.tree_util.tree_structure
+    shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), src)
+    if tree(src) != tree(want) or shapes != jax.tree_util.tree_map(lambda a: a.shape, want):
+        raise ValueError(
+            "pretrained encoder parameters do not match the rater's encoder config "
+            f"{config}; build the rater with the EncoderConfig the encoder was trained with"
+        )
+    return src
+
+
 def make_transformer_rater(
-    config: RaterConfig, init_from: str | Mapping | None = None
+    config: RaterConfig, pretrained: Mapping | None = None
 ) -> tuple[Callable[[Array], Any], Callable[[Any, Mapping[str, Array]], Array]]:
     """Rating model on a (pretrained) history encoder, shaped like the MeLU model.
 
     Returns ``(init_fn(key) -> params, apply_fn(params, x) -> preds [N])``; ``x`` is the per-example
-    dict of one task extended by :func:`add_history`.  ``init_from`` is a checkpoint directory written
-    by :func:`metarec.pretrain.save_pretrained` (or an already loaded encoder-params dict): its encoder
-    weights replace the random ones (the encoder configs must agree).
+    dict of one task extended by :func:`add_history`.  ``pretrained`` holds encoder parameters
+    (``{"params": ...}`` as :func:`init_encoder` makes them, e.g. loaded with
+    :func:`metarec.training.encoder_checkpoint.load_pretrained`): they replace the random encoder
+    weights; their shapes must match ``config.encoder``.
     """
     model = TransformerRater(config)
-    pretrained = None
-    if init_from is not None:
-        if isinstance(init_from, (str, bytes)) or hasattr(init_from, "__fspath__"):
-            from metarec.pretrain import load_pretrained
-
-            enc_cfg, enc_params = load_pretrained(init_from)
-            if enc_cfg != config.encoder:
-                raise ValueError(
-                    f"pretrained encoder at {init_from} has config {enc_cfg}, but the rater was built "
-                    f"with {config.encoder}; build the rater with the checkpoint's EncoderConfig"
-                )
-            pretrained = enc_params
-        else:
-            pretrained = init_from
+    src = None if pretrained is None else _encoder_params(pretrained, config.encoder)
 
     def dummy_x():
         H = config.encoder.max_len
@@ -426,13 +502,9 @@ def make_transformer_rater(
 
     def init_fn(key: Array):
         params = model.init(key, dummy_x())
-        if pretrained is not None:
+        if src is not None:
             params = jax.tree_util.tree_map(lambda a: a, params)  # copy structure
             inner = dict(params["params"])
-            src = pretrained["params"] if "params" in pretrained else pretrained
-            want = jax.tree_util.tree_structure(inner["encoder"])
-            if jax.tree_util.tree_structure(src) != want:
-                raise ValueError("pretrained encoder parameters do not match the rater's encoder structure")
             inner["encoder"] = jax.tree_util.tree_map(jnp.asarray, src)
             params = {"params": inner}
         return params

@@ -7,21 +7,21 @@ summary; for items the multi-hot genres and/or precomputed content embeddings fr
 item row)`` with uniformly sampled negative items and either the BPR loss or a sampled softmax.
 
 Users and items are given as *tables* (one row per user / item) plus integer row indices, so a
-training step only moves indices; everything is jittable and the training loop is one ``lax.scan``
-per epoch.
+training step only moves indices; everything is jittable. The training loop (one ``lax.scan`` per
+epoch) is :func:`metarec.training.two_tower.train_two_tower`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 Array = jax.Array
 
@@ -36,7 +36,10 @@ class Tower(nn.Module):
 
     @nn.compact
     def __call__(self, cat: Array, dense: Array | None = None) -> Array:
-        parts = [nn.Embed(v, self.embed_dim, name=f"embed_{j}")(cat[..., j]) for j, v in enumerate(self.vocab)]
+        parts = [
+            nn.Embed(v, self.embed_dim, name=f"embed_{j}")(cat[..., j])
+            for j, v in enumerate(self.vocab)
+        ]
         if dense is not None:
             parts.append(nn.Dense(self.embed_dim, name="dense_in")(dense.astype(jnp.float32)))
         z = jnp.concatenate(parts, -1)
@@ -46,7 +49,8 @@ class Tower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    """``user(cat, dense) -> [.., d]``, ``item(cat, dense) -> [.., d]``, ``__call__`` = dot product."""
+    """``user(cat, dense) -> [.., d]``, ``item(cat, dense) -> [.., d]``; ``__call__``: their dot
+    product."""
 
     user_vocab: tuple[int, ...]
     item_vocab: tuple[int, ...]
@@ -55,8 +59,9 @@ class TwoTower(nn.Module):
     out_dim: int = 32
 
     def setup(self):
-        self.user_tower = Tower(self.user_vocab, self.embed_dim, self.hidden, self.out_dim, name="user_tower")
-        self.item_tower = Tower(self.item_vocab, self.embed_dim, self.hidden, self.out_dim, name="item_tower")
+        sizes = (self.embed_dim, self.hidden, self.out_dim)
+        self.user_tower = Tower(self.user_vocab, *sizes, name="user_tower")
+        self.item_tower = Tower(self.item_vocab, *sizes, name="item_tower")
 
     def user(self, cat, dense=None):
         return self.user_tower(cat, dense)
@@ -80,7 +85,8 @@ class Tables:
 
 
 def bpr_loss(pos: Array, neg: Array) -> Array:
-    """Bayesian personalised ranking: ``mean -log sigmoid(s_pos - s_neg)`` over ``[B, K]`` negatives."""
+    """Bayesian personalised ranking: ``mean -log sigmoid(s_pos - s_neg)`` over ``[B, K]``
+    negatives."""
     return -jnp.mean(jax.nn.log_sigmoid(pos[:, None] - neg))
 
 
@@ -92,7 +98,7 @@ def sampled_softmax(pos: Array, neg: Array, hit: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class TwoTowerConfig:
-    """Model and training hyper-parameters of :func:`train_two_tower`."""
+    """Model and training hyper-parameters (training: :mod:`metarec.training.two_tower`)."""
 
     embed_dim: int = 32
     hidden: tuple[int, ...] = (64,)
@@ -146,51 +152,6 @@ def init_two_tower(key, model: TwoTower, tables: Tables):
     return model.init(key, tables.user_cat[:1], tables.item_cat[:1], ud, idn)
 
 
-def train_two_tower(pairs: np.ndarray, tables: Tables, cfg: TwoTowerConfig, log_fn=None):
-    """Train on positive ``pairs [P, 2]`` of (user row, item row).
-
-    Returns ``(model, params, history)``; ``history`` holds the mean loss per epoch.  Seeded by
-    ``cfg.seed`` (init, negatives and batch order).
-    """
-    pairs = np.asarray(pairs)
-    if pairs.ndim != 2 or pairs.shape[1] != 2 or len(pairs) == 0:
-        raise ValueError(f"pairs must be a non-empty [P, 2] array of (user row, item row), got {pairs.shape}")
-    tables = jax.tree_util.tree_map(jnp.asarray, tables)
-    model = make_model(tables, cfg)
-    key = jax.random.PRNGKey(cfg.seed)
-    k_init, k_train = jax.random.split(key)
-    params = init_two_tower(k_init, model, tables)
-    P = len(pairs)
-    B = min(cfg.batch_size, P)
-    nb = -(-P // B)
-    opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-    opt_state = opt.init(params)
-    loss_fn = make_two_tower_loss(model, cfg)
-
-    @jax.jit
-    def epoch(params, opt_state, idx, key):
-        def body(carry, xs):
-            p, o = carry
-            b, i = xs
-            l, g = jax.value_and_grad(loss_fn)(p, tables, b[:, 0], b[:, 1], jax.random.fold_in(key, i))
-            u, o = opt.update(g, o, p)
-            return (optax.apply_updates(p, u), o), l
-
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (idx, jnp.arange(idx.shape[0])))
-        return params, opt_state, losses.mean()
-
-    history = []
-    for e in range(cfg.epochs):
-        rng = np.random.default_rng(cfg.seed + e)
-        order = np.concatenate([rng.permutation(P), rng.choice(P, nb * B - P)]) if nb * B > P else rng.permutation(P)
-        idx = jnp.asarray(pairs[order].reshape(nb, B, 2))
-        params, opt_state, l = epoch(params, opt_state, idx, jax.random.fold_in(k_train, e))
-        history.append({"epoch": e + 1, "loss": float(l)})
-        if log_fn is not None:
-            log_fn(history[-1])
-    return model, params, history
-
-
 def embed_all(model: TwoTower, params, tables: Tables) -> tuple[Array, Array]:
     """All user vectors ``[U, d]`` and item vectors ``[I, d]``."""
     t = jax.tree_util.tree_map(jnp.asarray, tables)
@@ -199,7 +160,9 @@ def embed_all(model: TwoTower, params, tables: Tables) -> tuple[Array, Array]:
     return u, i
 
 
-def retrieve(user_vecs: Array, item_vecs: Array, k: int, exclude: Array | None = None) -> tuple[Array, Array]:
+def retrieve(
+    user_vecs: Array, item_vecs: Array, k: int, exclude: Array | None = None
+) -> tuple[Array, Array]:
     """Top-``k`` items per user by dot product; ``exclude [U, I]`` (bool) removes items (e.g. seen).
     Returns ``(indices [U, k], scores [U, k])``."""
     scores = user_vecs @ item_vecs.T

@@ -10,8 +10,9 @@ from metarec.models.transformer import (
     EncoderConfig,
     HistoryEncoder,
     RaterConfig,
-    add_history,
     adapt_filter,
+    add_history,
+    append_mask_token,
     attention_mask,
     make_transformer_rater,
     pool,
@@ -21,9 +22,13 @@ V, L = 20, 8
 
 
 def _enc(causal=False, **kw):
-    cfg = EncoderConfig(num_items=V, max_len=L, width=16, depth=2, heads=2, dropout_rate=0.0, causal=causal, **kw)
+    cfg = EncoderConfig(
+        num_items=V, max_len=L, width=16, depth=2, heads=2, dropout_rate=0.0, causal=causal, **kw
+    )
     model = HistoryEncoder(cfg)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, L), jnp.int32), jnp.zeros((1, L)), jnp.ones((1, L)))
+    params = jax.jit(model.init)(
+        jax.random.PRNGKey(0), jnp.zeros((1, L), jnp.int32), jnp.zeros((1, L)), jnp.ones((1, L))
+    )
     return cfg, model, params
 
 
@@ -118,7 +123,9 @@ def test_jit_and_vmap_match():
 def test_too_long_history_errors():
     cfg, model, params = _enc()
     with pytest.raises(ValueError, match="max_len"):
-        model.apply(params, jnp.zeros((1, L + 1), jnp.int32), jnp.zeros((1, L + 1)), jnp.ones((1, L + 1)))
+        model.apply(
+            params, jnp.zeros((1, L + 1), jnp.int32), jnp.zeros((1, L + 1)), jnp.ones((1, L + 1))
+        )
 
 
 def test_pool_hand_computed():
@@ -130,6 +137,16 @@ def test_pool_hand_computed():
     np.testing.assert_allclose(pool(h, jnp.zeros((1, 4)), "last"), [[0.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="pool mode"):
         pool(h, m, "max")
+
+
+def test_append_mask_token():
+    items = jnp.array([[1, 2, 0], [1, 2, 3]])
+    mask = (items > 0).astype(jnp.float32)
+    it, rt, mk, pos = append_mask_token(items, mask * 5, mask, 9)
+    np.testing.assert_array_equal(it, [[1, 2, 9], [2, 3, 9]])
+    np.testing.assert_array_equal(mk, [[1, 1, 1], [1, 1, 1]])
+    np.testing.assert_array_equal(rt, [[5, 5, 0], [5, 5, 0]])
+    np.testing.assert_array_equal(pos, [2, 2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +162,9 @@ def _tasks(T=4, S=6, Q=3, seed=0):
     def ex(n, real):
         x = {
             "user": rng.integers(0, 3, (T, n, 4)).astype(np.int32),
-            "item": np.stack([rng.integers(0, NY, (T, n)), rng.integers(0, V, (T, n))], -1).astype(np.int32),
+            "item": np.stack([rng.integers(0, NY, (T, n)), rng.integers(0, V, (T, n))], -1).astype(
+                np.int32
+            ),
             "genres": (rng.random((T, n, G)) < 0.4).astype(np.float32),
             "offset": np.full((T, n), 3.5, np.float32),
         }
@@ -172,7 +191,9 @@ def test_add_history():
     hm = th.query.x["hist_mask"][1, 0]
     np.testing.assert_array_equal(hm, [1, 1, 1, 1, 0, 0])
     real = t.support.mask[1] > 0
-    np.testing.assert_array_equal(th.query.x["hist_item"][1, 0, :4], t.support.x["item"][1, real, 1])
+    np.testing.assert_array_equal(
+        th.query.x["hist_item"][1, 0, :4], t.support.x["item"][1, real, 1]
+    )
     np.testing.assert_array_equal(th.query.x["hist_rating"][1, 0, :4], t.support.y[1, real])
     assert np.all(th.query.x["hist_rating"][1, 0, 4:] == 0)
     # same result on jax leaves
@@ -193,7 +214,9 @@ def _rater(lora=0, **kw):
 
 def _make_rater(lora=0, **kw):
     enc = EncoderConfig(num_items=V, max_len=L, width=16, depth=2, heads=2, dropout_rate=0.0)
-    rc = RaterConfig(encoder=enc, n_years=NY, n_genres=G, item_dim=8, head_hidden=(16,), lora_rank=lora, **kw)
+    rc = RaterConfig(
+        encoder=enc, n_years=NY, n_genres=G, item_dim=8, head_hidden=(16,), lora_rank=lora, **kw
+    )
     init_fn, apply_fn = make_transformer_rater(rc)
     return rc, (jax.jit(init_fn), jax.jit(apply_fn))
 
@@ -206,7 +229,12 @@ def test_rater_shapes_jit_vmap():
     out = apply_fn(params, x0)
     assert out.shape == (3,)
     vm = jax.jit(jax.vmap(apply_fn, in_axes=(None, 0)))(params, t.query.x)
-    loop = np.stack([np.asarray(apply_fn(params, jax.tree_util.tree_map(lambda a: a[i], t.query.x))) for i in range(4)])
+    loop = np.stack(
+        [
+            np.asarray(apply_fn(params, jax.tree_util.tree_map(lambda a, i=i: a[i], t.query.x)))
+            for i in range(4)
+        ]
+    )
     np.testing.assert_allclose(np.asarray(vm), loop, atol=1e-5)
     # the history matters: changing a support rating changes query predictions
     t2 = _tasks()
@@ -232,6 +260,7 @@ def test_lora_starts_as_identity_and_filters():
     rc2, (init2, apply2) = _rater(lora=2)
     p0 = init0(jax.random.PRNGKey(0))
     p2 = init2(jax.random.PRNGKey(0))
+
     # copy the shared weights into the LoRA model: B == 0 -> identical predictions
     def copy(path, leaf):
         d = p0
@@ -241,13 +270,20 @@ def test_lora_starts_as_identity_and_filters():
                 return leaf
             d = d[key]
         return d
+
     p2c = jax.tree_util.tree_map_with_path(copy, p2)
     x0 = jax.tree_util.tree_map(lambda a: a[0], add_history(_tasks()).query.x)
     np.testing.assert_allclose(np.asarray(apply2(p2c, x0)), np.asarray(apply0(p0, x0)), atol=1e-6)
 
-    flat = lambda m: {"/".join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(m)}  # noqa: E731
+    def flat(m):
+        return {
+            "/".join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(m)
+        }
+
     lora = flat(adapt_filter("lora")(p2))
-    assert lora and all(v == (k.endswith("lora_a") or k.endswith("lora_b")) for k, v in lora.items())
+    assert lora and all(
+        v == (k.endswith("lora_a") or k.endswith("lora_b")) for k, v in lora.items()
+    )
     head = flat(adapt_filter("head")(p0))
     assert all(v == ("/head_" in k) for k, v in head.items())
     hb = flat(adapt_filter("head+last_block", depth=2)(p0))
@@ -282,5 +318,7 @@ def test_rater_head_adaptation_reduces_support_loss():
     for _ in range(60):
         p = step(p)
     assert loss(p) < 0.8 * l0, (float(loss(p)), float(l0))
-    enc_same = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), p["params"]["encoder"], params["params"]["encoder"])
+    enc_same = jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.all(a == b)), p["params"]["encoder"], params["params"]["encoder"]
+    )
     assert all(jax.tree_util.tree_leaves(enc_same))
