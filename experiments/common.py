@@ -19,7 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -72,13 +72,21 @@ def define_config(main_file: str, default: str = "default", name: str = "config"
 
 def define_run_flags(default_workdir: str | None, *, resumable: bool = True) -> None:
     """``--workdir``, ``--traceback`` and, for resumable runs, ``--resume`` / ``--overwrite``."""
-    flags.DEFINE_string("workdir", default_workdir, "Folder for this run's results, logs and checkpoints.")
-    flags.DEFINE_bool("traceback", False, "Show the Python traceback of an error instead of one line.")
+    flags.DEFINE_string(
+        "workdir", default_workdir, "Folder for this run's results, logs and checkpoints."
+    )
+    flags.DEFINE_bool(
+        "traceback", False, "Show the Python traceback of an error instead of one line."
+    )
     if not resumable:
         return
-    flags.DEFINE_bool("resume", False, "Continue the interrupted run in --workdir from its checkpoints.")
     flags.DEFINE_bool(
-        "overwrite", False, "Delete this script's files in --workdir (nothing else) and start again."
+        "resume", False, "Continue the interrupted run in --workdir from its checkpoints."
+    )
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Delete this script's files in --workdir (nothing else) and start again.",
     )
     flags.register_multi_flags_validator(
         ["resume", "overwrite"],
@@ -116,7 +124,7 @@ def prepare_workdir(workdir: str, name: str, run_files=(), *, overwrite: bool = 
 
 
 def quiet_terminal() -> None:
-    """For scripts without a workdir: only warnings and errors of the libraries reach the terminal."""
+    """For scripts without a workdir: only library warnings and errors reach the terminal."""
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
@@ -142,7 +150,8 @@ def _flags_parser(name: str) -> Callable[[list[str]], list[str]]:
 
 def _load_configs() -> None:
     """Load every config-file flag now: config_flags defers loading the file and applying the
-    ``--config.<field>`` overrides to the first access, where its errors would surface as tracebacks."""
+    ``--config.<field>`` overrides to the first access, where its errors would surface as
+    tracebacks."""
     for flag in {id(f): f for f in FLAGS._flags().values()}.values():
         if type(flag).__name__ != "_ConfigFlag":
             continue
@@ -154,7 +163,9 @@ def _load_configs() -> None:
         except OSError as e:
             path = getattr(flag, "config_filename", "?")
             detail = str(e).strip().splitlines()[-1].strip()
-            raise ValueError(f"--{flag.name}={path}: the config file cannot be loaded ({detail})") from None
+            raise ValueError(
+                f"--{flag.name}={path}: the config file cannot be loaded ({detail})"
+            ) from None
 
 
 def run_main(name: str, body: Callable[[], object]) -> None:
@@ -162,7 +173,10 @@ def run_main(name: str, body: Callable[[], object]) -> None:
 
     def main(argv):
         if len(argv) > 1:
-            _fail(name, f"unexpected arguments: {' '.join(argv[1:])} (settings are --config.<field>=...)")
+            _fail(
+                name,
+                f"unexpected arguments: {' '.join(argv[1:])} (settings are --config.<field>=...)",
+            )
         try:
             _load_configs()
             body()
@@ -175,7 +189,7 @@ def run_main(name: str, body: Callable[[], object]) -> None:
 
 
 def check_choice(flag: str, value: str, allowed) -> str:
-    """``value`` if it is one of ``allowed``, else ``ValueError`` naming ``flag`` and what is allowed."""
+    """``value`` if in ``allowed``, else ``ValueError`` naming ``flag`` and what is allowed."""
     if value not in allowed:
         raise ValueError(f"{flag}={value!r}; allowed: {', '.join(map(str, allowed))}")
     return value

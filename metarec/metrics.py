@@ -50,7 +50,7 @@ is ``query_recall_at_k``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +166,8 @@ def ndcg_at_k(pred, true, mask, k):
 
     ``ndcg = DCG@k(pred) / DCG@k(ideal)`` with gain ``2**r - 1``, discount ``1/log2(rank + 1)``,
     the ranking by ``pred`` descending with ties broken by the given query order (stable sort) and
-    the ideal ranking by ``true`` descending. If fewer than ``k`` entries are real, only those count.
+    the ideal ranking by ``true`` descending. If fewer than ``k`` entries are real, only those
+    count.
 
     A task whose ideal DCG is 0 (no real entry with a positive gain, i.e. every real rating <= 0)
     has no meaningful nDCG: it returns ``(0.0, 0.0)`` and must be EXCLUDED from averages (the
@@ -222,7 +223,8 @@ def precision_at_k(pred, true, mask, k, threshold=4.0):
 
 def query_recall_at_k(pred, true, mask, k, threshold=4.0):
     """Recall@k within the query set: relevant entries (``true >= threshold``) found in the top-k
-    by ``pred`` (stable) over all relevant entries. ``(value, valid)``; invalid with no relevant entry.
+    by ``pred`` (stable) over all relevant entries. ``(value, valid)``; invalid with no relevant
+    entry.
     """
     pred, true, mask = _prep(pred, true, mask)
     hits, _, n_rel, _ = _topk_hits(pred, true, mask, k, threshold)
@@ -440,7 +442,7 @@ def ndcg_at_k_single_target(scores, target, exclude=None, k: int = 10, ties: str
 
 
 def recall_at_k(scores, targets, exclude=None, k: int = 10, ties: str = "stable"):
-    """Full-catalogue recall@k: fraction of the held-out target items in the top-k; ``(value, valid)``.
+    """Full-catalogue recall@k: fraction of held-out target items in the top-k; ``(value, valid)``.
 
     ``targets`` is either a boolean mask ``[N]`` over the catalogue or an int array ``[M]`` of item
     indices padded with -1. Targets are always candidates; other ``exclude``-d items are removed.

@@ -1,5 +1,5 @@
-"""Shared test fixtures: small MovieLens-shaped files written by the tests themselves (never the real
-data, whose licence forbids redistribution)."""
+"""Shared test fixtures: small MovieLens-shaped files written by the tests themselves (never the
+real data, whose licence forbids redistribution)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 GENRES_100K = 19
 
 
-def write_ml100k(directory, n_users=60, n_items=80, seed=0, extra_ratings=(), min_per_user=5, max_per_user=40):
+def write_ml100k(
+    directory, n_users=60, n_items=80, seed=0, extra_ratings=(), min_per_user=5, max_per_user=40
+):
     """Write u.data / u.user / u.item in GroupLens' ml-100k layout with random but valid content.
 
     Items 1..n_items have years 1990..1999 (item 3 has year 'V'-style garbage and item 4 none);
@@ -22,7 +24,10 @@ def write_ml100k(directory, n_users=60, n_items=80, seed=0, extra_ratings=(), mi
     occupations = ["student", "engineer", "artist", "none"]
     with open(os.path.join(directory, "u.user"), "w") as f:
         for u in range(1, n_users + 1):
-            f.write(f"{u}|{rng.integers(10, 70)}|{'MF'[u % 2]}|{occupations[u % 4]}|{rng.integers(10000, 99999)}\n")
+            f.write(
+                f"{u}|{rng.integers(10, 70)}|{'MF'[u % 2]}|{occupations[u % 4]}|"
+                f"{rng.integers(10000, 99999)}\n"
+            )
     with open(os.path.join(directory, "u.item"), "w", encoding="latin-1") as f:
         for i in range(1, n_items + 1):
             year = 1990 + (i % 10)
@@ -34,7 +39,9 @@ def write_ml100k(directory, n_users=60, n_items=80, seed=0, extra_ratings=(), mi
     for u in range(1, n_users + 1):
         k = int(rng.integers(min_per_user, max_per_user + 1))
         for i in rng.choice(np.arange(1, n_items + 1), size=min(k, n_items), replace=False):
-            lines.append(f"{u}\t{i}\t{rng.integers(1, 6)}\t{880000000 + int(rng.integers(0, 10**6))}")
+            lines.append(
+                f"{u}\t{i}\t{rng.integers(1, 6)}\t{880000000 + int(rng.integers(0, 10**6))}"
+            )
     lines.extend(extra_ratings)
     with open(os.path.join(directory, "u.data"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -97,3 +104,21 @@ def random_sequences(n_users=40, num_items=16, max_len=8, seed=0, min_len=3):
 
 # the repository root (scripts run as `python -m experiments...` from here)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bandit_env(p_click, horizon: int):
+    """RL environments whose click probabilities are exactly ``p_click`` (``[I]``: one user,
+    ``[U, I]``: a batch): affinity ``logit(p)``, threshold 0, temperature 1, no boredom, no
+    leaving, one history slot, no genres."""
+    from metarec.rl import env as E
+
+    p = np.asarray(p_click, np.float64)
+    cfg = E.EnvConfig(
+        horizon=horizon,
+        history_len=1,
+        threshold=0.0,
+        temperature=1.0,
+        boredom_weight=0.0,
+        leave_growth=0.0,
+    )
+    return E.make_env_params(np.log(p / (1 - p)), np.zeros((p.shape[-1], 1)), cfg)

@@ -16,8 +16,8 @@ import numpy as np
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 #: glibc malloc settings that keep XLA's per-step temporaries mapped (read by glibc at process
-#: start only). They cut page faults per step ~30x but made no step faster on 2 cores, so the
-#: harness only records whether they are set (``MALLOC_...=... python -m benchmarks...`` to try).
+#: start only). The harness only records whether they are set; to try them, run
+#: ``MALLOC_...=... python -m benchmarks...``.
 TUNED_MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
     "MALLOC_TRIM_THRESHOLD_": str(1 << 30),

@@ -1,10 +1,9 @@
-"""Per-seed data, the config's model and learners, and their compiled steps (shared between seeds)."""
+"""Per-seed data, the config's model and learners, and their compiled steps (shared by seeds)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
+from collections.abc import Callable
 
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
@@ -24,7 +23,8 @@ NAME_FIELDS = ("algos", "baselines")
 
 
 def split_names(values) -> tuple[str, ...]:
-    """``("maml,metasgd",)`` (how ``--config.algos=maml,metasgd`` arrives) -> ``("maml", "metasgd")``."""
+    """``("maml,metasgd",)`` (how ``--config.algos=maml,metasgd`` arrives) ->
+    ``("maml", "metasgd")``."""
     if isinstance(values, str):
         values = (values,)
     return tuple(n.strip() for v in values for n in str(v).split(",") if n.strip())
@@ -44,7 +44,8 @@ class SeedData:
 
 
 def prepare_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
-    """Scenarios, vocabularies and encoded tasks for one seed; all support sets padded to one width."""
+    """Scenarios, vocabularies and encoded tasks for one seed; every support set padded to one
+    width."""
     split = mdata.make_split(data, seed, cfg.protocol)
     empty = [k for k, v in split.sets.items() if v.n_users == 0]
     if empty:
@@ -62,9 +63,13 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
     encoder = mdata.FeatureEncoder.fit(
         data, split.train_ratings, offset_prior=cfg.offset_prior, stable_shapes=True
     )
-    train_sets, val_sets = mdata.split_validation(split.sets["warm_train"], cfg.val_fraction, seed + 2)
+    train_sets, val_sets = mdata.split_validation(
+        split.sets["warm_train"], cfg.val_fraction, seed + 2
+    )
     # one support width per protocol (not per seed), so every seed shares the compiled steps
-    width = max([SUPPORT_WIDTH[cfg.protocol]] + [v.support_item.shape[1] for v in split.sets.values()])
+    width = max(
+        [SUPPORT_WIDTH[cfg.protocol]] + [v.support_item.shape[1] for v in split.sets.values()]
+    )
     prepare = get_model(cfg.model).prepare_tasks
 
     def enc(s: mdata.UserSets) -> Task:
@@ -121,7 +126,7 @@ class Compiled:
         self.pretrained = None
 
     def use_seed(self, seed: int) -> Compiled:
-        """Select the seed's pretraining checkpoint (``cfg.init_from`` with ``{seed}`` filled in)."""
+        """Use the seed's pretraining checkpoint (``cfg.init_from`` with ``{seed}`` filled in)."""
         self.init_from = self.cfg.init_from.format(seed=seed) if self.cfg.init_from else ""
         self.pretrained = None
         return self
@@ -192,7 +197,8 @@ def normalize_config(cfg) -> None:
             cfg[field] = tuple(int(v) for v in split_names(cfg[field]))
         except ValueError:
             raise ValueError(
-                f"--config.{field} takes a comma list of integers, got {','.join(map(str, cfg[field]))!r}"
+                f"--config.{field} takes a comma list of integers, "
+                f"got {','.join(map(str, cfg[field]))!r}"
             ) from None
 
 
@@ -220,7 +226,8 @@ def validate_config(cfg) -> None:
     unknown = sorted(set(cfg.learner_options) - set(LEARNERS))
     if unknown:
         raise ValueError(
-            f"--config.learner_options: unknown learner(s) {unknown}; allowed: {', '.join(LEARNERS)}"
+            f"--config.learner_options: unknown learner(s) {unknown}; "
+            f"allowed: {', '.join(LEARNERS)}"
         )
     if "context" in cfg.adapt and cfg.context_dim < 1:
         raise ValueError(f"--config.adapt={cfg.adapt} needs --config.context_dim >= 1")
@@ -235,10 +242,19 @@ def _validate_numbers(cfg) -> None:
     if any(int(s) < 0 for s in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError(f"--config.seeds must be distinct non-negative integers, got {cfg.seeds}")
     lower = {
-        "inner_steps": 0, "meta_batch": 1, "epochs": 1, "eval_chunk": 1, "patience": 1,
-        "ckpt_every": 0, "keep_checkpoints": 1, "log_every": 0, "embed_dim": 1, "chunk_size": 0,
-        "finetune_epochs": 1, "k": 1,
-    }  # fmt: skip
+        "inner_steps": 0,
+        "meta_batch": 1,
+        "epochs": 1,
+        "eval_chunk": 1,
+        "patience": 1,
+        "ckpt_every": 0,
+        "keep_checkpoints": 1,
+        "log_every": 0,
+        "embed_dim": 1,
+        "chunk_size": 0,
+        "finetune_epochs": 1,
+        "k": 1,
+    }
     for name, lo in lower.items():
         if cfg[name] < lo:
             raise ValueError(f"--config.{name} must be >= {lo}, got {cfg[name]}")

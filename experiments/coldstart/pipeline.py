@@ -3,9 +3,9 @@ several seeds; :func:`run` returns the ``results.json`` dict of PROTOCOL.md.
 
 Per seed (PROTOCOL.md, "melu" or "time"):
 
-1. :func:`~experiments.coldstart.build.prepare_seed` builds the scenarios; warm_train users are split
-   again into train / validation users (``val_fraction``, seeded). Validation users drive early
-   stopping; no test scenario is looked at before the final evaluation.
+1. :func:`~experiments.coldstart.build.prepare_seed` builds the scenarios; warm_train users are
+   split again into train / validation users (``val_fraction``, seeded). Validation users drive
+   early stopping; no test scenario is looked at before the final evaluation.
 2. Each meta-learner (``algos``) meta-trains the configured model with
    :func:`metarec.training.meta_train.meta_train`, keeping the best parameters by validation MAE.
 3. Baselines: global/user/item means, biased MF with fold-in, user-/item-kNN (fitted on the training
@@ -21,19 +21,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from metarec import baselines as mbaselines
-from metarec import data as mdata
-from metarec import metrics as mmetrics
-from metarec.training.checkpoint import Checkpointer
-from metarec.training.meta_train import TrainResult, meta_train, pooled, predict_tasks, score
-from metarec.training.runlog import MetricsWriter, read_json, run_metadata, write_json_atomic
-from metarec.training.workdir import open_run
 from experiments.coldstart.build import (
     NETWORK_BASELINES,
     TEST_SCENARIOS,
@@ -43,29 +36,55 @@ from experiments.coldstart.build import (
 )
 from experiments.coldstart.curves import adaptation_curves, aggregate_curves
 from experiments.common import enable_compilation_cache, format_mean_std, prepare_workdir
+from metarec import baselines as mbaselines
+from metarec import data as mdata
+from metarec import metrics as mmetrics
+from metarec.training.checkpoint import Checkpointer
+from metarec.training.meta_train import TrainResult, meta_train, pooled, predict_tasks, score
+from metarec.training.runlog import MetricsWriter, read_json, run_metadata, write_json_atomic
+from metarec.training.workdir import open_run
 
 TABLE_METRICS = ("mae", "rmse", "ndcg@3")
 # config fields that may change between a run and its --resume (they do not change what was computed
 # so far, or are needed to recover from a non-finite loss); any other difference is refused.
 RESUME_MUTABLE = (
-    "epochs", "patience", "meta_lr", "inner_lr", "clip_norm", "weight_decay", "ckpt_every",
-    "keep_checkpoints", "log_every", "eval_chunk", "all_devices", "data_dir", "download",
-    "baselines", "seeds", "curve_steps", "curve_support", "adaptation_curves", "finetune_lrs",
-    "progress", "report",
+    "epochs",
+    "patience",
+    "meta_lr",
+    "inner_lr",
+    "clip_norm",
+    "weight_decay",
+    "ckpt_every",
+    "keep_checkpoints",
+    "log_every",
+    "eval_chunk",
+    "all_devices",
+    "data_dir",
+    "download",
+    "baselines",
+    "seeds",
+    "curve_steps",
+    "curve_support",
+    "adaptation_curves",
+    "finetune_lrs",
+    "progress",
+    "report",
 )
 
 
 def unit_paths(workdir: str, seed: int, unit: str) -> tuple[str, str]:
     """``(checkpoint directory, result file)`` of one (seed, algorithm) unit inside ``workdir``."""
-    return (os.path.join(workdir, "checkpoints", f"seed{seed}", unit),
-            os.path.join(workdir, "units", f"seed{seed}", f"{unit}.json"))  # fmt: skip
+    return (
+        os.path.join(workdir, "checkpoints", f"seed{seed}", unit),
+        os.path.join(workdir, "units", f"seed{seed}", f"{unit}.json"),
+    )
 
 
 @dataclasses.dataclass
 class RunContext:
-    """Where and how :func:`run_seed` keeps its state: ``workdir`` (None: nothing written), ``resume``
-    (skip finished units, continue unfinished ones from their newest checkpoint), a metrics writer,
-    whether to draw progress lines, and provenance copied into every unit file."""
+    """Where and how :func:`run_seed` keeps its state: ``workdir`` (None: nothing written),
+    ``resume`` (skip finished units, continue unfinished ones from their newest checkpoint), a
+    metrics writer, whether to draw progress lines, and provenance copied into every unit file."""
 
     workdir: str | None = None
     resume: bool = False
@@ -74,17 +93,33 @@ class RunContext:
     provenance: dict = dataclasses.field(default_factory=dict)
 
 
-def _train_unit(ctx: RunContext, seed: int, unit: str, log_fn, cfg, train_fn: Callable[..., TrainResult]):
+def _train_unit(
+    ctx: RunContext, seed: int, unit: str, log_fn, cfg, train_fn: Callable[..., TrainResult]
+):
     """Run ``train_fn(checkpointer=..., resume=..., metrics=..., unit=..., progress=...)`` with this
     unit's checkpoint directory (or none without a workdir)."""
     if ctx.workdir is None:
-        return train_fn(checkpointer=None, resume=False, metrics=None, unit=f"seed{seed}/{unit}", progress=ctx.progress)
+        return train_fn(
+            checkpointer=None,
+            resume=False,
+            metrics=None,
+            unit=f"seed{seed}/{unit}",
+            progress=ctx.progress,
+        )
     ckpt_dir, _ = unit_paths(ctx.workdir, seed, unit)
     with Checkpointer(ckpt_dir, keep_last=cfg.get("keep_checkpoints", 2), keep_best=1) as ck:
         if ck.latest_step() is not None and not ctx.resume:
-            raise ValueError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue or use a fresh --workdir")
-        return train_fn(checkpointer=ck, resume=ctx.resume, metrics=ctx.metrics, unit=f"seed{seed}/{unit}",
-                        progress=ctx.progress)  # fmt: skip
+            raise ValueError(
+                f"{ckpt_dir} already holds checkpoints; pass --resume to continue or use a fresh "
+                "--workdir"
+            )
+        return train_fn(
+            checkpointer=ck,
+            resume=ctx.resume,
+            metrics=ctx.metrics,
+            unit=f"seed{seed}/{unit}",
+            progress=ctx.progress,
+        )
 
 
 def _load_unit(ctx: RunContext, seed: int, unit: str) -> dict | None:
@@ -96,13 +131,20 @@ def _load_unit(ctx: RunContext, seed: int, unit: str) -> dict | None:
 
 def _save_unit(ctx: RunContext, seed: int, unit: str, rec: dict) -> None:
     if ctx.workdir is not None:
-        write_json_atomic(unit_paths(ctx.workdir, seed, unit)[1], {"seed": seed, "unit": unit} | ctx.provenance | rec)
+        write_json_atomic(
+            unit_paths(ctx.workdir, seed, unit)[1],
+            {"seed": seed, "unit": unit} | ctx.provenance | rec,
+        )
 
 
 def run_seed(
-    data: mdata.RatingsData, seed: int, cfg, log_fn: Callable = print, compiled: Compiled | None = None,
+    data: mdata.RatingsData,
+    seed: int,
+    cfg,
+    log_fn: Callable = print,
+    compiled: Compiled | None = None,
     ctx: RunContext | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """All methods on all scenarios for one seed: ``{scenario: {method: {metric: value}}}`` plus
     ``_info`` (scenario sizes, training histories, timings, parameter digests, adaptation curves).
 
@@ -120,9 +162,16 @@ def run_seed(
     init_fn, _ = fns.model(spec)
     key = jax.random.PRNGKey(seed)
     results = {s: {} for s in TEST_SCENARIOS}
-    info = {"n_users": {s: int(t.num_tasks) for s, t in sd.test.items()},
-            "n_train_users": int(sd.train.num_tasks), "n_val_users": int(sd.val.num_tasks),
-            "histories": {}, "seconds": {}, "params_sha256": {}, "best_epoch": {}, "resumed": []}  # fmt: skip
+    info = {
+        "n_users": {s: int(t.num_tasks) for s, t in sd.test.items()},
+        "n_train_users": int(sd.train.num_tasks),
+        "n_val_users": int(sd.val.num_tasks),
+        "histories": {},
+        "seconds": {},
+        "params_sha256": {},
+        "best_epoch": {},
+        "resumed": [],
+    }
     for s, t in sd.test.items():
         r = score(np.zeros_like(t.query.y), t, scale, cfg.k)
         results[s]["random"] = {f"ndcg@{cfg.k}": r[f"random_ndcg@{cfg.k}"]}
@@ -143,16 +192,39 @@ def run_seed(
         key, k_init, k_train = jax.random.split(key, 3)
         done = _load_unit(ctx, seed, name)
         if done is not None:
-            log_fn(f"seed {seed} {name}: finished earlier, results read from {unit_paths(ctx.workdir, seed, name)[1]}")
+            log_fn(
+                f"seed {seed} {name}: finished earlier, results read from "
+                f"{unit_paths(ctx.workdir, seed, name)[1]}"
+            )
             info["resumed"].append(name)
             record(name, done)
             continue
         learner, eval_fn = fns.learner(spec, name), fns.eval(spec, name)
-        tr = _train_unit(ctx, seed, name, log_fn, cfg, lambda **kw: meta_train(
-            learner, fns.step(spec, name), eval_fn, init_fn(k_init), sd.train, sd.val, cfg, k_train, scale,
-            log_fn=log_fn, mesh=fns.mesh, **kw))  # fmt: skip
-        log_fn(f"seed {seed} {name}: best epoch {tr.best_epoch}, val MAE {tr.best_val_mae:.4f}, {tr.seconds:.1f}s"
-               + (f" (resumed from step {tr.resumed_from})" if tr.resumed_from is not None else ""))  # fmt: skip
+
+        def train_fn(
+            learner=learner, name=name, eval_fn=eval_fn, k_init=k_init, k_train=k_train, **kw
+        ):
+            return meta_train(
+                learner,
+                fns.step(spec, name),
+                eval_fn,
+                init_fn(k_init),
+                sd.train,
+                sd.val,
+                cfg,
+                k_train,
+                scale,
+                log_fn=log_fn,
+                mesh=fns.mesh,
+                **kw,
+            )
+
+        tr = _train_unit(ctx, seed, name, log_fn, cfg, train_fn)
+        log_fn(
+            f"seed {seed} {name}: best epoch {tr.best_epoch}, val MAE {tr.best_val_mae:.4f}, "
+            f"{tr.seconds:.1f}s"
+            + (f" (resumed from step {tr.resumed_from})" if tr.resumed_from is not None else "")
+        )
         scores = {s: {} for s in TEST_SCENARIOS}
         for s, t in sd.test.items():
             out = predict_tasks(eval_fn, tr.params, t, cfg.eval_chunk)
@@ -160,10 +232,20 @@ def run_seed(
             if name == cfg.algos[0] and "no_adapt" in cfg.baselines:
                 # the first meta-learner's initialisation, not adapted
                 scores[s]["no_adapt"] = score(out["pred_init"], t, scale, cfg.k)
-        rec = {"scores": scores, "history": tr.history, "seconds": tr.seconds, "params_sha256": tr.params_sha256,
-               "best_epoch": tr.best_epoch, "best_val_mae": tr.best_val_mae, "steps": tr.steps}  # fmt: skip
+        rec = {
+            "scores": scores,
+            "history": tr.history,
+            "seconds": tr.seconds,
+            "params_sha256": tr.params_sha256,
+            "best_epoch": tr.best_epoch,
+            "best_val_mae": tr.best_val_mae,
+            "steps": tr.steps,
+        }
         if name == cfg.algos[0] and cfg.get("adaptation_curves", False):
-            rec["adaptation"] = {"algo": name, **adaptation_curves(fns, spec, name, tr.params, sd, cfg, scale)}
+            rec["adaptation"] = {
+                "algo": name,
+                **adaptation_curves(fns, spec, name, tr.params, sd, cfg, scale),
+            }
         _save_unit(ctx, seed, name, rec)
         record(name, rec)
 
@@ -177,39 +259,93 @@ def run_seed(
         else:
             ft_cfg = ml_collections.ConfigDict(cfg.to_dict())
             ft_cfg.epochs = cfg.finetune_epochs
-            # conventional training: no inner loop (0 steps), every training rating in the loss; early
-            # stopping on the validation users' query MAE without adaptation.
+            # conventional training: no inner loop (0 steps), every training rating in the loss;
+            # early stopping on the validation users' query MAE without adaptation.
             plain = dict(inner_steps=0, adapt="all")
-            tr = _train_unit(ctx, seed, "finetune", log_fn, ft_cfg, lambda **kw: meta_train(
-                fns.learner(spec, "maml", **plain), fns.step(spec, "maml", **plain), fns.eval(spec, "maml", **plain),
-                init_fn(k_init), pooled(sd.train), sd.val, ft_cfg, k_train, scale, mesh=fns.mesh, **kw))  # fmt: skip
+            tr = _train_unit(
+                ctx,
+                seed,
+                "finetune",
+                log_fn,
+                ft_cfg,
+                lambda **kw: meta_train(
+                    fns.learner(spec, "maml", **plain),
+                    fns.step(spec, "maml", **plain),
+                    fns.eval(spec, "maml", **plain),
+                    init_fn(k_init),
+                    pooled(sd.train),
+                    sd.val,
+                    ft_cfg,
+                    k_train,
+                    scale,
+                    mesh=fns.mesh,
+                    **kw,
+                ),
+            )
             t_trained = time.time()
             best_lr, best_mae = None, np.inf
             for lr in cfg.finetune_lrs:
-                out = predict_tasks(fns.eval(spec, "maml", inner_lr=lr, adapt="all"), tr.params, sd.val, cfg.eval_chunk)
+                out = predict_tasks(
+                    fns.eval(spec, "maml", inner_lr=lr, adapt="all"),
+                    tr.params,
+                    sd.val,
+                    cfg.eval_chunk,
+                )
                 m = score(out["pred"], sd.val, scale, cfg.k)["mae"]
                 if m < best_mae:
                     best_lr, best_mae = lr, m
             ft_eval = fns.eval(spec, "maml", inner_lr=best_lr, adapt="all")
-            scores = {s: {"finetune": score(predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k)}
-                      for s, t in sd.test.items()}  # fmt: skip
-            rec = {"scores": scores, "history": tr.history, "seconds": tr.seconds + time.time() - t_trained,
-                   "params_sha256": tr.params_sha256, "best_epoch": tr.best_epoch, "best_val_mae": tr.best_val_mae,
-                   "steps": tr.steps, "finetune_lr": best_lr}  # fmt: skip
+            scores = {
+                s: {
+                    "finetune": score(
+                        predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"],
+                        t,
+                        scale,
+                        cfg.k,
+                    )
+                }
+                for s, t in sd.test.items()
+            }
+            rec = {
+                "scores": scores,
+                "history": tr.history,
+                "seconds": tr.seconds + time.time() - t_trained,
+                "params_sha256": tr.params_sha256,
+                "best_epoch": tr.best_epoch,
+                "best_val_mae": tr.best_val_mae,
+                "steps": tr.steps,
+                "finetune_lr": best_lr,
+            }
             _save_unit(ctx, seed, "finetune", rec)
             record("finetune", rec)
-            log_fn(f"seed {seed} finetune: lr {best_lr} (val MAE {best_mae:.4f}), {rec['seconds']:.1f}s")
+            log_fn(
+                f"seed {seed} finetune: lr {best_lr} (val MAE {best_mae:.4f}), "
+                f"{rec['seconds']:.1f}s"
+            )
 
     tr_r = sd.split.train_ratings
     for name in cfg.baselines:
         if name in NETWORK_BASELINES:
             continue
         t0 = time.time()
-        model = mbaselines.make_baseline(name, seed=seed) if name == "mf" else mbaselines.make_baseline(name)
-        state = model.fit(tr_r["user_id"].to_numpy(), tr_r["item_id"].to_numpy(), tr_r["rating"].to_numpy())
+        model = (
+            mbaselines.make_baseline(name, seed=seed)
+            if name == "mf"
+            else mbaselines.make_baseline(name)
+        )
+        state = model.fit(
+            tr_r["user_id"].to_numpy(), tr_r["item_id"].to_numpy(), tr_r["rating"].to_numpy()
+        )
         for s, sets in sd.test_sets.items():
-            pred = model.predict(state, sets.support_item, sets.support_rating, sets.support_mask,
-                                 sets.query_item, sets.query_mask, sets.user_id)  # fmt: skip
+            pred = model.predict(
+                state,
+                sets.support_item,
+                sets.support_rating,
+                sets.support_mask,
+                sets.query_item,
+                sets.query_mask,
+                sets.user_id,
+            )
             results[s][name] = score(np.asarray(pred), sd.test[s], scale, cfg.k)
         info["seconds"][name] = time.time() - t0
     results["_info"] = info
@@ -217,9 +353,16 @@ def run_seed(
 
 
 def run(
-    cfg, data: mdata.RatingsData | None = None, log_fn: Callable = print, compiled: Compiled | None = None, *,
-    workdir: str | None = None, resume: bool = False, progress: bool = False, argv: list[str] | None = None,
-) -> dict:  # fmt: skip
+    cfg,
+    data: mdata.RatingsData | None = None,
+    log_fn: Callable = print,
+    compiled: Compiled | None = None,
+    *,
+    workdir: str | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    argv: list[str] | None = None,
+) -> dict:
     """Every seed, then mean and sample std over seeds, in PROTOCOL.md's results format.
     ``compiled`` may carry jitted steps over from an earlier call with the same config.
 
@@ -268,7 +411,8 @@ def run(
         for m in methods:
             metrics = per_seed[cfg.seeds[0]][s][m].keys()
             results[s][m] = {
-                k: mmetrics.mean_std_over_seeds([per_seed[seed][s][m][k] for seed in cfg.seeds]) for k in metrics
+                k: mmetrics.mean_std_over_seeds([per_seed[seed][s][m][k] for seed in cfg.seeds])
+                for k in metrics
             }
     first = per_seed[cfg.seeds[0]]["_info"]
     out = {
@@ -281,12 +425,17 @@ def run(
         "results": results,
         "per_seed": {str(seed): {s: r[s] for s in TEST_SCENARIOS} for seed, r in per_seed.items()},
         "training": {str(seed): r["_info"] for seed, r in per_seed.items()},
-        "data": {"source": data.source, "format": data.format, "cleaning": data.report, "sha256": data_sha},
+        "data": {
+            "source": data.source,
+            "format": data.format,
+            "cleaning": data.report,
+            "sha256": data_sha,
+        },
         "command": meta["command"],
         "versions": meta["versions"],
         "run": {k: meta[k] for k in ("devices", "backend", "git_commit", "platform", "started_utc")}
         | {"resumed_with_changes": changed},
-    }  # fmt: skip
+    }
     curves = [per_seed[seed]["_info"].get("adaptation") for seed in cfg.seeds]
     if curves and all(c is not None for c in curves):
         out["adaptation"] = aggregate_curves(curves)
@@ -317,8 +466,17 @@ def format_table(res: dict, metrics=TABLE_METRICS) -> str:
 
 # files this experiment owns in its workdir (the only ones --overwrite deletes)
 RUN_FILES = (
-    "checkpoints", "units", "config.json", "run.json", "metrics.jsonl", "metrics.csv", "tb",
-    "results.json", "results.md", "report", "train_log.txt",
+    "checkpoints",
+    "units",
+    "config.json",
+    "run.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "tb",
+    "results.json",
+    "results.md",
+    "report",
+    "train_log.txt",
 )
 
 
@@ -345,7 +503,9 @@ def main(
             if not msg.startswith("  "):
                 print(msg, flush=True)
 
-        res = run(cfg, log_fn=log_fn, workdir=workdir, resume=resume, progress=cfg.progress, argv=argv)
+        res = run(
+            cfg, log_fn=log_fn, workdir=workdir, resume=resume, progress=cfg.progress, argv=argv
+        )
     path = write_json_atomic(os.path.join(workdir, "results.json"), res)
     table = format_table(res)
     with open(os.path.join(workdir, "results.md"), "w") as f:

@@ -1,4 +1,4 @@
-"""Choose hyper-parameters on validation users (never on test scenarios): grid search for one learner.
+"""Choose hyper-parameters on validation users (never on test scenarios): one learner's grid search.
 
   python -m experiments.tune.main --config.algo=maml --workdir=runs/tune
   python -m experiments.tune.main --config.grid.inner_lr='(0.05, 0.3)' --config.base.epochs=10

@@ -1,25 +1,25 @@
 """Hyper-parameter selection on validation users only (never on a test scenario).
 
 :func:`grid_search` meta-trains one learner for every combination of a small grid on the warm-train
-users of the given seeds (minus their validation users) and scores each on the validation users' query
-sets (after adaptation on their support sets), exactly as early stopping does. The test scenarios are
-built (the split needs them) but never evaluated.
+users of the given seeds (minus their validation users) and scores each on the validation users'
+query sets (after adaptation on their support sets), exactly as early stopping does. The test
+scenarios are built (the split needs them) but never evaluated.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import ml_collections
 
+from experiments.coldstart.build import Compiled, prepare_seed, validate_config
 from metarec import data as mdata
 from metarec.meta import LEARNERS
 from metarec.training.meta_train import meta_train
 from metarec.training.runlog import write_json_atomic
-from experiments.coldstart.build import Compiled, prepare_seed, validate_config
 
 
 def grid_search(
@@ -60,9 +60,16 @@ def grid_search(
             init_fn, _ = fns.model(spec)
             k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
             tr = meta_train(
-                fns.learner(spec, algo), fns.step(spec, algo), fns.eval(spec, algo),
-                init_fn(k_init), sd.train, sd.val, c, k_train, data.rating_scale,
-            )  # fmt: skip
+                fns.learner(spec, algo),
+                fns.step(spec, algo),
+                fns.eval(spec, algo),
+                init_fn(k_init),
+                sd.train,
+                sd.val,
+                c,
+                k_train,
+                data.rating_scale,
+            )
             maes.append(tr.best_val_mae)
             epochs.append(tr.best_epoch)
         point = dict(zip(grid, values))

@@ -20,7 +20,8 @@ range ``[min(ratings), max(ratings)]``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +131,9 @@ def lookup(vocab: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(known, pos, 0).astype(jnp.int32), known
 
 
-def check_predict_inputs(support_item, support_rating, support_mask, query_item, query_mask, user_ids):
+def check_predict_inputs(
+    support_item, support_rating, support_mask, query_item, query_mask, user_ids
+):
     """Validate and convert the ``predict`` arguments; returns them as jax arrays.
 
     Shapes must be ``[T, S]`` (support), ``[T, Q]`` (query) and ``[T]`` (user ids).
@@ -196,10 +199,14 @@ def make_predict(core: Callable, hparams: tuple, clip: bool) -> Callable:
     0.0 at padded query slots."""
     hash(hparams)  # must be hashable (static jit argument)
 
-    def predict(state, support_item, support_rating, support_mask, query_item, query_mask, user_ids):
+    def predict(
+        state, support_item, support_rating, support_mask, query_item, query_mask, user_ids
+    ):
         s_item, s_rat, s_mask, q_item, q_mask, _ = check_predict_inputs(
             support_item, support_rating, support_mask, query_item, query_mask, user_ids
         )
-        return _run_predict_jit(core, hparams, bool(clip), state, s_item, s_rat, s_mask, q_item, q_mask)
+        return _run_predict_jit(
+            core, hparams, bool(clip), state, s_item, s_rat, s_mask, q_item, q_mask
+        )
 
     return predict

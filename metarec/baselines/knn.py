@@ -1,11 +1,11 @@
 """Neighbourhood collaborative filtering for new users: ``user_knn`` and ``item_knn``.
 
 Both keep the training ratings as dense ``[users, items]`` arrays (memory ``O(U * I)``: about
-80 MB (float32 + bool) for the ml-1m training users) and compute similarities for the evaluation users on the fly
-inside one jitted function, mapped over tasks in chunks of ``task_chunk`` (``lax.map``).
-Similarities are shrunk by ``n_common / (n_common + shrink)`` where ``n_common`` is the number of
-co-rating items (user_knn) or users (item_knn); only neighbours with similarity ``> min_sim`` are
-used, the ``k`` most similar of them (ties: lowest index first).
+80 MB (float32 + bool) for the ml-1m training users) and compute similarities for the evaluation
+users on the fly inside one jitted function, mapped over tasks in chunks of ``task_chunk``
+(``lax.map``). Similarities are shrunk by ``n_common / (n_common + shrink)`` where ``n_common`` is
+the number of co-rating items (user_knn) or users (item_knn); only neighbours with similarity
+``> min_sim`` are used, the ``k`` most similar of them (ties: lowest index first).
 
 ``user_knn`` (new user ``u`` given only the support set ``S_u``):
   * ``a_ui = r_ui - mean(S_u)``; training users are centred by their own training means.
@@ -92,8 +92,8 @@ class UserKNNState:
 
 
 def _centred_matrix(rows, cols, r, n_rows, n_cols):
-    """Row means and the dense row-mean-centred ``[n_rows, n_cols]`` matrix (0 where unobserved) with
-    its observed mask, from (row, col, rating) triples."""
+    """Row means and the dense row-mean-centred ``[n_rows, n_cols]`` matrix (0 where unobserved)
+    with its observed mask, from (row, col, rating) triples."""
     mean = np.bincount(rows, weights=r, minlength=n_rows) / np.bincount(rows, minlength=n_rows)
     centred = np.zeros((n_rows, n_cols), np.float32)
     observed = np.zeros((n_rows, n_cols), bool)
@@ -194,7 +194,9 @@ def fit_item_knn(user_ids, item_ids, ratings) -> ItemKNNState:
         item_mean=jnp.asarray(imean, jnp.float32),
         centred=jnp.asarray(centred),
         observed=jnp.asarray(observed),
-        norm=jnp.asarray(np.sqrt(np.sum(np.square(centred, dtype=np.float64), axis=1)), jnp.float32),
+        norm=jnp.asarray(
+            np.sqrt(np.sum(np.square(centred, dtype=np.float64), axis=1)), jnp.float32
+        ),
     )
 
 
@@ -203,8 +205,9 @@ def item_knn_similarity(state: ItemKNNState, idx_a, idx_b, shrink: float):
     ca, cb = state.centred[idx_a], state.centred[idx_b]
     oa = state.observed[idx_a].astype(jnp.float32)
     ob = state.observed[idx_b].astype(jnp.float32)
-    return _shrunk_cosine(ca @ cb.T, state.norm[idx_a][:, None], state.norm[idx_b][None, :],
-                          oa @ ob.T, shrink)
+    return _shrunk_cosine(
+        ca @ cb.T, state.norm[idx_a][:, None], state.norm[idx_b][None, :], oa @ ob.T, shrink
+    )
 
 
 def _item_knn_core(hp, state, s_item, s_rat, s_mask, q_item, q_mask):

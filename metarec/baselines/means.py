@@ -21,7 +21,7 @@ from metarec.baselines.common import Baseline, lookup, make_predict, prepare_rat
 
 @flax.struct.dataclass
 class MeanState:
-    """Fitted state of the mean baselines (``item_vocab`` / ``item_mean`` unused by the first two)."""
+    """Fitted mean-baseline state (``item_vocab`` / ``item_mean`` unused by the first two)."""
 
     mu: jax.Array
     r_min: jax.Array

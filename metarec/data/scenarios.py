@@ -202,7 +202,10 @@ def make_split(
     if protocol == "melu":
         new_users = np.random.default_rng(seed).choice(user_ids, n_new, replace=False)
         n_query = 10 if n_query is None else n_query
-        build = lambda f: _melu_sets(f, seed, min_ratings, max_ratings, n_query)  # noqa: E731
+
+        def build(f):
+            return _melu_sets(f, seed, min_ratings, max_ratings, n_query)
+
     else:
         first = data.ratings.groupby("user_id")["timestamp"].min()
         order = (
@@ -212,7 +215,10 @@ def make_split(
         )
         new_users = order[len(order) - n_new :]
         n_query = 5 if n_query is None else n_query
-        build = lambda f: _time_sets(f, n_support, n_query)  # noqa: E731
+
+        def build(f):
+            return _time_sets(f, n_support, n_query)
+
     new_users = np.sort(new_users)
     new_item_ids = new_items(data, year_cutoff)
     frames = _scenario_frames(data, new_users, new_item_ids)

@@ -35,7 +35,24 @@ from metarec.meta.learners import (
 from metarec.meta.registry import LEARNERS, LearnerEntry, make_learner
 
 __all__ = [
-    "adapt", "mae", "make_objective", "masked_mean", "mse", "partition", "path_filter", "path_to_str",
-    "resolve_mask", "LEARNERS", "LearnerEntry", "MetaLearner", "MetaSGDParams", "cg_solve", "fomaml", "imaml",
-    "make_learner", "maml", "metasgd", "reptile",
+    "adapt",
+    "mae",
+    "make_objective",
+    "masked_mean",
+    "mse",
+    "partition",
+    "path_filter",
+    "path_to_str",
+    "resolve_mask",
+    "LEARNERS",
+    "LearnerEntry",
+    "MetaLearner",
+    "MetaSGDParams",
+    "cg_solve",
+    "fomaml",
+    "imaml",
+    "make_learner",
+    "maml",
+    "metasgd",
+    "reptile",
 ]

@@ -1,4 +1,4 @@
-"""The one inner-loop primitive shared by every meta-learner, plus masked losses and parameter masks.
+"""The one inner-loop primitive shared by all meta-learners, plus masked losses and parameter masks.
 
 Everything here is a pure function of explicit arguments and works under ``jax.jit``, ``jax.vmap``
 and ``jax.grad`` (including second-order differentiation *through* :func:`adapt`).
@@ -6,8 +6,8 @@ and ``jax.grad`` (including second-order differentiation *through* :func:`adapt`
 Parameter masks
 ---------------
 Which parameters the inner loop adapts is given by a *mask*: a pytree with the structure of the
-parameters whose leaves are Python ``bool`` (static: ``True`` = adapted, ``False`` = frozen). Anywhere a
-mask is accepted one may also pass
+parameters whose leaves are Python ``bool`` (static: ``True`` = adapted, ``False`` = frozen).
+Anywhere a mask is accepted one may also pass
 
 * ``None`` — adapt every parameter, or
 * a callable ``params -> mask`` (e.g. ``metarec.models.melu.adapt_filter("decision")`` or
@@ -20,7 +20,8 @@ but they are still closed over, so an outer ``jax.grad`` through :func:`adapt` d
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,11 +106,16 @@ def path_filter(pattern: str | Callable[[str], bool]) -> Callable[[PyTree], PyTr
     """
     if isinstance(pattern, str):
         regex = re.compile(pattern)
-        pred = lambda s: regex.search(s) is not None  # noqa: E731
+
+        def pred(s):
+            return regex.search(s) is not None
+
     elif callable(pattern):
         pred = pattern
     else:
-        raise TypeError(f"path_filter: pattern must be a regex string or a callable, got {pattern!r}")
+        raise TypeError(
+            f"path_filter: pattern must be a regex string or a callable, got {pattern!r}"
+        )
 
     def build(params):
         return jax.tree_util.tree_map_with_path(lambda p, _: bool(pred(path_to_str(p))), params)
@@ -118,9 +124,9 @@ def path_filter(pattern: str | Callable[[str], bool]) -> Callable[[PyTree], PyTr
 
 
 def resolve_mask(mask: MaskLike, params: PyTree) -> list[bool]:
-    """Resolve a mask-like (``None`` / callable / bool pytree) to a flat list of Python bools, one per
-    leaf of ``params`` (in ``jax.tree_util.tree_leaves`` order). Raises a clear error if the mask does
-    not match the parameter structure or has non-static leaves."""
+    """Resolve a mask-like (``None`` / callable / bool pytree) to a flat list of Python bools, one
+    per leaf of ``params`` (in ``jax.tree_util.tree_leaves`` order). Raises a clear error if the
+    mask does not match the parameter structure or has non-static leaves."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     if mask is None:
         return [True] * len(leaves)
@@ -193,13 +199,18 @@ def _armijo_scale(inner_loss, a, k, loss, g, lrs, max_halvings):
     :func:`adapt`), or 0.0 when none does. Treated as a constant (no gradient)."""
     a, g, loss = jax.lax.stop_gradient((a, g, loss))
     lrs = [jax.lax.stop_gradient(jnp.asarray(r)) for r in lrs]
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+    def f32(x):
+        return jnp.asarray(x, jnp.float32)
+
     slope = sum(jnp.sum(f32(r) * jnp.square(f32(gi))) for r, gi in zip(lrs, g))  # Σ lr·|g|²
     f0 = f32(loss)
     allowance = _ROUNDOFF * jnp.abs(f0)
 
     def ok(s):
-        trial = [p - (s.astype(p.dtype) * jnp.asarray(r, p.dtype)) * gi for p, r, gi in zip(a, lrs, g)]
+        trial = [
+            p - (s.astype(p.dtype) * jnp.asarray(r, p.dtype)) * gi for p, r, gi in zip(a, lrs, g)
+        ]
         ft = f32(inner_loss(trial, k))
         return jnp.isfinite(ft) & (ft <= f0 - _ARMIJO_C * s * slope + allowance)
 
@@ -237,7 +248,8 @@ def adapt(
       support: the set to adapt on (usually :class:`metarec.data.tasks.Examples`), passed unchanged
         to ``loss_fn``.
       loss_fn: ``loss_fn(params, support) -> scalar`` (e.g. from :func:`make_objective`); when
-        ``key`` is given it is called as ``loss_fn(params, support, key_k)`` with a fresh key per step.
+        ``key`` is given it is called as ``loss_fn(params, support, key_k)`` with a fresh key per
+        step.
       steps: number of inner steps K (static Python int, may be 0).
       lr: inner learning rate: a scalar, or a pytree shaped like ``params`` (per-parameter rates,
         possibly traced — Meta-SGD differentiates through them).
@@ -281,7 +293,10 @@ def adapt(
             g = jax.lax.stop_gradient(g)
         if backtrack:
             scale = _armijo_scale(inner_loss, a, k, loss, g, lrs, backtrack)
-            new = [p - (scale.astype(p.dtype) * jnp.asarray(r, p.dtype)) * gi for p, r, gi in zip(a, lrs, g)]
+            new = [
+                p - (scale.astype(p.dtype) * jnp.asarray(r, p.dtype)) * gi
+                for p, r, gi in zip(a, lrs, g)
+            ]
         else:
             new = [p - jnp.asarray(r, p.dtype) * gi for p, r, gi in zip(a, lrs, g)]
         return new, loss
@@ -295,4 +310,3 @@ def adapt(
         out, losses = jax.lax.scan(step, adapted, jnp.arange(steps))
     phi = combine(out, frozen)
     return (phi, losses) if return_losses else phi
-

@@ -1,4 +1,4 @@
-"""Meta-learners as small NamedTuples of pure functions (in the style of ``optax.GradientTransformation``).
+"""Meta-learners as small NamedTuples of pure functions (like ``optax.GradientTransformation``).
 
 Every learner is built on the one inner-loop primitive :func:`metarec.meta.inner.adapt`; they differ
 only in how the outer (meta) gradient of ONE task is formed:
@@ -21,17 +21,18 @@ All learners expose the same interface (:class:`MetaLearner`)::
     theta       = learner.model_params(meta_params)     # the initialisation (before adaptation)
 
 ``task_grad`` returns a gradient to be *minimised* by a standard optax optimizer (the meta step in
-:mod:`metarec.meta.step` vmaps it over tasks and averages). An optional ``key`` drives a stochastic model
-(e.g. MeLU feature dropout): it is split into one key for the inner loop (a fresh sub-key per inner
-step) and one for the query loss. Without a key the model is called deterministically.
+:mod:`metarec.meta.step` vmaps it over tasks and averages). An optional ``key`` drives a stochastic
+model (e.g. MeLU feature dropout): it is split into one key for the inner loop (a fresh sub-key per
+inner step) and one for the query loss. Without a key the model is called deterministically.
 
-``apply_fn(params, x) -> preds [N]`` works on ONE task's inputs; ``loss_fn(preds, y, mask)`` is a masked
-set loss (default :func:`metarec.meta.inner.mse`).
+``apply_fn(params, x) -> preds [N]`` works on ONE task's inputs; ``loss_fn(preds, y, mask)`` is a
+masked set loss (default :func:`metarec.meta.inner.mse`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +115,15 @@ def maml(
 
     def adapt(params, support, key=None):
         return _inner.adapt(
-            params, support, objective, steps=inner_steps, lr=inner_lr, mask=adapt_mask,
-            first_order=first_order, remat=remat, key=key,
+            params,
+            support,
+            objective,
+            steps=inner_steps,
+            lr=inner_lr,
+            mask=adapt_mask,
+            first_order=first_order,
+            remat=remat,
+            key=key,
         )
 
     def meta_loss(params, task, key=None):
@@ -127,7 +135,10 @@ def maml(
         return jax.value_and_grad(meta_loss)(params, task, key)
 
     return MetaLearner(
-        init=_identity, adapt=adapt, task_grad=task_grad, model_params=_identity,
+        init=_identity,
+        adapt=adapt,
+        task_grad=task_grad,
+        model_params=_identity,
         name=name or ("fomaml" if first_order else "maml"),
     )
 
@@ -164,13 +175,22 @@ def metasgd(
     objective = make_objective(apply_fn, loss_fn)
 
     def init(params):
-        lr = jax.tree_util.tree_map(lambda p: jnp.full(jnp.shape(p), inner_lr, jnp.result_type(p)), params)
+        lr = jax.tree_util.tree_map(
+            lambda p: jnp.full(jnp.shape(p), inner_lr, jnp.result_type(p)), params
+        )
         return MetaSGDParams(params=params, lr=lr)
 
     def adapt(meta_params, support, key=None):
         return _inner.adapt(
-            meta_params.params, support, objective, steps=inner_steps, lr=meta_params.lr,
-            mask=adapt_mask, first_order=first_order, remat=remat, key=key,
+            meta_params.params,
+            support,
+            objective,
+            steps=inner_steps,
+            lr=meta_params.lr,
+            mask=adapt_mask,
+            first_order=first_order,
+            remat=remat,
+            key=key,
         )
 
     def meta_loss(meta_params, task, key=None):
@@ -206,8 +226,8 @@ def reptile(
 ) -> MetaLearner:
     """Reptile (Nichol et al., 2018).
 
-    Gradient convention: ``task_grad`` returns ``g = θ − φ`` where φ are the parameters after K inner
-    SGD steps from θ. Feeding ``g`` to ``optax.sgd(ε)`` gives exactly the Reptile update
+    Gradient convention: ``task_grad`` returns ``g = θ − φ`` where φ are the parameters after K
+    inner SGD steps from θ. Feeding ``g`` to ``optax.sgd(ε)`` gives exactly the Reptile update
     ``θ ← θ + ε (φ − θ)``; averaging over tasks gives batched Reptile. (Adam etc. on this
     pseudo-gradient also work, as in the original code.) Leaves outside ``adapt_mask`` get g = 0, so
     with a partial mask they are never meta-trained — use the full mask (``None``) for Reptile
@@ -215,28 +235,42 @@ def reptile(
 
     ``inner_data``: ``"support"`` (default; the same data as test-time adaptation) or
     ``"support+query"`` (all of the task's ratings, as in Reptile's original formulation).
-    The returned loss is the query loss of φ (a training loss when the query is used in the inner loop).
+    The returned loss is the query loss of φ (a training loss when the query is used in the inner
+    loop).
     """
     _check_common(inner_steps, inner_lr)
     if inner_data not in ("support", "support+query"):
-        raise ValueError(f"reptile: inner_data must be 'support' or 'support+query', got {inner_data!r}")
+        raise ValueError(
+            f"reptile: inner_data must be 'support' or 'support+query', got {inner_data!r}"
+        )
     objective = make_objective(apply_fn, loss_fn)
 
     def adapt(params, support, key=None):
         return _inner.adapt(
-            params, support, objective, steps=inner_steps, lr=inner_lr, mask=adapt_mask,
-            first_order=True, remat=remat, key=key,
+            params,
+            support,
+            objective,
+            steps=inner_steps,
+            lr=inner_lr,
+            mask=adapt_mask,
+            first_order=True,
+            remat=remat,
+            key=key,
         )
 
     def task_grad(params, task, key=None):
         k_inner, k_query = _split(key)
-        data = task.support if inner_data == "support" else _concat_examples(task.support, task.query)
+        data = (
+            task.support if inner_data == "support" else _concat_examples(task.support, task.query)
+        )
         phi = adapt(params, data, k_inner)
         loss = objective(phi, task.query, k_query)
         g = jax.tree_util.tree_map(lambda t, p: t - p, params, phi)
         return jax.lax.stop_gradient(loss), jax.lax.stop_gradient(g)
 
-    return MetaLearner(init=_identity, adapt=adapt, task_grad=task_grad, model_params=_identity, name=name)
+    return MetaLearner(
+        init=_identity, adapt=adapt, task_grad=task_grad, model_params=_identity, name=name
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +279,8 @@ def reptile(
 def _tree_vdot(a, b):
     out = jnp.zeros((), jnp.float32)
     for x, y in zip(a, b):
-        dt = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)  # >= f32 accumulation
+        # accumulate in at least f32
+        dt = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
         out = out + jnp.vdot(x.astype(dt), y.astype(dt))
     return out
 
@@ -255,8 +290,8 @@ def cg_solve(matvec: Callable, b: list, steps: int, *, tol: float = 0.0) -> list
     (``lax.scan``) from x = 0; ``b`` and ``x`` are lists of arrays. Exact after ``dim`` steps for a
     symmetric positive-definite operator.
 
-    Stopping rules (standard truncated / Newton-CG, Nocedal & Wright Alg. 7.1): the iteration stops —
-    ``x`` is frozen for the remaining steps — when
+    Stopping rules (standard truncated / Newton-CG, Nocedal & Wright Alg. 7.1): the iteration stops
+    — ``x`` is frozen for the remaining steps — when
 
     * the residual is small: ``|r| <= tol·|b|`` (``tol=0``: only an exactly zero residual), or
     * a direction of non-positive curvature ``pᵀAp <= 0`` is met (the operator is not positive
@@ -282,7 +317,10 @@ def cg_solve(matvec: Callable, b: list, steps: int, *, tol: float = 0.0) -> list
         alpha = jnp.where(step, rs / jnp.where(step, pap, 1.0), 0.0)
         # negative curvature on the first direction (p = b): fall back to x = b
         fallback = neg & first
-        x = [jnp.where(fallback, bi, xi + (alpha * pi).astype(xi.dtype)) for xi, pi, bi in zip(x, p, b)]
+        x = [
+            jnp.where(fallback, bi, xi + (alpha * pi).astype(xi.dtype))
+            for xi, pi, bi in zip(x, p, b)
+        ]
         r = [ri - (alpha * api).astype(ri.dtype) for ri, api in zip(r, ap)]
         rs_new = jnp.where(step, _tree_vdot(r, r), rs)
         beta = jnp.where(step, rs_new / jnp.where(step, rs, 1.0), 0.0)
@@ -310,8 +348,9 @@ def imaml(
     """Implicit MAML (Rajeswaran et al., 2019).
 
     Inner problem (also used at test time): ``φ* = argmin_φ L_s(φ) + lam/2 ||φ_a − θ_a||²`` over the
-    adapted leaves ``a`` (frozen leaves f stay at θ_f), approximated by ``inner_steps`` gradient steps
-    from θ (no back-propagation through them). At the optimum the implicit function theorem gives
+    adapted leaves ``a`` (frozen leaves f stay at θ_f), approximated by ``inner_steps`` gradient
+    steps from θ (no back-propagation through them). At the optimum the implicit function theorem
+    gives
 
     * adapted leaves: ``g_a = (I + H/lam)^{-1} ∇_φ L_q(φ*)`` with ``H = ∇²_φ L_s(φ*)``, solved with
       ``cg_steps`` of conjugate gradient on Hessian-vector products (forward-over-reverse);
@@ -327,9 +366,9 @@ def imaml(
       decreases (Armijo)). Plain fixed-step GD diverges as soon as the support-loss curvature
       exceeds ``2/inner_lr − lam``, and nothing in the implicit gradient (which ignores the inner
       path) keeps meta-training away from such sharp initialisations (BUILD_NOTES.md, "Stability").
-      With the safeguard every step decreases the proximal objective (up to a 1e-6 relative round-off allowance, under the
-      step's dropout key), so ``|φ − θ|² ≲ 2 L_s(θ)/lam`` stays bounded. ``backtrack=0`` restores
-      plain GD.
+      With the safeguard every step decreases the proximal objective (up to a 1e-6 relative
+      round-off allowance, under the step's dropout key), so ``|φ − θ|² ≲ 2 L_s(θ)/lam`` stays
+      bounded. ``backtrack=0`` restores plain GD.
     * CG stops at a non-positive-curvature direction of ``I + H/lam`` (indefinite when φ is not a
       minimum) and once the relative residual is below ``cg_tol`` (see :func:`cg_solve`).
     """
@@ -355,8 +394,15 @@ def imaml(
             return objective(phi, ex, k) + 0.5 * lam * prox
 
         return _inner.adapt(
-            anchor, support, prox_objective, steps=inner_steps, lr=inner_lr, mask=mask_flat_tree(params, mask_flat),
-            first_order=True, key=key, backtrack=backtrack,
+            anchor,
+            support,
+            prox_objective,
+            steps=inner_steps,
+            lr=inner_lr,
+            mask=mask_flat_tree(params, mask_flat),
+            first_order=True,
+            key=key,
+            backtrack=backtrack,
         )
 
     def task_grad(params, task, key=None):
@@ -387,7 +433,9 @@ def imaml(
             g_f = []
         return loss, combine(v, g_f)
 
-    return MetaLearner(init=_identity, adapt=adapt, task_grad=task_grad, model_params=_identity, name=name)
+    return MetaLearner(
+        init=_identity, adapt=adapt, task_grad=task_grad, model_params=_identity, name=name
+    )
 
 
 def mask_flat_tree(params, mask_flat):

@@ -1,13 +1,14 @@
 """The LEARNERS registry: every meta-learner by name, with the rules that belong to its algorithm.
 
-Adding a meta-learner is one module with its factory (returning a :class:`~metarec.meta.learners.MetaLearner`)
-plus one :class:`LearnerEntry` here; experiments then accept its name (``--config.algos=...``).
+Adding a meta-learner is one module with its factory (returning a
+:class:`~metarec.meta.learners.MetaLearner`) plus one :class:`LearnerEntry` here; experiments then
+accept its name (``--config.algos=...``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from metarec.meta.inner import MaskLike, mse
 from metarec.meta.learners import MetaLearner, fomaml, imaml, maml, metasgd, reptile
@@ -18,10 +19,10 @@ class LearnerEntry:
     """A registered meta-learner: its factory and the rules that belong to the algorithm.
 
     ``adapts_all``: the algorithm must adapt every parameter whatever mask the caller asks for
-    (Reptile's meta-gradient θ − φ is zero on leaves the inner loop does not adapt, so a partial mask
-    would leave them untrained). ``options``: algorithm-only hyper-parameters with their defaults
-    (iMAML's proximal strength ``lam`` and conjugate-gradient steps); ``remat``: the factory takes
-    the ``remat`` option of the shared inner loop.
+    (Reptile's meta-gradient θ − φ is zero on leaves the inner loop does not adapt, so a partial
+    mask would leave them untrained). ``options``: algorithm-only hyper-parameters with their
+    defaults (iMAML's proximal strength ``lam`` and conjugate-gradient steps); ``remat``: the
+    factory takes the ``remat`` option of the shared inner loop.
     """
 
     factory: Callable[..., MetaLearner]
@@ -60,8 +61,14 @@ def make_learner(
     unknown = sorted(set(options) - set(entry.options))
     if unknown:
         allowed = ", ".join(entry.options) or "none"
-        raise ValueError(f"meta-learner {name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")
-    kwargs = dict(inner_steps=inner_steps, inner_lr=inner_lr, adapt_mask=None if entry.adapts_all else adapt_mask)
+        raise ValueError(
+            f"meta-learner {name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}"
+        )
+    kwargs = dict(
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        adapt_mask=None if entry.adapts_all else adapt_mask,
+    )
     if entry.remat:
         kwargs["remat"] = remat
     return entry.factory(apply_fn, loss_fn, **kwargs, **(entry.options | options))

@@ -1,13 +1,13 @@
 """Generic jitted meta-training and evaluation steps for any :class:`metarec.meta.MetaLearner`.
 
-* :func:`make_meta_step` — one outer step on a meta-batch of tasks: ``vmap(task_grad)`` over the task
-  axis (optionally in chunks scanned one after another, to bound memory), task-weighted mean, optional
-  global-norm clipping, optax update, and a guard that keeps the old parameters when the loss or the
-  gradient is not finite.
+* :func:`make_meta_step` — one outer step on a meta-batch of tasks: ``vmap(task_grad)`` over the
+  task axis (optionally in chunks scanned one after another, to bound memory), task-weighted mean,
+  optional global-norm clipping, optax update, and a guard that keeps the old parameters when the
+  loss or the gradient is not finite.
 * :func:`make_eval_fn` — adapt every task on its support set (vmapped) and predict its query set,
   before and after adaptation.
-* :func:`make_mesh`, :func:`shard_tasks`, :func:`replicate` — data parallelism over the task axis with
-  ``jax.sharding`` (params replicated, tasks split across devices; XLA inserts the all-reduce).
+* :func:`make_mesh`, :func:`shard_tasks`, :func:`replicate` — data parallelism over the task axis
+  with ``jax.sharding`` (params replicated, tasks split across devices; XLA inserts the all-reduce).
 
 Everything is a pure function of explicit state; nothing here reads flags or touches the host inside
 a step.
@@ -15,13 +15,15 @@ a step.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from metarec.meta.inner import mse
 
@@ -65,8 +67,8 @@ def shard_tasks(tasks: PyTree, mesh: Mesh, axis: str = TASK_AXIS) -> PyTree:
     for t in sizes:
         if t % n_dev:
             raise ValueError(
-                f"shard_tasks: task axis of size {t} is not divisible by the {n_dev} devices of mesh "
-                f"axis {axis!r}; pad with metarec.data.tasks.pad_tasks(tasks, {n_dev})"
+                f"shard_tasks: task axis of size {t} is not divisible by the {n_dev} devices of "
+                f"mesh axis {axis!r}; pad with metarec.data.tasks.pad_tasks(tasks, {n_dev})"
             )
     sharding = NamedSharding(mesh, P(axis))
     return jax.device_put(tasks, sharding)
@@ -81,9 +83,10 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 # the meta step
 # ----------------------------------------------------------------------------------------------
 def weighted_task_grad(learner, compute_dtype=None) -> Callable:
-    """``f(meta_params, task, w, key) -> (w * loss, w * grad)`` in float32 for ONE task: the per-task
-    work of every meta-step variant (vmapped here, ``lax.map``-ed or looped in the ``benchmarks.meta_step`` harness).
-    Padded tasks (``w == 0``) contribute exactly nothing, even if their values were NaN."""
+    """``f(meta_params, task, w, key) -> (w * loss, w * grad)`` in float32 for ONE task: the
+    per-task work of every meta-step variant (vmapped here, ``lax.map``-ed or looped in the
+    ``benchmarks.meta_step`` harness). Padded tasks (``w == 0``) contribute exactly nothing, even if
+    their values were NaN."""
 
     def f(meta_params, task, w, key):
         mp = cast_floating(meta_params, compute_dtype)
@@ -98,13 +101,17 @@ def weighted_task_grad(learner, compute_dtype=None) -> Callable:
     return f
 
 
-def finish_meta_step(meta_params, opt_state, loss_sum, grad_sum, total_w, optimizer, clip_norm=None):
+def finish_meta_step(
+    meta_params, opt_state, loss_sum, grad_sum, total_w, optimizer, clip_norm=None
+):
     """Everything after the per-task sums: mean over the task weight, global-norm clip, finite guard
     (non-finite loss or gradient -> the old params and optimizer state, ``finite=False``), optax
     update. Returns ``(meta_params, opt_state, metrics)``."""
     denom = jnp.where(total_w > 0, total_w, 1.0)
     loss = loss_sum / denom
-    grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(jnp.result_type(p)), grad_sum, meta_params)
+    grads = jax.tree_util.tree_map(
+        lambda g, p: (g / denom).astype(jnp.result_type(p)), grad_sum, meta_params
+    )
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if clip_norm is not None:
@@ -115,7 +122,10 @@ def finish_meta_step(meta_params, opt_state, loss_sum, grad_sum, total_w, optimi
     grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, meta_params)
     new_params = optax.apply_updates(meta_params, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+    def keep(new, old):
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "weight": total_w}
     return keep(new_params, meta_params), keep(new_opt_state, opt_state), metrics
 
@@ -172,8 +182,9 @@ def make_meta_step(
     models (feature dropout).
 
     ``metrics``: ``loss`` (weighted mean query loss after adaptation, the learner's meta loss),
-    ``grad_norm`` (global norm of the averaged meta-gradient before clipping), ``finite`` (bool; when
-    False the returned params and optimizer state are the *old* ones), ``weight`` (sum of weights).
+    ``grad_norm`` (global norm of the averaged meta-gradient before clipping), ``finite`` (bool;
+    when False the returned params and optimizer state are the *old* ones), ``weight`` (sum of
+    weights).
     """
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -191,7 +202,9 @@ def make_meta_step(
         keys = None if key is None else jax.random.split(key, n_tasks)
 
         if chunk_size is None or chunk_size >= n_tasks:
-            loss_sum, grad_sum = _weighted_task_sums(learner, meta_params, tasks, weights, keys, compute_dtype)
+            loss_sum, grad_sum = _weighted_task_sums(
+                learner, meta_params, tasks, weights, keys, compute_dtype
+            )
         else:
             if n_tasks % chunk_size:
                 raise ValueError(
@@ -204,10 +217,15 @@ def make_meta_step(
                 a = a.reshape((chunk_size, n_chunks) + a.shape[1:])
                 return jnp.swapaxes(a, 0, 1)
 
-            xs = (jax.tree_util.tree_map(to_chunks, tasks), to_chunks(weights),
-                  None if keys is None else to_chunks(keys))
-            zero = (jnp.zeros((), jnp.float32),
-                    jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), meta_params))
+            xs = (
+                jax.tree_util.tree_map(to_chunks, tasks),
+                to_chunks(weights),
+                None if keys is None else to_chunks(keys),
+            )
+            zero = (
+                jnp.zeros((), jnp.float32),
+                jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), meta_params),
+            )
 
             def body(carry, chunk):
                 t, w, k = chunk
@@ -260,10 +278,17 @@ def make_eval_fn(
         pred0 = apply_fn(theta, task.query.x).astype(jnp.float32)
         y = task.query.y.astype(jnp.float32)
         m = task.query.mask.astype(jnp.float32)
-        return {"pred": pred, "pred_init": pred0, "mse": mse(pred, y, m), "mse_init": mse(pred0, y, m)}
+        return {
+            "pred": pred,
+            "pred_init": pred0,
+            "mse": mse(pred, y, m),
+            "mse_init": mse(pred0, y, m),
+        }
 
     def eval_fn(meta_params, tasks):
-        f = lambda t: per_task(meta_params, t)  # noqa: E731
+        def f(t):
+            return per_task(meta_params, t)
+
         if chunk_size is None:
             return jax.vmap(f)(tasks)
         return jax.lax.map(f, tasks, batch_size=chunk_size)

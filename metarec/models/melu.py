@@ -1,24 +1,26 @@
 """MeLU-style rating model (Lee et al., KDD 2019) with the improvements we measure.
 
-Architecture: one embedding (``embed_dim``) per categorical user field and item field, multi-hot genres
-through a bias-free Dense divided by the number of genres of the item (0 genres -> zero vector),
-concatenation -> ReLU MLP (``hidden``) -> linear output. Options:
+Architecture: one embedding (``embed_dim``) per categorical user field and item field, multi-hot
+genres through a bias-free Dense divided by the number of genres of the item (0 genres -> zero
+vector), concatenation -> ReLU MLP (``hidden``) -> linear output. Options:
 
-* ``residual`` (default True): prediction = ``x["offset"] + f(user, item)`` — the network predicts the
-  residual over the user's (shrunk) support-mean rating.
-* ``use_item_id`` (default True): embed the item-id field (``x["item"][:, 1]``); index 0 is the OOV row,
-  a learned fallback used for items never seen in training.
+* ``residual`` (default True): prediction = ``x["offset"] + f(user, item)`` — the network predicts
+  the residual over the user's (shrunk) support-mean rating.
+* ``use_item_id`` (default True): embed the item-id field (``x["item"][:, 1]``); index 0 is the OOV
+  row, a learned fallback used for items never seen in training.
 * ``context_dim`` (default 0 = off): a CAVIA-style (Zintgraf et al., 2019) task-context vector
   ``context`` (a parameter initialised to 0) concatenated to every example's features and projected
-  onto the item representation (item embeddings + genre vector), i.e. an adaptable user vector with an
-  MF-like bilinear term ``(P c) . item``. The ``"context"`` filters adapt only it (plus the decision
-  layers with ``"decision+context"``): few adapted parameters, per-user factors like MF fold-in.
+  onto the item representation (item embeddings + genre vector), i.e. an adaptable user vector with
+  an MF-like bilinear term ``(P c) . item``. The ``"context"`` filters adapt only it (plus the
+  decision layers with ``"decision+context"``): few adapted parameters, per-user factors like MF
+  fold-in.
 * ``residual_bound`` (default 0 = off): the network's output ``f`` becomes ``b * tanh(f / b)``, so a
-  prediction never leaves ``offset ± b`` (first-order meta-learners otherwise drift to initialisations
-  whose inner loop diverges for a few users; see BUILD_NOTES.md).
-* ``feature_dropout``: during meta-training (``train=True`` and a PRNG ``key``) each categorical field
-  index is replaced by the OOV index 0 with this probability, so the OOV rows get trained. A float
-  applies to every field; a tuple gives one probability per field (user fields, then item fields).
+  prediction never leaves ``offset ± b`` (first-order meta-learners otherwise drift to
+  initialisations whose inner loop diverges for a few users; see BUILD_NOTES.md).
+* ``feature_dropout``: during meta-training (``train=True`` and a PRNG ``key``) each categorical
+  field index is replaced by the OOV index 0 with this probability, so the OOV rows get trained. A
+  float applies to every field; a tuple gives one probability per field (user fields, then item
+  fields).
 
 Inputs for one task (leaves share the example axis N; extra leading axes are fine)::
 
@@ -35,7 +37,8 @@ Parameters are a plain dict pytree (the Flax ``"params"`` collection) with top-l
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -97,7 +100,9 @@ class MeLU(nn.Module):
         for j, v in enumerate(self.item_vocab):
             if j == 1 and not self.use_item_id:
                 continue
-            item_feats.append(nn.Embed(v, self.embed_dim, name=f"item_emb_{j}")(ids[..., n_user + j]))
+            item_feats.append(
+                nn.Embed(v, self.embed_dim, name=f"item_emb_{j}")(ids[..., n_user + j])
+            )
         genres = x["genres"].astype(jnp.float32)
         count = jnp.sum(genres, axis=-1, keepdims=True)
         g = nn.Dense(self.embed_dim, use_bias=False, name="genre_proj")(genres)
@@ -106,7 +111,11 @@ class MeLU(nn.Module):
         bilinear = 0.0
         if self.context_dim:
             c = self.param("context", nn.initializers.zeros, (self.context_dim,))
-            feats.append(jnp.broadcast_to(c, feats[0].shape[:-1] + (self.context_dim,)).astype(feats[0].dtype))
+            feats.append(
+                jnp.broadcast_to(c, feats[0].shape[:-1] + (self.context_dim,)).astype(
+                    feats[0].dtype
+                )
+            )
             u = nn.Dense(self.embed_dim, use_bias=False, name="context_proj")(c)
             bilinear = jnp.sum(sum(item_feats) * u, axis=-1)
         h = jnp.concatenate(feats, axis=-1)
@@ -114,8 +123,8 @@ class MeLU(nn.Module):
             h = nn.relu(nn.Dense(width, name=f"mlp_{i}")(h))
         out = nn.Dense(1, name="out")(h)[..., 0] + bilinear
         if self.residual_bound:
-            # soft bound b*tanh(f/b): predictions stay within offset ± b whatever the parameters, so an
-            # inner loop started from a poor initialisation cannot run off to inf
+            # soft bound b*tanh(f/b): predictions stay within offset ± b whatever the parameters, so
+            # an inner loop started from a poor initialisation cannot run off to inf
             out = self.residual_bound * jnp.tanh(out / self.residual_bound)
         if self.residual:
             out = out + x["offset"].astype(out.dtype)
@@ -124,11 +133,15 @@ class MeLU(nn.Module):
 
 def _spec_fields(spec) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     try:
-        uv, iv, ng = tuple(int(v) for v in spec.user_vocab), tuple(int(v) for v in spec.item_vocab), int(spec.n_genres)
+        uv, iv, ng = (
+            tuple(int(v) for v in spec.user_vocab),
+            tuple(int(v) for v in spec.item_vocab),
+            int(spec.n_genres),
+        )
     except AttributeError as e:
         raise TypeError(
-            "spec must have user_vocab (tuple of ints), item_vocab (tuple of ints) and n_genres (int), "
-            f"e.g. metarec.data.encode.FeatureSpec; got {spec!r}"
+            "spec must have user_vocab (tuple of ints), item_vocab (tuple of ints) and "
+            f"n_genres (int), e.g. metarec.data.encode.FeatureSpec; got {spec!r}"
         ) from e
     if any(v < 1 for v in uv + iv):
         raise ValueError(f"vocab sizes must be >= 1 (index 0 = OOV), got user {uv}, item {iv}")
@@ -163,25 +176,35 @@ def make_melu(
     ``item_vocab``, ``n_genres``; see :class:`metarec.data.encode.FeatureSpec`).
 
     * ``init_fn(key) -> params`` (plain dict pytree),
-    * ``apply_fn(params, x, *, key=None, train=False) -> preds`` ``[N]`` for one task's ``x`` (leaves
-      ``[N, ...]``); pure, jittable and vmappable. Feature dropout is applied only when
+    * ``apply_fn(params, x, *, key=None, train=False) -> preds`` ``[N]`` for one task's ``x``
+      (leaves ``[N, ...]``); pure, jittable and vmappable. Feature dropout is applied only when
       ``train=True`` *and* a ``key`` is given.
     """
     uv, iv, ng = _spec_fields(spec)
     if use_item_id and len(iv) < 2:
         raise ValueError("use_item_id=True needs an item-id field (item_vocab of length 2)")
     module = MeLU(
-        user_vocab=uv, item_vocab=iv, n_genres=ng, embed_dim=int(embed_dim),
-        hidden=tuple(int(h) for h in hidden), residual=bool(residual), use_item_id=bool(use_item_id),
-        feature_dropout=feature_dropout if isinstance(feature_dropout, (int, float)) else tuple(feature_dropout),
-        context_dim=int(context_dim), residual_bound=float(residual_bound),
+        user_vocab=uv,
+        item_vocab=iv,
+        n_genres=ng,
+        embed_dim=int(embed_dim),
+        hidden=tuple(int(h) for h in hidden),
+        residual=bool(residual),
+        use_item_id=bool(use_item_id),
+        feature_dropout=feature_dropout
+        if isinstance(feature_dropout, (int, float))
+        else tuple(feature_dropout),
+        context_dim=int(context_dim),
+        residual_bound=float(residual_bound),
     )
     module._dropout_probs()  # validate early, with a clear message
 
     def init_fn(key: jax.Array) -> PyTree:
         return module.init(key, dummy_inputs(spec))["params"]
 
-    def apply_fn(params: PyTree, x: dict, *, key: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def apply_fn(
+        params: PyTree, x: dict, *, key: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         return module.apply({"params": params}, x, key=key, train=train)
 
     return init_fn, apply_fn

@@ -1,15 +1,16 @@
-"""The MODELS registry: every rating model the cold-start pipeline can meta-learn, with its adapt modes.
+"""The MODELS registry: each rating model the cold-start pipeline meta-learns, and its adapt modes.
 
-A model entry turns ``(feature spec, config, pretrained encoder)`` into a pure ``(init_fn, apply_fn)``
-pair, names the parameter subsets its inner loop may adapt, and says how tasks are prepared for it (the
-Transformer rater reads the support set as the user's history). Adding a model is one module with its
-``make_*`` function plus one entry here.
+A model entry turns ``(feature spec, config, pretrained encoder)`` into a pure
+``(init_fn, apply_fn)`` pair, names the parameter subsets its inner loop may adapt, and says how
+tasks are prepared for it (the Transformer rater reads the support set as the user's history).
+Adding a model is one module with its ``make_*`` function plus one entry here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from metarec.data.tasks import Task
 from metarec.models import melu
@@ -23,8 +24,8 @@ def _identity(tasks: Task) -> Task:
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     """``build(spec, cfg, pretrained, max_len) -> (init_fn, apply_fn)``; ``adapt_filter(mode, cfg)``
-    the inner-loop parameter filter of an adapt mode (one of ``adapt_modes``); ``prepare_tasks`` maps
-    encoded tasks to the model's inputs; ``pretrainable``: accepts a pretrained encoder."""
+    the inner-loop parameter filter of an adapt mode (one of ``adapt_modes``); ``prepare_tasks``
+    maps encoded tasks to the model's inputs; ``pretrainable``: accepts a pretrained encoder."""
 
     build: Callable[..., tuple[Callable, Callable]]
     adapt_modes: tuple[str, ...]
@@ -48,8 +49,8 @@ def _build_melu(spec, cfg, pretrained=None, max_len=None):
 
 
 def _build_transformer(spec, cfg, pretrained=None, max_len=None):
-    """``pretrained``: ``(EncoderConfig, encoder params)`` of a pretraining checkpoint, or None for a
-    randomly initialised encoder of the configured size."""
+    """``pretrained``: ``(EncoderConfig, encoder params)`` of a pretraining checkpoint, or None for
+    a randomly initialised encoder of the configured size."""
     if pretrained is not None:
         enc_cfg, enc_params = pretrained
     else:

@@ -1,19 +1,22 @@
 """Checkpoints of a training run with orbax-checkpoint: params, optimizer state, PRNG key, step and
-the data-sampler position, written atomically, keeping the last N and the best by a validation metric.
+the data-sampler position, written atomically, keeping the last N and the best by a validation
+metric.
 
 A checkpoint holds two items:
 
 * ``state`` — a pytree of arrays (``{"params", "opt_state", "key"}`` for the cold-start loop), saved
   with ``orbax.checkpoint.args.StandardSave`` and restored into the structure of a template pytree
   (so NamedTuple optimizer states and Meta-SGD parameters come back as the same types);
-* ``meta`` — a JSON dict of host-side counters: step, sampler position ``(epoch, batch)``, the losses
-  of the current epoch so far, the training history, the early-stopping state and elapsed seconds.
-  Python floats round-trip exactly through JSON, so a resumed run continues bit-identically.
+* ``meta`` — a JSON dict of host-side counters: step, sampler position ``(epoch, batch)``, the
+  losses of the current epoch so far, the training history, the early-stopping state and elapsed
+  seconds. Python floats round-trip exactly through JSON, so a resumed run continues
+  bit-identically.
 
 Orbax writes every step into a temporary directory and renames it when complete (atomic on a local
 file system); temporary directories left by a killed process are removed when the directory is
 opened again (``cleanup_tmp_directories``). Retention: the ``keep_last`` newest checkpoints plus the
-``keep_best`` best ones among those saved with a metric (lower is better; ties go to the earlier step).
+``keep_best`` best ones among those saved with a metric (lower is better; ties go to the earlier
+step).
 
 The sampler is resumable because its order is a pure function of ``(sampler_seed, epoch)``
 (:func:`epoch_order`): the position ``(epoch, batch index)`` is all a checkpoint needs.
@@ -38,15 +41,17 @@ log = logging.getLogger("metarec.training.checkpoint")
 
 
 def epoch_order(sampler_seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order in which the ``n`` training tasks are visited in ``epoch``: a permutation that depends
-    only on ``(sampler_seed, epoch)``, so the sampler's position is just ``(epoch, batch index)``."""
+    """The order in which the ``n`` training tasks are visited in ``epoch``: a permutation that
+    depends only on ``(sampler_seed, epoch)``, so the sampler's position is just
+    ``(epoch, batch index)``."""
     if n < 0:
         raise ValueError(f"epoch_order: n must be >= 0, got {n}")
     return np.random.default_rng([int(sampler_seed), int(epoch)]).permutation(n)
 
 
 def tree_digest(tree: PyTree) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes: equal digests mean bit-identical trees."""
+    """SHA-256 over every leaf's path, dtype, shape and bytes: equal digests mean bit-identical
+    trees."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         a = np.asarray(jax.device_get(_key_data(leaf)))
@@ -85,8 +90,8 @@ class Checkpointer:
       keep_last: how many of the newest checkpoints to keep (>= 1).
       keep_best: how many of the best checkpoints by metric to keep besides (>= 0).
 
-    Use as a context manager or call :meth:`close`. Saving is synchronous: when :meth:`save` returns,
-    the checkpoint is complete on disk.
+    Use as a context manager or call :meth:`close`. Saving is synchronous: when :meth:`save`
+    returns, the checkpoint is complete on disk.
     """
 
     def __init__(self, directory: str, keep_last: int = 2, keep_best: int = 1):
@@ -97,14 +102,20 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         policies = [ocm.LatestN(n=keep_last)]
         if keep_best:
-            policies.append(ocm.BestN(get_metric_fn=_metric_key, n=keep_best, keep_checkpoints_without_metrics=False))
+            policies.append(
+                ocm.BestN(
+                    get_metric_fn=_metric_key, n=keep_best, keep_checkpoints_without_metrics=False
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=False,
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -116,7 +127,8 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The retained checkpoint with the lowest metric (earliest on ties), or None if none has one."""
+        """The retained checkpoint with the lowest metric (earliest on ties), or None if none has
+        one."""
         best = None
         for s in self.all_steps():
             meta = self.restore_meta(s)
@@ -136,7 +148,9 @@ class Checkpointer:
         metrics = None if metric is None else {"value": float(metric), "step": int(step)}
         self._manager.save(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
             metrics=metrics,
             force=True,
         )
@@ -153,7 +167,9 @@ class Checkpointer:
         try:
             out = self._manager.restore(
                 int(step),
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
+                ),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
@@ -161,9 +177,12 @@ class Checkpointer:
                 f"(different architecture or config?): {str(e)[:300]}"
             ) from None
         state = jax.tree_util.tree_map(
-            lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r,
-            like, out.state,
-        )  # fmt: skip
+            lambda t, r: (
+                jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r
+            ),
+            like,
+            out.state,
+        )
         return state, dict(out.meta)
 
     def restore_meta(self, step: int) -> dict:
@@ -174,7 +193,7 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -183,7 +202,8 @@ class Checkpointer:
 
 def restore_latest_params(directory: str, like: PyTree, which: str = "best") -> PyTree:
     """Convenience for research code: the ``params`` of the best (``which="best"``) or newest
-    (``"latest"``) checkpoint in ``directory``; ``like`` is a params pytree of the right structure."""
+    (``"latest"``) checkpoint in ``directory``; ``like`` is a params pytree of the right
+    structure."""
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
     with Checkpointer(directory) as ck:
@@ -195,9 +215,17 @@ def restore_latest_params(directory: str, like: PyTree, which: str = "best") -> 
         state_like = {"params": jax.tree_util.tree_map(_key_data, like)}
         # only the params of the saved {"params", "opt_state", "key"} tree are read
         out = ck._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=state_like, restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_like),
-                partial_restore=True)))  # fmt: skip
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=state_like,
+                    restore_args=jax.tree_util.tree_map(
+                        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_like
+                    ),
+                    partial_restore=True,
+                )
+            ),
+        )
         return jax.tree_util.tree_map(jnp.asarray, out.state["params"])
 
 

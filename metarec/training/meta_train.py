@@ -1,15 +1,17 @@
 """Meta-training with early stopping on validation users, on the one resumable trainer.
 
-:func:`meta_train` runs a jitted meta-step (:func:`metarec.meta.step.make_meta_step`) over meta-batches
-of training tasks, scores the validation users after every epoch (adapt on their support sets, predict
-their query sets) and keeps the best meta-parameters by validation MAE. :func:`predict_tasks` and
-:func:`score` are the evaluation used for validation and for the test scenarios alike.
+:func:`meta_train` runs a jitted meta-step (:func:`metarec.meta.step.make_meta_step`) over
+meta-batches of training tasks, scores the validation users after every epoch (adapt on their
+support sets, predict their query sets) and keeps the best meta-parameters by validation MAE.
+:func:`predict_tasks` and :func:`score` are the evaluation used for validation and for the test
+scenarios alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +54,7 @@ def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np
     padded, _ = pad_tasks(tasks, chunk)
     outs = []
     for start in range(0, padded.num_tasks, chunk):
-        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[start : start + chunk]), padded)
+        batch = jax.tree_util.tree_map(lambda a, s=start: jnp.asarray(a[s : s + chunk]), padded)
         outs.append(jax.device_get(eval_fn(meta_params, batch)))
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
@@ -67,7 +69,8 @@ def score(pred: np.ndarray, tasks: Task, scale: tuple[float, float], k: int) -> 
 def check_finite_tasks(tasks: Task, name: str) -> None:
     """Raise ``ValueError`` if a floating-point input, target or mask of ``tasks`` is NaN or inf,
     naming the set (``name``), the field, the task index, the user id and how many values are bad.
-    Run once before training: a NaN feature would otherwise surface much later as a non-finite loss."""
+    Run once before training: a NaN feature would otherwise surface much later as a non-finite
+    loss."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tasks)[0]:
         a = np.asarray(leaf)
         if not np.issubdtype(a.dtype, np.floating):
@@ -80,7 +83,8 @@ def check_finite_tasks(tasks: Task, name: str) -> None:
             field = jax.tree_util.keystr(path).lstrip(".")
             raise ValueError(
                 f"{name}: {int(bad.sum())} non-finite value(s) (NaN/inf) in {field} "
-                f"(first at index {tuple(int(i) for i in first)}, user {user}, value {a[tuple(first)]}); "
+                f"(first at index {tuple(int(i) for i in first)}, user {user}, "
+                f"value {a[tuple(first)]}); "
                 "inputs, targets and masks must be finite numbers"
             )
 
@@ -118,22 +122,24 @@ def meta_train(
     progress: bool = False,
 ) -> TrainResult:
     """Meta-train with ``step`` (from ``make_meta_step`` with :func:`make_optimizer`) and early
-    stopping on validation MAE (``eval_fn`` from ``make_eval_fn``); returns the best meta-parameters.
+    stopping on validation MAE (``eval_fn`` from ``make_eval_fn``); returns the best
+    meta-parameters.
 
     Sampling: epoch ``e`` visits the training tasks in the order
     :func:`~metarec.training.checkpoint.epoch_order` ``(sampler_seed, e)`` in meta-batches of
-    ``min(cfg.meta_batch, n_tasks)`` (the incomplete last batch is dropped), where ``sampler_seed`` is
-    drawn from ``key``. One PRNG sub-key per meta-step is split off ``key`` (feature dropout).
+    ``min(cfg.meta_batch, n_tasks)`` (the incomplete last batch is dropped), where ``sampler_seed``
+    is drawn from ``key``. One PRNG sub-key per meta-step is split off ``key`` (feature dropout).
 
     The loop runs on :mod:`metarec.training.trainer`: a piece ends every ``cfg.ckpt_every`` steps
     inside an epoch and at every epoch end (with the validation MAE as the checkpoint metric, so the
     best one is retained). With ``resume`` it continues from the newest checkpoint and, on a
     deterministic backend, ends with bit-identical parameters and history (timings aside).
 
-    A non-finite loss or gradient stops training with :class:`~metarec.training.trainer.NonFiniteLossError`
-    naming the step; the step function already refused the update and nothing is saved after it.
-    ``metrics`` gets a record every ``cfg.log_every`` steps and one per epoch (tagged ``unit``);
-    ``progress`` draws a progress line on stderr with rate and ETA.
+    A non-finite loss or gradient stops training with
+    :class:`~metarec.training.trainer.NonFiniteLossError` naming the step; the step function already
+    refused the update and nothing is saved after it. ``metrics`` gets a record every
+    ``cfg.log_every`` steps and one per epoch (tagged ``unit``); ``progress`` draws a progress line
+    on stderr with rate and ETA.
     """
     name = unit or learner.name
     check_finite_tasks(train, f"{name}: training tasks")
@@ -148,7 +154,11 @@ def meta_train(
 
     def init() -> trainer.LoopState:
         meta_params = learner.init(init_params)
-        arrays = {"params": meta_params, "opt_state": make_optimizer(cfg).init(meta_params), "key": key}
+        arrays = {
+            "params": meta_params,
+            "opt_state": make_optimizer(cfg).init(meta_params),
+            "key": key,
+        }
         host = {
             "epoch": 1,
             "batch": 0,
@@ -202,9 +212,9 @@ def meta_train(
                 if bar is not None:
                     bar.close()
                 raise trainer.non_finite_error(
-                    f"{name}: non-finite meta-loss or gradient at step {n_step + 1} (epoch {epoch}, "
-                    f"batch {b + 1}/{n_batches}, loss {float(m['loss'])}); training stopped and "
-                    f"nothing after step {n_step} was saved",
+                    f"{name}: non-finite meta-loss or gradient at step {n_step + 1} "
+                    f"(epoch {epoch}, batch {b + 1}/{n_batches}, loss {float(m['loss'])}); "
+                    f"training stopped and nothing after step {n_step} was saved",
                     n_step + 1,
                     checkpointer,
                     hint="lower --config.meta_lr/--config.inner_lr or set --config.clip_norm",
@@ -215,27 +225,49 @@ def meta_train(
             loss = float(m["loss"])
             h["losses"].append(loss)
             if metrics is not None and log_every and n_step % log_every == 0:
-                metrics.write({
-                    "unit": name, "kind": "step", "step": n_step, "epoch": epoch, "loss": loss,
-                    "grad_norm": float(m["grad_norm"]), "elapsed": state.seconds,
-                })  # fmt: skip
+                metrics.write(
+                    {
+                        "unit": name,
+                        "kind": "step",
+                        "step": n_step,
+                        "epoch": epoch,
+                        "loss": loss,
+                        "grad_norm": float(m["grad_norm"]),
+                        "elapsed": state.seconds,
+                    }
+                )
             if bar is not None:
                 bar.update(epoch=epoch, loss=loss)
             if ckpt_every and n_step % ckpt_every == 0 and h["batch"] < n_batches:
-                state.arrays, state.step = {"params": params, "opt_state": opt_state, "key": k}, n_step
+                state.arrays, state.step = (
+                    {"params": params, "opt_state": opt_state, "key": k},
+                    n_step,
+                )
                 return state, None
         out = predict_tasks(eval_fn, params, val, cfg.eval_chunk)
         val_mae = score(out["pred"], val, scale, cfg.k)["mae"]
         train_loss = float(np.mean(h["losses"]))
-        h["history"].append({
-            "epoch": epoch, "step": n_step, "train_loss": train_loss, "val_mae": val_mae,
-            "seconds": state.seconds,
-        })  # fmt: skip
+        h["history"].append(
+            {
+                "epoch": epoch,
+                "step": n_step,
+                "train_loss": train_loss,
+                "val_mae": val_mae,
+                "seconds": state.seconds,
+            }
+        )
         if metrics is not None:
-            metrics.write({
-                "unit": name, "kind": "epoch", "step": n_step, "epoch": epoch,
-                "train_loss": train_loss, "val_mae": val_mae, "elapsed": state.seconds,
-            })  # fmt: skip
+            metrics.write(
+                {
+                    "unit": name,
+                    "kind": "epoch",
+                    "step": n_step,
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_mae": val_mae,
+                    "elapsed": state.seconds,
+                }
+            )
         if log_fn:
             log_fn(f"  {name} epoch {epoch:3d} train_loss {train_loss:.4f} val_mae {val_mae:.4f}")
         best_val = np.inf if h["best_val"] is None else h["best_val"]
@@ -276,8 +308,8 @@ def meta_fit(
     use_keys: bool = False,
     callback: Callable[[int, dict], None] | None = None,
 ):
-    """Run ``epochs`` epochs of a step from :func:`~metarec.meta.step.make_meta_step` on the trainer,
-    one piece per epoch, without validation or checkpoints (research-code convenience).
+    """Run ``epochs`` epochs of a step from :func:`~metarec.meta.step.make_meta_step` on the
+    trainer, one piece per epoch, without validation or checkpoints (research-code convenience).
 
     Each epoch visits the (host numpy) ``tasks`` once in a seeded random order
     (``numpy.random.default_rng(seed + epoch)``), in meta-batches of ``meta_batch`` tasks (the last
@@ -300,7 +332,9 @@ def meta_fit(
         epoch = state.host["epoch"]
         order = np.random.default_rng(seed + epoch).permutation(n)
         for start in range(0, n, meta_batch):
-            batch, weights = pad_tasks(index_tasks(tasks, order[start : start + meta_batch]), meta_batch)
+            batch, weights = pad_tasks(
+                index_tasks(tasks, order[start : start + meta_batch]), meta_batch
+            )
             key = jax.random.fold_in(base_key, state.step) if use_keys else None
             params, opt, metrics = step(params, opt, batch, weights, key)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()} | {"epoch": epoch}

@@ -1,11 +1,11 @@
-"""Host-side run bookkeeping: progress lines with rate and ETA, metrics to JSONL/CSV (and TensorBoard
-when ``tensorboardX`` is importable), run metadata (command, config, package versions, devices, git
-commit) and atomic JSON writes.
+"""Host-side run bookkeeping: progress lines with rate and ETA, metrics to JSONL/CSV (and
+TensorBoard when ``tensorboardX`` is importable), run metadata (command, config, package versions,
+devices, git commit) and atomic JSON writes.
 
 Everything here runs outside ``jit`` on Python scalars; nothing here is needed by the pure library
 functions. Typical use (see :func:`experiments.coldstart.pipeline.run`)::
 
-    writer = MetricsWriter(workdir)                # metrics.jsonl + metrics.csv (+ tb/ if available)
+    writer = MetricsWriter(workdir)  # metrics.jsonl + metrics.csv (+ tb/ if available)
     bar = Progress(total=steps, desc="seed0/maml")
     for step in ...:
         writer.write({"unit": "seed0/maml", "kind": "step", "step": step, "loss": loss})
@@ -26,13 +26,33 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 PACKAGES = (
-    "jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy", "pandas", "ml_collections",
-    "absl-py", "matplotlib",
-)  # fmt: skip
-CSV_FIELDS = ("unit", "kind", "step", "epoch", "loss", "grad_norm", "train_loss", "val_mae", "elapsed")
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "chex",
+    "orbax-checkpoint",
+    "numpy",
+    "pandas",
+    "ml_collections",
+    "absl-py",
+    "matplotlib",
+)
+CSV_FIELDS = (
+    "unit",
+    "kind",
+    "step",
+    "epoch",
+    "loss",
+    "grad_norm",
+    "train_loss",
+    "val_mae",
+    "elapsed",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,8 +74,8 @@ def _json_default(o):
 
 
 def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> str:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace`` (a reader never sees
-    a half-written file; a killed writer leaves the old file intact). Returns ``path``."""
+    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace`` (a reader never
+    sees a half-written file; a killed writer leaves the old file intact). Returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -88,7 +108,9 @@ def read_json(path: str) -> Any:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+            raise ValueError(
+                f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
+            ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,15 +128,21 @@ def package_versions(packages=PACKAGES) -> dict[str, str]:
 
 
 def git_commit(path: str | None = None) -> str | None:
-    """The commit of the git checkout holding ``path`` (this package by default), with ``+dirty`` when
-    the tree has uncommitted changes; None outside git. Read-only git commands only."""
+    """The commit of the git checkout holding ``path`` (this package by default), with ``+dirty``
+    when the tree has uncommitted changes; None outside git. Read-only git commands only."""
     here = path or os.path.dirname(os.path.abspath(__file__))
     try:
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -157,16 +185,23 @@ def format_seconds(s: float) -> str:
 class Progress:
     """A progress line with count, rate and ETA for a host-side loop.
 
-    On a terminal the line is redrawn in place (``\\r``) at most every ``min_interval`` seconds; on a
-    file or pipe one line is written every ``file_interval`` seconds so logs stay short. ``total`` may
-    be an upper bound (early stopping): the ETA is then an upper bound too. ``done`` may start above
-    0 (a resumed run): the rate only counts work done by this process.
+    On a terminal the line is redrawn in place (``\\r``) at most every ``min_interval`` seconds; on
+    a file or pipe one line is written every ``file_interval`` seconds so logs stay short. ``total``
+    may be an upper bound (early stopping): the ETA is then an upper bound too. ``done`` may start
+    above 0 (a resumed run): the rate only counts work done by this process.
     """
 
     def __init__(
-        self, total: int, desc: str = "", *, done: int = 0, stream: TextIO | None = None,
-        min_interval: float = 0.5, file_interval: float = 30.0, clock: Callable[[], float] = time.monotonic,
-    ):  # fmt: skip
+        self,
+        total: int,
+        desc: str = "",
+        *,
+        done: int = 0,
+        stream: TextIO | None = None,
+        min_interval: float = 0.5,
+        file_interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.total, self.desc, self.done = int(total), desc, int(done)
         self.stream = sys.stderr if stream is None else stream
         self.clock = clock
@@ -190,12 +225,17 @@ class Progress:
     def line(self, **postfix) -> str:
         """The current progress line."""
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items())
-        return (f"{self.desc} {self.done}/{self.total} ({pct:3.0f}%) {self.rate():.2f}/s "
-                f"elapsed {format_seconds(self.clock() - self.t0)} ETA {format_seconds(self.eta())} {extra}").strip()  # fmt: skip
+        extra = " ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in postfix.items()
+        )
+        return (
+            f"{self.desc} {self.done}/{self.total} ({pct:3.0f}%) {self.rate():.2f}/s "
+            f"elapsed {format_seconds(self.clock() - self.t0)} "
+            f"ETA {format_seconds(self.eta())} {extra}"
+        ).strip()
 
     def update(self, done: int | None = None, force: bool = False, **postfix) -> None:
-        """Advance by one (or set the count to ``done``) and redraw if ``min_interval`` has passed."""
+        """Advance by one (or set the count to ``done``); redraw if ``min_interval`` has passed."""
         self.done = self.done + 1 if done is None else int(done)
         now = self.clock()
         if not force and now - self._last < self.interval:
@@ -236,7 +276,8 @@ class MetricsWriter:
 
     A record is a flat dict with at least ``unit`` (e.g. ``"seed0/maml"``) and ``step``; every other
     numeric field becomes a TensorBoard scalar ``unit/field``. :meth:`truncate` drops one unit's
-    records after a step — used on resume, so that steps replayed after a crash are not logged twice.
+    records after a step — used on resume, so that steps replayed after a crash are not logged
+    twice.
     """
 
     def __init__(self, workdir: str, tensorboard: bool = True):
@@ -261,11 +302,15 @@ class MetricsWriter:
         self._csv_file.flush()
         if self.tb is not None:
             for k, v in record.items():
-                if k not in ("unit", "step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if (
+                    k not in ("unit", "step", "kind")
+                    and isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                ):
                     self.tb.add_scalar(f"{record['unit']}/{k}", v, int(record["step"]))
 
     def truncate(self, unit: str, after_step: int) -> int:
-        """Remove records of ``unit`` with ``step > after_step`` from both files; returns how many."""
+        """Drop records of ``unit`` with ``step > after_step`` from both files; returns how many."""
         self._jsonl.close()
         self._csv_file.close()
         kept, dropped = [], 0
@@ -287,7 +332,10 @@ class MetricsWriter:
         w.writeheader()
         for r in kept:
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
-        for path, text in ((self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept)), (self.csv_path, buf.getvalue())):
+        for path, text in (
+            (self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept)),
+            (self.csv_path, buf.getvalue()),
+        ):
             tmp = path + ".tmp"
             with open(tmp, "w", newline="") as f:
                 f.write(text)
@@ -320,6 +368,14 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 __all__ = [
-    "CSV_FIELDS", "MetricsWriter", "Progress", "format_seconds", "git_commit", "package_versions",
-    "read_json", "read_metrics", "run_metadata", "write_json_atomic",
-]  # fmt: skip
+    "CSV_FIELDS",
+    "MetricsWriter",
+    "Progress",
+    "format_seconds",
+    "git_commit",
+    "package_versions",
+    "read_json",
+    "read_metrics",
+    "run_metadata",
+    "write_json_atomic",
+]

@@ -1,16 +1,17 @@
 """The one resumable trainer behind meta-training, pretraining and the RL agents.
 
 A training loop is cut into *pieces* (a few steps, an epoch, a chunk of RL iterations). The state it
-carries is a :class:`LoopState`: device arrays (params, optimizer state, PRNG key, replay buffers, ...)
-checkpointed with orbax, plus a JSON-able ``host`` dict (counters, histories, early-stopping state).
-:func:`run` starts from :func:`restore_or_init` and calls ``piece(state) -> (state, metric)`` until
-``state.done``, saving a checkpoint after every piece (``metric`` feeds the best-checkpoint policy of
-:class:`~metarec.training.checkpoint.Checkpointer`). Because the piece boundaries and the PRNG stream
-are pure functions of the loop state, a run killed at any point and resumed ends with the same bits as
-an uninterrupted one.
+carries is a :class:`LoopState`: device arrays (params, optimizer state, PRNG key, replay buffers,
+...) checkpointed with orbax, plus a JSON-able ``host`` dict (counters, histories, early-stopping
+state). :func:`run` starts from :func:`restore_or_init` and calls
+``piece(state) -> (state, metric)`` until ``state.done``, saving a checkpoint after every piece
+(``metric`` feeds the best-checkpoint policy of :class:`~metarec.training.checkpoint.Checkpointer`).
+Because the piece boundaries and the PRNG stream are pure functions of the loop state, a run killed
+at any point and resumed ends with the same bits as an uninterrupted one.
 
 A piece that meets a non-finite loss raises :class:`NonFiniteLossError` (built by
-:func:`non_finite_error`) *before* anything is saved, so the newest checkpoint is the last good state.
+:func:`non_finite_error`) *before* anything is saved, so the newest checkpoint is the last good
+state.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +95,8 @@ def first_non_finite(metrics: dict) -> tuple[int, str, float] | None:
 class LoopState:
     """Everything a loop carries between pieces.
 
-    ``arrays``: the device pytree that is checkpointed; ``host``: JSON-able host state; ``step``: the
-    checkpoint step (strictly increasing from piece to piece); ``done``: the loop has finished;
+    ``arrays``: the device pytree that is checkpointed; ``host``: JSON-able host state; ``step``:
+    the checkpoint step (strictly increasing from piece to piece); ``done``: the loop has finished;
     ``elapsed``: training seconds of earlier processes (resumed runs), see :attr:`seconds`.
     """
 
@@ -148,8 +150,8 @@ def restore_or_init(
     if diff:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in diff)
         raise ValueError(
-            f"{checkpointer.directory}: checkpoint {step} was written for another {what} ({detail}); "
-            "resume with the original settings or use a fresh --workdir"
+            f"{checkpointer.directory}: checkpoint {step} was written for another {what} "
+            f"({detail}); resume with the original settings or use a fresh --workdir"
         )
     arrays = None
     if need_arrays or not saved["done"]:
@@ -181,8 +183,8 @@ def run(
     checkpointer: Checkpointer | None = None,
     ident: dict | None = None,
 ) -> LoopState:
-    """Call ``piece`` until ``state.done``, checkpointing after every piece. ``piece`` returns the new
-    state and the checkpoint's metric (None: no metric, e.g. a mid-epoch save)."""
+    """Call ``piece`` until ``state.done``, checkpointing after every piece. ``piece`` returns the
+    new state and the checkpoint's metric (None: no metric, e.g. a mid-epoch save)."""
     while not state.done:
         state, metric = piece(state)
         save(state, checkpointer, ident, metric)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from metarec.training.runlog import read_json, run_metadata, write_json_atomic
 
@@ -45,8 +45,8 @@ def check_resume(
     changed: list[str] = []
     if held and not resume:
         raise ValueError(
-            f"--workdir={workdir} already holds a run ({', '.join(held)}); pass --resume to continue "
-            "it, --overwrite to start it again, or choose another --workdir"
+            f"--workdir={workdir} already holds a run ({', '.join(held)}); pass --resume to "
+            "continue it, --overwrite to start it again, or choose another --workdir"
         )
     if resume and os.path.exists(cfg_path):
         saved = read_json(cfg_path)
@@ -59,7 +59,9 @@ def check_resume(
             )
         fixed = [k for k in changed if k not in mutable and k not in added]
         if fixed:
-            detail = "; ".join(f"{k}: {saved['config'].get(k)!r} -> {config.get(k)!r}" for k in fixed)
+            detail = "; ".join(
+                f"{k}: {saved['config'].get(k)!r} -> {config.get(k)!r}" for k in fixed
+            )
             raise ValueError(
                 f"--resume: the run in {workdir} was started with a different config ({detail}); "
                 f"only {', '.join(mutable) or 'nothing'} may change on resume. Use the original "

@@ -1,5 +1,6 @@
-"""End-to-end cold-start experiment on a small fixture dataset: structure of results.json (PROTOCOL.md),
-seeded determinism, config validation, and a tuning stage that never reads a test scenario."""
+"""End-to-end cold-start experiment on a small fixture dataset: structure of results.json
+(PROTOCOL.md), seeded determinism, config validation, and a tuning stage that never reads a test
+scenario."""
 
 from __future__ import annotations
 
@@ -64,7 +65,15 @@ def test_run_writes_protocol_format(tiny_run):
     assert set(res["scenarios"]) >= set(build.TEST_SCENARIOS)
     for s in build.TEST_SCENARIOS:
         methods = res["results"][s]
-        expected = {"random", "maml", "global_mean", "user_mean", "item_mean", "no_adapt", "finetune"}
+        expected = {
+            "random",
+            "maml",
+            "global_mean",
+            "user_mean",
+            "item_mean",
+            "no_adapt",
+            "finetune",
+        }
         assert set(methods) == expected
         for m, vals in methods.items():
             keys = {"ndcg@3"} if m == "random" else {"mae", "rmse", "ndcg@3"}
@@ -122,7 +131,13 @@ def test_comma_lists_from_the_command_line_are_split():
 
 def test_script_rejects_bad_config_in_one_line():
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.coldstart.main", "--config.algos=mamal", "--workdir=/tmp/never"],
+        [
+            sys.executable,
+            "-m",
+            "experiments.coldstart.main",
+            "--config.algos=mamal",
+            "--workdir=/tmp/never",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -131,8 +146,8 @@ def test_script_rejects_bad_config_in_one_line():
     assert "Traceback" not in out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert lines == [
-        "coldstart: error: --config.algos: unknown ['mamal']; allowed: maml, fomaml, reptile, metasgd, "
-        "imaml"
+        "coldstart: error: --config.algos: unknown ['mamal']; allowed: maml, fomaml, reptile, "
+        "metasgd, imaml"
     ]
 
 
@@ -155,7 +170,9 @@ def test_tuning_never_reads_a_test_scenario(fixture_data):
         return grid_search(cfg, grid, algo="fomaml", seeds=(0,), data=d, log_fn=lambda m: None)
 
     rows = search(data)
-    assert len(rows) == 2 and all(np.isfinite(r["val_mae"]) and r["best_epochs"] == [1] for r in rows)
+    assert len(rows) == 2 and all(
+        np.isfinite(r["val_mae"]) and r["best_epochs"] == [1] for r in rows
+    )
     # every rating outside the training ratings (all test scenarios: new users, new items, warm_test
     # users; support and query sets alike) poisoned: the tuning output does not move
     split = mdata.make_split(data, 0, cfg.protocol)

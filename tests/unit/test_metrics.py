@@ -96,7 +96,9 @@ def test_precision_recall_f1_auc_hand_computed():
     p, pv = M.precision_at_k(pred, true, m, 2)
     r, rv = M.query_recall_at_k(pred, true, m, 2)
     f1, fv = M.f1_at_k(pred, true, m, 2)
-    assert f(p) == pytest.approx(0.5) and f(r) == pytest.approx(1 / 3) and f(f1) == pytest.approx(0.4)
+    assert (
+        f(p) == pytest.approx(0.5) and f(r) == pytest.approx(1 / 3) and f(f1) == pytest.approx(0.4)
+    )
     assert f(pv) == f(rv) == f(fv) == 1.0
     # relevant {0.9, 0.7, 0.1} vs non-relevant {0.8}: only 0.9 > 0.8 -> 1/3
     a, av = M.auc(pred, true, m)
@@ -185,7 +187,7 @@ def test_padding_never_changes_any_metric():
     rng = np.random.default_rng(0)
     pred, true, mask = _random_batch(rng)
     vals, ok = M.per_task_metrics(pred, true, mask, k=3)
-    for trial in range(3):
+    for _ in range(3):
         # garbage in the padded slots, and extra padded slots inserted at random positions
         p2 = np.where(mask > 0, pred, rng.normal(size=pred.shape) * 100)
         t2 = np.where(mask > 0, true, rng.integers(0, 6, size=true.shape))

@@ -19,7 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
     # methods
     c.algos = ("maml", "fomaml", "reptile", "metasgd", "imaml")
     c.baselines = (
-        "global_mean", "user_mean", "item_mean", "mf", "user_knn", "item_knn", "no_adapt", "finetune",
+        "global_mean",
+        "user_mean",
+        "item_mean",
+        "mf",
+        "user_knn",
+        "item_knn",
+        "no_adapt",
+        "finetune",
     )
     # model (a name of metarec.models.MODELS)
     c.model = "melu"
@@ -28,10 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.residual = True
     c.use_item_id = True
     c.feature_dropout = 0.1
-    c.context_dim = 0  # > 0: a CAVIA-style user-context vector (adapt "context" or "decision+context")
+    # > 0: a CAVIA-style user-context vector (adapt "context" or "decision+context")
+    c.context_dim = 0
     c.offset_prior = 2.0
     c.residual_bound = 4.0  # predictions within offset ± 4 (b * tanh(f / b)); 0 = unbounded
-    # Transformer rater (model "transformer"); init_from: a pretraining run, "{seed}" filled per seed
+    # Transformer rater (model "transformer"); init_from: a pretraining run ("{seed}": per seed)
     c.init_from = ""
     c.tf_width = 64
     c.tf_depth = 2

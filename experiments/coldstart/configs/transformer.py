@@ -1,5 +1,7 @@
 """Meta-learning on a Transformer history encoder, pretrained per seed by ``experiments.pretrain``.
 
+Pretrain each seed, then run this config:
+
   python -m experiments.pretrain.main --config.seed=0 --workdir=runs/pretrain/seed0
   python -m experiments.coldstart.main --config=experiments/coldstart/configs/transformer.py
 """

@@ -34,7 +34,7 @@ def to_tasks(users, items, ratings, n_support, n_query, pad_s=0, pad_q=0, seed=0
     qi = np.zeros((T, Q), np.int64)
     qr = np.zeros((T, Q), np.float32)
     qm = np.zeros((T, Q), np.float32)
-    for t, u in enumerate(users):
+    for t, _u in enumerate(users):
         its, rts = items[t], ratings[t]
         perm = rng.permutation(len(its))[: n_support + n_query]
         s, q = perm[:n_support], perm[n_support:]
@@ -124,8 +124,15 @@ def test_mf_fold_in_agrees_with_training_at_the_optimum():
     st = b.fit(u, i, r)
     for user in (0, 5):
         sel = u == user
-        bu, pu = mf_fold_in(st.item_bias, st.item_factors, st.mu, i[sel], r[sel],
-                            np.ones(sel.sum(), np.float32), reg)
+        bu, pu = mf_fold_in(
+            st.item_bias,
+            st.item_factors,
+            st.mu,
+            i[sel],
+            r[sel],
+            np.ones(sel.sum(), np.float32),
+            reg,
+        )
         assert float(bu) == pytest.approx(float(st.user_bias[user]), abs=2e-3)
         np.testing.assert_allclose(np.asarray(pu), np.asarray(st.user_factors[user]), atol=2e-3)
 
@@ -155,15 +162,25 @@ def test_item_mean_on_item_constant_data():
     users = np.array([1, 2, 3, 1, 2, 3])
     r = np.array([4.0, 4.0, 4.0, 2.0, 2.0, 5.0])  # item-constant; mu = 21/6 = 3.5
     qi = np.array([[10, 20, 30, 40]])  # 40 never seen in training
-    args = (np.zeros((1, 1), int), np.zeros((1, 1)), np.zeros((1, 1)), qi, np.ones((1, 4)),
-            np.array([0]))
+    args = (
+        np.zeros((1, 1), int),
+        np.zeros((1, 1)),
+        np.zeros((1, 1)),
+        qi,
+        np.ones((1, 4)),
+        np.array([0]),
+    )
     b = make_baseline("item_mean", shrinkage=0.0)
-    np.testing.assert_allclose(np.asarray(b.predict(b.fit(users, items, r), *args)),
-                               [[4.0, 2.0, 5.0, 3.5]])
+    np.testing.assert_allclose(
+        np.asarray(b.predict(b.fit(users, items, r), *args)), [[4.0, 2.0, 5.0, 3.5]]
+    )
     b = make_baseline("item_mean", shrinkage=1.0)
     # (3*4 + 3.5)/4, (2*2 + 3.5)/3, (5 + 3.5)/2, unseen -> mu
-    np.testing.assert_allclose(np.asarray(b.predict(b.fit(users, items, r), *args)),
-                               [[15.5 / 4, 7.5 / 3, 8.5 / 2, 3.5]], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(b.predict(b.fit(users, items, r), *args)),
+        [[15.5 / 4, 7.5 / 3, 8.5 / 2, 3.5]],
+        rtol=1e-6,
+    )
 
 
 def test_user_knn_hand_made():
@@ -247,8 +264,9 @@ def test_padding_and_unseen_items(name, planted):
     np.testing.assert_array_equal(pad[:, 10:], 0.0)
     np.testing.assert_array_equal(pad[-1], 0.0)
     # tasks are independent: reversing the task order reverses the predictions
-    rev = np.asarray(b.predict(st, si[:T][::-1], sr[:T][::-1], sm[:T][::-1], qi[:T][::-1],
-                               qm[:T][::-1], users))
+    rev = np.asarray(
+        b.predict(st, si[:T][::-1], sr[:T][::-1], sm[:T][::-1], qi[:T][::-1], qm[:T][::-1], users)
+    )
     np.testing.assert_allclose(rev[::-1], base, rtol=1e-5, atol=1e-5)
     # unseen query item -> a finite prediction equal to the documented fallback
     qi3 = qi[:T].copy()
@@ -263,8 +281,13 @@ def test_padding_and_unseen_items(name, planted):
         np.testing.assert_allclose(p3[:, 0], np.clip(smean, lo, hi), rtol=1e-5)
     else:  # mf: mu + b_u, b_u from the fold-in
         idx, known = lookup(st.item_vocab, si[:T])
-        fold = jax.jit(jax.vmap(lambda i, r, w: mf_fold_in(
-            st.item_bias, st.item_factors, st.mu, i, r, w, MF_KW["reg"])[0]))
+        fold = jax.jit(
+            jax.vmap(
+                lambda i, r, w: mf_fold_in(
+                    st.item_bias, st.item_factors, st.mu, i, r, w, MF_KW["reg"]
+                )[0]
+            )
+        )
         bu = np.asarray(fold(idx, sr[:T], (sm[:T] * known).astype(np.float32)))
         np.testing.assert_allclose(p3[:, 0], np.clip(float(st.mu) + bu, lo, hi), rtol=1e-4)
 
@@ -294,5 +317,12 @@ def test_registry_and_input_errors():
     b = make_baseline("global_mean")
     st = b.fit([1], [2], [3.0])
     with pytest.raises(ValueError, match=r"\[T, Q\]"):
-        b.predict(st, np.zeros((2, 3), int), np.zeros((2, 3)), np.zeros((2, 3)),
-                  np.zeros((3, 4), int), np.zeros((3, 4)), np.zeros(2))
+        b.predict(
+            st,
+            np.zeros((2, 3), int),
+            np.zeros((2, 3)),
+            np.zeros((2, 3)),
+            np.zeros((3, 4), int),
+            np.zeros((3, 4)),
+            np.zeros(2),
+        )

@@ -1,4 +1,4 @@
-"""Tests of the inner loop, the meta-learners and the generic meta step (metarec.meta, metarec.meta.step).
+"""Tests of the inner loop, the meta-learners and the meta step (metarec.meta, metarec.meta.step).
 
 The gradient tests run in float64 (``jax.enable_x64``) and compare with closed forms on quadratic
 (linear-regression) tasks or with central finite differences, so any missing second-order term,
@@ -21,8 +21,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from metarec import meta
-from metarec.meta import step as train
 from metarec.data.tasks import Examples, Task, pad_tasks
+from metarec.meta import step as train
 from metarec.training.meta_train import meta_fit
 from tests.conftest import REPO
 
@@ -41,10 +41,14 @@ def linear_apply(params, x):
 def mlp_init(key, d_in=3, hidden=4, dtype=jnp.float32):
     k1, k2, k3, k4 = jax.random.split(key, 4)
     return {
-        "l1": {"w": jax.random.normal(k1, (d_in, hidden), dtype) * 0.7,
-               "b": jax.random.normal(k2, (hidden,), dtype) * 0.1},
-        "l2": {"w": jax.random.normal(k3, (hidden,), dtype) * 0.7,
-               "b": jax.random.normal(k4, (), dtype) * 0.1},
+        "l1": {
+            "w": jax.random.normal(k1, (d_in, hidden), dtype) * 0.7,
+            "b": jax.random.normal(k2, (hidden,), dtype) * 0.1,
+        },
+        "l2": {
+            "w": jax.random.normal(k3, (hidden,), dtype) * 0.7,
+            "b": jax.random.normal(k4, (), dtype) * 0.1,
+        },
     }
 
 
@@ -63,14 +67,17 @@ def make_examples(rng: np.random.Generator, n, d, n_real=None, dtype=np.float32,
 
 
 def make_tasks(seed, T, d=3, ns=6, nq=5, dtype=np.float32):
-    """T regression tasks with task-specific weights and varying numbers of real support examples."""
+    """T regression tasks with task-specific weights and varying counts of real support examples."""
     rng = np.random.default_rng(seed)
     sup, qry = [], []
     for t in range(T):
         w = rng.normal(size=d) + 1.0
         sup.append(make_examples(rng, ns, d, n_real=ns - t % 3, dtype=dtype, w=w))
         qry.append(make_examples(rng, nq, d, dtype=dtype, w=w))
-    stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
+
+    def stack(xs):
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)
+
     return Task(support=stack(sup), query=stack(qry), user=jnp.arange(T))
 
 
@@ -87,7 +94,9 @@ def all_learners(apply_fn=mlp_apply, steps=3, mask=None):
         "fomaml": meta.fomaml(apply_fn, inner_steps=steps, inner_lr=0.1, adapt_mask=mask),
         "reptile": meta.reptile(apply_fn, inner_steps=steps, inner_lr=0.1, adapt_mask=mask),
         "metasgd": meta.metasgd(apply_fn, inner_steps=steps, inner_lr=0.1, adapt_mask=mask),
-        "imaml": meta.imaml(apply_fn, inner_steps=steps, inner_lr=0.1, adapt_mask=mask, lam=2.0, cg_steps=4),
+        "imaml": meta.imaml(
+            apply_fn, inner_steps=steps, inner_lr=0.1, adapt_mask=mask, lam=2.0, cg_steps=4
+        ),
     }
 
 
@@ -147,7 +156,9 @@ def test_adapt_rejects_bad_masks():
     with pytest.raises(ValueError, match="does not match the parameter structure"):
         meta.adapt(params, ex, obj, steps=1, lr=0.1, mask={"l1": True})
     with pytest.raises(ValueError, match="selects no parameter"):
-        meta.adapt(params, ex, obj, steps=1, lr=0.1, mask=jax.tree_util.tree_map(lambda _: False, params))
+        meta.adapt(
+            params, ex, obj, steps=1, lr=0.1, mask=jax.tree_util.tree_map(lambda _: False, params)
+        )
     with pytest.raises(ValueError, match="steps"):
         meta.adapt(params, ex, obj, steps=-1, lr=0.1)
 
@@ -183,7 +194,9 @@ def test_maml_and_fomaml_match_closed_form_on_quadratic():
         lf = meta.fomaml(linear_apply, inner_steps=K, inner_lr=alpha)
         loss, g = lm.task_grad(jnp.asarray(theta), task)
         assert g.dtype == jnp.float64
-        np.testing.assert_allclose(np.asarray(lm.adapt(jnp.asarray(theta), task.support)), phi, rtol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(lm.adapt(jnp.asarray(theta), task.support)), phi, rtol=1e-12
+        )
         np.testing.assert_allclose(np.asarray(g), expected_maml, rtol=1e-10, atol=1e-12)
         assert float(loss) == pytest.approx(0.5 * (phi - b) @ B @ (phi - b), rel=1e-10)
         _, gf = lf.task_grad(jnp.asarray(theta), task)
@@ -191,7 +204,9 @@ def test_maml_and_fomaml_match_closed_form_on_quadratic():
         # the second-order term is really there: MAML and FOMAML differ
         assert np.linalg.norm(expected_maml - gq) > 1e-2 * np.linalg.norm(gq)
         # remat gives the same second-order gradient
-        _, gr = meta.maml(linear_apply, inner_steps=K, inner_lr=alpha, remat=True).task_grad(jnp.asarray(theta), task)
+        _, gr = meta.maml(linear_apply, inner_steps=K, inner_lr=alpha, remat=True).task_grad(
+            jnp.asarray(theta), task
+        )
         np.testing.assert_allclose(np.asarray(gr), expected_maml, rtol=1e-10, atol=1e-12)
 
 
@@ -207,8 +222,9 @@ def test_imaml_matches_closed_form_on_quadratic():
         loss, g = learner.task_grad(jnp.asarray(theta), task)
         np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-8, atol=1e-10)
         # fewer CG steps than dimensions is an approximation, not the exact solve
-        _, g1 = meta.imaml(linear_apply, inner_steps=300, inner_lr=0.3, lam=lam, cg_steps=1).task_grad(
-            jnp.asarray(theta), task)
+        _, g1 = meta.imaml(
+            linear_apply, inner_steps=300, inner_lr=0.3, lam=lam, cg_steps=1
+        ).task_grad(jnp.asarray(theta), task)
         assert not np.allclose(np.asarray(g1), expected, rtol=1e-4)
 
 
@@ -255,7 +271,9 @@ def test_safeguarded_inner_loop_does_not_diverge_when_lr_exceeds_curvature_limit
     well-conditioned problem the safeguard changes nothing."""
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(8, 3)) * np.asarray([10.0, 1.0, 0.1])).astype(np.float32)  # λ_max ~ 200
-    sup = Examples(x=jnp.asarray(x), y=jnp.asarray(rng.normal(size=8).astype(np.float32)), mask=jnp.ones(8))
+    sup = Examples(
+        x=jnp.asarray(x), y=jnp.asarray(rng.normal(size=8).astype(np.float32)), mask=jnp.ones(8)
+    )
     task = Task(support=sup, query=sup, user=jnp.asarray(0))
     obj = meta.make_objective(linear_apply)
     w0 = jnp.zeros(3)
@@ -264,8 +282,14 @@ def test_safeguarded_inner_loop_does_not_diverge_when_lr_exceeds_curvature_limit
     phi, safe = meta.adapt(w0, sup, obj, steps=10, lr=0.05, backtrack=10, return_losses=True)
     assert np.all(np.diff(np.asarray(safe)) <= 1e-6 * np.asarray(safe[:-1]))
     assert float(obj(phi, sup)) < float(safe[0])
-    loss, g = meta.imaml(linear_apply, inner_steps=10, inner_lr=0.05, lam=1.0, cg_steps=5).task_grad(w0, task)
-    assert np.isfinite(float(loss)) and float(loss) < float(safe[0]) and np.all(np.isfinite(np.asarray(g)))
+    loss, g = meta.imaml(
+        linear_apply, inner_steps=10, inner_lr=0.05, lam=1.0, cg_steps=5
+    ).task_grad(w0, task)
+    assert (
+        np.isfinite(float(loss))
+        and float(loss) < float(safe[0])
+        and np.all(np.isfinite(np.asarray(g)))
+    )
     # well-conditioned: identical to plain gradient descent
     small = Examples(x=sup.x / 100.0, y=sup.y, mask=sup.mask)
     a = meta.adapt(w0, small, obj, steps=10, lr=0.05)
@@ -299,7 +323,9 @@ def test_maml_meta_gradient_matches_finite_differences(mask):
         fd = _central_fd(lambda p: float(task_grad(p, task)[0]), params)
         np.testing.assert_allclose(np.asarray(ravel_pytree(g)[0]), fd, rtol=1e-6, atol=1e-8)
         # first-order MAML is measurably different on a non-quadratic model
-        _, gf = jax.jit(meta.fomaml(mlp_apply, inner_steps=3, inner_lr=0.2, adapt_mask=mask).task_grad)(params, task)
+        _, gf = jax.jit(
+            meta.fomaml(mlp_apply, inner_steps=3, inner_lr=0.2, adapt_mask=mask).task_grad
+        )(params, task)
         assert not np.allclose(np.asarray(ravel_pytree(gf)[0]), fd, rtol=1e-3)
 
 
@@ -310,7 +336,9 @@ def test_imaml_frozen_leaf_gradient_matches_finite_differences():
         task, *_ = _quadratic_problem(seed=3)
         params = {"w": jnp.asarray([0.3, -0.2, 0.5]), "b": jnp.asarray(0.4)}
         mask = {"w": True, "b": False}
-        learner = meta.imaml(linear_apply, inner_steps=400, inner_lr=0.3, adapt_mask=mask, lam=0.8, cg_steps=3)
+        learner = meta.imaml(
+            linear_apply, inner_steps=400, inner_lr=0.3, adapt_mask=mask, lam=0.8, cg_steps=3
+        )
         _, g = jax.jit(learner.task_grad)(params, task)
 
         @jax.jit
@@ -340,18 +368,24 @@ def test_reptile_gradient_and_update_match_formula(inner_data):
         task = index(tasks, t)
         data = task.support
         if inner_data == "support+query":
-            data = jax.tree_util.tree_map(lambda u, v: jnp.concatenate([u, v]), task.support, task.query)
+            data = jax.tree_util.tree_map(
+                lambda u, v: jnp.concatenate([u, v]), task.support, task.query
+            )
         phi = params
         for _ in range(3):
             phi = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, phi, jax.grad(obj)(phi, data))
         _, g = task_grad(params, task)
-        assert_tree_close(g, jax.tree_util.tree_map(jnp.subtract, params, phi), rtol=1e-5, atol=1e-6)
+        assert_tree_close(
+            g, jax.tree_util.tree_map(jnp.subtract, params, phi), rtol=1e-5, atol=1e-6
+        )
         phis.append(phi)
     # one meta step with SGD(eps): θ <- θ + eps * mean_t(φ_t - θ)
     eps = 0.5
     step = train.make_meta_step(learner, optax.sgd(eps))
     new, _, metrics = step(params, optax.sgd(eps).init(params), tasks, jnp.ones(2))
-    expected = jax.tree_util.tree_map(lambda p, a, b: p + eps * ((a - p) + (b - p)) / 2, params, *phis)
+    expected = jax.tree_util.tree_map(
+        lambda p, a, b: p + eps * ((a - p) + (b - p)) / 2, params, *phis
+    )
     assert_tree_close(new, expected, rtol=1e-5, atol=1e-6)
     assert bool(metrics["finite"])
 
@@ -365,10 +399,13 @@ def test_metasgd_learning_rates_get_gradients_and_reduce_to_maml():
     loss, g = jax.jit(learner.task_grad)(mp, task)
     for leaf in jax.tree_util.tree_leaves(g.lr["l2"]):
         assert np.all(np.isfinite(leaf)) and np.abs(np.asarray(leaf)).sum() > 0
-    for leaf in jax.tree_util.tree_leaves(g.lr["l1"]):  # frozen leaves: rate unused -> zero gradient
+    # frozen leaves: rate unused -> zero gradient
+    for leaf in jax.tree_util.tree_leaves(g.lr["l1"]):
         assert np.all(np.asarray(leaf) == 0.0)
     # with all rates equal to inner_lr the init-gradient is MAML's
-    l2, g_maml = jax.jit(meta.maml(mlp_apply, inner_steps=2, inner_lr=0.1, adapt_mask=MLP_MASK).task_grad)(params, task)
+    l2, g_maml = jax.jit(
+        meta.maml(mlp_apply, inner_steps=2, inner_lr=0.1, adapt_mask=MLP_MASK).task_grad
+    )(params, task)
     assert float(loss) == pytest.approx(float(l2), rel=1e-6)
     assert_tree_close(g.params, g_maml, rtol=1e-5, atol=1e-7)
     assert_tree_close(learner.model_params(mp), params, rtol=0, atol=0)
@@ -382,7 +419,9 @@ def test_metasgd_lr_gradient_matches_finite_difference():
         mp = learner.init(params)
         task_grad = jax.jit(learner.task_grad)
         _, g = task_grad(mp, task)
-        fd = _central_fd(lambda lr: float(task_grad(meta.MetaSGDParams(params, lr), task)[0]), mp.lr)
+        fd = _central_fd(
+            lambda lr: float(task_grad(meta.MetaSGDParams(params, lr), task)[0]), mp.lr
+        )
         np.testing.assert_allclose(np.asarray(ravel_pytree(g.lr)[0]), fd, rtol=1e-6, atol=1e-8)
 
 
@@ -403,12 +442,12 @@ _LEARNERS = all_learners(mask=MLP_MASK)
 _OPTS = {"sgd1": optax.sgd(1.0), "adam": optax.adam(1e-2)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_step(name, opt="sgd1", **kwargs):
     return train.make_meta_step(_LEARNERS[name], _OPTS[opt], **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_task_grad(name):
     return jax.jit(_LEARNERS[name].task_grad)
 
@@ -433,8 +472,14 @@ def test_meta_step_equals_python_loop_over_tasks(name):
         assert float(mw["weight"]) == 4.0
 
 
-@pytest.mark.parametrize("name", ["maml", pytest.param("metasgd", marks=pytest.mark.slow),
-                                  pytest.param("imaml", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "maml",
+        pytest.param("metasgd", marks=pytest.mark.slow),
+        pytest.param("imaml", marks=pytest.mark.slow),
+    ],
+)
 def test_chunked_and_padded_meta_step_equal_plain(name):
     learner = _LEARNERS[name]
     mp = learner.init(mlp_init(jax.random.key(5)))
@@ -533,7 +578,9 @@ def test_bad_arguments_give_clear_errors():
     tasks = make_tasks(9, 4)
     sgd = _OPTS["sgd1"]
     with pytest.raises(ValueError, match="chunk_size=3 must divide"):
-        train.make_meta_step(_LEARNERS["maml"], sgd, chunk_size=3)(params, sgd.init(params), tasks, jnp.ones(4))
+        train.make_meta_step(_LEARNERS["maml"], sgd, chunk_size=3)(
+            params, sgd.init(params), tasks, jnp.ones(4)
+        )
     with pytest.raises(ValueError, match=r"task_weights must have shape \[4\]"):
         train.make_meta_step(_LEARNERS["maml"], sgd)(params, sgd.init(params), tasks, jnp.ones(3))
     with pytest.raises(ValueError, match="chunk_size"):
@@ -550,11 +597,15 @@ def test_bf16_compute_keeps_f32_params_and_is_close():
     params = mlp_init(jax.random.key(11))
     tasks = make_tasks(10, 4)
     g32, m32 = _grad_via_sgd_step(cached_step("maml"), params, tasks, jnp.ones(4))
-    new, _, m16 = cached_step("maml", compute_dtype=jnp.bfloat16)(params, _OPTS["sgd1"].init(params), tasks, jnp.ones(4))
+    new, _, m16 = cached_step("maml", compute_dtype=jnp.bfloat16)(
+        params, _OPTS["sgd1"].init(params), tasks, jnp.ones(4)
+    )
     assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(new))
     g16 = jax.tree_util.tree_map(jnp.subtract, params, new)
-    cos = float(jnp.dot(ravel_pytree(g16)[0], ravel_pytree(g32)[0])
-                / (optax.tree.norm(g16) * optax.tree.norm(g32)))
+    cos = float(
+        jnp.dot(ravel_pytree(g16)[0], ravel_pytree(g32)[0])
+        / (optax.tree.norm(g16) * optax.tree.norm(g32))
+    )
     assert cos > 0.98
     assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=0.05)
 
@@ -570,10 +621,15 @@ def test_eval_fn_matches_manual_adaptation_and_chunking():
     for t in range(4):
         task = index(tasks, t)
         phi = adapt(params, task.support)
-        np.testing.assert_allclose(out["pred"][t], mlp_apply(phi, task.query.x), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(out["pred_init"][t], mlp_apply(params, task.query.x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            out["pred"][t], mlp_apply(phi, task.query.x), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            out["pred_init"][t], mlp_apply(params, task.query.x), rtol=1e-5, atol=1e-6
+        )
         assert float(out["mse"][t]) == pytest.approx(
-            float(meta.mse(mlp_apply(phi, task.query.x), task.query.y, task.query.mask)), rel=1e-5)
+            float(meta.mse(mlp_apply(phi, task.query.x), task.query.y, task.query.mask)), rel=1e-5
+        )
     assert_tree_close(out, outc, rtol=1e-5, atol=1e-6)
 
 
@@ -615,12 +671,20 @@ _SHARDING_SCRIPT = textwrap.dedent(
 
 def test_data_parallel_step_on_8_host_devices_matches_single_device():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     root = REPO
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _SHARDING_SCRIPT],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SHARDING_OK" in res.stdout
 
@@ -642,8 +706,11 @@ def synthetic_preference_tasks(seed, n_users, n_items=40, d=4, ns=10, nq=10, noi
     y = (np.einsum("uid,ud->ui", x, w) + noise * rng.normal(size=items.shape)).astype(np.float32)
 
     def mk(sl):
-        return Examples(x=jnp.asarray(x[:, sl]), y=jnp.asarray(y[:, sl]),
-                        mask=jnp.ones(y[:, sl].shape, jnp.float32))
+        return Examples(
+            x=jnp.asarray(x[:, sl]),
+            y=jnp.asarray(y[:, sl]),
+            mask=jnp.ones(y[:, sl].shape, jnp.float32),
+        )
 
     return Task(support=mk(slice(0, ns)), query=mk(slice(ns, None)), user=jnp.arange(n_users))
 
@@ -659,8 +726,16 @@ def test_maml_adaptation_beats_no_adaptation_on_user_specific_preferences():
     opt = optax.adam(1e-2)
     step = train.make_meta_step(learner, opt)
     seen = []
-    params, _, history = meta_fit(step, params, opt.init(params), train_tasks, meta_batch=32,
-                                        epochs=8, seed=0, callback=lambda i, m: seen.append(i))
+    params, _, history = meta_fit(
+        step,
+        params,
+        opt.init(params),
+        train_tasks,
+        meta_batch=32,
+        epochs=8,
+        seed=0,
+        callback=lambda i, m: seen.append(i),
+    )
     assert len(history) == 8 * 8 and seen == list(range(64))  # 250 tasks -> 8 batches (last padded)
     assert all(m["finite"] for m in history)
     assert history[-1]["weight"] == 250 - 7 * 32 and history[0]["weight"] == 32

@@ -43,12 +43,20 @@ STD_INIT_J, STD_APPLY_J = jitted_melu(SPEC, **STD_CFG)
 
 def make_x(seed, n=6, spec=SPEC, lead=()):
     rng = np.random.default_rng(seed)
-    user = np.stack([rng.integers(0, v, size=lead + (n,)) for v in spec.user_vocab], -1).astype(np.int32)
-    item = np.stack([rng.integers(0, v, size=lead + (n,)) for v in spec.item_vocab], -1).astype(np.int32)
+    user = np.stack([rng.integers(0, v, size=lead + (n,)) for v in spec.user_vocab], -1).astype(
+        np.int32
+    )
+    item = np.stack([rng.integers(0, v, size=lead + (n,)) for v in spec.item_vocab], -1).astype(
+        np.int32
+    )
     genres = (rng.random(lead + (n, spec.n_genres)) < 0.4).astype(np.float32)
     offset = rng.uniform(2.5, 4.0, size=lead + (n,)).astype(np.float32)
-    return {"user": jnp.asarray(user), "item": jnp.asarray(item), "genres": jnp.asarray(genres),
-            "offset": jnp.asarray(offset)}
+    return {
+        "user": jnp.asarray(user),
+        "item": jnp.asarray(item),
+        "genres": jnp.asarray(genres),
+        "offset": jnp.asarray(offset),
+    }
 
 
 def test_param_shapes_and_output_shape():
@@ -81,15 +89,21 @@ def test_linear_model_prediction_is_hand_computable():
     pred = np.asarray(apply(p, x))
     w = np.asarray(p["out"]["kernel"])[:, 0]
     for n in range(4):
-        feats = [np.asarray(p[f"user_emb_{j}"]["embedding"])[int(x["user"][n, j])] for j in range(4)]
-        feats += [np.asarray(p[f"item_emb_{j}"]["embedding"])[int(x["item"][n, j])] for j in range(2)]
+        feats = [
+            np.asarray(p[f"user_emb_{j}"]["embedding"])[int(x["user"][n, j])] for j in range(4)
+        ]
+        feats += [
+            np.asarray(p[f"item_emb_{j}"]["embedding"])[int(x["item"][n, j])] for j in range(2)
+        ]
         g = genres[n] @ np.asarray(p["genre_proj"]["kernel"]) / max(genres[n].sum(), 1.0)
         h = np.concatenate(feats + [g])
         expected = h @ w + float(p["out"]["bias"][0]) + float(x["offset"][n])
         assert pred[n] == pytest.approx(expected, rel=1e-5, abs=1e-5)
     # residual=False drops exactly the offset (same parameter structure)
     _, apply_nores = jitted_melu(SPEC, embed_dim=3, hidden=(), residual=False)
-    np.testing.assert_allclose(pred - np.asarray(apply_nores(p, x)), np.asarray(x["offset"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        pred - np.asarray(apply_nores(p, x)), np.asarray(x["offset"]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_out_of_vocabulary_ids_use_the_oov_row():
@@ -105,7 +119,9 @@ def test_out_of_vocabulary_ids_use_the_oov_row():
     out_bad, out_oov = apply(p, x_bad), apply(p, x_oov)
     assert np.all(np.isfinite(out_bad))
     np.testing.assert_allclose(out_bad, out_oov, rtol=1e-6)
-    assert not np.isclose(float(out_bad[4]), float(apply(p, dict(x, item=jnp.asarray(item0 * 0)))[4]))
+    assert not np.isclose(
+        float(out_bad[4]), float(apply(p, dict(x, item=jnp.asarray(item0 * 0)))[4])
+    )
 
 
 def test_feature_dropout_only_with_key_and_train_and_replaces_by_oov():
@@ -134,14 +150,27 @@ def test_adapt_filters_select_the_right_leaves():
 
     def selected(name):
         mask = adapt_mask(p, name)
-        return {meta.path_to_str(path) for path, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+        return {
+            meta.path_to_str(path) for path, m in jax.tree_util.tree_leaves_with_path(mask) if m
+        }
 
     assert selected("head") == {"out/kernel", "out/bias"}
-    assert selected("decision") == {"mlp_0/kernel", "mlp_0/bias", "mlp_1/kernel", "mlp_1/bias",
-                                    "out/kernel", "out/bias"}
-    assert selected("all") == {meta.path_to_str(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)}
+    assert selected("decision") == {
+        "mlp_0/kernel",
+        "mlp_0/bias",
+        "mlp_1/kernel",
+        "mlp_1/bias",
+        "out/kernel",
+        "out/bias",
+    }
+    assert selected("all") == {
+        meta.path_to_str(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)
+    }
     assert selected("embeddings") == {f"user_emb_{j}/embedding" for j in range(4)} | {
-        "item_emb_0/embedding", "item_emb_1/embedding", "genre_proj/kernel"}
+        "item_emb_0/embedding",
+        "item_emb_1/embedding",
+        "genre_proj/kernel",
+    }
     assert all(isinstance(m, bool) for m in jax.tree_util.tree_leaves(adapt_filter("decision")(p)))
     with pytest.raises(ValueError, match="allowed"):
         adapt_filter("mlp")
@@ -153,7 +182,7 @@ def test_jit_and_vmap_over_tasks():
     xs = make_x(5, n=6, lead=(3,))  # 3 tasks
     out_v = jax.jit(jax.vmap(apply, in_axes=(None, 0)))(p, xs)
     for t in range(3):
-        xt = jax.tree_util.tree_map(lambda a: a[t], xs)
+        xt = jax.tree_util.tree_map(lambda a, t=t: a[t], xs)
         np.testing.assert_allclose(out_v[t], apply_j(p, xt), rtol=1e-5, atol=1e-6)
     x0 = jax.tree_util.tree_map(lambda a: a[0], xs)
     np.testing.assert_allclose(apply(p, x0), out_v[0], rtol=1e-5, atol=1e-6)  # eager == jit
@@ -181,8 +210,8 @@ def test_bad_spec_and_inputs_give_clear_errors():
 @pytest.mark.parametrize("dropout", [0.0, pytest.param(0.3, marks=pytest.mark.slow)])
 def test_maml_meta_gradient_through_melu_matches_directional_finite_differences(dropout):
     """Second-order MAML with MeLU's decision-layer adaptation, optionally with feature dropout (a
-    fixed key makes the loss deterministic): the meta-gradient's projection on random directions equals
-    central finite differences (float64)."""
+    fixed key makes the loss deterministic): the meta-gradient's projection on random directions
+    equals central finite differences (float64)."""
     with jax.enable_x64(True):
         init, apply = make_melu(SPEC, embed_dim=3, hidden=(5,), feature_dropout=dropout)
         p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), init(jax.random.key(6)))
@@ -190,24 +219,34 @@ def test_maml_meta_gradient_through_melu_matches_directional_finite_differences(
 
         def examples(seed, n):
             x = make_x(seed, n=n)
-            x = dict(x, genres=x["genres"].astype(jnp.float64), offset=x["offset"].astype(jnp.float64))
+            x = dict(
+                x, genres=x["genres"].astype(jnp.float64), offset=x["offset"].astype(jnp.float64)
+            )
             return Examples(x=x, y=jnp.asarray(rng.uniform(1, 5, n)), mask=jnp.ones(n, jnp.float64))
 
         task = Task(support=examples(7, 8), query=examples(8, 6), user=jnp.asarray(0))
-        learner = meta.maml(apply, inner_steps=2, inner_lr=0.05, adapt_mask=adapt_filter("decision"))
+        learner = meta.maml(
+            apply, inner_steps=2, inner_lr=0.05, adapt_mask=adapt_filter("decision")
+        )
         key = jax.random.key(0)
         task_grad = jax.jit(learner.task_grad)  # one compilation, reused for the FD evaluations
-        loss_fn = lambda q: task_grad(q, task, key)[0]  # noqa: E731
+
+        def loss_fn(q):
+            return task_grad(q, task, key)[0]
+
         loss, g = task_grad(p, task, key)
         flat_g, unravel = ravel_pytree(g)
         flat_p, _ = ravel_pytree(p)
         # embeddings (frozen in the inner loop) still get meta-gradients
         assert np.abs(np.asarray(g["user_emb_0"]["embedding"])).sum() > 0
         eps = 1e-5
-        for i in range(3):
+        for _ in range(3):
             v = rng.normal(size=flat_p.shape[0])
             v /= np.linalg.norm(v)
-            fd = (float(loss_fn(unravel(flat_p + eps * v))) - float(loss_fn(unravel(flat_p - eps * v)))) / (2 * eps)
+            fd = (
+                float(loss_fn(unravel(flat_p + eps * v)))
+                - float(loss_fn(unravel(flat_p - eps * v)))
+            ) / (2 * eps)
             assert float(flat_g @ v) == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
 
@@ -216,7 +255,9 @@ def test_context_vector_is_an_adaptable_user_factor():
     its gradient is non-zero, and adapting it alone fits a user's support set better."""
     from metarec.data import make_synthetic_tasks
 
-    tasks, spec, _ = make_synthetic_tasks(seed=0, n_users=4, n_items=60, n_support=20, n_query=5, noise=0.0)
+    tasks, spec, _ = make_synthetic_tasks(
+        seed=0, n_users=4, n_items=60, n_support=20, n_query=5, noise=0.0
+    )
     init_fn, apply_fn = make_melu(spec, embed_dim=8, hidden=(16,), context_dim=6)
     params = init_fn(jax.random.PRNGKey(0))
     assert params["context"].shape == (6,) and not np.any(params["context"])
@@ -234,7 +275,11 @@ def test_context_vector_is_an_adaptable_user_factor():
     assert float(jnp.abs(g["context"]).sum()) > 0
     adapted = meta.adapt(params, task.support, objective, steps=20, lr=0.5, mask=mask)
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), params, adapted)
-    assert changed["context"] and not changed["out"]["kernel"] and not changed["context_proj"]["kernel"]
+    assert (
+        changed["context"]
+        and not changed["out"]["kernel"]
+        and not changed["context_proj"]["kernel"]
+    )
     assert float(objective(adapted, task.support)) < 0.9 * float(objective(params, task.support))
 
 
@@ -244,7 +289,8 @@ def test_residual_bound_keeps_predictions_within_offset_plus_minus_b():
     tasks, spec, _ = make_synthetic_tasks(seed=0, n_users=2, n_items=40, n_support=10, n_query=5)
     x = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), tasks.support.x)
     init_fn, apply_fn = make_melu(spec, embed_dim=4, hidden=(8,), residual_bound=2.0)
-    params = jax.tree_util.tree_map(lambda p: 1e4 * p, init_fn(jax.random.PRNGKey(0)))  # absurd init
+    # absurd init
+    params = jax.tree_util.tree_map(lambda p: 1e4 * p, init_fn(jax.random.PRNGKey(0)))
     pred = apply_fn(params, x)
     assert np.all(np.isfinite(pred)) and np.all(np.abs(pred - x["offset"]) <= 2.0 + 1e-5)
     assert np.abs(pred - x["offset"]).max() > 1.9  # saturates, but is not clipped to the offset

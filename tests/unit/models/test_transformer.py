@@ -110,7 +110,10 @@ def test_jit_and_vmap_match():
     cfg, model, params = _enc(causal=True)
     items, ratings, mask = _batch()
     plain = HistoryEncoder(cfg)
-    f = lambda i, r, m: plain.apply(params, i, r, m)  # noqa: E731
+
+    def f(i, r, m):
+        return plain.apply(params, i, r, m)
+
     full = np.asarray(f(items, ratings, mask))
     np.testing.assert_allclose(np.asarray(jax.jit(f)(items, ratings, mask)), full, atol=1e-5)
     fj = jax.jit(f)

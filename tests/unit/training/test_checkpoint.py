@@ -34,7 +34,10 @@ def test_tree_digest_sees_one_bit():
 
 def _state(seed):
     k = jax.random.PRNGKey(seed)
-    params = MetaSGDParams({"w": jax.random.normal(k, (3, 2)), "b": jnp.zeros(2)}, {"w": jnp.full((3, 2), 0.1), "b": jnp.ones(2)})
+    params = MetaSGDParams(
+        {"w": jax.random.normal(k, (3, 2)), "b": jnp.zeros(2)},
+        {"w": jnp.full((3, 2), 0.1), "b": jnp.ones(2)},
+    )
     opt_state = optax.adamw(1e-2, weight_decay=1e-4).init(params)
     return {"params": params, "opt_state": opt_state, "key": jax.random.split(k)[0]}
 
@@ -54,7 +57,9 @@ def test_checkpointer_round_trip_and_retention(tmp_path):
         assert isinstance(st["params"], MetaSGDParams)
         assert type(st["opt_state"][0]) is type(like["opt_state"][0])
         assert ckpt.tree_digest(st) == ckpt.tree_digest(_state(3))
-        with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 4; available: \[3, 6, 7\]"):
+        with pytest.raises(
+            FileNotFoundError, match=r"no checkpoint for step 4; available: \[3, 6, 7\]"
+        ):
             ck.restore(4, like)
     # reopening finds the same steps; params of the best checkpoint for research use
     p = ckpt.restore_latest_params(str(tmp_path / "c"), _state(0)["params"])
@@ -67,7 +72,9 @@ def test_typed_prng_key_round_trip(tmp_path):
         ck.save(1, state, {})
         st, _ = ck.restore(1, {"w": jnp.zeros(3), "key": jax.random.key(0)})
     np.testing.assert_array_equal(jax.random.key_data(st["key"]), jax.random.key_data(state["key"]))
-    np.testing.assert_array_equal(jax.random.uniform(st["key"], (3,)), jax.random.uniform(state["key"], (3,)))
+    np.testing.assert_array_equal(
+        jax.random.uniform(st["key"], (3,)), jax.random.uniform(state["key"], (3,))
+    )
 
 
 def test_restore_into_wrong_structure_is_a_clear_error(tmp_path):

@@ -28,14 +28,25 @@ def _cfg():
 
 @pytest.fixture(scope="module")
 def setup():
-    tasks, spec, _ = mdata.make_synthetic_tasks(seed=3, n_users=44, n_items=40, n_support=6, n_query=4)
+    tasks, spec, _ = mdata.make_synthetic_tasks(
+        seed=3, n_users=44, n_items=40, n_support=6, n_query=4
+    )
     train, val = mdata.index_tasks(tasks, slice(0, 36)), mdata.index_tasks(tasks, slice(36, 44))
     cfg = _cfg()
     fns = build.Compiled(cfg)
     init_fn, _ = fns.model(spec)
     k_init, k_train = jax.random.split(jax.random.PRNGKey(0))
-    args = (fns.learner(spec, "maml"), fns.step(spec, "maml"), fns.eval(spec, "maml"), init_fn(k_init), train, val,
-            cfg, k_train, (1.0, 5.0))  # fmt: skip
+    args = (
+        fns.learner(spec, "maml"),
+        fns.step(spec, "maml"),
+        fns.eval(spec, "maml"),
+        init_fn(k_init),
+        train,
+        val,
+        cfg,
+        k_train,
+        (1.0, 5.0),
+    )
     return args
 
 
@@ -61,17 +72,20 @@ def _strip(history):
 
 def test_resume_after_crash_is_bit_identical(setup, tmp_path):
     learner, step, *rest = setup
-    # uninterrupted reference (4 steps per epoch, 3 epochs; checkpoints at epoch ends 4, 8, 12 and mid-epoch at 6)
+    # uninterrupted reference (4 steps per epoch, 3 epochs; checkpoints at epoch ends 4, 8, 12
+    # and mid-epoch at 6)
     w_ref = MetricsWriter(str(tmp_path / "ref"), tensorboard=False)
     with ckpt.Checkpointer(str(tmp_path / "ref" / "ck")) as ck:
         ref = meta_train(learner, step, *rest, checkpointer=ck, metrics=w_ref, unit="u")
     w_ref.close()
     assert ref.steps == 12 and len(ref.history) == 3 and ref.resumed_from is None
-    # the same again without checkpoints: bit-identical (determinism, and checkpointing changes nothing)
+    # the same again without checkpoints: bit-identical (determinism, and checkpointing
+    # changes nothing)
     again = meta_train(learner, step, *rest)
     assert again.params_sha256 == ref.params_sha256 and _strip(again.history) == _strip(ref.history)
 
-    # crash in the middle of epoch 2 (after step 7; newest checkpoint: step 6, mid-epoch), then resume
+    # crash in the middle of epoch 2 (after step 7; newest checkpoint: step 6, mid-epoch),
+    # then resume
     w = MetricsWriter(str(tmp_path / "run"), tensorboard=False)
     with ckpt.Checkpointer(str(tmp_path / "run" / "ck")) as ck:
         with pytest.raises(Crash):
@@ -79,18 +93,34 @@ def test_resume_after_crash_is_bit_identical(setup, tmp_path):
         assert ck.latest_step() == 6
     with ckpt.Checkpointer(str(tmp_path / "run" / "ck")) as ck:
         res = meta_train(learner, step, *rest, checkpointer=ck, resume=True, metrics=w, unit="u")
-        final = ck.restore(ck.latest_step(), {"params": res.params, "opt_state": optax.adamw(1e-3).init(res.params),
-                                               "key": jax.random.PRNGKey(0)})[1]  # fmt: skip
+        final = ck.restore(
+            ck.latest_step(),
+            {
+                "params": res.params,
+                "opt_state": optax.adamw(1e-3).init(res.params),
+                "key": jax.random.PRNGKey(0),
+            },
+        )[1]
     w.close()
     assert res.resumed_from == 6
     assert res.params_sha256 == ref.params_sha256
     assert ckpt.tree_digest(res.params) == ckpt.tree_digest(ref.params)
     assert _strip(res.history) == _strip(ref.history)
-    assert (res.best_epoch, res.best_val_mae, res.steps) == (ref.best_epoch, ref.best_val_mae, ref.steps)
+    assert (res.best_epoch, res.best_val_mae, res.steps) == (
+        ref.best_epoch,
+        ref.best_val_mae,
+        ref.steps,
+    )
     assert final["done"] and final["step"] == 12
+
+    def key(r):
+        return (r["kind"], r["step"])
+
     # metric records: step 7 was logged before the crash, dropped on resume, logged again once
-    key = lambda r: (r["kind"], r["step"])  # noqa: E731
-    got, want = sorted(map(key, read_metrics(str(tmp_path / "run")))), sorted(map(key, read_metrics(str(tmp_path / "ref"))))
+    got, want = (
+        sorted(map(key, read_metrics(str(tmp_path / "run")))),
+        sorted(map(key, read_metrics(str(tmp_path / "ref")))),
+    )
     assert got == want and len(got) == 12 + 3
 
 
@@ -106,8 +136,10 @@ def test_resume_of_a_finished_run_trains_nothing(setup, tmp_path):
 def test_non_finite_loss_stops_naming_step_and_keeps_last_good_checkpoint(setup, tmp_path):
     learner, step, *rest = setup
 
-    def poisoned(*a):  # the real step, but from step 5 on it reports a non-finite loss (and, like the
-        p, s, m = step(*a)  # real guard, returns the old state)
+    def poisoned(*a):
+        # the real step, but from step 5 on it reports a non-finite loss (and, like the real
+        # guard, returns the old state)
+        p, s, m = step(*a)
         poisoned.n += 1
         if poisoned.n >= 5:
             return a[0], a[1], m | {"finite": jnp.array(False), "loss": jnp.array(jnp.nan)}
@@ -120,7 +152,9 @@ def test_non_finite_loss_stops_naming_step_and_keeps_last_good_checkpoint(setup,
         assert ck.latest_step() == 4  # epoch 1's end; nothing saved after the bad step
     msg = str(e.value)
     assert "seed0/maml: non-finite meta-loss or gradient at step 5 (epoch 2, batch 1/4" in msg
-    assert "last good checkpoint (step 4)" in msg and "--resume" in msg and str(tmp_path / "ck") in msg
+    assert (
+        "last good checkpoint (step 4)" in msg and "--resume" in msg and str(tmp_path / "ck") in msg
+    )
     assert e.value.step == 5 and e.value.last_good_step == 4
     # ... and resuming from it with a healthy step finishes exactly like a run that never failed
     with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
@@ -137,4 +171,16 @@ def test_resume_refuses_checkpoint_of_another_split(setup, tmp_path):
         ident = {"sampler_seed": 1, "n_tasks": 999, "meta_batch": 8}
         trainer.save(trainer.LoopState(arrays, {}, step=3), ck, ident)
         with pytest.raises(ValueError, match="written for another data split or seed"):
-            meta_train(learner, step, eval_fn, init, train, val, cfg, key, scale, checkpointer=ck, resume=True)
+            meta_train(
+                learner,
+                step,
+                eval_fn,
+                init,
+                train,
+                val,
+                cfg,
+                key,
+                scale,
+                checkpointer=ck,
+                resume=True,
+            )
