@@ -6,9 +6,12 @@ Training (:func:`train_mf`) minimises, full batch, with optax Adam inside one ji
 
     L = ( sum_{(u,i) observed} (r_ui - r^_ui)^2 + reg * (|b_u|^2 + |b_i|^2 + |P|^2 + |Q|^2) ) / N
 
-(the division by the number of ratings ``N`` only rescales the step size). Because the
-regulariser is in "sum" form, the part of ``L`` that depends on ONE user with the item parameters
-held fixed is exactly ``sum_{i in I_u} (r_ui - mu - b_i - b_u - p_u . q_i)^2 + reg (b_u^2 + |p_u|^2)``.
+(the division by the number of ratings ``N`` only rescales the step size). The RL simulator fits
+the same model with ``l2_form="rated"`` (:func:`mf_objective_rated`): the L2 term is averaged over
+the ratings, so each user's and item's parameters are penalised in proportion to their number of
+ratings. Because the baselines' regulariser is in "sum" form, the part of ``L`` that depends on
+ONE user with the item parameters held fixed is exactly
+``sum_{i in I_u} (r_ui - mu - b_i - b_u - p_u . q_i)^2 + reg (b_u^2 + |p_u|^2)``.
 
 Fold-in (:func:`mf_fold_in`): an evaluation user (not in training) gets ``theta = (b_u, p_u)`` as
 the exact minimiser of that per-user ridge problem on their support set, with ``fold_in_reg``
@@ -32,7 +35,6 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metarec.baselines.common import Baseline, lookup, make_predict, prepare_ratings
@@ -72,10 +74,32 @@ def mf_objective(params, mu, u, i, r, reg):
     return (jnp.sum(jnp.square(err)) + reg * l2) / r.shape[0]
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7))
-def _mf_scan(params, mu, u, i, r, reg, lr, steps):
+def mf_objective_rated(params, mu, u, i, r, reg):
+    """Mean squared error plus ``reg`` times the mean, over the ratings, of the rated user's and
+    item's squared parameters (a frequency-weighted L2; the simulator's fit)."""
+    mse = jnp.mean((mf_predict_dense(params, mu, u, i) - r) ** 2)
+    l2 = jnp.mean(
+        jnp.sum(params["user_factors"][u] ** 2, -1)
+        + jnp.sum(params["item_factors"][i] ** 2, -1)
+        + params["user_bias"][u] ** 2
+        + params["item_bias"][i] ** 2
+    )
+    return mse + reg * l2
+
+
+@jax.jit
+def mf_mse(params, mu, u, i, r):
+    """Mean squared training error of fitted ``params``."""
+    return jnp.mean((mf_predict_dense(params, mu, u, i) - r) ** 2)
+
+
+_OBJECTIVES = {"sum": mf_objective, "rated": mf_objective_rated}
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _mf_scan(params, mu, u, i, r, reg, lr, steps, objective=mf_objective):
     opt = optax.adam(lr)
-    loss_grad = jax.value_and_grad(mf_objective)
+    loss_grad = jax.value_and_grad(objective)
 
     def step(carry, _):
         p, s = carry
@@ -88,18 +112,34 @@ def _mf_scan(params, mu, u, i, r, reg, lr, steps):
 
 
 def train_mf(
-    u, i, r, n_users: int, n_items: int, *, dim: int, reg: float, lr: float, steps: int,
-    init_scale: float, key: jax.Array
+    u,
+    i,
+    r,
+    n_users: int,
+    n_items: int,
+    *,
+    dim: int,
+    reg: float,
+    lr: float,
+    steps: int,
+    init_scale: float,
+    key: jax.Array,
+    l2_form: str = "sum",
+    mu=None,
 ):
-    """Full-batch Adam on :func:`mf_objective`; one jitted scan. Returns ``(params, mu, losses)``.
+    """Full-batch Adam on :func:`mf_objective` (``l2_form="sum"``) or :func:`mf_objective_rated`
+    (``"rated"``); one jitted scan. Returns ``(params, mu, losses)``.
 
-    ``u``, ``i`` dense indices, ``r`` ratings (all 1-D, equal length). Factors start at
-    ``N(0, init_scale^2)``, biases at 0; deterministic given ``key``.
+    ``u``, ``i`` dense indices, ``r`` ratings (all 1-D, equal length). ``mu``: the fixed global
+    mean (default: the float32 mean of ``r``). Factors start at ``N(0, init_scale^2)``, biases at
+    0; deterministic given ``key``.
     """
+    if l2_form not in _OBJECTIVES:
+        raise ValueError(f"l2_form must be one of {', '.join(_OBJECTIVES)}, got {l2_form!r}")
     u = jnp.asarray(u, jnp.int32)
     i = jnp.asarray(i, jnp.int32)
     r = jnp.asarray(r, jnp.float32)
-    mu = jnp.mean(r)
+    mu = jnp.mean(r) if mu is None else jnp.float32(mu)
     ku, ki = jax.random.split(key)
     params = {
         "user_bias": jnp.zeros((n_users,), jnp.float32),
@@ -107,7 +147,10 @@ def train_mf(
         "user_factors": init_scale * jax.random.normal(ku, (n_users, dim), jnp.float32),
         "item_factors": init_scale * jax.random.normal(ki, (n_items, dim), jnp.float32),
     }
-    params, losses = _mf_scan(params, mu, u, i, r, jnp.float32(reg), float(lr), int(steps))
+    objective = _OBJECTIVES[l2_form]
+    params, losses = _mf_scan(
+        params, mu, u, i, r, jnp.float32(reg), float(lr), int(steps), objective
+    )
     return params, mu, losses
 
 
@@ -166,7 +209,9 @@ def mf(
     if dim < 1 or steps < 0:
         raise ValueError(f"mf needs dim >= 1 and steps >= 0, got dim={dim}, steps={steps}")
     if not (reg >= 0 and lr > 0 and init_scale >= 0):
-        raise ValueError(f"mf needs reg >= 0, lr > 0, init_scale >= 0; got {reg}, {lr}, {init_scale}")
+        raise ValueError(
+            f"mf needs reg >= 0, lr > 0, init_scale >= 0; got {reg}, {lr}, {init_scale}"
+        )
     f_reg = float(reg if fold_in_reg is None else fold_in_reg)
     if not f_reg >= 0:
         raise ValueError(f"fold_in_reg must be >= 0, got {fold_in_reg}")
@@ -174,8 +219,17 @@ def mf(
     def fit(user_ids, item_ids, ratings) -> MFState:
         data = prepare_ratings(user_ids, item_ids, ratings)
         params, mu, losses = train_mf(
-            data.u, data.i, data.r, data.n_users, data.n_items, dim=dim, reg=float(reg),
-            lr=float(lr), steps=steps, init_scale=float(init_scale), key=jax.random.key(seed),
+            data.u,
+            data.i,
+            data.r,
+            data.n_users,
+            data.n_items,
+            dim=dim,
+            reg=float(reg),
+            lr=float(lr),
+            steps=steps,
+            init_scale=float(init_scale),
+            key=jax.random.key(seed),
         )
         return MFState(
             mu=mu,

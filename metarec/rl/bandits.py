@@ -9,7 +9,8 @@ Every method scores item ``i`` as ``o_i + x_i . theta`` and recommends the best 
   ``b = sum x (click - o)``, updated after **every** interaction (bandits learn online, also within
   an episode);
 * ``alpha > 0`` adds the LinUCB bonus ``alpha sqrt(x^T A^-1 x)``; ``ts > 0`` replaces ``theta`` by a
-  Thompson sample ``theta + ts * chol(A^-1) z``; ``eps > 0`` explores uniformly with probability eps.
+  Thompson sample ``theta + ts * chol(A^-1) z``; ``eps > 0`` explores uniformly with probability
+  eps.
 
 So the named baselines are just settings (see :data:`METHODS`): ``random`` (eps = 1), ``popular``
 (popularity prior, no learning), ``mf_greedy`` (greedy on the MF scores, user vector folded in from
@@ -27,13 +28,13 @@ from metarec.rl import networks
 
 #: method -> hyper-parameters (w_mf, w_pop, feat_scale, alpha, ts, eps)
 METHODS = {
-    "random":    dict(w_mf=0.0, w_pop=0.0, feat_scale=0.0, alpha=0.0, ts=0.0, eps=1.0),
-    "popular":   dict(w_mf=0.0, w_pop=1.0, feat_scale=0.0, alpha=0.0, ts=0.0, eps=0.0),
+    "random": dict(w_mf=0.0, w_pop=0.0, feat_scale=0.0, alpha=0.0, ts=0.0, eps=1.0),
+    "popular": dict(w_mf=0.0, w_pop=1.0, feat_scale=0.0, alpha=0.0, ts=0.0, eps=0.0),
     "mf_greedy": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.0, eps=0.0),
-    "egreedy":   dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.0, eps=0.1),
-    "linucb":    dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.5, ts=0.0, eps=0.0),
-    "thompson":  dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.5, eps=0.0),
-}  # fmt: skip
+    "egreedy": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.0, eps=0.1),
+    "linucb": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.5, ts=0.0, eps=0.0),
+    "thompson": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.5, eps=0.0),
+}
 
 
 def _z(x):
@@ -98,4 +99,8 @@ def update(state, obs, action, reward, info):
     x = items["feats"][a] * hp["feat_scale"]
     prior = hp["w_mf"] * items["mf"][a] + hp["w_pop"] * items["pop"][a]
     ok = (~info["invalid"]).astype(jnp.float32)
-    return {**state, "A": state["A"] + ok * jnp.outer(x, x), "b": state["b"] + ok * x * (info["click"] - prior)}
+    return {
+        **state,
+        "A": state["A"] + ok * jnp.outer(x, x),
+        "b": state["b"] + ok * x * (info["click"] - prior),
+    }

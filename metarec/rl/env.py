@@ -1,9 +1,9 @@
 """A pure-functional recommendation environment in the gymnax style.
 
 One *user* is one environment: its :class:`EnvParams` (a ``flax.struct`` dataclass pytree) holds the
-user's affinity for every catalogue item plus the dynamics constants, and :class:`EnvState` holds the
-session so far. Both are pytrees, so ``jax.vmap`` over users / seeds / episodes is free and whole
-rollouts run under ``jax.jit`` with ``lax.scan``::
+user's affinity for every catalogue item plus the dynamics constants, and :class:`EnvState` holds
+the session so far. Both are pytrees, so ``jax.vmap`` over users / seeds / episodes is free and
+whole rollouts run under ``jax.jit`` with ``lax.scan``::
 
     obs, state = reset(key, params)
     obs, state, reward, terminated, truncated, info = step(key, state, action, params)
@@ -15,14 +15,14 @@ rating) or from latent RecSim-style interest vectors (``affinity`` = dot product
 Dynamics (all constants are fields of :class:`EnvParams`, set through :class:`EnvConfig`):
 
 * **Click model.** Recommending item ``i`` gives a click with probability
-  ``p_i = sigmoid((affinity_i - threshold) / temperature - boredom_weight * fatigue . g_i)``,
-  where ``g_i`` is item ``i``'s genre vector normalised to sum 1 (all zeros for genre-less items).
-  ``threshold`` is the affinity at which a fresh user clicks half the time, ``temperature`` how sharp
-  the link is.
+  ``p_i = sigmoid((affinity_i - threshold) / temperature - boredom_weight * fatigue . g_i)``, where
+  ``g_i`` is item ``i``'s genre vector normalised to sum 1 (all zeros for genre-less items).
+  ``threshold`` is the affinity at which a fresh user clicks half the time, ``temperature`` how
+  sharp the link is.
 * **Reward.** ``click * click_reward_i``; ``click_reward`` is 1 for "reward = click" and the
   (rescaled) rating for "reward = rating" (see the simulator). Penalties below are subtracted.
-* **Satiation / boredom.** ``fatigue <- boredom_decay * fatigue + g_a`` after every shown item ``a``,
-  so showing the same genres again and again lowers their click probabilities.
+* **Satiation / boredom.** ``fatigue <- boredom_decay * fatigue + g_a`` after every shown item
+  ``a``, so showing the same genres again and again lowers their click probabilities.
 * **No repeats.** An item already shown in this episode never clicks again and costs
   ``repeat_penalty``. The observation's ``action_mask`` marks such items so policies can mask them.
 * **Leaving.** After a step, ``unrewarded`` counts consecutive steps without a click (reset by a
@@ -89,7 +89,9 @@ class EnvConfig:
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise ValueError(f"EnvConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+                raise ValueError(
+                    f"EnvConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed}"
+                )
 
 
 @flax.struct.dataclass
@@ -157,7 +159,9 @@ def make_env_params(
     config.validate()
     affinity = np.asarray(affinity, np.float32)
     if affinity.ndim not in (1, 2):
-        raise ValueError(f"affinity must be [n_items] or [n_users, n_items], got shape {affinity.shape}")
+        raise ValueError(
+            f"affinity must be [n_items] or [n_users, n_items], got shape {affinity.shape}"
+        )
     if not np.all(np.isfinite(affinity)):
         raise ValueError("affinity contains non-finite values")
     n_items = affinity.shape[-1]
@@ -165,15 +169,23 @@ def make_env_params(
         raise ValueError("affinity must have at least one item")
     item_genres = np.asarray(item_genres, np.float32)
     if item_genres.ndim != 2 or item_genres.shape[0] != n_items:
-        raise ValueError(f"item_genres must be [n_items={n_items}, n_genres], got {item_genres.shape}")
+        raise ValueError(
+            f"item_genres must be [n_items={n_items}, n_genres], got {item_genres.shape}"
+        )
     if np.any(item_genres < 0):
         raise ValueError("item_genres must be non-negative (multi-hot or weights)")
     rows = item_genres.sum(-1, keepdims=True)
     item_genres = np.where(rows > 0, item_genres / np.maximum(rows, 1e-12), 0.0).astype(np.float32)
-    click_reward = np.ones_like(affinity) if click_reward is None else np.asarray(click_reward, np.float32)
+    click_reward = (
+        np.ones_like(affinity) if click_reward is None else np.asarray(click_reward, np.float32)
+    )
     if click_reward.shape != affinity.shape or not np.all(np.isfinite(click_reward)):
-        raise ValueError(f"click_reward must be finite with shape {affinity.shape}, got {click_reward.shape}")
-    item_mask = np.ones(n_items, np.float32) if item_mask is None else np.asarray(item_mask, np.float32)
+        raise ValueError(
+            f"click_reward must be finite with shape {affinity.shape}, got {click_reward.shape}"
+        )
+    item_mask = (
+        np.ones(n_items, np.float32) if item_mask is None else np.asarray(item_mask, np.float32)
+    )
     if item_mask.shape[-1] != n_items or not np.all((item_mask == 0) | (item_mask == 1)):
         raise ValueError(f"item_mask must be 0/1 with last dimension {n_items}")
     if not np.all(item_mask.reshape(-1, n_items).sum(-1) >= 1):
@@ -279,14 +291,19 @@ def step(key: jax.Array, state: EnvState, action, params: EnvParams):
     click = jax.random.uniform(k_click) < p
     clickf = click.astype(jnp.float32)
     reward = clickf * params.click_reward[a]
-    reward = reward - jnp.where(valid, jnp.where(repeat, params.repeat_penalty, 0.0), params.invalid_penalty)
+    reward = reward - jnp.where(
+        valid, jnp.where(repeat, params.repeat_penalty, 0.0), params.invalid_penalty
+    )
     expected = jnp.where(valid, all_er[a], -params.invalid_penalty)
 
     shown = valid.astype(jnp.float32)
     g = params.item_genres[a] * shown
     fatigue = jnp.where(valid, params.boredom_decay * state.fatigue + g, state.fatigue)
     consumed = state.consumed.at[a].max(shown)
-    roll = lambda h, v: jnp.where(valid, jnp.concatenate([h[1:], jnp.asarray(v, h.dtype)[None]]), h)
+
+    def roll(h, v):  # push v into the history (when the action was valid)
+        return jnp.where(valid, jnp.concatenate([h[1:], jnp.asarray(v, h.dtype)[None]]), h)
+
     hist_items = roll(state.hist_items, a)
     hist_responses = roll(state.hist_responses, clickf)
     hist_mask = roll(state.hist_mask, 1.0)

@@ -18,10 +18,10 @@ methods (fixed policy, MAML/Meta-SGD inner steps, PPO from scratch) and the band
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from metarec.rl import bandits, networks
 from metarec.rl import env as envlib
@@ -41,7 +41,9 @@ class EvalAgent(NamedTuple):
     episode_update: Callable | None = None
 
 
-def adaptation_curve(key, agent: EvalAgent, env_params: envlib.EnvParams, n_max: int, eval_episodes: int):
+def adaptation_curve(
+    key, agent: EvalAgent, env_params: envlib.EnvParams, n_max: int, eval_episodes: int
+):
     """Metrics ``{"ctr", "return", "regret"}`` each ``[n_max + 1]`` for one user (mean over the
     evaluation episodes)."""
     k_init, k_loop = jax.random.split(key)
@@ -51,6 +53,7 @@ def adaptation_curve(key, agent: EvalAgent, env_params: envlib.EnvParams, n_max:
         def one(kk):
             traj, _ = rollout(kk, env_params, agent.act, state, agent.step_update)
             return episode_metrics(traj)
+
         m = jax.vmap(one)(jax.random.split(k, eval_episodes))
         return {name: m[name].mean() for name in ("ctr", "return", "regret")}
 
@@ -68,17 +71,26 @@ def adaptation_curve(key, agent: EvalAgent, env_params: envlib.EnvParams, n_max:
     return metrics
 
 
-def evaluate_users(key, agent: EvalAgent, env_params: envlib.EnvParams, n_max: int, eval_episodes: int):
-    """:func:`adaptation_curve` vmapped over the users of batched ``env_params``; ``[U, n_max+1]``."""
+def evaluate_users(
+    key, agent: EvalAgent, env_params: envlib.EnvParams, n_max: int, eval_episodes: int
+):
+    """:func:`adaptation_curve` vmapped over the users of batched ``env_params``;
+    ``[U, n_max+1]``."""
     keys = jax.random.split(key, envlib.num_users(env_params))
-    return jax.vmap(lambda k, e: adaptation_curve(k, agent, e, n_max, eval_episodes))(keys, env_params)
+    return jax.vmap(lambda k, e: adaptation_curve(k, agent, e, n_max, eval_episodes))(
+        keys, env_params
+    )
 
 
 def oracle_metrics(key, env_params: envlib.EnvParams, episodes: int):
     """Oracle ``{"ctr", "return", "regret"}`` per user ``[U]`` (mean over ``episodes``)."""
+
     def user(k, e):
-        m = jax.vmap(lambda kk: episode_metrics(oracle_rollout(kk, e)))(jax.random.split(k, episodes))
+        m = jax.vmap(lambda kk: episode_metrics(oracle_rollout(kk, e)))(
+            jax.random.split(k, episodes)
+        )
         return {name: m[name].mean() for name in ("ctr", "return", "regret")}
+
     return jax.vmap(user)(jax.random.split(key, envlib.num_users(env_params)), env_params)
 
 
@@ -87,9 +99,11 @@ def oracle_metrics(key, env_params: envlib.EnvParams, episodes: int):
 
 def fixed_policy_agent(network: networks.Network, params, greedy: bool = False) -> EvalAgent:
     """A trained policy served without adaptation (non-meta PPO, DQN with ``greedy=True``)."""
+
     def act(key, state, obs):
         actor = networks.greedy_actor if greedy else networks.sample_actor
         return actor(network.apply, state)(key, None, obs)
+
     return EvalAgent(init=lambda key: params, act=act)
 
 
@@ -97,6 +111,7 @@ def meta_agent(network: networks.Network, learner: MetaRL, meta_params) -> EvalA
     """MAML / FOMAML / Meta-SGD: one inner step (the learner's: same adapted parameters, credit and
     learning rates as in meta-training) per adaptation episode, starting from the meta-learned
     initialisation. Beyond the meta-trained ``inner_steps`` the same step is simply repeated."""
+
     def act(key, state, obs):
         return networks.sample_actor(network.apply, state["params"])(key, None, obs)
 
@@ -120,7 +135,9 @@ def ppo_scratch_agent(network: networks.Network, config: ppolib.PPOConfig) -> Ev
         return networks.sample_actor(network.apply, state["params"])(key, None, obs)
 
     def episode_update(key, state, traj):
-        params, opt, _ = ppolib.ppo_update(key, state["params"], state["opt"], traj, network.apply, config, tx)
+        params, opt, _ = ppolib.ppo_update(
+            key, state["params"], state["opt"], traj, network.apply, config, tx
+        )
         return {"params": params, "opt": opt}
 
     return EvalAgent(init=init, act=act, episode_update=episode_update)
@@ -128,13 +145,20 @@ def ppo_scratch_agent(network: networks.Network, config: ppolib.PPOConfig) -> Ev
 
 def bandit_agent(items: dict, hp: dict, lam: float = 1.0) -> EvalAgent:
     """One method of the linear-bandit family (``hp``: one method's scalars, may be traced)."""
-    return EvalAgent(init=lambda key: bandits.init(items, hp, lam), act=bandits.act, step_update=bandits.update)
+    return EvalAgent(
+        init=lambda key: bandits.init(items, hp, lam), act=bandits.act, step_update=bandits.update
+    )
 
 
-def evaluate_bandits(key, names, items: dict, env_params: envlib.EnvParams, n_max: int, eval_episodes: int):
-    """All bandit methods ``names`` in one compiled program (vmap over the methods' hyper-parameters).
+def evaluate_bandits(
+    key, names, items: dict, env_params: envlib.EnvParams, n_max: int, eval_episodes: int
+):
+    """All bandit methods ``names`` in one compiled program (vmap over the methods'
+    hyper-parameters).
     Returns ``{name: {"ctr", "return", "regret": [U, n_max+1]}}``."""
     hp = bandits.hyper_params(names)
-    run = jax.vmap(lambda h: evaluate_users(key, bandit_agent(items, h), env_params, n_max, eval_episodes))
+    run = jax.vmap(
+        lambda h: evaluate_users(key, bandit_agent(items, h), env_params, n_max, eval_episodes)
+    )
     out = run(hp)
-    return {n: jax.tree_util.tree_map(lambda x: x[i], out) for i, n in enumerate(names)}
+    return {n: jax.tree_util.tree_map(lambda x, i=i: x[i], out) for i, n in enumerate(names)}

@@ -8,14 +8,15 @@ a Q-network (``scores`` = Q(s, a) for every item a).
 :class:`ItemScorer` encodes the history: every shown item's embedding is concatenated with the
 embedding signed by the response (``+e`` for a click, ``-e`` for a skip), masked-mean-pooled, joined
 with the step fraction and the click rate so far, and passed through an MLP to a user vector ``u``;
-the score of item ``i`` is ``u . w_i + b_i`` (separate output item embeddings and biases). Item biases
-let a policy memorise "popular" items; ``u`` lets it react to the current user's feedback within an
-episode; gradient adaptation of all parameters lets it specialise to one user.
+the score of item ``i`` is ``u . w_i + b_i`` (separate output item embeddings and biases). Item
+biases let a policy memorise "popular" items; ``u`` lets it react to the current user's feedback
+within an episode; gradient adaptation of all parameters lets it specialise to one user.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -39,7 +40,9 @@ class ItemScorer(nn.Module):
         m = obs["hist_mask"][..., None]
         count = jnp.sum(m, -2)
         pooled = jnp.sum(x * m, -2) / jnp.maximum(count, 1.0)
-        click_rate = jnp.sum(obs["responses"] * obs["hist_mask"], -1, keepdims=True) / jnp.maximum(count, 1.0)
+        click_rate = jnp.sum(obs["responses"] * obs["hist_mask"], -1, keepdims=True) / jnp.maximum(
+            count, 1.0
+        )
         feats = jnp.concatenate([pooled, obs["step"][..., None], click_rate], -1)
         h = nn.tanh(nn.Dense(self.hidden, name="hidden")(feats))
         u = nn.Dense(self.embed_dim, name="user")(h)
@@ -68,7 +71,9 @@ def dummy_obs(n_items: int, history_len: int) -> dict:
     }
 
 
-def make_item_scorer(n_items: int, history_len: int, embed_dim: int = 16, hidden: int = 32) -> Network:
+def make_item_scorer(
+    n_items: int, history_len: int, embed_dim: int = 16, hidden: int = 32
+) -> Network:
     """An :class:`ItemScorer` as a :class:`Network` of pure functions."""
     module = ItemScorer(n_items=n_items, embed_dim=embed_dim, hidden=hidden)
 
@@ -86,7 +91,11 @@ def make_tabular(n_items: int, init_logits=None) -> Network:
 
     def init(key):
         del key
-        logits = jnp.zeros((n_items,), jnp.float32) if init_logits is None else jnp.asarray(init_logits, jnp.float32)
+        logits = (
+            jnp.zeros((n_items,), jnp.float32)
+            if init_logits is None
+            else jnp.asarray(init_logits, jnp.float32)
+        )
         return {"logits": logits}
 
     def apply(params, obs):

@@ -1,10 +1,10 @@
 """Online serving loop: a meta-learned policy meets a stream of new users.
 
 For every user of the stream (in order) the served policy starts from the meta-learned parameters
-and plays ``rounds`` rounds. In a round it observes the user's state, recommends (one episode of up to
-``horizon`` steps: observe -> recommend -> click / no click -> next), and then updates its parameters
-for this user with one inner step of the meta-learner (its meta-learned learning rates) on the
-round's feedback. Reported: the running CTR over the stream (cumulative clicks / cumulative
+and plays ``rounds`` rounds. In a round it observes the user's state, recommends (one episode of up
+to ``horizon`` steps: observe -> recommend -> click / no click -> next), and then updates its
+parameters for this user with one inner step of the meta-learner (its meta-learned learning rates)
+on the round's feedback. Reported: the running CTR over the stream (cumulative clicks / cumulative
 recommendations after each round) and the CTR per round index averaged over users, which shows how
 fast the policy adapts to a newcomer. Everything runs in one ``lax.scan`` (users) of ``lax.scan``
 (rounds); the meta-parameters themselves are not changed by the stream.
@@ -21,8 +21,15 @@ from metarec.rl.maml import MetaRL
 from metarec.rl.rollout import episode_metrics, rollout
 
 
-def run_online(key, network: networks.Network, learner: MetaRL, meta_params, stream: envlib.EnvParams,
-               rounds: int, adapt: bool = True) -> dict:
+def run_online(
+    key,
+    network: networks.Network,
+    learner: MetaRL,
+    meta_params,
+    stream: envlib.EnvParams,
+    rounds: int,
+    adapt: bool = True,
+) -> dict:
     """Serve the users of batched ``stream`` one after another.
 
     Returns ``running_ctr [U * rounds]``, ``round_ctr [rounds]`` (mean over users), ``clicks`` and

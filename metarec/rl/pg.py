@@ -25,7 +25,7 @@ whose effect is exactly what the score-function terms account for.)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +49,13 @@ def discounted_returns(rewards: jax.Array, alive: jax.Array, gamma: float) -> ja
     return jnp.moveaxis(out, 0, -1)
 
 
-def _baseline(values: jax.Array, alive: jax.Array, rewards: jax.Array, kind: str,
-              state_value: jax.Array | None = None) -> jax.Array:
+def _baseline(
+    values: jax.Array,
+    alive: jax.Array,
+    rewards: jax.Array,
+    kind: str,
+    state_value: jax.Array | None = None,
+) -> jax.Array:
     """Baseline for per-step targets ``values [B, T]`` (see the module docstring). ``state_value
     [B, T]``: the critic's prediction of ``values`` (needed by ``"value"`` only)."""
     if kind not in BASELINES:
@@ -64,7 +69,9 @@ def _baseline(values: jax.Array, alive: jax.Array, rewards: jax.Array, kind: str
         return state_value * alive
     if kind == "loo":
         if b < 2:
-            raise ValueError("baseline='loo' needs at least 2 episodes per batch; use 'episode' or 'none'")
+            raise ValueError(
+                "baseline='loo' needs at least 2 episodes per batch; use 'episode' or 'none'"
+            )
         return (jnp.sum(values, 0, keepdims=True) - values) / (b - 1)
     if kind == "mean":
         return jnp.broadcast_to(jnp.mean(values, 0, keepdims=True), values.shape)
@@ -75,8 +82,9 @@ def _baseline(values: jax.Array, alive: jax.Array, rewards: jax.Array, kind: str
     return rate * remaining
 
 
-def reinforce_loss(params, apply_fn: Callable, traj: Trajectory, gamma: float = 1.0,
-                   baseline: str = "loo") -> jax.Array:
+def reinforce_loss(
+    params, apply_fn: Callable, traj: Trajectory, gamma: float = 1.0, baseline: str = "loo"
+) -> jax.Array:
     """REINFORCE-with-baseline surrogate loss (scalar) for ``traj`` leaves ``[B, T, ...]``."""
     logp, value, _ = networks.log_probs(apply_fn, params, traj.obs, traj.action)
     g = discounted_returns(traj.reward, traj.alive, gamma)
@@ -90,16 +98,23 @@ def magic_box(x: jax.Array) -> jax.Array:
     return jnp.exp(x - jax.lax.stop_gradient(x))
 
 
-def dice_objective(params, apply_fn: Callable, traj: Trajectory, gamma: float = 1.0,
-                   baseline: str = "loo", credit: str = "causal") -> jax.Array:
+def dice_objective(
+    params,
+    apply_fn: Callable,
+    traj: Trajectory,
+    gamma: float = 1.0,
+    baseline: str = "loo",
+    credit: str = "causal",
+) -> jax.Array:
     """DiCE objective with baseline (scalar, to be *maximised*) for ``traj`` ``[B, T, ...]``.
 
     ``credit="causal"`` (the DiCE estimator of the return): every reward is credited to all the
-    actions before it. ``credit="myopic"``: every reward only to its own action (``magic(log pi_t)
-    gamma^t r_t``), i.e. the gradient ``sum_t grad log pi_t (gamma^t r_t - b_t)`` of a contextual
-    bandit that ignores the actions' effect on later states: biased for the return, but without the
-    noise of the later rewards, which swamps one item's click in a single episode. The ``"episode"``
-    baseline is then the episode's mean reward per step (times ``gamma^t``); ``"value"`` is causal only.
+    actions before it. ``credit="myopic"``: every reward only to its own action
+    (``magic(log pi_t) gamma^t r_t``), i.e. the gradient ``sum_t grad log pi_t (gamma^t r_t - b_t)``
+    of a contextual bandit that ignores the actions' effect on later states: biased for the return,
+    but without the noise of the later rewards, which swamps one item's click in a single episode.
+    The ``"episode"`` baseline is then the episode's mean reward per step (times ``gamma^t``);
+    ``"value"`` is causal only.
     """
     if credit not in CREDITS:
         raise ValueError(f"credit must be one of {CREDITS}, got {credit!r}")
@@ -109,7 +124,9 @@ def dice_objective(params, apply_fn: Callable, traj: Trajectory, gamma: float = 
     dr = disc * traj.reward * traj.alive
     if credit == "myopic":
         if baseline == "value":
-            raise ValueError("credit='myopic' has no critic baseline; use 'episode', 'loo', 'mean' or 'none'")
+            raise ValueError(
+                "credit='myopic' has no critic baseline; use 'episode', 'loo', 'mean' or 'none'"
+            )
         if baseline == "episode":
             steps = jnp.maximum(jnp.sum(traj.alive, -1, keepdims=True), 1.0)
             b = disc * jnp.sum(traj.reward * traj.alive, -1, keepdims=True) / steps
@@ -122,14 +139,21 @@ def dice_objective(params, apply_fn: Callable, traj: Trajectory, gamma: float = 
     main = jnp.sum(magic_box(causal) * dr, -1)
     # Baseline for the discounted (by gamma^t', absolute) reward-to-go sum_{t'>=t} gamma^t' r_t'.
     togo = jnp.cumsum(dr[..., ::-1], -1)[..., ::-1]
-    # (the critic predicts the relative reward-to-go G_t, so its baseline for gamma^t G_t is gamma^t V(s_t))
+    # (the critic predicts the relative reward-to-go G_t, so its baseline for gamma^t G_t is
+    # gamma^t V(s_t))
     b = jax.lax.stop_gradient(_baseline(togo, traj.alive, dr, baseline, disc * value))
     base = jnp.sum((1.0 - magic_box(logp)) * b * traj.alive, -1)
     return jnp.mean(main + base)
 
 
-def dice_loss(params, apply_fn: Callable, traj: Trajectory, gamma: float = 1.0,
-              baseline: str = "loo", credit: str = "causal") -> jax.Array:
+def dice_loss(
+    params,
+    apply_fn: Callable,
+    traj: Trajectory,
+    gamma: float = 1.0,
+    baseline: str = "loo",
+    credit: str = "causal",
+) -> jax.Array:
     """``-dice_objective``: the inner-loop loss of MAML-RL."""
     return -dice_objective(params, apply_fn, traj, gamma, baseline, credit)
 

@@ -13,7 +13,7 @@ scratch per user" baseline in :mod:`metarec.rl.evaluate`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,8 @@ def make_optimizer(config: PPOConfig) -> optax.GradientTransformation:
 
 
 def ppo_loss(params, apply_fn: Callable, batch: dict, config: PPOConfig):
-    """Clipped PPO loss on a flat batch (``obs``, ``action``, ``old_logp``, ``adv``, ``target``, ``w``)."""
+    """Clipped PPO loss on a flat batch (``obs``, ``action``, ``old_logp``, ``adv``, ``target``,
+    ``w``)."""
     logp, value, ent = networks.log_probs(apply_fn, params, batch["obs"], batch["action"])
     w = batch["w"]
     wsum = jnp.maximum(jnp.sum(w), 1.0)
@@ -73,14 +74,30 @@ def ppo_loss(params, apply_fn: Callable, batch: dict, config: PPOConfig):
     return total, {"pg_loss": pg_loss, "v_loss": v_loss, "entropy": entropy}
 
 
-def ppo_update(key, params, opt_state, traj: Trajectory, apply_fn: Callable, config: PPOConfig,
-               tx: optax.GradientTransformation):
+def ppo_update(
+    key,
+    params,
+    opt_state,
+    traj: Trajectory,
+    apply_fn: Callable,
+    config: PPOConfig,
+    tx: optax.GradientTransformation,
+):
     """``update_epochs`` passes of minibatch PPO over ``traj`` (leaves ``[B, T, ...]``)."""
-    adv, target = pg.gae(traj.reward, traj.extras["value"], traj.alive, config.gamma, config.gae_lambda)
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    adv, target = pg.gae(
+        traj.reward, traj.extras["value"], traj.alive, config.gamma, config.gae_lambda
+    )
+
+    def flat(x):
+        return x.reshape((-1,) + x.shape[2:])
+
     data = {
-        "obs": jax.tree_util.tree_map(flat, traj.obs), "action": flat(traj.action),
-        "old_logp": flat(traj.extras["logp"]), "adv": flat(adv), "target": flat(target), "w": flat(traj.alive),
+        "obs": jax.tree_util.tree_map(flat, traj.obs),
+        "action": flat(traj.action),
+        "old_logp": flat(traj.extras["logp"]),
+        "adv": flat(adv),
+        "target": flat(target),
+        "w": flat(traj.alive),
     }
     n = data["action"].shape[0]
     nmb = config.num_minibatches if n % config.num_minibatches == 0 else 1
@@ -88,22 +105,30 @@ def ppo_update(key, params, opt_state, traj: Trajectory, apply_fn: Callable, con
     def epoch(carry, k):
         params, opt_state = carry
         perm = jax.random.permutation(k, n)
-        shuffled = jax.tree_util.tree_map(lambda x: x[perm].reshape((nmb, n // nmb) + x.shape[1:]), data)
+        shuffled = jax.tree_util.tree_map(
+            lambda x: x[perm].reshape((nmb, n // nmb) + x.shape[1:]), data
+        )
 
         def mb(carry, batch):
             params, opt_state = carry
-            (loss, aux), g = jax.value_and_grad(ppo_loss, has_aux=True)(params, apply_fn, batch, config)
+            (loss, aux), g = jax.value_and_grad(ppo_loss, has_aux=True)(
+                params, apply_fn, batch, config
+            )
             upd, opt_state = tx.update(g, opt_state, params)
             return (optax.apply_updates(params, upd), opt_state), loss
 
         (params, opt_state), losses = jax.lax.scan(mb, (params, opt_state), shuffled)
         return (params, opt_state), jnp.mean(losses)
 
-    (params, opt_state), losses = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, config.update_epochs))
+    (params, opt_state), losses = jax.lax.scan(
+        epoch, (params, opt_state), jax.random.split(key, config.update_epochs)
+    )
     return params, opt_state, jnp.mean(losses)
 
 
-def collect(key, params, apply_fn: Callable, env_params: envlib.EnvParams, num_envs: int) -> Trajectory:
+def collect(
+    key, params, apply_fn: Callable, env_params: envlib.EnvParams, num_envs: int
+) -> Trajectory:
     """``num_envs`` episodes of uniformly drawn users from batched ``env_params``."""
     k_u, k_r = jax.random.split(key)
     users = jax.random.randint(k_u, (num_envs,), 0, envlib.num_users(env_params))
@@ -113,8 +138,9 @@ def collect(key, params, apply_fn: Callable, env_params: envlib.EnvParams, num_e
 
 
 def make_trainer(config: PPOConfig, network: networks.Network) -> Trainer:
-    """The training loop in resumable pieces (:class:`metarec.rl.loop.Trainer`): ``init(key,
-    env_params=None) -> {"params", "opt_state", "key"}``, ``run(state, env_params, start, length)``."""
+    """The training loop in resumable pieces (:class:`metarec.rl.loop.Trainer`):
+    ``init(key, env_params=None) -> {"params", "opt_state", "key"}``,
+    ``run(state, env_params, start, length)``."""
     config.validate()
     tx = make_optimizer(config)
 
@@ -129,20 +155,31 @@ def make_trainer(config: PPOConfig, network: networks.Network) -> Trainer:
             params, opt_state = carry
             k_c, k_u = jax.random.split(k)
             traj = collect(k_c, params, network.apply, env_params, config.num_envs)
-            params, opt_state, loss = ppo_update(k_u, params, opt_state, traj, network.apply, config, tx)
+            params, opt_state, loss = ppo_update(
+                k_u, params, opt_state, traj, network.apply, config, tx
+            )
             m = episode_metrics(traj)
-            return (params, opt_state), {"return": m["return"].mean(), "ctr": m["ctr"].mean(), "loss": loss}
+            return (params, opt_state), {
+                "return": m["return"].mean(),
+                "ctr": m["ctr"].mean(),
+                "loss": loss,
+            }
 
         keys = iteration_keys(state["key"], config.num_updates, start, length)
-        (params, opt_state), metrics = jax.lax.scan(body, (state["params"], state["opt_state"]), keys)
+        (params, opt_state), metrics = jax.lax.scan(
+            body, (state["params"], state["opt_state"]), keys
+        )
         return {**state, "params": params, "opt_state": opt_state}, metrics
 
     return Trainer(init, run, config.num_updates)
 
 
-def make_train(config: PPOConfig, network: networks.Network, env_params: envlib.EnvParams | None = None) -> Callable:
-    """``train(key, env_params=<given>) -> {"params", "metrics": {"return", "ctr", "loss"} [num_updates]}``
-    (the whole :func:`make_trainer` loop in one piece)."""
+def make_train(
+    config: PPOConfig, network: networks.Network, env_params: envlib.EnvParams | None = None
+) -> Callable:
+    """``train(key, env_params=<given>) -> {"params", "metrics"}`` with metrics ``"return"``,
+    ``"ctr"``, ``"loss"`` over ``[num_updates]`` (the whole :func:`make_trainer` loop in one
+    piece)."""
     trainer = make_trainer(config, network)
 
     def train(key, env_params=env_params):

@@ -1,4 +1,5 @@
-"""REINFORCE with a baseline, PureJaxRL style: ``make_train(config, network, env_params) -> train(key)``.
+"""REINFORCE with a baseline, PureJaxRL style:
+``make_train(config, network, env_params) -> train(key)``.
 
 Each update samples ``num_envs`` episodes of uniformly drawn users and takes one Adam step on
 :func:`metarec.rl.pg.reinforce_loss` (leave-one-out baseline by default, which keeps the gradient
@@ -8,7 +9,7 @@ unbiased) plus an optional entropy bonus.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +34,16 @@ class ReinforceConfig:
         if self.num_updates < 1 or self.num_envs < 1:
             raise ValueError("ReinforceConfig.num_updates and num_envs must be >= 1")
         if self.baseline not in pg.BASELINES:
-            raise ValueError(f"ReinforceConfig.baseline must be one of {pg.BASELINES}, got {self.baseline!r}")
+            raise ValueError(
+                f"ReinforceConfig.baseline must be one of {pg.BASELINES}, got {self.baseline!r}"
+            )
 
 
-def make_train(config: ReinforceConfig, network: networks.Network, env_params: envlib.EnvParams | None = None) -> Callable:
-    """``train(key, env_params=<given>) -> {"params", "metrics": {"return", "ctr", "loss"} [num_updates]}``."""
+def make_train(
+    config: ReinforceConfig, network: networks.Network, env_params: envlib.EnvParams | None = None
+) -> Callable:
+    """``train(key, env_params=<given>) -> {"params", "metrics"}`` with metrics ``"return"``,
+    ``"ctr"``, ``"loss"`` over ``[num_updates]``."""
     config.validate()
     tx = optax.adam(config.lr)
 
@@ -45,7 +51,9 @@ def make_train(config: ReinforceConfig, network: networks.Network, env_params: e
         loss = pg.reinforce_loss(params, network.apply, traj, config.gamma, config.baseline)
         if config.ent_coef:
             _, _, ent = networks.log_probs(network.apply, params, traj.obs, traj.action)
-            loss = loss - config.ent_coef * jnp.sum(ent * traj.alive) / jnp.maximum(jnp.sum(traj.alive), 1.0)
+            loss = loss - config.ent_coef * jnp.sum(ent * traj.alive) / jnp.maximum(
+                jnp.sum(traj.alive), 1.0
+            )
         return loss
 
     def train(key, env_params=env_params):
@@ -61,9 +69,14 @@ def make_train(config: ReinforceConfig, network: networks.Network, env_params: e
             upd, opt_state = tx.update(g, opt_state, params)
             m = episode_metrics(traj)
             return (optax.apply_updates(params, upd), opt_state), {
-                "return": m["return"].mean(), "ctr": m["ctr"].mean(), "loss": loss}
+                "return": m["return"].mean(),
+                "ctr": m["ctr"].mean(),
+                "loss": loss,
+            }
 
-        (params, _), metrics = jax.lax.scan(body, (params, tx.init(params)), jax.random.split(k_loop, config.num_updates))
+        (params, _), metrics = jax.lax.scan(
+            body, (params, tx.init(params)), jax.random.split(k_loop, config.num_updates)
+        )
         return {"params": params, "metrics": metrics}
 
     return train

@@ -1,7 +1,7 @@
 """Fixed-length rollouts with ``lax.scan`` and per-episode metrics.
 
-Every episode runs exactly ``params.horizon`` steps; after the user left (or the horizon was hit) the
-environment is a no-op and ``alive`` is 0, so every loss and metric is masked by ``alive``.
+Every episode runs exactly ``params.horizon`` steps; after the user left (or the horizon was hit)
+the environment is a no-op and ``alive`` is 0, so every loss and metric is masked by ``alive``.
 
 An *actor* is ``act_fn(key, agent_state, obs) -> (action, extras)`` where ``extras`` is a dict of
 per-step arrays to keep (log-probs, values, ...). Agents that learn online during an episode
@@ -11,7 +11,8 @@ policies use ``agent_state=None`` and no ``update_fn``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -61,8 +62,14 @@ def rollout(
                 lambda n, o: jnp.where(alive > 0, n, o), new_agent, agent_state
             )
         out = Trajectory(
-            obs=obs, action=action, reward=reward, alive=alive, terminated=term, truncated=trunc,
-            info=info, extras=extras,
+            obs=obs,
+            action=action,
+            reward=reward,
+            alive=alive,
+            terminated=term,
+            truncated=trunc,
+            info=info,
+            extras=extras,
         )
         return (obs2, state2, agent_state), out
 
@@ -104,8 +111,16 @@ def oracle_rollout(key: jax.Array, env_params: envlib.EnvParams) -> Trajectory:
         action = envlib.oracle_action(state, env_params)
         alive = (~state.done).astype(jnp.float32)
         obs2, state2, reward, term, trunc, info = envlib.step(k, state, action, env_params)
-        out = Trajectory(obs=obs, action=action, reward=reward, alive=alive, terminated=term,
-                         truncated=trunc, info=info, extras={})
+        out = Trajectory(
+            obs=obs,
+            action=action,
+            reward=reward,
+            alive=alive,
+            terminated=term,
+            truncated=trunc,
+            info=info,
+            extras={},
+        )
         return (obs2, state2), out
 
     keys = jax.random.split(k_steps, env_params.horizon)

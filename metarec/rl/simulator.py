@@ -1,15 +1,17 @@
 """User simulators: per-user :class:`~metarec.rl.env.EnvParams` from MovieLens or latent users.
 
 MovieLens (:func:`movielens_simulator`)
-    1. A biased MF ``r_ui = mu + b_u + b_i + p_u . q_i`` is fitted (pure JAX, full-batch Adam, L2) on
-       the *training* users' ratings only (:func:`fit_biased_mf`).
+    1. A biased MF ``r_ui = mu + b_u + b_i + p_u . q_i`` is fitted with the baselines' trainer
+       (:mod:`metarec.baselines.mf`: full-batch Adam, L2) on the *training* users' ratings only
+       (:func:`fit_biased_mf`).
     2. The catalogue is the ``n_items`` most-rated items in those training ratings (ties broken by
        item id), so episodes stay small enough for a 2-core CPU.
     3. A training user's affinity is the MF's predicted rating of every catalogue item.
-       A held-out (test) user's ``b_u, p_u`` are obtained by *folding in* their ratings with the item
-       side frozen (closed-form ridge regression, :func:`fold_in`); the MF is never trained on them.
-    4. Click model / dynamics: :mod:`metarec.rl.env` (``threshold`` is on the rating scale, e.g. 3.5:
-       an item predicted at 3.5 stars is clicked half the time by a fresh user).
+       A held-out (test) user's ``b_u, p_u`` are obtained by *folding in* their ratings with the
+       item side frozen (closed-form ridge regression, :func:`fold_in`); the MF is never trained on
+       them.
+    4. Click model / dynamics: :mod:`metarec.rl.env` (``threshold`` is on the rating scale, e.g.
+       3.5: an item predicted at 3.5 stars is clicked half the time by a fresh user).
        ``reward="click"`` gives 1 per click; ``reward="rating"`` gives ``predicted rating / 5`` per
        click (clipped to the rating scale).
     The recommender side gets a *simulator-independent* MF (different rank, regulariser and seed,
@@ -28,21 +30,24 @@ Synthetic (:func:`synthetic_simulator`), RecSim-style latent users
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pandas as pd
 
+from metarec.baselines.common import prepare_ratings
+from metarec.baselines.mf import mf_mse, train_mf
 from metarec.rl import env as envlib
+
+_DEFAULT_ENV = envlib.EnvConfig()
 
 
 @dataclasses.dataclass(frozen=True)
 class MFModel:
-    """A fitted biased MF (host numpy arrays). ``user_index`` / ``item_index`` map raw ids to rows."""
+    """A fitted biased MF (host numpy arrays). ``user_index`` / ``item_index`` map raw ids to
+    rows."""
 
     mu: float
     user_bias: np.ndarray
@@ -53,72 +58,85 @@ class MFModel:
     item_index: dict
     train_rmse: float
 
-    def predict(self, user_bias: np.ndarray, user_factors: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
+    def predict(
+        self, user_bias: np.ndarray, user_factors: np.ndarray, item_rows: np.ndarray
+    ) -> np.ndarray:
         """Predicted ratings ``[U, len(item_rows)]`` for the given user parameters."""
-        return (self.mu + user_bias[:, None] + self.item_bias[item_rows][None, :]
-                + user_factors @ self.item_factors[item_rows].T)
+        return (
+            self.mu
+            + user_bias[:, None]
+            + self.item_bias[item_rows][None, :]
+            + user_factors @ self.item_factors[item_rows].T
+        )
 
 
-def _mf_loss(p, u, it, r, mu, l2):
-    pred = mu + p["bu"][u] + p["bi"][it] + jnp.sum(p["P"][u] * p["Q"][it], -1)
-    mse = jnp.mean((pred - r) ** 2)
-    reg = jnp.mean(jnp.sum(p["P"][u] ** 2, -1) + jnp.sum(p["Q"][it] ** 2, -1) + p["bu"][u] ** 2 + p["bi"][it] ** 2)
-    return mse + l2 * reg, mse
-
-
-@functools.partial(jax.jit, static_argnames=("steps", "lr"))
-def _fit_mf(params, u, it, r, mu, l2, *, steps, lr):
-    """Full-batch Adam on the regularised MSE (module-level jit: cached across calls of equal shapes)."""
-    opt = optax.adam(lr)
-
-    def body(carry, _):
-        p, s = carry
-        (_, mse), g = jax.value_and_grad(_mf_loss, has_aux=True)(p, u, it, r, mu, l2)
-        upd, s = opt.update(g, s, p)
-        return (optax.apply_updates(p, upd), s), mse
-
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
-    return p, _mf_loss(p, u, it, r, mu, l2)[1]
-
-
-def fit_biased_mf(ratings: pd.DataFrame, rank: int = 16, l2: float = 0.05, steps: int = 400,
-                  lr: float = 0.05, seed: int = 0) -> MFModel:
-    """Fit ``r = mu + b_u + b_i + p_u . q_i`` by full-batch Adam on MSE + ``l2 * mean-normalised``
-    squared parameters of the rated rows. ``ratings`` needs columns user_id, item_id, rating."""
+def fit_biased_mf(
+    ratings: pd.DataFrame,
+    rank: int = 16,
+    l2: float = 0.05,
+    steps: int = 400,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> MFModel:
+    """Fit ``r = mu + b_u + b_i + p_u . q_i`` with the baselines' trainer
+    (:func:`metarec.baselines.mf.train_mf`, ``l2_form="rated"``: full-batch Adam on MSE + ``l2``
+    times the squared parameters of the rated rows, averaged over the ratings). ``ratings`` needs
+    columns user_id, item_id, rating; ``mu`` is their mean."""
     for col in ("user_id", "item_id", "rating"):
         if col not in ratings.columns:
-            raise ValueError(f"ratings frame is missing column {col!r} (has {list(ratings.columns)})")
+            raise ValueError(
+                f"ratings frame is missing column {col!r} (has {list(ratings.columns)})"
+            )
     if len(ratings) == 0:
         raise ValueError("cannot fit MF on an empty ratings frame")
     if rank < 1 or steps < 1 or lr <= 0 or l2 < 0:
         raise ValueError(f"bad MF settings rank={rank} steps={steps} lr={lr} l2={l2}")
-    users = np.sort(ratings["user_id"].unique())
-    items = np.sort(ratings["item_id"].unique())
-    uidx = {int(u): i for i, u in enumerate(users)}
-    iidx = {int(v): i for i, v in enumerate(items)}
-    u = jnp.asarray(ratings["user_id"].map(uidx).to_numpy(np.int32))
-    it = jnp.asarray(ratings["item_id"].map(iidx).to_numpy(np.int32))
-    r = jnp.asarray(ratings["rating"].to_numpy(np.float32))
+    data = prepare_ratings(
+        ratings["user_id"].to_numpy(),
+        ratings["item_id"].to_numpy(),
+        ratings["rating"].to_numpy(np.float32),
+    )
     mu = float(np.mean(ratings["rating"].to_numpy(np.float64)))
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    params = {
-        "bu": jnp.zeros(len(users)), "bi": jnp.zeros(len(items)),
-        "P": 0.1 * jax.random.normal(k1, (len(users), rank)),
-        "Q": 0.1 * jax.random.normal(k2, (len(items), rank)),
-    }
-    p, mse = _fit_mf(params, u, it, r, jnp.float32(mu), jnp.float32(l2), steps=steps, lr=lr)
-    return MFModel(mu=mu, user_bias=np.asarray(p["bu"]), item_bias=np.asarray(p["bi"]),
-                   user_factors=np.asarray(p["P"]), item_factors=np.asarray(p["Q"]),
-                   user_index=uidx, item_index=iidx, train_rmse=float(np.sqrt(mse)))
+    p, mu32, _ = train_mf(
+        data.u,
+        data.i,
+        data.r,
+        data.n_users,
+        data.n_items,
+        dim=rank,
+        reg=l2,
+        lr=lr,
+        steps=steps,
+        init_scale=0.1,
+        key=jax.random.key(seed),
+        l2_form="rated",
+        mu=mu,
+    )
+    mse = mf_mse(p, mu32, jnp.asarray(data.u), jnp.asarray(data.i), jnp.asarray(data.r))
+    return MFModel(
+        mu=mu,
+        user_bias=np.asarray(p["user_bias"]),
+        item_bias=np.asarray(p["item_bias"]),
+        user_factors=np.asarray(p["user_factors"]),
+        item_factors=np.asarray(p["item_factors"]),
+        user_index={int(u): k for k, u in enumerate(data.user_vocab)},
+        item_index={int(v): k for k, v in enumerate(data.item_vocab)},
+        train_rmse=float(np.sqrt(mse)),
+    )
 
 
-def fold_in(model: MFModel, item_rows: np.ndarray, ratings: np.ndarray, mask: np.ndarray,
-            l2: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def fold_in(
+    model: MFModel, item_rows: np.ndarray, ratings: np.ndarray, mask: np.ndarray, l2: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Fold new users into a fitted MF with the item side frozen.
 
     For each user solves the ridge problem ``min_{b,p} sum_j m_j (r_j - mu - b_ij - b - p.q_ij)^2
     + l2 (b^2 + |p|^2)`` in closed form. ``item_rows [U, S]`` are MF item rows (any value where
     ``mask == 0``). Returns ``(user_bias [U], user_factors [U, rank])``.
+
+    This is the ridge problem of :func:`metarec.baselines.mf.mf_fold_in`, solved here on the host
+    with numpy (LU) rather than with its jitted Cholesky solve: the two agree only up to the last
+    bits, and the simulators (and their digests) are defined by these numbers.
     """
     item_rows = np.asarray(item_rows)
     mask = np.asarray(mask, np.float32)
@@ -171,7 +189,7 @@ def movielens_simulator(
     test_items: np.ndarray,
     test_ratings: np.ndarray,
     test_mask: np.ndarray,
-    env_config: envlib.EnvConfig = envlib.EnvConfig(),
+    env_config: envlib.EnvConfig = _DEFAULT_ENV,
     n_items: int = 200,
     reward: str = "click",
     rating_scale: tuple[float, float] = (1.0, 5.0),
@@ -185,8 +203,9 @@ def movielens_simulator(
     """Build train/test user environments from MovieLens (see the module docstring).
 
     ``train_ratings``: the training users' ratings (columns user_id, item_id, rating).
-    ``test_items / test_ratings / test_mask [U_test, S]``: the held-out users' known ratings (raw item
-    ids, e.g. a scenario's support and query sets concatenated); folded into the MF, never trained on.
+    ``test_items / test_ratings / test_mask [U_test, S]``: the held-out users' known ratings (raw
+    item ids, e.g. a scenario's support and query sets concatenated); folded into the MF, never
+    trained on.
     ``max_train_users``: keep only the first N training users (sorted by id) as environments.
     """
     if reward not in ("click", "rating"):
@@ -199,7 +218,9 @@ def movielens_simulator(
     order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     item_ids = np.array([int(k) for k, _ in order[:n_items]], np.int64)
     if len(item_ids) < n_items:
-        raise ValueError(f"only {len(item_ids)} items in the training ratings, asked for n_items={n_items}")
+        raise ValueError(
+            f"only {len(item_ids)} items in the training ratings, asked for n_items={n_items}"
+        )
     popularity = np.array([counts[i] for i in item_ids], np.float32)
     rows = np.array([model.item_index[int(i)] for i in item_ids])
     arows = np.array([agent.item_index[int(i)] for i in item_ids])
@@ -212,12 +233,17 @@ def movielens_simulator(
 
     test_items = np.asarray(test_items, np.int64)
     test_mask = np.asarray(test_mask, np.float32)
-    known = np.vectorize(lambda i: model.item_index.get(int(i), -1))(test_items) if test_items.size else test_items
+    known = (
+        np.vectorize(lambda i: model.item_index.get(int(i), -1))(test_items)
+        if test_items.size
+        else test_items
+    )
     fmask = test_mask * (known >= 0)
     bu, pu = fold_in(model, np.maximum(known, 0), test_ratings, fmask, l2=fold_in_l2)
     aff_test = model.predict(bu, pu, rows)
 
     lo, hi = rating_scale
+
     def click_reward(aff):
         return None if reward == "click" else np.clip(aff, lo, hi) / hi
 
@@ -225,29 +251,53 @@ def movielens_simulator(
     train = envlib.make_env_params(aff_train, g, env_config, click_reward=click_reward(aff_train))
     test = envlib.make_env_params(aff_test, g, env_config, click_reward=click_reward(aff_test))
     report = {
-        "mf_train_rmse": model.train_rmse, "agent_mf_train_rmse": agent.train_rmse,
-        "n_train_users": int(len(train_users)), "n_test_users": int(aff_test.shape[0]),
-        "n_items": int(n_items), "test_ratings_folded_in": int(fmask.sum()),
+        "mf_train_rmse": model.train_rmse,
+        "agent_mf_train_rmse": agent.train_rmse,
+        "n_train_users": int(len(train_users)),
+        "n_test_users": int(aff_test.shape[0]),
+        "n_items": int(n_items),
+        "test_ratings_folded_in": int(fmask.sum()),
         "test_ratings_unknown_item": int((test_mask * (known < 0)).sum()),
     }
-    return SimulatorData(train=train, test=test, item_ids=item_ids, popularity=popularity,
-                         agent_item_factors=agent.item_factors[arows].astype(np.float32),
-                         agent_item_score=(agent.mu + agent.item_bias[arows]).astype(np.float32),
-                         report=report)
+    return SimulatorData(
+        train=train,
+        test=test,
+        item_ids=item_ids,
+        popularity=popularity,
+        agent_item_factors=agent.item_factors[arows].astype(np.float32),
+        agent_item_score=(agent.mu + agent.item_bias[arows]).astype(np.float32),
+        report=report,
+    )
 
 
-def synthetic_affinity(seed: int, n_users: int, n_items: int, n_genres: int = 6, latent_dim: int = 4,
-                       n_clusters: int = 4, user_noise: float = 0.3, center: float = 3.0, scale: float = 0.7,
-                       planted_best: int = 3, planted_boost: float = 2.0, first_user: int = 0):
-    """Latent-user affinities ``[n_users, n_items]``, item genres ``[n_items, n_genres]`` and cluster
-    labels. Items and clusters depend only on ``seed``; user ``k`` (global index ``first_user + k``)
-    gets its own noise, so train and test users are disjoint draws from the same population."""
+def synthetic_affinity(
+    seed: int,
+    n_users: int,
+    n_items: int,
+    n_genres: int = 6,
+    latent_dim: int = 4,
+    n_clusters: int = 4,
+    user_noise: float = 0.3,
+    center: float = 3.0,
+    scale: float = 0.7,
+    planted_best: int = 3,
+    planted_boost: float = 2.0,
+    first_user: int = 0,
+):
+    """Latent-user affinities ``[n_users, n_items]``, item genres ``[n_items, n_genres]`` and
+    cluster labels. Items and clusters depend only on ``seed``; user ``k`` (global index
+    ``first_user + k``) gets its own noise, so train and test users are disjoint draws from the
+    same population."""
     rng = np.random.default_rng(seed)
     v = rng.normal(size=(n_items, latent_dim)) / np.sqrt(latent_dim)
     genre = rng.integers(0, n_genres, size=n_items)
     g = np.eye(n_genres, dtype=np.float32)[genre]
     centres = rng.normal(size=(n_clusters, latent_dim))
-    best = np.stack([rng.choice(n_items, planted_best, replace=False) for _ in range(n_clusters)]) if planted_best else None
+    best = (
+        np.stack([rng.choice(n_items, planted_best, replace=False) for _ in range(n_clusters)])
+        if planted_best
+        else None
+    )
     aff = np.zeros((n_users, n_items), np.float32)
     labels = np.zeros(n_users, np.int64)
     for k in range(n_users):
@@ -262,16 +312,27 @@ def synthetic_affinity(seed: int, n_users: int, n_items: int, n_genres: int = 6,
     return aff, g, labels
 
 
-def synthetic_simulator(seed: int = 0, n_train_users: int = 256, n_test_users: int = 64, n_items: int = 50,
-                        env_config: envlib.EnvConfig = envlib.EnvConfig(), reward: str = "click",
-                        n_logged: int = 20, agent_rank: int = 4, mf_steps: int = 300, **latent) -> SimulatorData:
+def synthetic_simulator(
+    seed: int = 0,
+    n_train_users: int = 256,
+    n_test_users: int = 64,
+    n_items: int = 50,
+    env_config: envlib.EnvConfig = _DEFAULT_ENV,
+    reward: str = "click",
+    n_logged: int = 20,
+    agent_rank: int = 4,
+    mf_steps: int = 300,
+    **latent,
+) -> SimulatorData:
     """A :class:`SimulatorData` from :func:`synthetic_affinity` (train users ``0..n_train-1``, test
     users after them). The recommender-side MF is fitted on ``n_logged`` noisy rounded ratings per
     training user."""
     if reward not in ("click", "rating"):
         raise ValueError(f"reward must be 'click' or 'rating', got {reward!r}")
     aff_tr, g, _ = synthetic_affinity(seed, n_train_users, n_items, first_user=0, **latent)
-    aff_te, _, _ = synthetic_affinity(seed, n_test_users, n_items, first_user=n_train_users, **latent)
+    aff_te, _, _ = synthetic_affinity(
+        seed, n_test_users, n_items, first_user=n_train_users, **latent
+    )
     rng = np.random.default_rng([seed, 99])
     rows = []
     for uu in range(n_train_users):
@@ -280,7 +341,9 @@ def synthetic_simulator(seed: int = 0, n_train_users: int = 256, n_test_users: i
         rows.append(pd.DataFrame({"user_id": uu, "item_id": its, "rating": rr.astype(np.float32)}))
     logged = pd.concat(rows, ignore_index=True)
     agent = fit_biased_mf(logged, rank=agent_rank, l2=0.1, steps=mf_steps, seed=seed + 7919)
-    counts = logged.groupby("item_id").size().reindex(range(n_items), fill_value=0).to_numpy(np.float32)
+    counts = (
+        logged.groupby("item_id").size().reindex(range(n_items), fill_value=0).to_numpy(np.float32)
+    )
     # items never logged get the global mean and zero factors
     af = np.zeros((n_items, agent_rank), np.float32)
     ascore = np.full(n_items, agent.mu, np.float32)
@@ -290,7 +353,18 @@ def synthetic_simulator(seed: int = 0, n_train_users: int = 256, n_test_users: i
     cr = (lambda a: None) if reward == "click" else (lambda a: np.clip(a, 1, 5) / 5)
     train = envlib.make_env_params(aff_tr, g, env_config, click_reward=cr(aff_tr))
     test = envlib.make_env_params(aff_te, g, env_config, click_reward=cr(aff_te))
-    report = {"agent_mf_train_rmse": agent.train_rmse, "n_train_users": n_train_users,
-              "n_test_users": n_test_users, "n_items": n_items}
-    return SimulatorData(train=train, test=test, item_ids=np.arange(n_items), popularity=counts,
-                         agent_item_factors=af, agent_item_score=ascore, report=report)
+    report = {
+        "agent_mf_train_rmse": agent.train_rmse,
+        "n_train_users": n_train_users,
+        "n_test_users": n_test_users,
+        "n_items": n_items,
+    }
+    return SimulatorData(
+        train=train,
+        test=test,
+        item_ids=np.arange(n_items),
+        popularity=counts,
+        agent_item_factors=af,
+        agent_item_score=ascore,
+        report=report,
+    )

@@ -1,132 +1,105 @@
-"""Run bookkeeping (issue 7) of the pretraining and meta-RL scripts: per-epoch training state and
---resume for pretraining, run.json / metrics.jsonl / progress / non-finite-loss stops for meta-RL."""
+"""The meta-RL experiment's run bookkeeping: config.json / run.json / rl_results.json metadata,
+metrics rows, progress, non-finite-loss stops; its configs and their checks against the
+registries."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
+import types
 
-import jax
 import numpy as np
 import pytest
 
-from metarec import pretrain as mpre
-from metarec.training.checkpoint import Checkpointer, tree_digest
-from metarec.models.transformer import EncoderConfig
+from experiments.meta_rl import pipeline, runner, settings
+from experiments.meta_rl.configs import default, quick
+from metarec import data as mdata
 from metarec.training.runlog import read_json, read_metrics
+from metarec.training.trainer import NonFiniteLossError
 from tests.conftest import write_ml100k
 
-V, L = 16, 8
-ENC = EncoderConfig(num_items=V, max_len=L, width=16, depth=1, heads=2, dropout_rate=0.1)
-PCFG = mpre.PretrainConfig(epochs=4, batch_size=16, lr=5e-3, seed=3)
+
+def _tiny_config(**kw):
+    c = default.get_config()
+    c.dataset, c.seeds, c.methods = "synthetic", (0, 1), ("random", "popular")
+    c.n_train_users, c.n_test_users, c.n_items = 8, 4, 8
+    c.env.horizon, c.env.history_len = 3, 2
+    c.adapt_episodes, c.eval_episodes = (0, 1), 1
+    c.update(kw)
+    return c
 
 
-def _script(name: str):
-    """``experiments.<name>``. The scripts define flags of the same names on absl's global FLAGS, so
-    before importing one, the flags of the other already imported scripts are removed (the functions
-    tested here take their settings as arguments, not from FLAGS)."""
-    import importlib
-    import sys
-
-    from absl import flags
-
-    full = f"experiments.{name}"
-    if full not in sys.modules:
-        for other in ("experiments.pretrain", "experiments.meta_rl", "experiments.meta_train"):
-            if other in sys.modules:
-                for f in flags.FLAGS.get_flags_for_module(other):
-                    if f.name in flags.FLAGS:
-                        delattr(flags.FLAGS, f.name)
-    return importlib.import_module(full)
-
-
-class _Kill(Exception):
-    """Stands in for a killed process."""
-
-
-def _tiny_rl_config(**kw):
-    from metarec.rl import benchmark
-    from metarec.rl import env as envlib
-
-    env = envlib.EnvConfig(horizon=3, history_len=2)
-    base = dict(dataset="synthetic", seeds=(0, 1), methods=("random", "popular"), n_train_users=8, n_test_users=4,
-                n_items=8, env=env, adapt_episodes=(0, 1), eval_episodes=1)  # fmt: skip
-    return dataclasses.replace(benchmark.BenchmarkConfig(), **(base | kw))
-
-
-def _fake_benchmark(config, hooks, ctx=None):
-    """Stands in for ``benchmark.run_benchmark`` (whose jitted evaluation takes ~20 s to compile): calls
+def _fake_run_seeds(spec, hooks, ctx=None):
+    """Stands in for ``runner.run_seeds`` (whose jitted evaluation takes ~20 s to compile): calls
     the hooks the way the real one does and returns a payload of the same shape."""
-    import types
-
     per_seed = []
-    for seed in config.seeds:
-        hooks.on_simulator(seed, types.SimpleNamespace(train={"a": np.arange(3) + seed}, test={"b": np.ones(2)},
-                                                       item_ids=np.arange(4), popularity=np.ones(4)))  # fmt: skip
-        for name in config.methods:
+    for seed in spec.seeds:
+        sim = types.SimpleNamespace(
+            train={"a": np.arange(3) + seed},
+            test={"b": np.ones(2)},
+            item_ids=np.arange(4),
+            popularity=np.ones(4),
+        )
+        hooks.on_simulator(seed, sim)
+        for name in spec.methods:
             hooks.on_stage(seed, f"eval_{name}", 0.1)
-            hooks.on_method(seed, name, {m: {n: 0.1 * (seed + 1) + n for n in config.adapt_episodes}
-                                         for m in ("ctr", "return", "regret")})  # fmt: skip
+            curve = {
+                m: {n: 0.1 * (seed + 1) + n for n in spec.adapt_episodes}
+                for m in ("ctr", "return", "regret")
+            }
+            hooks.on_method(seed, name, curve)
         per_seed.append({"seed": seed, "timings": {}, "oracle": {}, "train_logs": {}})
-    return {"results": {name: {} for name in config.methods}, "per_seed": per_seed}
+    return {"results": {name: {} for name in spec.methods}, "per_seed": per_seed}
 
 
-def test_meta_rl_writes_run_metadata_metrics_and_progress(tmp_path, monkeypatch):
-    meta_rl = _script("meta_rl")
-    from metarec.rl import benchmark
-
-    monkeypatch.setattr(benchmark, "run_benchmark", _fake_benchmark)
-    cfg = _tiny_rl_config()
-    wd = str(tmp_path / "rl")
-    bar = io.StringIO()
-    argv = ["-m", "experiments.meta_rl", "--dataset", "synthetic", "--workdir", wd]
-    meta_rl.run(cfg, wd, argv=argv, progress_stream=bar)
-    res = read_json(os.path.join(wd, "rl_results.json"))
-    run = read_json(os.path.join(wd, "run.json"))
+def _check_run_files(wd, res, run):
     for d in (res, run):
         assert d["command"].endswith(f"--workdir {wd}") and d["seeds"] == [0, 1]
-        assert d["config"]["methods"] == ["random", "popular"] and d["config"]["env"]["horizon"] == 3
+        assert d["config"]["methods"] == ["random", "popular"]
+        assert d["config"]["env"]["horizon"] == 3 and d["config"]["data_dir"] is None
+        assert "checkpoint_every" not in d["config"]
         assert {"jax", "numpy", "python"} <= set(d["versions"])
         assert d["data_sha256"] is None  # synthetic: the simulators are digested instead
         assert set(d["simulator_sha256"]) == {"0", "1"}
     assert res["simulator_sha256"]["0"] != res["simulator_sha256"]["1"]
+    saved = read_json(os.path.join(wd, "config.json"))["config"]
+    assert saved["env.horizon"] == 3 and saved["meta.inner_params"] == ["item_bias"]
+
+
+def test_meta_rl_writes_run_metadata_metrics_and_progress(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "run_seeds", _fake_run_seeds)
+    wd = str(tmp_path / "rl")
+    bar = io.StringIO()
+    argv = ["-m", "experiments.meta_rl.main", "--config.dataset=synthetic", "--workdir", wd]
+    pipeline.run(_tiny_config(), wd, argv=argv, progress_stream=bar)
+    res = read_json(os.path.join(wd, "rl_results.json"))
+    _check_run_files(wd, res, read_json(os.path.join(wd, "run.json")))
     rows = [r for r in read_metrics(wd) if r["kind"] == "eval"]
     assert sorted((r["unit"], r["step"]) for r in rows) == sorted(
-        (f"seed{s}/{m}", n) for s in (0, 1) for m in ("random", "popular") for n in (0, 1))
+        (f"seed{s}/{m}", n) for s in (0, 1) for m in ("random", "popular") for n in (0, 1)
+    )
     one = next(r for r in rows if r["unit"] == "seed1/popular" and r["step"] == 1)
     assert one["ctr"] == pytest.approx(1.2) and {"return", "regret"} <= set(one)
     assert "meta_rl 4/4" in bar.getvalue()
 
 
 def test_meta_rl_data_sha256_of_movielens(tmp_path):
-    meta_rl = _script("meta_rl")
-    from metarec import data as mdata
-
     d = write_ml100k(tmp_path / "ml", n_users=20, n_items=15)
-    cfg = _tiny_rl_config(dataset="ml-100k", data_dir=d)
-    assert meta_rl.data_sha256(cfg) == mdata.data_checksum(mdata.load_dataset("ml-100k", data_dir=d))
+    spec = settings.resolve(_tiny_config(dataset="ml-100k", data_dir=str(d)))
+    expected = mdata.data_checksum(mdata.load_dataset("ml-100k", data_dir=d))
+    assert pipeline.data_sha256(spec) == expected
 
 
-@pytest.mark.slow  # ~20-40 s on 2 busy cores: compiling the bandit evaluation
-def test_meta_rl_real_pipeline_on_tiny_synthetic_config(tmp_path):
-    meta_rl = _script("meta_rl")
-
-    cfg = _tiny_rl_config()
+def test_meta_rl_real_pipeline_on_tiny_synthetic_config(tmp_path):  # ~7 s on 2 cores
     wd = str(tmp_path / "rl")
     bar = io.StringIO()
-    argv = ["-m", "experiments.meta_rl", "--dataset", "synthetic", "--workdir", wd]
-    payload = meta_rl.run(cfg, wd, argv=argv, progress_stream=bar)
+    argv = ["-m", "experiments.meta_rl.main", "--config.dataset=synthetic", "--workdir", wd]
+    payload = pipeline.run(_tiny_config(), wd, argv=argv, progress_stream=bar)
     res = read_json(os.path.join(wd, "rl_results.json"))
     run = read_json(os.path.join(wd, "run.json"))
-    for d in (res, run):
-        assert d["command"].endswith(f"--workdir {wd}") and d["seeds"] == [0, 1]
-        assert d["config"]["methods"] == ["random", "popular"] and d["config"]["env"]["horizon"] == 3
-        assert {"jax", "numpy", "python"} <= set(d["versions"])
-        assert d["data_sha256"] is None  # synthetic: the simulators are digested instead
-        assert set(d["simulator_sha256"]) == {"0", "1"} and all(len(v) == 64 for v in d["simulator_sha256"].values())
-    assert res["simulator_sha256"]["0"] != res["simulator_sha256"]["1"]
+    _check_run_files(wd, res, run)
+    assert all(len(v) == 64 for v in run["simulator_sha256"].values())
     assert set(res["results"]) == {"random", "popular"} and res == json.loads(json.dumps(payload))
     rows = [r for r in read_metrics(wd) if r["kind"] == "eval"]
     assert len(rows) == 8 and all({"ctr", "return", "regret"} <= set(r) for r in rows)
@@ -134,18 +107,97 @@ def test_meta_rl_real_pipeline_on_tiny_synthetic_config(tmp_path):
     mean = np.mean([r["ctr"] for r in rows if r["unit"].endswith("/random") and r["step"] == 0])
     assert mean == pytest.approx(res["results"]["random"]["ctr"]["0"]["mean"])
     assert "meta_rl 4/4" in bar.getvalue()
+    assert "±" in pipeline.format_table(payload)
+
+
+def test_table_of_one_seed_shows_no_spread():
+    cell = {"mean": 0.5, "std": 0.0}
+    payload = {
+        "results": {"ppo": {"ctr": {"0": cell, "1": cell}}},
+        "oracle_ctr": cell,
+        "per_seed": [{"seed": 0}],
+    }
+    table = pipeline.format_table(payload)
+    assert "0.5000" in table and "oracle" in table and "±" not in table
 
 
 def test_meta_rl_non_finite_training_loss_names_method_and_seed(tmp_path):
-    meta_rl = _script("meta_rl")
-
-    meta_rl.check_finite_training(0, "ppo", {"loss": np.ones(3), "return": np.zeros(3)})
-    with pytest.raises(meta_rl.NonFiniteLossError, match=r"seed 2, method metasgd: non-finite training loss .*iteration 3 of 4"):
-        meta_rl.check_finite_training(2, "metasgd", {"loss": np.array([1.0, 0.5, np.nan, np.inf])})
-    rec = meta_rl.RunRecorder(_tiny_rl_config(), str(tmp_path), progress_stream=io.StringIO())
+    pipeline.check_finite_training(0, "ppo", {"loss": np.ones(3), "return": np.zeros(3)})
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"seed 2, method metasgd: non-finite training loss .*iteration 3 of 4",
+    ):
+        pipeline.check_finite_training(2, "metasgd", {"loss": np.array([1.0, 0.5, np.nan, np.inf])})
+    spec = settings.resolve(_tiny_config())
+    rec = pipeline.RunRecorder(spec, str(tmp_path), progress_stream=io.StringIO())
     rec.on_train(0, "dqn", {"loss": np.array([1.0, 0.5]), "epsilon": np.array([1.0, 0.9])})
-    with pytest.raises(meta_rl.NonFiniteLossError, match="seed 1, method dqn"):
+    with pytest.raises(NonFiniteLossError, match="seed 1, method dqn"):
         rec.on_train(1, "dqn", {"loss": np.array([np.inf])})
     rec.close()
     rows = read_metrics(str(tmp_path))
-    assert [(r["unit"], r["step"], r["loss"]) for r in rows] == [("seed0/dqn/train", 1, 1.0), ("seed0/dqn/train", 2, 0.5)]
+    assert [(r["unit"], r["step"], r["loss"]) for r in rows] == [
+        ("seed0/dqn/train", 1, 1.0),
+        ("seed0/dqn/train", 2, 0.5),
+    ]
+
+
+# ---------------------------------------------------------------- configs
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("methods", ("ppo", "maml2"), "--config.methods='maml2'; allowed: random, popular, "),
+        ("methods", (), "--config.methods is empty; allowed: random, popular, "),
+        ("dataset", "ml-25m", "--config.dataset='ml-25m'; allowed: synthetic, ml-100k, ml-1m"),
+        ("reward", "stars", "--config.reward='stars'; allowed: click, rating"),
+        ("seeds", ("a",), "--config.seeds must be integers"),
+        ("adapt_episodes", (-1,), "--config.adapt_episodes must be non-negative integers"),
+        ("eval_episodes", 0, "--config.eval_episodes must be >= 1"),
+        ("checkpoint_every", 0, "--config.checkpoint_every must be >= 1"),
+    ],
+)
+def test_bad_config_is_named_with_the_allowed_values(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        settings.resolve(_tiny_config(**{field: value}))
+
+
+def test_library_settings_are_checked_and_names_split():
+    c = _tiny_config(methods=("ppo,maml", "metasgd"))
+    c.meta.inner_params = ("item_bias,user/bias",)
+    spec = settings.resolve(c)
+    assert spec.methods == ("ppo", "maml", "metasgd")
+    assert spec.meta.inner_params == ("item_bias", "user/bias")
+    c.meta.inner_params = ("all",)
+    assert settings.resolve(c).meta.inner_params is None
+    c.ppo.num_envs = 0
+    with pytest.raises(ValueError, match="PPOConfig.num_envs must be >= 1"):
+        settings.resolve(c)
+    c = _tiny_config()
+    c.meta.inner_credit = "bogus"
+    with pytest.raises(ValueError, match="inner_credit"):
+        settings.resolve(c)
+
+
+def test_quick_config_is_the_default_with_small_sizes():
+    full = settings.recorded_config(settings.resolve(default.get_config()))
+    small = settings.recorded_config(settings.resolve(quick.get_config()))
+    assert full["methods"] == list(settings.METHODS) and full["seeds"] == [0, 1, 2]
+    assert full["meta"]["inner_params"] == ["item_bias"] and full["online_rounds"] == 5
+    changed = {k for k in pipeline.flat(full) if pipeline.flat(full)[k] != pipeline.flat(small)[k]}
+    assert changed == {
+        "n_train_users",
+        "n_test_users",
+        "n_items",
+        "env.horizon",
+        "env.history_len",
+        "adapt_episodes",
+        "eval_episodes",
+        "ppo.num_updates",
+        "ppo.num_envs",
+        "dqn.num_iterations",
+        "dqn.num_envs",
+        "dqn.buffer_size",
+        "dqn.batch_size",
+        "meta.num_iterations",
+        "meta.meta_batch",
+        "online_rounds",
+    }

@@ -15,7 +15,9 @@ CFG = E.EnvConfig(horizon=5, history_len=3, leave_growth=0.0, boredom_weight=0.0
 
 @pytest.fixture(scope="module")
 def setup():
-    sim = S.synthetic_simulator(0, 32, 16, 12, env_config=CFG, mf_steps=20, planted_best=2, n_clusters=2)
+    sim = S.synthetic_simulator(
+        0, 32, 16, 12, env_config=CFG, mf_steps=20, planted_best=2, n_clusters=2
+    )
     net = networks.make_item_scorer(12, 3, embed_dim=8, hidden=16)
     return sim, net
 
@@ -34,10 +36,22 @@ def test_agent_improves_on_held_out_users(setup, algo):
     if algo == "ppo":
         train = ppo.make_train(ppo.PPOConfig(num_updates=40, num_envs=16, lr=1e-2), net)
     elif algo == "dqn":
-        train = dqn.make_train(dqn.DQNConfig(num_iterations=40, num_envs=8, buffer_size=1024, batch_size=64,
-                                             updates_per_iter=2, target_every=4, lr=5e-3), net)
+        train = dqn.make_train(
+            dqn.DQNConfig(
+                num_iterations=40,
+                num_envs=8,
+                buffer_size=1024,
+                batch_size=64,
+                updates_per_iter=2,
+                target_every=4,
+                lr=5e-3,
+            ),
+            net,
+        )
     else:
-        train = reinforce.make_train(reinforce.ReinforceConfig(num_updates=40, num_envs=16, lr=5e-2), net)
+        train = reinforce.make_train(
+            reinforce.ReinforceConfig(num_updates=40, num_envs=16, lr=5e-2), net
+        )
     out = jax.jit(train)(jax.random.PRNGKey(1), sim.train)
     r = np.asarray(out["metrics"]["return"])
     assert r.shape == (40,)
@@ -54,7 +68,9 @@ def test_training_is_seeded_and_vmaps_over_seeds(setup):
     keys = jax.random.split(jax.random.PRNGKey(0), 2)
     batched = jax.jit(jax.vmap(train, in_axes=(0, None)))(keys, sim.train)
     single = jax.jit(train)(keys[1], sim.train)
-    np.testing.assert_allclose(batched["metrics"]["return"][1], single["metrics"]["return"], rtol=1e-5)
+    np.testing.assert_allclose(
+        batched["metrics"]["return"][1], single["metrics"]["return"], rtol=1e-5
+    )
     again = jax.jit(train)(keys[1], sim.train)
     for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(again)):
         np.testing.assert_array_equal(a, b)
