@@ -188,6 +188,32 @@ def run_main(name: str, body: Callable[[], object]) -> None:
     app.run(main, flags_parser=_flags_parser(name))
 
 
+def run_resumable(name: str, module: str, pipeline_main: Callable, config_holder) -> None:
+    """The whole ``__main__`` of a resumable experiment: ``pipeline_main(config, workdir, resume=,
+    overwrite=, argv=)`` under :func:`run_main` (``module``: the script's ``-m`` name, recorded as
+    the command in the run's metadata)."""
+
+    def body():
+        argv = ["-m", module, *sys.argv[1:]]
+        pipeline_main(
+            config_holder.value,
+            FLAGS.workdir,
+            resume=FLAGS.resume,
+            overwrite=FLAGS.overwrite,
+            argv=argv,
+        )
+
+    run_main(name, body)
+
+
+def split_names(values) -> tuple[str, ...]:
+    """``("maml,metasgd",)`` (how ``--config.algos=maml,metasgd`` arrives: ml_collections reads a
+    tuple of strings as one string) -> ``("maml", "metasgd")``."""
+    if isinstance(values, str):
+        values = (values,)
+    return tuple(n.strip() for v in values for n in str(v).split(",") if n.strip())
+
+
 def check_choice(flag: str, value: str, allowed) -> str:
     """``value`` if in ``allowed``, else ``ValueError`` naming ``flag`` and what is allowed."""
     if value not in allowed:

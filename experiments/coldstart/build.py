@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from experiments.common import split_names
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
 from metarec.data.tasks import Task
@@ -20,14 +21,6 @@ BASELINES = (*FITTED_BASELINES, *NETWORK_BASELINES)
 TEST_SCENARIOS = mdata.SCENARIOS
 SUPPORT_WIDTH = {"melu": 100 - 10, "time": 15}  # largest support set each protocol can produce
 NAME_FIELDS = ("algos", "baselines")
-
-
-def split_names(values) -> tuple[str, ...]:
-    """``("maml,metasgd",)`` (how ``--config.algos=maml,metasgd`` arrives) ->
-    ``("maml", "metasgd")``."""
-    if isinstance(values, str):
-        values = (values,)
-    return tuple(n.strip() for v in values for n in str(v).split(",") if n.strip())
 
 
 @dataclasses.dataclass

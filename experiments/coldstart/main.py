@@ -12,8 +12,6 @@ The workdir also gets per-(seed, learner) checkpoints and results (``checkpoints
 devices, git commit), ``train_log.txt``, ``coldstart.INFO`` (library logs) and ``report/report.md``.
 """
 
-import sys
-
 from absl import flags
 
 from experiments import common
@@ -24,12 +22,5 @@ _CONFIG = common.define_config(__file__)
 common.define_run_flags(default_workdir="runs/coldstart")
 
 
-def _main():
-    argv = ["-m", "experiments.coldstart.main", *sys.argv[1:]]
-    pipeline.main(
-        _CONFIG.value, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite, argv=argv
-    )
-
-
 if __name__ == "__main__":
-    common.run_main("coldstart", _main)
+    common.run_resumable("coldstart", "experiments.coldstart.main", pipeline.main, _CONFIG)

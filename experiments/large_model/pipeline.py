@@ -28,6 +28,7 @@ from experiments.common import (
     enable_compilation_cache,
     format_mean_std,
     prepare_workdir,
+    split_names,
 )
 from experiments.pretrain import pipeline as pretraining
 from metarec import data as mdata
@@ -69,7 +70,7 @@ def coldstart_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
     """Raise ``ValueError`` naming the config field and what is allowed."""
-    cfg.methods = coldstart.split_names(cfg.methods)
+    cfg.methods = split_names(cfg.methods)
     for m in cfg.methods:
         check_choice("--config.methods", m, METHODS)
     if len(set(cfg.methods)) != len(cfg.methods):

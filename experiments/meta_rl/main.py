@@ -12,8 +12,6 @@ checkpoints and results (``checkpoints/``, ``units/``), ``metrics.jsonl``/``metr
 ``config.json``, ``run.json`` and the libraries' log (see ``pipeline.py``).
 """
 
-import sys
-
 from absl import flags
 
 from experiments import common
@@ -24,12 +22,5 @@ _CONFIG = common.define_config(__file__)
 common.define_run_flags(default_workdir="runs/rl")
 
 
-def _main():
-    argv = ["-m", "experiments.meta_rl.main", *sys.argv[1:]]
-    pipeline.main(
-        _CONFIG.value, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite, argv=argv
-    )
-
-
 if __name__ == "__main__":
-    common.run_main("meta_rl", _main)
+    common.run_resumable("meta_rl", "experiments.meta_rl.main", pipeline.main, _CONFIG)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import ml_collections
 
-from experiments.common import check_choice
+from experiments.common import check_choice, split_names
 from metarec import data as mdata
 from metarec.rl import bandits
 from metarec.rl import dqn as dqnlib
@@ -32,13 +32,6 @@ SIMULATED = ("synthetic",)
 REWARDS = ("click", "rating")
 # config fields that say how a run is kept, not what it computes (not part of the recorded config)
 RUN_SETTINGS = ("checkpoint_every", "keep_checkpoints")
-
-
-def split_names(values) -> tuple[str, ...]:
-    """``("ppo,dqn",)`` (how ``--config.methods=ppo,dqn`` arrives) -> ``("ppo", "dqn")``."""
-    if isinstance(values, str):
-        values = (values,)
-    return tuple(n.strip() for v in values for n in str(v).split(",") if n.strip())
 
 
 def _ints(field: str, values) -> tuple[int, ...]:

@@ -8,8 +8,6 @@ The checkpoint in --workdir is what ``--config.init_from`` of the cold-start and
 experiments loads (pretrain once per split seed). What the workdir holds: see ``pipeline.py``.
 """
 
-import sys
-
 from absl import flags
 
 from experiments import common
@@ -20,12 +18,5 @@ _CONFIG = common.define_config(__file__)
 common.define_run_flags(default_workdir="runs/pretrain")
 
 
-def _main():
-    argv = ["-m", "experiments.pretrain.main", *sys.argv[1:]]
-    pipeline.main(
-        _CONFIG.value, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite, argv=argv
-    )
-
-
 if __name__ == "__main__":
-    common.run_main(pipeline.NAME, _main)
+    common.run_resumable(pipeline.NAME, "experiments.pretrain.main", pipeline.main, _CONFIG)

@@ -47,6 +47,7 @@ RUN_FILES = encoder_checkpoint.FILES + (
 
 # (lowest, highest) allowed value of numeric fields; None = unbounded
 BOUNDS = {
+    "seed": (0, None),
     "encoder.max_len": (2, None),
     "encoder.width": (2, None),
     "encoder.depth": (1, None),
