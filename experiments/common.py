@@ -129,7 +129,8 @@ def quiet_terminal() -> None:
 
 
 def _fail(name: str, msg) -> None:
-    print(f"{name}: error: {msg}", file=sys.stderr)
+    one_line = " ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+    print(f"{name}: error: {one_line}", file=sys.stderr)
     sys.exit(1)
 
 

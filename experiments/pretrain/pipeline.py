@@ -47,7 +47,6 @@ RUN_FILES = encoder_checkpoint.FILES + (
 
 # (lowest, highest) allowed value of numeric fields; None = unbounded
 BOUNDS = {
-    "seed": (0, None),
     "encoder.max_len": (2, None),
     "encoder.width": (2, None),
     "encoder.depth": (1, None),
@@ -92,7 +91,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     """Names checked against the registries, numbers against :data:`BOUNDS`."""
     check_choice("--config.dataset", cfg.dataset, mdata.DATASETS)
     check_choice("--config.protocol", cfg.protocol, PROTOCOLS)
-    check_bounds(cfg, BOUNDS)
+    check_bounds(cfg, BOUNDS | {"seed": (0, None)})
     check_encoder(cfg.encoder)
 
 
