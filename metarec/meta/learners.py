@@ -82,6 +82,54 @@ def _identity(p):
 # ----------------------------------------------------------------------------------------------
 # MAML / FOMAML
 # ----------------------------------------------------------------------------------------------
+def _through_inner_loop(
+    apply_fn: Callable,
+    loss_fn: Callable,
+    *,
+    inner_steps: int,
+    adapt_mask: MaskLike,
+    first_order: bool,
+    remat: bool,
+    name: str,
+    init: Callable[[PyTree], PyTree],
+    split: Callable[[PyTree], tuple[PyTree, Any]],
+) -> MetaLearner:
+    """The core MAML and Meta-SGD share: adapt with the inner loop, score the query set, and
+    differentiate through the inner steps. ``split(meta_params) -> (params, inner_lr)`` is where
+    they differ (a fixed rate, or learned per-parameter rates carried in the meta-parameters)."""
+    objective = make_objective(apply_fn, loss_fn)
+
+    def adapt(meta_params, support, key=None):
+        params, lr = split(meta_params)
+        return _inner.adapt(
+            params,
+            support,
+            objective,
+            steps=inner_steps,
+            lr=lr,
+            mask=adapt_mask,
+            first_order=first_order,
+            remat=remat,
+            key=key,
+        )
+
+    def meta_loss(meta_params, task, key=None):
+        k_inner, k_query = _split(key)
+        phi = adapt(meta_params, task.support, k_inner)
+        return objective(phi, task.query, k_query)
+
+    def task_grad(meta_params, task, key=None):
+        return jax.value_and_grad(meta_loss)(meta_params, task, key)
+
+    return MetaLearner(
+        init=init,
+        adapt=adapt,
+        task_grad=task_grad,
+        model_params=lambda mp: split(mp)[0],
+        name=name,
+    )
+
+
 def maml(
     apply_fn: Callable,
     loss_fn: Callable = mse,
@@ -111,35 +159,16 @@ def maml(
       remat: rematerialise each inner step (memory independent of ``inner_steps``).
     """
     _check_common(inner_steps, inner_lr)
-    objective = make_objective(apply_fn, loss_fn)
-
-    def adapt(params, support, key=None):
-        return _inner.adapt(
-            params,
-            support,
-            objective,
-            steps=inner_steps,
-            lr=inner_lr,
-            mask=adapt_mask,
-            first_order=first_order,
-            remat=remat,
-            key=key,
-        )
-
-    def meta_loss(params, task, key=None):
-        k_inner, k_query = _split(key)
-        phi = adapt(params, task.support, k_inner)
-        return objective(phi, task.query, k_query)
-
-    def task_grad(params, task, key=None):
-        return jax.value_and_grad(meta_loss)(params, task, key)
-
-    return MetaLearner(
-        init=_identity,
-        adapt=adapt,
-        task_grad=task_grad,
-        model_params=_identity,
+    return _through_inner_loop(
+        apply_fn,
+        loss_fn,
+        inner_steps=inner_steps,
+        adapt_mask=adapt_mask,
+        first_order=first_order,
+        remat=remat,
         name=name or ("fomaml" if first_order else "maml"),
+        init=_identity,
+        split=lambda params: (params, inner_lr),
     )
 
 
@@ -172,7 +201,6 @@ def metasgd(
     (``inner_steps=1`` default here), but any K works.
     """
     _check_common(inner_steps, inner_lr)
-    objective = make_objective(apply_fn, loss_fn)
 
     def init(params):
         lr = jax.tree_util.tree_map(
@@ -180,29 +208,16 @@ def metasgd(
         )
         return MetaSGDParams(params=params, lr=lr)
 
-    def adapt(meta_params, support, key=None):
-        return _inner.adapt(
-            meta_params.params,
-            support,
-            objective,
-            steps=inner_steps,
-            lr=meta_params.lr,
-            mask=adapt_mask,
-            first_order=first_order,
-            remat=remat,
-            key=key,
-        )
-
-    def meta_loss(meta_params, task, key=None):
-        k_inner, k_query = _split(key)
-        phi = adapt(meta_params, task.support, k_inner)
-        return objective(phi, task.query, k_query)
-
-    def task_grad(meta_params, task, key=None):
-        return jax.value_and_grad(meta_loss)(meta_params, task, key)
-
-    return MetaLearner(
-        init=init, adapt=adapt, task_grad=task_grad, model_params=lambda mp: mp.params, name=name
+    return _through_inner_loop(
+        apply_fn,
+        loss_fn,
+        inner_steps=inner_steps,
+        adapt_mask=adapt_mask,
+        first_order=first_order,
+        remat=remat,
+        name=name,
+        init=init,
+        split=lambda mp: (mp.params, mp.lr),
     )
 
 
