@@ -347,8 +347,12 @@ batch_auc = batched(auc)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def per_task_metrics(pred, true, mask, k: int = 3, threshold: float = 4.0):
+def per_task_metrics(pred, true, mask, k: int = 3, threshold: float = 4.0, rank_scores=None):
     """Every query-set metric for a batch of tasks ``[T, Q]``; jit/vmap friendly.
+
+    The error metrics (MAE, RMSE) use ``pred``; the ranking metrics (nDCG, precision, recall, F1,
+    AUC) rank by ``rank_scores`` (default ``pred``). Pass the raw scores there when ``pred`` is
+    clipped to the rating scale: clipping ties items the model ranked apart.
 
     Returns ``(values, valid)``: two dicts with the same keys ``mae, rmse, ndcg@k, random_ndcg@k,
     precision@k, recall@k, f1@k, auc`` (``k`` substituted; recall is :func:`query_recall_at_k`),
@@ -358,23 +362,28 @@ def per_task_metrics(pred, true, mask, k: int = 3, threshold: float = 4.0):
     """
     k = int(k)
 
-    def one(p, t, m):
+    def one(p, r, t, m):
         vals, ok = {}, {}
         one_ = jnp.float32(1.0)
         vals["mae"], ok["mae"] = mae(p, t, m), one_
         vals["rmse"], ok["rmse"] = rmse(p, t, m), one_
-        vals[f"ndcg@{k}"], ok[f"ndcg@{k}"] = ndcg_at_k(p, t, m, k)
+        vals[f"ndcg@{k}"], ok[f"ndcg@{k}"] = ndcg_at_k(r, t, m, k)
         vals[f"random_ndcg@{k}"], ok[f"random_ndcg@{k}"] = expected_random_ndcg_at_k(t, m, k)
-        vals[f"precision@{k}"], ok[f"precision@{k}"] = precision_at_k(p, t, m, k, threshold)
-        vals[f"recall@{k}"], ok[f"recall@{k}"] = query_recall_at_k(p, t, m, k, threshold)
-        vals[f"f1@{k}"], ok[f"f1@{k}"] = f1_at_k(p, t, m, k, threshold)
-        vals["auc"], ok["auc"] = auc(p, t, m, threshold)
+        vals[f"precision@{k}"], ok[f"precision@{k}"] = precision_at_k(r, t, m, k, threshold)
+        vals[f"recall@{k}"], ok[f"recall@{k}"] = query_recall_at_k(r, t, m, k, threshold)
+        vals[f"f1@{k}"], ok[f"f1@{k}"] = f1_at_k(r, t, m, k, threshold)
+        vals["auc"], ok["auc"] = auc(r, t, m, threshold)
         return vals, ok
 
     pred = jnp.asarray(pred, jnp.float32)
-    if pred.ndim != 2:
-        raise ValueError(f"per_task_metrics takes [T, Q] arrays, got pred{tuple(pred.shape)}")
-    return jax.vmap(one)(pred, jnp.asarray(true, jnp.float32), jnp.asarray(mask, jnp.float32))
+    rank = pred if rank_scores is None else jnp.asarray(rank_scores, jnp.float32)
+    if pred.ndim != 2 or rank.shape != pred.shape:
+        raise ValueError(
+            f"per_task_metrics takes [T, Q] arrays, got pred{tuple(pred.shape)}, "
+            f"rank_scores{tuple(rank.shape)}"
+        )
+    true, mask = jnp.asarray(true, jnp.float32), jnp.asarray(mask, jnp.float32)
+    return jax.vmap(one)(pred, rank, true, mask)
 
 
 # ----------------------------------------------------------------------------------------------

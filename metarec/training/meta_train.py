@@ -60,9 +60,12 @@ def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np
 
 
 def score(pred: np.ndarray, tasks: Task, scale: tuple[float, float], k: int) -> dict[str, float]:
-    """Per-user query metrics averaged over users (predictions clipped to the rating scale)."""
-    pred = np.clip(pred, *scale)
-    values, valid = mmetrics.per_task_metrics(pred, tasks.query.y, tasks.query.mask, k=k)
+    """Per-user query metrics averaged over users: MAE and RMSE of the predictions clipped to the
+    rating scale, ranking metrics by the raw predictions (PROTOCOL.md: clipping creates ties)."""
+    clipped = np.clip(pred, *scale)
+    values, valid = mmetrics.per_task_metrics(
+        clipped, tasks.query.y, tasks.query.mask, k=k, rank_scores=pred
+    )
     return {m: float(mmetrics.summarize(values[m], valid[m])) for m in values}
 
 

@@ -298,3 +298,21 @@ def test_ranking_metrics_agree_with_the_single_row_metrics():
         assert float(m["hr@3"][r]) == float(M.hit_rate_at_k(scores[r], target[r], k=3))
         want = float(M.ndcg_at_k_single_target(scores[r], target[r], k=3))
         np.testing.assert_allclose(float(m["ndcg@3"][r]), want, rtol=1e-6)
+
+
+def test_ranking_metrics_rank_by_rank_scores_and_errors_use_pred():
+    # raw scores 6.0 > 5.5 > 1.0 clip to 5, 5, 1: clipping ties the first two items, and the stable
+    # tie order (query order) then ranks the worse item first
+    true = np.array([[3.0, 5.0, 1.0]], np.float32)
+    raw = np.array([[5.5, 6.0, 1.0]], np.float32)
+    clipped = np.clip(raw, 1, 5)
+    mask = np.ones_like(true)
+    vals_clip, _ = M.per_task_metrics(clipped, true, mask, k=1)
+    vals_raw, _ = M.per_task_metrics(clipped, true, mask, k=1, rank_scores=raw)
+    assert float(vals_clip["ndcg@1"][0]) == pytest.approx((2**3 - 1) / (2**5 - 1))
+    assert float(vals_raw["ndcg@1"][0]) == pytest.approx(1.0)
+    # the error metrics are those of the clipped predictions either way: |5-3|, |5-5|, |1-1|
+    for vals in (vals_clip, vals_raw):
+        assert float(vals["mae"][0]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="rank_scores"):
+        M.per_task_metrics(clipped, true, mask, k=1, rank_scores=raw[:, :2])

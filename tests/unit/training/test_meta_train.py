@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -184,3 +185,15 @@ def test_resume_refuses_checkpoint_of_another_split(setup, tmp_path):
                 checkpointer=ck,
                 resume=True,
             )
+
+
+def test_score_clips_for_errors_and_ranks_by_raw_predictions():
+    from metarec.data.tasks import Examples, Task
+    from metarec.training.meta_train import score
+
+    y = np.array([[3.0, 5.0, 1.0]], np.float32)
+    ex = Examples(x={}, y=y, mask=np.ones_like(y))
+    tasks = Task(support=ex, query=ex, user=np.zeros(1, np.int32))
+    out = score(np.array([[5.5, 6.0, 1.0]], np.float32), tasks, (1.0, 5.0), k=1)
+    assert out["mae"] == pytest.approx(2 / 3)  # clipped: |5-3|, |5-5|, |1-1|
+    assert out["ndcg@1"] == pytest.approx(1.0)  # raw 6.0 ranks the 5-star item first
