@@ -36,9 +36,10 @@ class SeedData:
     encode: Callable[[mdata.UserSets], Task]  # UserSets -> model-ready Task (padding, history)
 
 
-def prepare_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
+def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) -> SeedData:
     """Scenarios, vocabularies and encoded tasks for one seed; every support set padded to one
-    width."""
+    width. ``test=False`` (the tuning path) leaves the test scenarios out: ``test`` and
+    ``test_sets`` stay empty, so nothing downstream can read a test user's ratings."""
     split = mdata.make_split(data, seed, cfg.protocol)
     empty = [k for k, v in split.sets.items() if v.n_users == 0]
     if empty:
@@ -68,7 +69,7 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
     def enc(s: mdata.UserSets) -> Task:
         return prepare(encoder.encode(s.pad_support(width)))
 
-    test_sets = {k: split.sets[k] for k in TEST_SCENARIOS}
+    test_sets = {k: split.sets[k] for k in TEST_SCENARIOS} if test else {}
     return SeedData(
         split=split,
         encoder=encoder,

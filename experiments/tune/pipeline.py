@@ -2,8 +2,9 @@
 
 :func:`grid_search` meta-trains one learner for every combination of a small grid on the warm-train
 users of the given seeds (minus their validation users) and scores each on the validation users'
-query sets (after adaptation on their support sets), exactly as early stopping does. The test
-scenarios are built (the split needs them) but never evaluated.
+query sets (after adaptation on their support sets), exactly as early stopping does. The split
+knows which users are test users (it must, to leave them out), but no test task is encoded:
+``prepare_seed(..., test=False)``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def grid_search(
             )
     if data is None:
         data = mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, download=cfg.download)
-    prepared = {seed: prepare_seed(data, seed, cfg) for seed in seeds}
+    prepared = {seed: prepare_seed(data, seed, cfg, test=False) for seed in seeds}
     rows = []
     for values in itertools.product(*grid.values()):
         c = ml_collections.ConfigDict(cfg.to_dict())

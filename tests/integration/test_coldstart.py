@@ -181,6 +181,9 @@ def test_tuning_never_reads_a_test_scenario(fixture_data):
     in_train = np.array([p in train_pairs for p in pairs])
     assert 0 < (~in_train).sum() < len(in_train)
     assert search(_poison(data, in_train)) == rows
+    # structurally too: the tuning path encodes no test task
+    tuning_seed = build.prepare_seed(data, 0, cfg, test=False)
+    assert tuning_seed.test == {} and tuning_seed.test_sets == {}
     # the same poison on the validation users' ratings does move it: the check can fail
     val_users = set(build.prepare_seed(data, 0, cfg).val_sets.user_id.tolist())
     not_val = ~data.ratings["user_id"].isin(val_users).to_numpy()
