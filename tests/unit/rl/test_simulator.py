@@ -156,35 +156,11 @@ def test_simulator_mf_is_the_baselines_trainer_with_per_rating_l2():
     m = S.fit_biased_mf(df, rank=2, l2=0.1, steps=30, seed=3)
     u = df["user_id"].map(m.user_index).to_numpy()
     i = df["item_id"].map(m.item_index).to_numpy()
-    p, _, _ = train_mf(
-        u,
-        i,
-        df["rating"].to_numpy(),
-        6,
-        5,
-        dim=2,
-        reg=0.1,
-        lr=0.05,
-        steps=30,
-        init_scale=0.1,
-        key=jax.random.key(3),
-        l2_form="rated",
-        mu=float(np.mean(df["rating"].to_numpy(np.float64))),
-    )
+    shared = dict(dim=2, reg=0.1, lr=0.05, init_scale=0.1, key=jax.random.key(3))
+    ratings = df["rating"].to_numpy()
+    mu = float(np.mean(df["rating"].to_numpy(np.float64)))
+    p, _, _ = train_mf(u, i, ratings, 6, 5, steps=30, l2_form="rated", mu=mu, **shared)
     np.testing.assert_array_equal(m.item_factors, p["item_factors"])
     np.testing.assert_array_equal(m.user_bias, p["user_bias"])
     with pytest.raises(ValueError, match="l2_form must be one of sum, rated"):
-        train_mf(
-            u,
-            i,
-            df["rating"].to_numpy(),
-            6,
-            5,
-            dim=2,
-            reg=0.1,
-            lr=0.05,
-            steps=1,
-            init_scale=0.1,
-            key=jax.random.key(3),
-            l2_form="mean",
-        )
+        train_mf(u, i, ratings, 6, 5, steps=1, l2_form="mean", **shared)
