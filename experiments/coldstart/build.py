@@ -5,11 +5,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import ml_collections
+import numpy as np
+
 from experiments.common import split_names
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
+from metarec.baselines import make_baseline
 from metarec.data.tasks import Task
 from metarec.meta import LEARNERS, make_learner
+from metarec.meta.inner import mse, shrunk_mse
 from metarec.meta.step import make_eval_fn, make_mesh, make_meta_step
 from metarec.models.registry import MODELS, get_model
 from metarec.training.encoder_checkpoint import load_pretrained, same_item_vocab
@@ -20,6 +25,12 @@ NETWORK_BASELINES = ("no_adapt", "finetune")
 BASELINES = (*FITTED_BASELINES, *NETWORK_BASELINES)
 TEST_SCENARIOS = mdata.SCENARIOS
 SUPPORT_WIDTH = {"melu": 100 - 10, "time": 15}  # largest support set each protocol can produce
+# the largest task each protocol makes, for tasks drawn from every training rating
+TASK_SIZES = {
+    "melu": {"max_ratings": 100, "n_query": 10},
+    "time": {"max_ratings": 20, "n_query": 5},
+}
+TRAIN_TASKS = ("resample", "fixed")
 NAME_FIELDS = ("algos", "baselines")
 
 
@@ -34,6 +45,15 @@ class SeedData:
     test: dict[str, Task]
     test_sets: dict[str, mdata.UserSets]
     encode: Callable[[mdata.UserSets], Task]  # UserSets -> model-ready Task (padding, history)
+    # the ratings every method trains on: split.train_ratings minus the validation users' query
+    # ratings (held out for selection); baselines, item tables and meta-training tasks use these
+    fit_ratings: object = None
+    # epoch -> training tasks (fresh draw from fit_ratings), or None for the fixed ``train`` tasks
+    sampler: Callable[[int], Task] | None = None
+
+    def train_tasks(self):
+        """What meta-training iterates over: the per-epoch sampler, or the fixed tasks."""
+        return self.sampler if self.sampler is not None else self.train
 
 
 def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) -> SeedData:
@@ -54,11 +74,14 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
             f"{cfg.protocol} / seed {seed} ({rule}; sizes: {sizes}); nothing can be trained or "
             "scored there: use a larger dataset or another protocol"
         )
-    encoder = mdata.FeatureEncoder.fit(
-        data, split.train_ratings, offset_prior=cfg.offset_prior, stable_shapes=True
-    )
     train_sets, val_sets = mdata.split_validation(
         split.sets["warm_train"], cfg.val_fraction, seed + 2
+    )
+    fit_ratings = mdata.drop_query_ratings(split.train_ratings, val_sets)
+    # vocabularies from the training ratings only: an item rated nowhere else is out of
+    # vocabulary (the learned fallback), not a row that no gradient ever reaches
+    encoder = mdata.FeatureEncoder.fit(
+        data, fit_ratings, offset_prior=cfg.offset_prior, stable_shapes=True
     )
     # one support width per protocol (not per seed), so every seed shares the compiled steps
     width = max(
@@ -70,6 +93,16 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         return prepare(encoder.encode(s.pad_support(width)))
 
     test_sets = {k: split.sets[k] for k in TEST_SCENARIOS} if test else {}
+    sampler = None
+    if cfg.train_tasks == "resample":
+        pool = mdata.rating_pool(fit_ratings, min_ratings=cfg.task_min_support + 1)
+        sizes = TASK_SIZES[cfg.protocol]
+
+        def sampler(epoch: int) -> Task:
+            rng = np.random.default_rng([seed, epoch])
+            draw = mdata.sample_user_sets(pool, rng, min_support=cfg.task_min_support, **sizes)
+            return enc(draw)
+
     return SeedData(
         split=split,
         encoder=encoder,
@@ -80,7 +113,54 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         test={k: enc(v) for k, v in test_sets.items()},
         test_sets=test_sets,
         encode=enc,
+        fit_ratings=fit_ratings,
+        sampler=sampler,
     )
+
+
+def method_config(cfg, name: str):
+    """``(learner name, config)`` of the method ``name`` of ``cfg.algos``: a learner name runs on
+    the base config; a key of ``cfg.methods`` is a learner (its ``algo``) run on the base config
+    with that entry's other fields overriding the base fields (e.g. another model, adapt mode)."""
+    if name not in cfg.methods:
+        return name, cfg
+    over = cfg.methods[name].to_dict()
+    algo = over.pop("algo", None)
+    if algo not in LEARNERS:
+        raise ValueError(f"--config.methods.{name}.algo={algo!r}; allowed: {', '.join(LEARNERS)}")
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    for k, v in over.items():
+        if k not in c or k in ("methods", "algos", "baselines", "seeds", "recommended"):
+            raise ValueError(
+                f"--config.methods.{name}.{k}: not a per-method config field (any field of the "
+                "base config except methods, algos, baselines, seeds, recommended)"
+            )
+        c[k] = v
+    return algo, c
+
+
+def item_tables(sd: SeedData, cfg, seed: int):
+    """``(rows, item_bias, item_factors, mu)``: a biased MF (``cfg.cf_dim`` factors, L2
+    ``cfg.cf_reg``) fitted on the seed's training ratings, indexed by the encoder's item rows."""
+    r = sd.fit_ratings
+    state = fitted_mf(cfg.cf_dim, cfg.cf_reg, seed).fit(
+        r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["rating"].to_numpy()
+    )
+    rows = sd.encoder.vocabs["item_id"].encode(np.asarray(state.item_vocab).astype(str))
+    return rows, state.item_bias, state.item_factors, state.mu
+
+
+def fitted_mf(dim: int, reg: float, seed: int):
+    return make_baseline("mf", dim=dim, reg=reg, seed=seed)
+
+
+def initial_params(init_fn, key, sd: SeedData, cfg, seed: int):
+    """The model's initial parameters; a model that starts from MF item tables gets them here."""
+    params = init_fn(key)
+    fill = get_model(cfg.model).with_item_tables
+    if fill is not None:
+        params = fill(params, *item_tables(sd, cfg, seed))
+    return params
 
 
 def check_pretrained_vocab(info: dict, path: str, encoder, seed: int) -> None:
@@ -102,8 +182,15 @@ def build_learner(name: str, apply_fn: Callable, cfg, **overrides):
     inner_steps = overrides.get("inner_steps", opts.pop("inner_steps", cfg.inner_steps))
     adapt = overrides.get("adapt") or cfg.adapt
     mask = get_model(cfg.model).adapt_filter(adapt, cfg)
+    loss_fn = shrunk_mse(cfg.loss_prior) if cfg.loss_prior else mse
     return make_learner(
-        name, apply_fn, inner_steps=inner_steps, inner_lr=inner_lr, adapt_mask=mask, **opts
+        name,
+        apply_fn,
+        loss_fn,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        adapt_mask=mask,
+        **opts,
     )
 
 
@@ -118,6 +205,19 @@ class Compiled:
         self.mesh = make_mesh() if cfg.all_devices else None
         self.init_from = ""
         self.pretrained = None
+        self.children: dict[str, Compiled] = {}
+
+    def for_method(self, name: str) -> tuple[str, Compiled]:
+        """``(learner name, Compiled of the method's config)``; one child per method, so a method
+        on another model or with other settings compiles its own steps (shared across seeds)."""
+        algo, mcfg = method_config(self.cfg, name)
+        if mcfg is self.cfg:
+            return algo, self
+        if name not in self.children:
+            self.children[name] = Compiled(mcfg)
+        child = self.children[name]
+        child.init_from, child.pretrained = self.init_from, self.pretrained
+        return algo, child
 
     def use_seed(self, seed: int) -> Compiled:
         """Use the seed's pretraining checkpoint (``cfg.init_from`` with ``{seed}`` filled in)."""
@@ -186,7 +286,7 @@ def normalize_config(cfg) -> None:
     read integer lists as integers."""
     for field in NAME_FIELDS:
         cfg[field] = split_names(cfg[field])
-    for field in ("seeds", "hidden", "curve_steps", "curve_support"):
+    for field in ("seeds", "hidden", "cf_hidden", "curve_steps", "curve_support"):
         try:
             cfg[field] = tuple(int(v) for v in split_names(cfg[field]))
         except ValueError:
@@ -200,10 +300,30 @@ def validate_config(cfg) -> None:
     """Raise ``ValueError`` naming the config field and what is allowed."""
     normalize_config(cfg)
     mdata.check_dataset(cfg.dataset)
-    _check_names("algos", cfg.algos, tuple(LEARNERS))
+    _check_names("algos", cfg.algos, tuple(LEARNERS) + tuple(cfg.methods))
+    if cfg.recommended and cfg.recommended not in cfg.algos:
+        raise ValueError(
+            f"--config.recommended={cfg.recommended!r} is not one of --config.algos "
+            f"({', '.join(cfg.algos)})"
+        )
     _check_names("baselines", cfg.baselines, BASELINES)
+    _validate_fields(cfg)
+    for name in cfg.algos:
+        algo, mcfg = method_config(cfg, name)
+        if mcfg is not cfg:
+            try:
+                _validate_fields(mcfg)
+            except ValueError as e:
+                raise ValueError(f"method {name} ({algo}): {e}") from None
+
+
+def _validate_fields(cfg) -> None:
     if cfg.protocol not in SUPPORT_WIDTH:
         raise ValueError(f"--config.protocol={cfg.protocol!r}; allowed: {', '.join(SUPPORT_WIDTH)}")
+    if cfg.train_tasks not in TRAIN_TASKS:
+        raise ValueError(
+            f"--config.train_tasks={cfg.train_tasks!r}; allowed: {', '.join(TRAIN_TASKS)}"
+        )
     if cfg.model not in MODELS:
         raise ValueError(f"--config.model={cfg.model!r}; allowed: {', '.join(MODELS)}")
     entry = MODELS[cfg.model]
@@ -248,6 +368,8 @@ def _validate_numbers(cfg) -> None:
         "chunk_size": 0,
         "finetune_epochs": 1,
         "k": 1,
+        "task_min_support": 1,
+        "cf_dim": 1,
     }
     for name, lo in lower.items():
         if cfg[name] < lo:
@@ -257,6 +379,12 @@ def _validate_numbers(cfg) -> None:
             raise ValueError(f"--config.{name} must be > 0, got {cfg[name]}")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--config.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if not 0 <= cfg.id_dropout < 1:
+        raise ValueError(f"--config.id_dropout must be in [0, 1), got {cfg.id_dropout}")
+    if not cfg.loss_prior >= 0:
+        raise ValueError(f"--config.loss_prior must be >= 0, got {cfg.loss_prior}")
+    if not cfg.cf_reg >= 0:
+        raise ValueError(f"--config.cf_reg must be >= 0, got {cfg.cf_reg}")
     if not 0 <= cfg.feature_dropout < 1:
         raise ValueError(f"--config.feature_dropout must be in [0, 1), got {cfg.feature_dropout}")
     if cfg.all_devices and cfg.meta_batch % jax.device_count():
@@ -269,6 +397,6 @@ def _validate_numbers(cfg) -> None:
             f"--config.meta_batch={cfg.meta_batch} must be a multiple of "
             f"--config.chunk_size={cfg.chunk_size} (0 = no chunks)"
         )
-    for name, lo in (("hidden", 1), ("curve_steps", 0), ("curve_support", 1)):
+    for name, lo in (("hidden", 1), ("cf_hidden", 1), ("curve_steps", 0), ("curve_support", 1)):
         if any(int(v) < lo for v in cfg[name]):
             raise ValueError(f"--config.{name} values must be integers >= {lo}, got {cfg[name]}")

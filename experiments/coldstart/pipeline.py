@@ -31,6 +31,7 @@ from experiments.coldstart.build import (
     NETWORK_BASELINES,
     TEST_SCENARIOS,
     Compiled,
+    initial_params,
     prepare_seed,
     validate_config,
 )
@@ -39,8 +40,16 @@ from experiments.common import enable_compilation_cache, format_mean_std, prepar
 from metarec import baselines as mbaselines
 from metarec import data as mdata
 from metarec import metrics as mmetrics
+from metarec import stats as mstats
 from metarec.training.checkpoint import Checkpointer
-from metarec.training.meta_train import TrainResult, meta_train, pooled, predict_tasks, score
+from metarec.training.meta_train import (
+    TrainResult,
+    meta_train,
+    per_user_scores,
+    pooled_tasks,
+    predict_tasks,
+    score,
+)
 from metarec.training.runlog import MetricsWriter, read_json, run_metadata, write_json_atomic
 from metarec.training.workdir import open_run
 
@@ -165,12 +174,17 @@ def run_seed(
     info = {
         "n_users": {s: int(t.num_tasks) for s, t in sd.test.items()},
         "n_train_users": int(sd.train.num_tasks),
+        "n_train_task_users": int(sd.train_tasks()(1).num_tasks)
+        if sd.sampler is not None
+        else int(sd.train.num_tasks),
+        "n_fit_ratings": len(sd.fit_ratings),
         "n_val_users": int(sd.val.num_tasks),
         "histories": {},
         "seconds": {},
         "params_sha256": {},
         "best_epoch": {},
         "resumed": [],
+        "per_user": {s: {} for s in TEST_SCENARIOS},
     }
     for s, t in sd.test.items():
         r = score(np.zeros_like(t.query.y), t, scale, cfg.k)
@@ -179,6 +193,7 @@ def run_seed(
     def record(unit, rec):
         for s in TEST_SCENARIOS:
             results[s].update(rec["scores"][s])
+            info["per_user"][s].update(rec.get("per_user", {}).get(s, {}))
         info["histories"][unit] = rec["history"]
         info["seconds"][unit] = rec["seconds"]
         info["params_sha256"][unit] = rec["params_sha256"]
@@ -199,41 +214,55 @@ def run_seed(
             info["resumed"].append(name)
             record(name, done)
             continue
-        learner, eval_fn = fns.learner(spec, name), fns.eval(spec, name)
+        algo, mfns = fns.for_method(name)
+        mcfg = mfns.cfg
+        learner, eval_fn = mfns.learner(spec, algo), mfns.eval(spec, algo)
+        params0 = initial_params(mfns.model(spec)[0], k_init, sd, mcfg, seed)
 
         def train_fn(
-            learner=learner, name=name, eval_fn=eval_fn, k_init=k_init, k_train=k_train, **kw
+            learner=learner,
+            algo=algo,
+            mfns=mfns,
+            mcfg=mcfg,
+            eval_fn=eval_fn,
+            params0=params0,
+            k_train=k_train,
+            **kw,
         ):
             return meta_train(
                 learner,
-                fns.step(spec, name),
+                mfns.step(spec, algo),
                 eval_fn,
-                init_fn(k_init),
-                sd.train,
+                params0,
+                sd.train_tasks(),
                 sd.val,
-                cfg,
+                mcfg,
                 k_train,
                 scale,
                 log_fn=log_fn,
-                mesh=fns.mesh,
+                mesh=mfns.mesh,
                 **kw,
             )
 
-        tr = _train_unit(ctx, seed, name, log_fn, cfg, train_fn)
+        tr = _train_unit(ctx, seed, name, log_fn, mcfg, train_fn)
         log_fn(
             f"seed {seed} {name}: best epoch {tr.best_epoch}, val MAE {tr.best_val_mae:.4f}, "
             f"{tr.seconds:.1f}s"
             + (f" (resumed from step {tr.resumed_from})" if tr.resumed_from is not None else "")
         )
         scores = {s: {} for s in TEST_SCENARIOS}
+        users = {s: {} for s in TEST_SCENARIOS}
         for s, t in sd.test.items():
             out = predict_tasks(eval_fn, tr.params, t, cfg.eval_chunk)
             scores[s][name] = score(out["pred"], t, scale, cfg.k)
+            users[s][name] = per_user_scores(out["pred"], t, scale, cfg.k)
             if name == cfg.algos[0] and "no_adapt" in cfg.baselines:
                 # the first meta-learner's initialisation, not adapted
                 scores[s]["no_adapt"] = score(out["pred_init"], t, scale, cfg.k)
+                users[s]["no_adapt"] = per_user_scores(out["pred_init"], t, scale, cfg.k)
         rec = {
             "scores": scores,
+            "per_user": users,
             "history": tr.history,
             "seconds": tr.seconds,
             "params_sha256": tr.params_sha256,
@@ -244,7 +273,7 @@ def run_seed(
         if name == cfg.algos[0] and cfg.get("adaptation_curves", False):
             rec["adaptation"] = {
                 "algo": name,
-                **adaptation_curves(fns, spec, name, tr.params, sd, cfg, scale),
+                **adaptation_curves(mfns, spec, algo, tr.params, sd, mcfg, scale),
             }
         _save_unit(ctx, seed, name, rec)
         record(name, rec)
@@ -273,7 +302,7 @@ def run_seed(
                     fns.step(spec, "maml", **plain),
                     fns.eval(spec, "maml", **plain),
                     init_fn(k_init),
-                    pooled(sd.train),
+                    pooled_tasks(sd.train_tasks()),
                     sd.val,
                     ft_cfg,
                     k_train,
@@ -295,19 +324,18 @@ def run_seed(
                 if m < best_mae:
                     best_lr, best_mae = lr, m
             ft_eval = fns.eval(spec, "maml", inner_lr=best_lr, adapt="all")
-            scores = {
-                s: {
-                    "finetune": score(
-                        predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"],
-                        t,
-                        scale,
-                        cfg.k,
-                    )
-                }
+            preds = {
+                s: predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"]
                 for s, t in sd.test.items()
             }
             rec = {
-                "scores": scores,
+                "scores": {
+                    s: {"finetune": score(p, sd.test[s], scale, cfg.k)} for s, p in preds.items()
+                },
+                "per_user": {
+                    s: {"finetune": per_user_scores(p, sd.test[s], scale, cfg.k)}
+                    for s, p in preds.items()
+                },
                 "history": tr.history,
                 "seconds": tr.seconds + time.time() - t_trained,
                 "params_sha256": tr.params_sha256,
@@ -323,7 +351,7 @@ def run_seed(
                 f"{rec['seconds']:.1f}s"
             )
 
-    tr_r = sd.split.train_ratings
+    tr_r = sd.fit_ratings
     for name in cfg.baselines:
         if name in NETWORK_BASELINES:
             continue
@@ -347,6 +375,7 @@ def run_seed(
                 sets.user_id,
             )
             results[s][name] = score(np.asarray(pred), sd.test[s], scale, cfg.k)
+            info["per_user"][s][name] = per_user_scores(np.asarray(pred), sd.test[s], scale, cfg.k)
         info["seconds"][name] = time.time() - t0
     results["_info"] = info
     return results
@@ -414,6 +443,8 @@ def run(
                 k: mmetrics.mean_std_over_seeds([per_seed[seed][s][m][k] for seed in cfg.seeds])
                 for k in metrics
             }
+    per_user = {str(seed): r["_info"].pop("per_user") for seed, r in per_seed.items()}
+    paired = paired_tests(per_user, cfg, results)
     first = per_seed[cfg.seeds[0]]["_info"]
     out = {
         "dataset": data.name,
@@ -436,10 +467,61 @@ def run(
         "run": {k: meta[k] for k in ("devices", "backend", "git_commit", "platform", "started_utc")}
         | {"resumed_with_changes": changed},
     }
+    if paired:
+        out["paired"] = paired
+    out["per_user"] = per_user
     curves = [per_seed[seed]["_info"].get("adaptation") for seed in cfg.seeds]
     if curves and all(c is not None for c in curves):
         out["adaptation"] = aggregate_curves(curves)
     return out
+
+
+def paired_tests(per_user: dict, cfg, results: dict) -> dict:
+    """For ``cfg.recommended`` against the best non-meta baseline of every scenario (lowest mean
+    MAE; highest mean nDCG@k, which may be another baseline): the per-user paired comparison of
+    :func:`metarec.stats.paired_comparison`, users pooled over seeds. Empty without a recommended
+    method."""
+    rec = cfg.get("recommended", "")
+    if not rec:
+        return {}
+    baselines = [b for b in cfg.baselines if b != "no_adapt"]
+    ndcg = f"ndcg@{cfg.k}"
+    out = {}
+    for s in TEST_SCENARIOS:
+        pooled = {}
+        for m in [rec, *baselines]:
+            rows = [(seed, r[s][m]) for seed, r in per_user.items() if m in r[s]]
+            pooled[m] = {
+                "unit": [f"{seed}:{u}" for seed, pu in rows for u in pu["user"]],
+                "mae": [v for _, pu in rows for v in pu["mae"]],
+                ndcg: [v for _, pu in rows for v in pu[ndcg]],
+            }
+        out[s] = {}
+        for metric, pick in (("mae", min), (ndcg, max)):
+            cands = [b for b in baselines if b in results[s]]
+            if not cands:
+                continue
+            best = pick(cands, key=lambda b, metric=metric: results[s][b][metric]["mean"])
+            out[s][metric] = {"method": rec, "baseline": best} | mstats.paired_comparison(
+                pooled[rec], pooled[best], metric, seed=0
+            )
+    return out
+
+
+def format_paired(paired: dict) -> str:
+    """The paired tests as lines under the table."""
+    lines = [
+        "paired per-user comparison, users pooled over seeds (difference = method - baseline; "
+        "95% paired-bootstrap interval; Wilcoxon signed-rank p)"
+    ]
+    for s, by_metric in paired.items():
+        for metric, c in by_metric.items():
+            lo, hi = c["ci95"]
+            lines.append(
+                f"{s:15s} {metric:7s} {c['method']} - {c['baseline']}: {c['mean_diff']:+.4f} "
+                f"[{lo:+.4f}, {hi:+.4f}] p={c['wilcoxon_p']:.2g} (n={c['n']})"
+            )
+    return "\n".join(lines)
 
 
 def format_table(res: dict, metrics=TABLE_METRICS) -> str:
@@ -448,10 +530,21 @@ def format_table(res: dict, metrics=TABLE_METRICS) -> str:
     seeds = res["seeds"]
     cfg = res["config"]
     spread = "mean ± sample std over seeds" if len(seeds) > 1 else "one seed, no spread measured"
+    n_fit = [res["training"][str(seed)].get("n_fit_ratings") for seed in seeds]
+    tasks = (
+        "tasks drawn afresh every epoch from them"
+        if cfg.get("train_tasks") == "resample"
+        else "one fixed task per training user"
+    )
     lines = [
-        f"{res['dataset']} / protocol {res['protocol']} / seeds {seeds} / query 10 per user / "
-        f"adapt '{cfg['adapt']}' {cfg['inner_steps']} steps lr {cfg['inner_lr']} / "
-        f"metrics averaged over users, {spread}; predictions clipped to the scale",
+        f"{res['dataset']} / protocol {res['protocol']} / seeds {seeds} / "
+        f"metrics averaged over users, {spread}; MAE/RMSE of predictions clipped to the scale, "
+        "nDCG ranks raw scores",
+        f"every method trains on the same ratings: warm training users' ratings minus the "
+        f"validation users' query ratings ({', '.join(map(str, n_fit))} per seed); meta-learners "
+        f"on {tasks}; MeLU learners adapt '{cfg['adapt']}' {cfg['inner_steps']} steps lr "
+        f"{cfg['inner_lr']}"
+        + (f"; recommended method: {cfg['recommended']}" if cfg.get("recommended") else ""),
     ]
     header = f"{'scenario':15s} {'method':12s}" + "".join(f"{m:>18s}" for m in metrics)
     lines += [header, "-" * len(header)]
@@ -461,6 +554,8 @@ def format_table(res: dict, metrics=TABLE_METRICS) -> str:
             cells = [format_mean_std(vals.get(k), len(seeds)) for k in metrics]
             lines.append(f"{s + f' ({n})':15s} {m:12s}" + "".join(f"{c:>18s}" for c in cells))
         lines.append("")
+    if res.get("paired"):
+        lines.append(format_paired(res["paired"]))
     return "\n".join(lines)
 
 
@@ -474,6 +569,7 @@ RUN_FILES = (
     "metrics.csv",
     "tb",
     "results.json",
+    "per_user.json",
     "results.md",
     "report",
     "train_log.txt",
@@ -506,6 +602,7 @@ def main(
         res = run(
             cfg, log_fn=log_fn, workdir=workdir, resume=resume, progress=cfg.progress, argv=argv
         )
+    write_json_atomic(os.path.join(workdir, "per_user.json"), res.pop("per_user"))
     path = write_json_atomic(os.path.join(workdir, "results.json"), res)
     table = format_table(res)
     with open(os.path.join(workdir, "results.md"), "w") as f:

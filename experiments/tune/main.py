@@ -1,10 +1,13 @@
-"""Choose hyper-parameters on validation users (never on test scenarios): one learner's grid search.
+"""Choose the cold-start defaults on validation users (never on test scenarios).
 
-  python -m experiments.tune.main --config.algo=maml --workdir=runs/tune
-  python -m experiments.tune.main --config.grid.inner_lr='(0.05, 0.3)' --config.base.epochs=10
+  python -m experiments.tune.main --workdir=runs/tune     # writes configs/tuned.json
+  python -m experiments.tune.main --config.spaces={} --config.algo=maml --workdir=runs/grid
 
-Writes tune.json (rows sorted by validation MAE, best first) into --workdir.
+The first searches every method of --config.spaces with optuna and names the recommended method;
+the second is a grid search of --config.grid. Both write tune.json (trials best first) to --workdir.
 """
+
+import sys
 
 from absl import flags
 
@@ -16,4 +19,4 @@ _CONFIG = common.define_config(__file__)
 common.define_run_flags(default_workdir="runs/tune", resumable=False)
 
 if __name__ == "__main__":
-    common.run_main("tune", lambda: pipeline.main(_CONFIG.value, FLAGS.workdir))
+    common.run_main("tune", lambda: pipeline.main(_CONFIG.value, FLAGS.workdir, argv=sys.argv))

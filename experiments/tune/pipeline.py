@@ -1,10 +1,20 @@
-"""Hyper-parameter selection on validation users only (never on a test scenario).
+"""Model selection on validation users only: the stage that writes the cold-start defaults.
 
-:func:`grid_search` meta-trains one learner for every combination of a small grid on the warm-train
-users of the given seeds (minus their validation users) and scores each on the validation users'
-query sets (after adaptation on their support sets), exactly as early stopping does. The split
-knows which users are test users (it must, to leave them out), but no test task is encoded:
-``prepare_seed(..., test=False)``.
+Every candidate is meta-trained on the training ratings of the given seeds and scored on those
+seeds' validation users (adapt on their support sets, predict their query sets), exactly as early
+stopping does. The tuning path cannot see a test scenario: it builds its data with
+``prepare_seed(..., test=False)``, which encodes no test task (the split knows which users are test
+users only to leave them out).
+
+* :func:`search` — optuna's TPE sampler (seeded, so a rerun proposes the same points) over a
+  space of config fields for one method; :func:`grid_search` — every point of a small grid.
+* :func:`select` — tune several methods and name the recommended one: the lowest mean validation
+  MAE. :func:`main` writes ``tune.json`` and the config file the cold-start experiment reads
+  (``experiments/coldstart/configs/tuned.json``).
+
+A search-space entry is a string: ``"log:LO:HI"`` (log-uniform float), ``"float:LO:HI"``,
+``"int:LO:HI"`` or ``"choice:A,B,..."`` (for a tuple field, ``none`` is ``()`` and ``64/32`` is
+``(64, 32)``).
 """
 
 from __future__ import annotations
@@ -15,12 +25,118 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
+import numpy as np
 
-from experiments.coldstart.build import Compiled, prepare_seed, validate_config
+from experiments.coldstart.build import (
+    NETWORK_BASELINES,
+    Compiled,
+    initial_params,
+    method_config,
+    prepare_seed,
+    validate_config,
+)
 from metarec import data as mdata
+from metarec.baselines import make_baseline
 from metarec.meta import LEARNERS
-from metarec.training.meta_train import meta_train
+from metarec.training.meta_train import meta_train, predict_tasks, score
 from metarec.training.runlog import write_json_atomic
+
+SPACE_KINDS = ("log", "float", "int", "choice")
+
+
+def _parse_choice(value: str, like):
+    if isinstance(like, tuple):
+        return () if value in ("none", "") else tuple(int(v) for v in value.split("/"))
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_space(space: dict[str, str], cfg) -> dict[str, tuple]:
+    """``{field: (kind, args)}`` from the string form of the module docstring; a bad entry raises
+    ``ValueError`` naming the field and the allowed forms."""
+    out = {}
+    for field, spec in space.items():
+        if field not in cfg:
+            raise ValueError(
+                f"--config.space.{field}: not a cold-start config field; fields: "
+                f"{', '.join(sorted(cfg))}"
+            )
+        kind, _, rest = str(spec).partition(":")
+        try:
+            if kind in ("log", "float"):
+                lo, hi = (float(v) for v in rest.split(":"))
+                if not lo < hi or (kind == "log" and lo <= 0):
+                    raise ValueError
+                out[field] = (kind, (lo, hi))
+            elif kind == "int":
+                lo, hi = (int(v) for v in rest.split(":"))
+                if not lo <= hi:
+                    raise ValueError
+                out[field] = (kind, (lo, hi))
+            elif kind == "choice":
+                values = [_parse_choice(v, cfg[field]) for v in rest.split(",")]
+                if not values:
+                    raise ValueError
+                out[field] = (kind, tuple(values))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"--config.space.{field}={spec!r}; allowed: 'log:LO:HI' (0 < LO < HI), "
+                "'float:LO:HI', 'int:LO:HI' or 'choice:A,B,...'"
+            ) from None
+    return out
+
+
+def prepare(cfg, seeds, data: mdata.RatingsData | None = None) -> tuple[mdata.RatingsData, dict]:
+    """The dataset and, per seed, its training/validation data with no test task encoded."""
+    if data is None:
+        data = mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, download=cfg.download)
+    return data, {seed: prepare_seed(data, seed, cfg, test=False) for seed in seeds}
+
+
+def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
+    """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
+    the mean best validation MAE and nDCG@k over seeds and the best epochs."""
+    algo, mcfg = method_config(cfg, method)
+    c = ml_collections.ConfigDict(mcfg.to_dict())
+    for k, v in point.items():
+        c[k] = v
+    validate_config(c)
+    fns = Compiled(c)
+    maes, ndcgs, epochs = [], [], []
+    for seed, sd in prepared.items():
+        spec = sd.encoder.spec
+        fns.use_seed(seed).load_pretrained(sd.encoder, seed)
+        init_fn, _ = fns.model(spec)
+        k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
+        eval_fn = fns.eval(spec, algo)
+        tr = meta_train(
+            fns.learner(spec, algo),
+            fns.step(spec, algo),
+            eval_fn,
+            initial_params(init_fn, k_init, sd, c, seed),
+            sd.train_tasks(),
+            sd.val,
+            c,
+            k_train,
+            data.rating_scale,
+        )
+        out = predict_tasks(eval_fn, tr.params, sd.val, c.eval_chunk)
+        scores = score(out["pred"], sd.val, data.rating_scale, c.k)
+        maes.append(scores["mae"])
+        ndcgs.append(scores[f"ndcg@{c.k}"])
+        epochs.append(tr.best_epoch)
+    return {
+        "val_mae": float(np.mean(maes)),
+        f"val_ndcg@{cfg.k}": float(np.mean(ndcgs)),
+        "val_mae_per_seed": maes,
+        "best_epochs": epochs,
+    }
 
 
 def grid_search(
@@ -35,59 +151,225 @@ def grid_search(
     """One row per grid point: the values, mean best validation MAE over ``seeds``, best epochs.
 
     ``grid`` maps cold-start config fields (e.g. ``inner_lr``, ``meta_lr``, ``inner_steps``,
-    ``adapt``) to candidate values. Rows are sorted best first.
+    ``adapt``) to candidate values; ``algo`` is a learner or a method of ``cfg.methods``. Rows are
+    sorted best first.
     """
-    if algo not in LEARNERS:
+    if algo not in LEARNERS and algo not in cfg.methods:
         raise ValueError(f"--config.algo={algo!r}; allowed: {', '.join(LEARNERS)}")
     for k in grid:
         if k not in cfg:
             raise ValueError(
                 f"unknown config field {k!r} in the tuning grid; fields: {', '.join(sorted(cfg))}"
             )
-    if data is None:
-        data = mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, download=cfg.download)
-    prepared = {seed: prepare_seed(data, seed, cfg, test=False) for seed in seeds}
+    data, prepared = prepare(cfg, seeds, data)
     rows = []
     for values in itertools.product(*grid.values()):
-        c = ml_collections.ConfigDict(cfg.to_dict())
-        for k, v in zip(grid, values):
-            c[k] = v
-        validate_config(c)
-        fns = Compiled(c)
-        maes, epochs = [], []
-        for seed, sd in prepared.items():
-            spec = sd.encoder.spec
-            fns.use_seed(seed).load_pretrained(sd.encoder, seed)
-            init_fn, _ = fns.model(spec)
-            k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
-            tr = meta_train(
-                fns.learner(spec, algo),
-                fns.step(spec, algo),
-                fns.eval(spec, algo),
-                init_fn(k_init),
-                sd.train,
-                sd.val,
-                c,
-                k_train,
-                data.rating_scale,
-            )
-            maes.append(tr.best_val_mae)
-            epochs.append(tr.best_epoch)
         point = dict(zip(grid, values))
-        row = point | {"val_mae": sum(maes) / len(maes), "best_epochs": epochs}
-        log_fn(f"{algo} {point}: val MAE {row['val_mae']:.4f} (best epochs {epochs})")
+        row = point | evaluate_point(cfg, algo, point, data, prepared)
+        log_fn(f"{algo} {point}: val MAE {row['val_mae']:.4f} (best epochs {row['best_epochs']})")
         rows.append(row)
     return sorted(rows, key=lambda r: r["val_mae"])
 
 
-def main(cfg: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """The script body: search, write ``tune.json`` (rows best first), print the best row."""
+def search(
+    cfg,
+    space: dict[str, str],
+    *,
+    method: str,
+    seeds=(0,),
+    n_trials: int = 20,
+    sampler_seed: int = 0,
+    ndcg_weight: float = 1.0,
+    data: mdata.RatingsData | None = None,
+    prepared: dict | None = None,
+    log_fn: Callable = print,
+) -> list[dict]:
+    """Optuna TPE search (seeded, sequential, so reproducible) of ``space`` for ``method``,
+    minimising :func:`selection_objective` of the means over ``seeds``; a space of choices only is
+    searched exhaustively (grid). Returns one row per trial, best first."""
+    import optuna
+
+    parsed = parse_space(space, cfg)
+    if prepared is None:
+        data, prepared = prepare(cfg, seeds, data)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if all(kind == "choice" for kind, _ in parsed.values()):
+        # a finite space: every point once (optuna's grid sampler), whatever n_trials says
+        grid = {f: list(range(len(args))) for f, (_, args) in parsed.items()}
+        sampler = optuna.samplers.GridSampler(grid, seed=sampler_seed)
+        n_trials = int(np.prod([len(v) for v in grid.values()]))
+    else:
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=min(8, n_trials))
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    rows = []
+
+    def objective(trial):
+        point = {}
+        for field, (kind, args) in parsed.items():
+            if kind == "log":
+                point[field] = trial.suggest_float(field, *args, log=True)
+            elif kind == "float":
+                point[field] = trial.suggest_float(field, *args)
+            elif kind == "int":
+                point[field] = trial.suggest_int(field, *args)
+            else:
+                idx = trial.suggest_categorical(field, list(range(len(args))))
+                point[field] = args[idx]
+        row = {"trial": trial.number, "point": point}
+        row |= evaluate_point(cfg, method, point, data, prepared)
+        row["objective"] = selection_objective(row, cfg.k, ndcg_weight)
+        log_fn(
+            f"{method} trial {trial.number}: objective {row['objective']:.4f} val MAE "
+            f"{row['val_mae']:.4f} nDCG@{cfg.k} {row[f'val_ndcg@{cfg.k}']:.4f} {point} "
+            f"(epochs {row['best_epochs']})"
+        )
+        rows.append(row)
+        return row["objective"]
+
+    study.optimize(objective, n_trials=n_trials)
+    return sorted(rows, key=lambda r: r["objective"])
+
+
+def selection_objective(row: dict, k: int, ndcg_weight: float) -> float:
+    """What selection minimises: validation MAE minus ``ndcg_weight`` x validation nDCG@k (both
+    target metrics of the protocol; weight 0 = MAE alone)."""
+    return float(row["val_mae"] - ndcg_weight * row[f"val_ndcg@{k}"])
+
+
+def baselines_on_validation(cfg, data, prepared: dict) -> dict:
+    """Mean validation MAE and nDCG@k over seeds of every fitted baseline of ``cfg.baselines``
+    (fitted on the same training ratings): the reference the tuned methods are read against."""
+    rows: dict[str, list] = {}
+    for seed, sd in prepared.items():
+        r = sd.fit_ratings
+        for name in cfg.baselines:
+            if name in NETWORK_BASELINES:
+                continue
+            kw = {"seed": seed} if name == "mf" else {}
+            model = make_baseline(name, **kw)
+            state = model.fit(
+                r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["rating"].to_numpy()
+            )
+            v = sd.val_sets
+            pred = model.predict(
+                state,
+                v.support_item,
+                v.support_rating,
+                v.support_mask,
+                v.query_item,
+                v.query_mask,
+                v.user_id,
+            )
+            sc = score(np.asarray(pred), sd.val, data.rating_scale, cfg.k)
+            rows.setdefault(name, []).append((sc["mae"], sc[f"ndcg@{cfg.k}"]))
+    return {
+        name: {
+            "val_mae": float(np.mean([a for a, _ in v])),
+            f"val_ndcg@{cfg.k}": float(np.mean([b for _, b in v])),
+        }
+        for name, v in rows.items()
+    }
+
+
+def method_entry(cfg, method: str, point: dict) -> dict:
+    """The ``cfg.methods`` entry a tuned point becomes: the method's own overrides (or just its
+    learner) plus the chosen fields."""
+    base = cfg.methods[method].to_dict() if method in cfg.methods else {"algo": method}
+    return base | {k: list(v) if isinstance(v, tuple) else v for k, v in point.items()}
+
+
+def select(
+    cfg,
+    spaces: dict[str, dict[str, str]],
+    *,
+    seeds=(0,),
+    n_trials: int = 20,
+    sampler_seed: int = 0,
+    ndcg_weight: float = 1.0,
+    data: mdata.RatingsData | None = None,
+    log_fn: Callable = print,
+) -> dict:
+    """Tune every method of ``spaces`` (method -> search space) and name the recommended one (the
+    lowest :func:`selection_objective`). Returns the ``tuned.json`` content (no provenance)."""
+    data, prepared = prepare(cfg, seeds, data)
+    out = {"methods": {}, "validation": {}, "trials": {}}
+    for method, space in spaces.items():
+        rows = search(
+            cfg,
+            dict(space),
+            method=method,
+            seeds=seeds,
+            n_trials=n_trials,
+            sampler_seed=sampler_seed,
+            ndcg_weight=ndcg_weight,
+            data=data,
+            prepared=prepared,
+            log_fn=log_fn,
+        )
+        best = rows[0]
+        out["methods"][method] = method_entry(cfg, method, best["point"])
+        out["validation"][method] = {
+            k: best[k]
+            for k in (
+                "objective",
+                "val_mae",
+                f"val_ndcg@{cfg.k}",
+                "val_mae_per_seed",
+                "best_epochs",
+            )
+        }
+        out["trials"][method] = rows
+    out["recommended"] = min(out["validation"], key=lambda m: out["validation"][m]["objective"])
+    out["baselines_validation"] = baselines_on_validation(cfg, data, prepared)
+    return out
+
+
+def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = None) -> dict:
+    """The script body. With ``cfg.spaces``: :func:`select`, ``tune.json`` in ``workdir`` and,
+    with ``cfg.write_config``, that config file (read by the cold-start default config). Without
+    spaces: the grid search of ``cfg.grid`` for ``cfg.algo`` (``tune.json`` only)."""
     from experiments.common import prepare_workdir
+    from metarec.training.runlog import run_metadata
 
     prepare_workdir(workdir, "tune")
-    grid = {k: list(v) if isinstance(v, (tuple, list)) else [v] for k, v in cfg.grid.items()}
-    rows = grid_search(cfg.base, grid, algo=cfg.algo, seeds=tuple(cfg.seeds))
-    out = {"algo": cfg.algo, "grid": grid, "seeds": list(cfg.seeds), "base": cfg.base.to_dict()}
-    write_json_atomic(os.path.join(workdir, "tune.json"), out | {"rows": rows})
-    print("best:", rows[0])
-    return rows
+    seeds = tuple(int(s) for s in cfg.seeds)
+    if not cfg.spaces:
+        grid = {k: list(v) if isinstance(v, (tuple, list)) else [v] for k, v in cfg.grid.items()}
+        rows = grid_search(cfg.base, grid, algo=cfg.algo, seeds=seeds)
+        out = {"algo": cfg.algo, "grid": grid, "seeds": list(seeds), "base": cfg.base.to_dict()}
+        write_json_atomic(os.path.join(workdir, "tune.json"), out | {"rows": rows})
+        print("best:", rows[0])
+        return out | {"rows": rows}
+    validate_config(cfg.base)
+    spaces = {m: dict(s) for m, s in cfg.spaces.items()}
+    res = select(
+        cfg.base,
+        spaces,
+        seeds=seeds,
+        n_trials=cfg.n_trials,
+        sampler_seed=cfg.sampler_seed,
+        ndcg_weight=cfg.ndcg_weight,
+    )
+    meta = run_metadata(cfg.to_dict(), argv)
+    res["provenance"] = {
+        "command": meta["command"],
+        "seeds": list(seeds),
+        "n_trials": cfg.n_trials,
+        "sampler_seed": cfg.sampler_seed,
+        "objective": f"val MAE - {cfg.ndcg_weight} x val nDCG@{cfg.base.k}",
+        "spaces": spaces,
+        "selected_on": "validation users of the warm training users; no test task encoded",
+        "versions": meta["versions"],
+    }
+    write_json_atomic(os.path.join(workdir, "tune.json"), res)
+    if cfg.write_config:
+        keys = ("methods", "validation", "baselines_validation", "recommended", "provenance")
+        slim = {k: res[k] for k in keys}
+        write_json_atomic(cfg.write_config, slim)
+        print(f"wrote {cfg.write_config}")
+    for m, v in res["validation"].items():
+        print(f"{m}: objective {v['objective']:.4f} val MAE {v['val_mae']:.4f} {res['methods'][m]}")
+    for m, v in res["baselines_validation"].items():
+        print(f"baseline {m}: val MAE {v['val_mae']:.4f}")
+    print(f"recommended: {res['recommended']}")
+    return res

@@ -16,6 +16,7 @@ from metarec.data.registry import (
     load_dataset,
     register_dataset,
 )
+from metarec.data.sampling import RatingPool, drop_query_ratings, rating_pool, sample_user_sets
 from metarec.data.scenarios import SCENARIOS, Split, UserSets, make_split, split_validation
 from metarec.data.synthetic import make_synthetic_tasks
 from metarec.data.tasks import (
@@ -45,6 +46,7 @@ __all__ = [
     "Examples",
     "FeatureEncoder",
     "FeatureSpec",
+    "RatingPool",
     "RatingsData",
     "SCENARIOS",
     "Split",
@@ -53,6 +55,7 @@ __all__ = [
     "check_dataset",
     "clean",
     "data_checksum",
+    "drop_query_ratings",
     "ensure_dataset",
     "index_tasks",
     "iterate_meta_batches",
@@ -61,8 +64,10 @@ __all__ = [
     "make_synthetic_tasks",
     "melu_scenarios",
     "pad_tasks",
+    "rating_pool",
     "read_any",
     "register_dataset",
+    "sample_user_sets",
     "split_validation",
     "stack_tasks",
     "train_ratings",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metarec.data.tasks import Task
-from metarec.models import melu
+from metarec.models import hybrid, melu
 from metarec.models import transformer as tfm
 
 
@@ -25,13 +25,17 @@ def _identity(tasks: Task) -> Task:
 class ModelEntry:
     """``build(spec, cfg, pretrained, max_len) -> (init_fn, apply_fn)``; ``adapt_filter(mode, cfg)``
     the inner-loop parameter filter of an adapt mode (one of ``adapt_modes``); ``prepare_tasks``
-    maps encoded tasks to the model's inputs; ``pretrainable``: accepts a pretrained encoder."""
+    maps encoded tasks to the model's inputs; ``pretrainable``: accepts a pretrained encoder;
+    ``with_item_tables``: fills the item side from a fitted MF (``cfg.cf_dim`` factors)."""
 
     build: Callable[..., tuple[Callable, Callable]]
     adapt_modes: tuple[str, ...]
     adapt_filter: Callable[[str, Any], Callable]
     prepare_tasks: Callable[[Task], Task] = _identity
     pretrainable: bool = False
+    # with_item_tables(params, rows, item_bias, item_factors, mu) -> params: the model starts from
+    # the item side of an MF fitted on the training ratings (the pipeline fits it and hands it in)
+    with_item_tables: Callable[..., Any] | None = None
 
 
 def _build_melu(spec, cfg, pretrained=None, max_len=None):
@@ -71,11 +75,28 @@ def _build_transformer(spec, cfg, pretrained=None, max_len=None):
     return tfm.make_transformer_rater(rc, pretrained=enc_params)
 
 
+def _build_hybrid(spec, cfg, pretrained=None, max_len=None):
+    del pretrained, max_len
+    return hybrid.make_hybrid(
+        spec,
+        dim=cfg.cf_dim,
+        embed_dim=cfg.embed_dim,
+        hidden=tuple(cfg.cf_hidden),
+        id_dropout=cfg.id_dropout,
+    )
+
+
 MODELS: dict[str, ModelEntry] = {
     "melu": ModelEntry(
         build=_build_melu,
         adapt_modes=("decision", "all", "head", "context", "decision+context"),
         adapt_filter=lambda mode, cfg: melu.adapt_filter(mode),
+    ),
+    "hybrid": ModelEntry(
+        build=_build_hybrid,
+        adapt_modes=hybrid.ADAPT_MODES,
+        adapt_filter=lambda mode, cfg: hybrid.adapt_filter(mode),
+        with_item_tables=hybrid.with_item_tables,
     ),
     "transformer": ModelEntry(
         build=_build_transformer,

@@ -69,6 +69,23 @@ def score(pred: np.ndarray, tasks: Task, scale: tuple[float, float], k: int) -> 
     return {m: float(mmetrics.summarize(values[m], valid[m])) for m in values}
 
 
+def per_user_scores(
+    pred: np.ndarray, tasks: Task, scale: tuple[float, float], k: int
+) -> dict[str, list]:
+    """The per-user values behind :func:`score`, for paired comparisons between methods:
+    ``{"user": ids, "mae": [...], "ndcg@k": [...]}``, one entry per task in order; a value the
+    metric leaves undefined for a user (e.g. nDCG when every query rating is 0) is ``None``."""
+    clipped = np.clip(pred, *scale)
+    values, valid = mmetrics.per_task_metrics(
+        clipped, tasks.query.y, tasks.query.mask, k=k, rank_scores=pred
+    )
+    out: dict[str, list] = {"user": np.asarray(tasks.user).astype(int).tolist()}
+    for m in ("mae", f"ndcg@{k}"):
+        v, ok = np.asarray(values[m], np.float64), np.asarray(valid[m]) > 0
+        out[m] = [float(a) if o else None for a, o in zip(v, ok)]
+    return out
+
+
 def check_finite_tasks(tasks: Task, name: str) -> None:
     """Raise ``ValueError`` if a floating-point input, target or mask of ``tasks`` is NaN or inf,
     naming the set (``name``), the field, the task index, the user id and how many values are bad.
@@ -105,6 +122,32 @@ def pooled(tasks: Task) -> Task:
     return Task(support=empty, query=q, user=tasks.user)
 
 
+def _epoch_tasks(train, name: str) -> Callable[[int], Task]:
+    """``epoch -> Task`` for fixed tasks or a per-epoch sampler; the last draw is memoised (a
+    checkpointed epoch runs in several pieces) and every draw is checked for non-finite values."""
+    if not callable(train):
+        check_finite_tasks(train, f"{name}: training tasks")
+        return lambda epoch: train
+    memo: dict[int, Task] = {}
+
+    def get(epoch: int) -> Task:
+        if epoch not in memo:
+            tasks = train(epoch)
+            check_finite_tasks(tasks, f"{name}: training tasks of epoch {epoch}")
+            memo.clear()
+            memo[epoch] = tasks
+        return memo[epoch]
+
+    return get
+
+
+def pooled_tasks(train):
+    """:func:`pooled` of fixed tasks, or of every draw of a per-epoch sampler."""
+    if callable(train):
+        return lambda epoch: pooled(train(epoch))
+    return pooled(train)
+
+
 def meta_train(
     learner,
     step,
@@ -128,6 +171,10 @@ def meta_train(
     stopping on validation MAE (``eval_fn`` from ``make_eval_fn``); returns the best
     meta-parameters.
 
+    ``train`` is a fixed :class:`Task` batch or a function ``epoch -> Task`` (a fresh draw per
+    epoch, e.g. from :func:`metarec.data.sample_user_sets`; it must be deterministic in ``epoch``
+    and give the same number of tasks every epoch, so a resumed run draws the same tasks).
+
     Sampling: epoch ``e`` visits the training tasks in the order
     :func:`~metarec.training.checkpoint.epoch_order` ``(sampler_seed, e)`` in meta-batches of
     ``min(cfg.meta_batch, n_tasks)`` (the incomplete last batch is dropped), where ``sampler_seed``
@@ -145,12 +192,12 @@ def meta_train(
     on stderr with rate and ETA.
     """
     name = unit or learner.name
-    check_finite_tasks(train, f"{name}: training tasks")
+    epoch_tasks = _epoch_tasks(train, name)
     check_finite_tasks(val, f"{name}: validation tasks")
     ckpt_every = int(cfg.get("ckpt_every", 0) or 0)
     log_every = int(cfg.get("log_every", 0) or 0)
     sampler_seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-    n_tasks = train.num_tasks
+    n_tasks = epoch_tasks(1).num_tasks
     meta_batch = min(cfg.meta_batch, n_tasks)
     n_batches = n_tasks // meta_batch
     ident = {"sampler_seed": sampler_seed, "n_tasks": n_tasks, "meta_batch": meta_batch}
@@ -201,9 +248,12 @@ def meta_train(
         params, opt_state, k = (state.arrays[n] for n in ("params", "opt_state", "key"))
         n_step, epoch = state.step, h["epoch"]
         order = epoch_order(sampler_seed, epoch, n_tasks)
+        train_e = epoch_tasks(epoch)
+        if train_e.num_tasks != n_tasks:
+            raise ValueError(f"{name}: epoch {epoch} drew {train_e.num_tasks} tasks, not {n_tasks}")
         while h["batch"] < n_batches:
             b = h["batch"]
-            tasks = index_tasks(train, order[b * meta_batch : (b + 1) * meta_batch])
+            tasks = index_tasks(train_e, order[b * meta_batch : (b + 1) * meta_batch])
             k, sub = jax.random.split(k)
             weights = jnp.ones(meta_batch)
             if mesh is not None:  # data parallel: tasks split over devices, params replicated

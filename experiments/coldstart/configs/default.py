@@ -4,10 +4,32 @@ How these values were chosen is recorded in BUILD_NOTES.md. Override any field o
 e.g. ``--config.inner_lr=0.1 --config.algos=maml,metasgd --config.seeds=0``.
 """
 
+import json
+import os
+
 import ml_collections
+
+TUNED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
 
 
 def get_config() -> ml_collections.ConfigDict:
+    """The base config with the choices of the tune stage (``tuned.json``) applied."""
+    return apply_tuned(base_config())
+
+
+def apply_tuned(c: ml_collections.ConfigDict, path: str = TUNED) -> ml_collections.ConfigDict:
+    """Set ``methods`` entries and ``recommended`` from a file written by ``experiments.tune``."""
+    if os.path.exists(path):
+        with open(path) as f:
+            tuned = json.load(f)
+        for name, entry in tuned["methods"].items():
+            c.methods[name] = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+        c.recommended = tuned["recommended"]
+    return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The config before tuning: what the tune stage searches from."""
     c = ml_collections.ConfigDict()
     # data (PROTOCOL.md)
     c.dataset = "ml-100k"
@@ -16,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.protocol = "melu"
     c.seeds = (0, 1, 2)
     c.val_fraction = 0.15  # warm training users held out for early stopping and tuning
+    # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
+    # every training rating (metarec.data.sampling); "fixed" = the protocol's one split per user
+    c.train_tasks = "resample"
+    c.task_min_support = 3  # a drawn task keeps at least this many support ratings
     # methods
     c.algos = ("maml", "fomaml", "reptile", "metasgd", "imaml")
     c.baselines = (
@@ -39,16 +65,30 @@ def get_config() -> ml_collections.ConfigDict:
     c.context_dim = 0
     c.offset_prior = 2.0
     c.residual_bound = 4.0  # predictions within offset ± 4 (b * tanh(f / b)); 0 = unbounded
+    # hybrid model (metarec.models.hybrid): item side from an MF fitted on the training ratings
+    c.cf_dim = 8  # MF factors (the item tables and the adapted user vector)
+    c.cf_reg = 5.0  # the MF's L2 strength (the baseline "mf" uses the same form)
+    c.cf_hidden = ()  # a residual MLP on top of the CF term; () = none
+    c.id_dropout = 0.2  # item ids replaced by OOV during meta-training (trains the content path)
     # Transformer rater (model "transformer"); init_from: a pretraining run ("{seed}": per seed)
     c.init_from = ""
     c.tf_width = 64
     c.tf_depth = 2
     c.tf_heads = 2
     c.lora_rank = 0
+    # named methods: a learner ("algo") with config fields overriding the base ones; list the
+    # name in algos to run it, e.g. the CF-containing meta-learner on the hybrid model
+    c.methods = {
+        "cf_metasgd": {"algo": "metasgd", "model": "hybrid", "adapt": "user", "inner_lr": 0.5},
+    }
+    c.recommended = ""  # the method the README names (its paired tests are reported)
     # meta-learning
     c.adapt = "decision"  # one of the model's adapt modes
     c.inner_steps = 5
     c.inner_lr = 0.05
+    # > 0: the loss divides squared errors by (n + loss_prior) instead of n, so an inner step on
+    # a small support set moves less (metarec.meta.inner.shrunk_mse); 0 = the plain mean
+    c.loss_prior = 0.0
     # per-learner overrides of inner_lr / inner_steps and algorithm options (metarec.meta.LEARNERS)
     c.learner_options = {
         "reptile": {"inner_lr": 0.05},

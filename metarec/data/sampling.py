@@ -1,0 +1,126 @@
+"""Training tasks drawn afresh every epoch from every training rating (task augmentation).
+
+The scenario sets of :mod:`metarec.data.scenarios` give each user ONE fixed support/query split and
+keep only users with 13..100 ratings, so a meta-learner trained on them never sees the ratings of
+heavy raters beyond the first split, nor light raters at all. A :class:`RatingPool` keeps every
+training rating grouped by user; :func:`sample_user_sets` draws one task per user for an epoch:
+
+* a user with more than ``max_ratings`` ratings contributes a fresh random subset of
+  ``max_ratings`` of them (the protocol's largest task), so heavy raters are subsampled, not cut;
+* the subset is permuted; the last ``min(n_query, n - min_support)`` ratings are the query set and
+  the rest the support set, so light raters (down to ``min_support + 1`` ratings) still make a task;
+* the draw depends only on the generator passed in (seed it by ``(seed, epoch)`` for resumable,
+  reproducible training).
+
+The output is a :class:`~metarec.data.scenarios.UserSets` with fixed widths (support
+``max_ratings - n_query``, query ``n_query``), which the feature encoder turns into tasks as usual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pandas as pd
+
+from metarec.data.scenarios import UserSets
+
+log = logging.getLogger("metarec.data")
+
+
+@dataclasses.dataclass(frozen=True)
+class RatingPool:
+    """Every rating of some users, grouped by user (host numpy).
+
+    ``user_id [U]``; user ``u``'s ratings are ``item/rating/time[start[u] : start[u] + count[u]]``,
+    ordered by item id (so a draw does not depend on the frame's row order)."""
+
+    user_id: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+    time: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_id.shape[0])
+
+    @property
+    def n_ratings(self) -> int:
+        return int(self.count.sum())
+
+
+def rating_pool(frame: pd.DataFrame, min_ratings: int = 4) -> RatingPool:
+    """Group ``frame`` (columns user_id, item_id, rating, timestamp) by user; users with fewer than
+    ``min_ratings`` ratings cannot make a task and are left out (their count is logged)."""
+    f = frame.sort_values(["user_id", "item_id"], kind="stable")
+    users, start, count = np.unique(f["user_id"].to_numpy(), return_index=True, return_counts=True)
+    keep = count >= min_ratings
+    if (~keep).any():
+        log.info(
+            "rating pool: %d user(s) with fewer than %d ratings (%d ratings) make no task",
+            int((~keep).sum()),
+            min_ratings,
+            int(count[~keep].sum()),
+        )
+    return RatingPool(
+        user_id=users[keep].astype(np.int64),
+        start=start[keep].astype(np.int64),
+        count=count[keep].astype(np.int64),
+        item=f["item_id"].to_numpy().astype(np.int64),
+        rating=f["rating"].to_numpy().astype(np.float32),
+        time=f["timestamp"].to_numpy().astype(np.int64),
+    )
+
+
+def sample_user_sets(
+    pool: RatingPool,
+    rng: np.random.Generator,
+    *,
+    max_ratings: int = 100,
+    n_query: int = 10,
+    min_support: int = 3,
+) -> UserSets:
+    """One task per pool user, drawn with ``rng`` (see the module docstring)."""
+    if n_query < 1 or min_support < 1 or max_ratings < n_query + min_support:
+        raise ValueError(
+            f"need n_query >= 1, min_support >= 1 and max_ratings >= n_query + min_support; got "
+            f"max_ratings={max_ratings}, n_query={n_query}, min_support={min_support}"
+        )
+    t, s_width = pool.n_users, max_ratings - n_query
+    out = {
+        "user_id": pool.user_id.copy(),
+        "support_item": np.zeros((t, s_width), np.int64),
+        "support_rating": np.zeros((t, s_width), np.float32),
+        "support_mask": np.zeros((t, s_width), np.float32),
+        "support_time": np.zeros((t, s_width), np.int64),
+        "query_item": np.zeros((t, n_query), np.int64),
+        "query_rating": np.zeros((t, n_query), np.float32),
+        "query_mask": np.zeros((t, n_query), np.float32),
+        "query_time": np.zeros((t, n_query), np.int64),
+    }
+    for u in range(t):
+        n = int(pool.count[u])
+        m = min(n, max_ratings)
+        rows = pool.start[u] + rng.permutation(n)[:m]
+        n_q = min(n_query, m - min_support)
+        for prefix, sel in (("support", rows[: m - n_q]), ("query", rows[m - n_q :])):
+            k = len(sel)
+            out[f"{prefix}_item"][u, :k] = pool.item[sel]
+            out[f"{prefix}_rating"][u, :k] = pool.rating[sel]
+            out[f"{prefix}_mask"][u, :k] = 1.0
+            out[f"{prefix}_time"][u, :k] = pool.time[sel]
+    return UserSets(**out)
+
+
+def drop_query_ratings(frame: pd.DataFrame, sets: UserSets) -> pd.DataFrame:
+    """``frame`` without the (user, item) pairs of ``sets``' query sets: the training ratings that
+    remain when those users' query ratings are held out for selection."""
+    rows = sets.query_mask > 0
+    held = pd.MultiIndex.from_arrays(
+        [np.repeat(sets.user_id, rows.sum(1)), sets.query_item[rows]], names=["user_id", "item_id"]
+    )
+    key = pd.MultiIndex.from_frame(frame[["user_id", "item_id"]])
+    return frame[~key.isin(held)].reset_index(drop=True)

@@ -1,0 +1,193 @@
+"""A rating model that contains collaborative filtering: a meta-learned, non-linear fold-in.
+
+Prediction for user ``u`` and item ``i``::
+
+    r^ = mu + b_u + b_i + p_u . q_i + f(user features, item content, p_u * q_i)
+
+* Item side. ``q_i`` / ``b_i`` are item-id rows (``item_factors`` / ``item_bias``) meant to be
+  filled from a matrix factorisation fitted on every training rating (:func:`with_item_tables`);
+  the meta-learner then keeps refining them in its outer loop. An item whose id is out of
+  vocabulary (new items, and ids dropped by ``id_dropout`` during meta-training) takes its vector
+  and bias from its content instead: release-year embedding + genre projection -> ReLU layer ->
+  ``content_factors`` / ``content_bias`` (zero-initialised). Dropping known ids during
+  meta-training is what trains this content path on items whose ratings are known (the
+  MetaEmb/MWUF idea, learned inside the meta-objective).
+* User side. ``p_u = user_factors + sum_j E_j[user field j]`` and
+  ``b_u = user_bias + sum_j e_j[user field j]``: ``user_factors`` and ``user_bias`` are the
+  parameters the inner loop adapts (adapt mode ``"user"``); their initialisation and, with
+  Meta-SGD, per-dimension step sizes are meta-learned; the feature embeddings (zero-initialised)
+  make the starting point depend on the user's demographics, and the bias starts from the support
+  mean's deviation from ``mu`` (``x["offset"]``, times a learned weight). A few inner gradient
+  steps on the support set from this learned prior (with :func:`metarec.meta.inner.shrunk_mse`,
+  a step that shrinks with few ratings, like ridge) is a learned generalisation of MF fold-in.
+* ``f`` (``hidden`` non-empty): a ReLU MLP with a zero-initialised output layer, so it starts as
+  no correction (``"user+head"`` also adapts its output layer).
+
+Inputs are those of :mod:`metarec.models.melu` (``x["user"]``, ``x["item"]`` = [year, item id],
+``x["genres"]``, ``x["offset"]``). Indices outside the vocabulary map to OOV row 0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metarec.meta.inner import path_filter
+from metarec.models.melu import _spec_fields, dummy_inputs
+
+PyTree = Any
+_zeros = nn.initializers.zeros
+
+
+class HybridCF(nn.Module):
+    """The Flax module (see the module docstring). Vocab sizes include the OOV index 0."""
+
+    user_vocab: tuple[int, ...]
+    item_vocab: tuple[int, ...]
+    n_genres: int
+    dim: int = 16
+    embed_dim: int = 16
+    hidden: tuple[int, ...] = ()
+    id_dropout: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: dict, key: jax.Array | None = None, train: bool = False) -> jax.Array:
+        user, item = x["user"].astype(jnp.int32), x["item"].astype(jnp.int32)
+        uv = jnp.asarray(self.user_vocab, jnp.int32)
+        iv = jnp.asarray(self.item_vocab, jnp.int32)
+        user = jnp.where((user >= 0) & (user < uv), user, 0)
+        item = jnp.where((item >= 0) & (item < iv), item, 0)
+        year, item_id = item[..., 0], item[..., 1]
+        if train and key is not None and self.id_dropout > 0:
+            item_id = jnp.where(
+                jax.random.bernoulli(key, self.id_dropout, item_id.shape), 0, item_id
+            )
+        known = (item_id > 0)[..., None]
+
+        # item side: MF rows for known ids, the content path otherwise
+        q_id = nn.Embed(self.item_vocab[1], self.dim, embedding_init=_zeros, name="item_factors")(
+            item_id
+        )
+        b_id = nn.Embed(self.item_vocab[1], 1, embedding_init=_zeros, name="item_bias")(item_id)
+        genres = x["genres"].astype(jnp.float32)
+        g = nn.Dense(self.embed_dim, use_bias=False, name="genre_proj")(genres)
+        content = nn.Embed(self.item_vocab[0], self.embed_dim, name="year_emb")(year)
+        content = content + g / jnp.maximum(jnp.sum(genres, -1, keepdims=True), 1.0)
+        h_c = nn.relu(nn.Dense(self.embed_dim, name="content_mlp")(content))
+        q_c = nn.Dense(self.dim, kernel_init=_zeros, name="content_factors")(h_c)
+        b_c = nn.Dense(1, kernel_init=_zeros, name="content_bias")(h_c)
+        q = jnp.where(known, q_id, q_c)
+        b_i = jnp.where(known, b_id, b_c)[..., 0]
+
+        # user side: the adapted vector and bias on top of a demographic prior
+        p = self.param("user_factors", _zeros, (self.dim,))
+        b_u = self.param("user_bias", _zeros, ())
+        for j, v in enumerate(self.user_vocab):
+            p = p + nn.Embed(v, self.dim, embedding_init=_zeros, name=f"user_prior_{j}")(
+                user[..., j]
+            )
+            b_u = (
+                b_u
+                + nn.Embed(v, 1, embedding_init=_zeros, name=f"user_bias_prior_{j}")(user[..., j])[
+                    ..., 0
+                ]
+            )
+        mu = self.param("global_bias", _zeros, ())
+        # the support mean's deviation from mu (x["offset"], from the support set only) as a
+        # learned-weight start for the user bias
+        w_off = self.param("offset_weight", nn.initializers.ones, ())
+        b_u = b_u + w_off * (x["offset"].astype(jnp.float32) - mu)
+        out = mu + b_u + b_i + jnp.sum(p * q, axis=-1)
+        if self.hidden:
+            h = jnp.concatenate([content, p * q, q, jnp.broadcast_to(p, q.shape)], axis=-1)
+            for i, width in enumerate(self.hidden):
+                h = nn.relu(nn.Dense(width, name=f"mlp_{i}")(h))
+            out = out + nn.Dense(1, kernel_init=_zeros, name="out")(h)[..., 0]
+        return out
+
+
+def make_hybrid(
+    spec,
+    *,
+    dim: int = 16,
+    embed_dim: int = 16,
+    hidden: Sequence[int] = (),
+    id_dropout: float = 0.2,
+) -> tuple[Callable, Callable]:
+    """``(init_fn, apply_fn)`` of :class:`HybridCF` over ``spec`` (a
+    :class:`~metarec.data.encode.FeatureSpec`); the same calling convention as
+    :func:`metarec.models.melu.make_melu` (``apply_fn(params, x, *, key=None, train=False)``;
+    item-id dropout only with ``train=True`` and a key)."""
+    uv, iv, ng = _spec_fields(spec)
+    if len(iv) != 2:
+        raise ValueError(f"the hybrid model needs item fields (year, item id), got vocab {iv}")
+    if not 0.0 <= float(id_dropout) < 1.0:
+        raise ValueError(f"id_dropout must be in [0, 1), got {id_dropout}")
+    module = HybridCF(
+        user_vocab=uv,
+        item_vocab=iv,
+        n_genres=ng,
+        dim=int(dim),
+        embed_dim=int(embed_dim),
+        hidden=tuple(int(h) for h in hidden),
+        id_dropout=float(id_dropout),
+    )
+
+    def init_fn(key: jax.Array) -> PyTree:
+        return module.init(key, dummy_inputs(spec))["params"]
+
+    def apply_fn(params, x, *, key=None, train=False):
+        return module.apply({"params": params}, x, key=key, train=train)
+
+    return init_fn, apply_fn
+
+
+def with_item_tables(params: PyTree, rows, item_bias, item_factors, mu) -> PyTree:
+    """``params`` with item-id rows ``rows`` (encoder indices, ``[n]``) set to a fitted MF's
+    ``item_bias [n]`` / ``item_factors [n, d]`` (each dimension scaled to unit root-mean-square)
+    and ``global_bias`` set to its ``mu``; every other row (OOV and items without ratings) stays
+    zero. ``d`` must equal the model's ``dim``."""
+    rows = np.asarray(rows)
+    fac = params["item_factors"]["embedding"]
+    if np.shape(item_factors) != (len(rows), fac.shape[1]):
+        raise ValueError(
+            f"item_factors has shape {np.shape(item_factors)}; expected ({len(rows)}, "
+            f"{fac.shape[1]}) for {len(rows)} rows and the model's dim"
+        )
+    if len(rows) and (rows.min() < 1 or rows.max() >= fac.shape[0]):
+        raise ValueError("item rows must be in-vocabulary indices (1 .. vocab-1)")
+    # unit RMS per dimension: the user vector's curvature then matches its bias's, so one inner
+    # step size suits both (p . q is unchanged up to a per-dimension rescaling of p, which is
+    # learned from zero anyway)
+    q = np.asarray(item_factors, np.float64)
+    rms = np.sqrt(np.mean(q**2, axis=0)) if len(q) else np.ones(fac.shape[1])
+    q = q / np.where(rms > 0, rms, 1.0)
+    out = jax.tree_util.tree_map(lambda a: a, params)
+    out["item_factors"] = {"embedding": fac.at[rows].set(jnp.asarray(q, fac.dtype))}
+    bias = params["item_bias"]["embedding"]
+    out["item_bias"] = {"embedding": bias.at[rows, 0].set(jnp.asarray(item_bias, bias.dtype))}
+    out["global_bias"] = jnp.asarray(mu, params["global_bias"].dtype)
+    return out
+
+
+_FILTERS = {
+    "user": r"^(user_factors|user_bias)$",
+    "user+head": r"^(user_factors$|user_bias$|out/)",
+    "all": r".*",
+}
+ADAPT_MODES = tuple(_FILTERS)
+
+
+def adapt_filter(name: str) -> Callable[[PyTree], PyTree]:
+    """Inner-loop parameter filter: ``"user"`` (the user vector and bias: fold-in), ``"user+head"``
+    (also the residual MLP's output layer), ``"all"``."""
+    if name not in _FILTERS:
+        raise ValueError(f"unknown adapt filter {name!r}; allowed: {sorted(_FILTERS)}")
+    regex = re.compile(_FILTERS[name])
+    return path_filter(lambda s: regex.search(s) is not None)
