@@ -14,7 +14,7 @@ from metarec.baselines import BASELINES as FITTED_BASELINES
 from metarec.baselines import make_baseline
 from metarec.data.tasks import Task
 from metarec.meta import LEARNERS, make_learner
-from metarec.meta.inner import mse, shrunk_mse
+from metarec.meta.inner import mse, scaled_sse, shrunk_mse
 from metarec.meta.step import make_eval_fn, make_mesh, make_meta_step
 from metarec.models.registry import MODELS, get_model
 from metarec.training.encoder_checkpoint import load_pretrained, same_item_vocab
@@ -30,7 +30,8 @@ TASK_SIZES = {
     "melu": {"max_ratings": 100, "n_query": 10},
     "time": {"max_ratings": 20, "n_query": 5},
 }
-TRAIN_TASKS = ("resample", "fixed")
+TRAIN_TASKS = ("resample", "resample_support", "fixed")
+HELD_OUT_STREAM = 10**6  # the PRNG stream of the held-out query sets (epochs use 1, 2, ...)
 NAME_FIELDS = ("algos", "baselines")
 
 
@@ -48,12 +49,29 @@ class SeedData:
     # the ratings every method trains on: split.train_ratings minus the validation users' query
     # ratings (held out for selection); baselines, item tables and meta-training tasks use these
     fit_ratings: object = None
-    # epoch -> training tasks (fresh draw from fit_ratings), or None for the fixed ``train`` tasks
-    sampler: Callable[[int], Task] | None = None
+    # train_tasks mode -> (epoch -> training tasks drawn afresh from fit_ratings)
+    samplers: dict = dataclasses.field(default_factory=dict)
+    # train_tasks mode -> the ratings a model's item tables are fitted on (fit_ratings, minus the
+    # held-out query sets in "resample_support")
+    table_ratings: dict = dataclasses.field(default_factory=dict)
 
-    def train_tasks(self):
-        """What meta-training iterates over: the per-epoch sampler, or the fixed tasks."""
-        return self.sampler if self.sampler is not None else self.train
+    def train_tasks(self, mode: str = "resample"):
+        """What meta-training iterates over: a per-epoch sampler, or the fixed tasks."""
+        return self.train if mode == "fixed" else self.samplers[mode]
+
+
+def validation_split(split: mdata.Split, val_fraction: float, seed: int):
+    """``(train users, validation users)`` of the warm training users (seeded by ``seed + 2``)."""
+    return mdata.split_validation(split.sets["warm_train"], val_fraction, seed + 2)
+
+
+def fit_ratings_of(split: mdata.Split, val_fraction: float, seed: int):
+    """The ratings every method trains on: the split's training ratings minus the validation
+    users' query ratings (held out for selection; also for pretraining, which would otherwise see
+    them)."""
+    return mdata.drop_query_ratings(
+        split.train_ratings, validation_split(split, val_fraction, seed)[1]
+    )
 
 
 def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) -> SeedData:
@@ -74,9 +92,7 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
             f"{cfg.protocol} / seed {seed} ({rule}; sizes: {sizes}); nothing can be trained or "
             "scored there: use a larger dataset or another protocol"
         )
-    train_sets, val_sets = mdata.split_validation(
-        split.sets["warm_train"], cfg.val_fraction, seed + 2
-    )
+    train_sets, val_sets = validation_split(split, cfg.val_fraction, seed)
     fit_ratings = mdata.drop_query_ratings(split.train_ratings, val_sets)
     # vocabularies from the training ratings only: an item rated nowhere else is out of
     # vocabulary (the learned fallback), not a row that no gradient ever reaches
@@ -93,15 +109,27 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         return prepare(encoder.encode(s.pad_support(width)))
 
     test_sets = {k: split.sets[k] for k in TEST_SCENARIOS} if test else {}
-    sampler = None
-    if cfg.train_tasks == "resample":
-        pool = mdata.rating_pool(fit_ratings, min_ratings=cfg.task_min_support + 1)
-        sizes = TASK_SIZES[cfg.protocol]
+    pool = mdata.rating_pool(fit_ratings, min_ratings=cfg.task_min_support + 1)
+    sizes = TASK_SIZES[cfg.protocol]
+    held = mdata.hold_out_queries(
+        pool,
+        np.random.default_rng([seed, HELD_OUT_STREAM]),
+        n_query=sizes["n_query"],
+        min_support=cfg.task_min_support,
+    )
 
+    def make_sampler(fixed_query):
         def sampler(epoch: int) -> Task:
-            rng = np.random.default_rng([seed, epoch])
-            draw = mdata.sample_user_sets(pool, rng, min_support=cfg.task_min_support, **sizes)
+            draw = mdata.sample_user_sets(
+                pool,
+                np.random.default_rng([seed, epoch]),
+                min_support=cfg.task_min_support,
+                fixed_query=fixed_query,
+                **sizes,
+            )
             return enc(draw)
+
+        return sampler
 
     return SeedData(
         split=split,
@@ -114,7 +142,12 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         test_sets=test_sets,
         encode=enc,
         fit_ratings=fit_ratings,
-        sampler=sampler,
+        samplers={"resample": make_sampler(None), "resample_support": make_sampler(held)},
+        table_ratings={
+            "resample": fit_ratings,
+            "fixed": fit_ratings,
+            "resample_support": mdata.drop_held_out(fit_ratings, pool, held),
+        },
     )
 
 
@@ -141,8 +174,9 @@ def method_config(cfg, name: str):
 
 def item_tables(sd: SeedData, cfg, seed: int):
     """``(rows, item_bias, item_factors, mu)``: a biased MF (``cfg.cf_dim`` factors, L2
-    ``cfg.cf_reg``) fitted on the seed's training ratings, indexed by the encoder's item rows."""
-    r = sd.fit_ratings
+    ``cfg.cf_reg``) fitted on the seed's training ratings (without the meta-training query sets
+    when those are held out: ``train_tasks="resample_support"``), by the encoder's item rows."""
+    r = sd.table_ratings[cfg.train_tasks]
     state = fitted_mf(cfg.cf_dim, cfg.cf_reg, seed).fit(
         r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["rating"].to_numpy()
     )
@@ -182,7 +216,17 @@ def build_learner(name: str, apply_fn: Callable, cfg, **overrides):
     inner_steps = overrides.get("inner_steps", opts.pop("inner_steps", cfg.inner_steps))
     adapt = overrides.get("adapt") or cfg.adapt
     mask = get_model(cfg.model).adapt_filter(adapt, cfg)
-    loss_fn = shrunk_mse(cfg.loss_prior) if cfg.loss_prior else mse
+    if cfg.loss_sum_scale:
+        loss_fn = scaled_sse(cfg.loss_sum_scale)
+    else:
+        loss_fn = shrunk_mse(cfg.loss_prior) if cfg.loss_prior else mse
+    if cfg.inner_newton:
+        if "newton" not in LEARNERS[name].options:
+            raise ValueError(
+                f"--config.inner_newton: {name} takes no Newton inner steps; learners that do: "
+                f"{', '.join(n for n, e in LEARNERS.items() if 'newton' in e.options)}"
+            )
+        opts["newton"] = cfg.inner_newton
     return make_learner(
         name,
         apply_fn,
@@ -301,11 +345,6 @@ def validate_config(cfg) -> None:
     normalize_config(cfg)
     mdata.check_dataset(cfg.dataset)
     _check_names("algos", cfg.algos, tuple(LEARNERS) + tuple(cfg.methods))
-    if cfg.recommended and cfg.recommended not in cfg.algos:
-        raise ValueError(
-            f"--config.recommended={cfg.recommended!r} is not one of --config.algos "
-            f"({', '.join(cfg.algos)})"
-        )
     _check_names("baselines", cfg.baselines, BASELINES)
     _validate_fields(cfg)
     for name in cfg.algos:
@@ -315,6 +354,11 @@ def validate_config(cfg) -> None:
                 _validate_fields(mcfg)
             except ValueError as e:
                 raise ValueError(f"method {name} ({algo}): {e}") from None
+            if get_model(mcfg.model).prepare_tasks is not get_model(cfg.model).prepare_tasks:
+                raise ValueError(
+                    f"--config.methods.{name}.model={mcfg.model!r} reads other task inputs than "
+                    f"the base model {cfg.model!r}; run it as the base model (--config.model)"
+                )
 
 
 def _validate_fields(cfg) -> None:
@@ -381,6 +425,10 @@ def _validate_numbers(cfg) -> None:
         raise ValueError(f"--config.val_fraction must be in (0, 1), got {cfg.val_fraction}")
     if not 0 <= cfg.id_dropout < 1:
         raise ValueError(f"--config.id_dropout must be in [0, 1), got {cfg.id_dropout}")
+    if not cfg.inner_newton >= 0:
+        raise ValueError(f"--config.inner_newton must be >= 0, got {cfg.inner_newton}")
+    if not cfg.loss_sum_scale >= 0:
+        raise ValueError(f"--config.loss_sum_scale must be >= 0, got {cfg.loss_sum_scale}")
     if not cfg.loss_prior >= 0:
         raise ValueError(f"--config.loss_prior must be >= 0, got {cfg.loss_prior}")
     if not cfg.cf_reg >= 0:

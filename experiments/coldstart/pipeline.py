@@ -36,11 +36,11 @@ from experiments.coldstart.build import (
     validate_config,
 )
 from experiments.coldstart.curves import adaptation_curves, aggregate_curves
+from experiments.coldstart.paired import format_paired, paired_tests
 from experiments.common import enable_compilation_cache, format_mean_std, prepare_workdir
 from metarec import baselines as mbaselines
 from metarec import data as mdata
 from metarec import metrics as mmetrics
-from metarec import stats as mstats
 from metarec.training.checkpoint import Checkpointer
 from metarec.training.meta_train import (
     TrainResult,
@@ -174,9 +174,7 @@ def run_seed(
     info = {
         "n_users": {s: int(t.num_tasks) for s, t in sd.test.items()},
         "n_train_users": int(sd.train.num_tasks),
-        "n_train_task_users": int(sd.train_tasks()(1).num_tasks)
-        if sd.sampler is not None
-        else int(sd.train.num_tasks),
+        "n_train_task_users": int(sd.train_tasks("resample")(1).num_tasks),
         "n_fit_ratings": len(sd.fit_ratings),
         "n_val_users": int(sd.val.num_tasks),
         "histories": {},
@@ -234,7 +232,7 @@ def run_seed(
                 mfns.step(spec, algo),
                 eval_fn,
                 params0,
-                sd.train_tasks(),
+                sd.train_tasks(mcfg.train_tasks),
                 sd.val,
                 mcfg,
                 k_train,
@@ -302,7 +300,7 @@ def run_seed(
                     fns.step(spec, "maml", **plain),
                     fns.eval(spec, "maml", **plain),
                     init_fn(k_init),
-                    pooled_tasks(sd.train_tasks()),
+                    pooled_tasks(sd.train_tasks(cfg.train_tasks)),
                     sd.val,
                     ft_cfg,
                     k_train,
@@ -474,54 +472,6 @@ def run(
     if curves and all(c is not None for c in curves):
         out["adaptation"] = aggregate_curves(curves)
     return out
-
-
-def paired_tests(per_user: dict, cfg, results: dict) -> dict:
-    """For ``cfg.recommended`` against the best non-meta baseline of every scenario (lowest mean
-    MAE; highest mean nDCG@k, which may be another baseline): the per-user paired comparison of
-    :func:`metarec.stats.paired_comparison`, users pooled over seeds. Empty without a recommended
-    method."""
-    rec = cfg.get("recommended", "")
-    if not rec:
-        return {}
-    baselines = [b for b in cfg.baselines if b != "no_adapt"]
-    ndcg = f"ndcg@{cfg.k}"
-    out = {}
-    for s in TEST_SCENARIOS:
-        pooled = {}
-        for m in [rec, *baselines]:
-            rows = [(seed, r[s][m]) for seed, r in per_user.items() if m in r[s]]
-            pooled[m] = {
-                "unit": [f"{seed}:{u}" for seed, pu in rows for u in pu["user"]],
-                "mae": [v for _, pu in rows for v in pu["mae"]],
-                ndcg: [v for _, pu in rows for v in pu[ndcg]],
-            }
-        out[s] = {}
-        for metric, pick in (("mae", min), (ndcg, max)):
-            cands = [b for b in baselines if b in results[s]]
-            if not cands:
-                continue
-            best = pick(cands, key=lambda b, metric=metric: results[s][b][metric]["mean"])
-            out[s][metric] = {"method": rec, "baseline": best} | mstats.paired_comparison(
-                pooled[rec], pooled[best], metric, seed=0
-            )
-    return out
-
-
-def format_paired(paired: dict) -> str:
-    """The paired tests as lines under the table."""
-    lines = [
-        "paired per-user comparison, users pooled over seeds (difference = method - baseline; "
-        "95% paired-bootstrap interval; Wilcoxon signed-rank p)"
-    ]
-    for s, by_metric in paired.items():
-        for metric, c in by_metric.items():
-            lo, hi = c["ci95"]
-            lines.append(
-                f"{s:15s} {metric:7s} {c['method']} - {c['baseline']}: {c['mean_diff']:+.4f} "
-                f"[{lo:+.4f}, {hi:+.4f}] p={c['wilcoxon_p']:.2g} (n={c['n']})"
-            )
-    return "\n".join(lines)
 
 
 def format_table(res: dict, metrics=TABLE_METRICS) -> str:

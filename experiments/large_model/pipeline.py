@@ -60,11 +60,13 @@ LOWER = {"item_dim": 1, "rank_k": 1}
 def coldstart_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config of the cold-start pieces (seed data, MeLU, meta-training): their defaults with
     this comparison's shared fields, model ``melu``, and no pretrained encoder of their own."""
-    cs = coldstart_default.get_config()
+    cs = coldstart_default.base_config()
     for name in cs.keys():
-        if name in cfg and name != "init_from":
+        # "methods" names this comparison's methods, not the cold-start experiment's
+        if name in cfg and name not in ("init_from", "methods", "algos"):
             cs[name] = cfg[name]
     cs.model = "melu"
+    cs.algos = ("maml",)
     return cs
 
 
@@ -118,7 +120,7 @@ def encoder_for_seed(cfg, seed: int, sd: coldstart.SeedData, enc_cfg: EncoderCon
             )
         return enc_cfg, params, meta["metadata"].get("val", {})
     pcfg, val_fraction = pretraining.pretrain_config(cfg.pretrain, seed)
-    train_ratings = sd.split.train_ratings
+    train_ratings = sd.fit_ratings
     params, hist, val = pretrain_on_split(train_ratings, sd.encoder, enc_cfg, pcfg, val_fraction)
     info["histories"]["pretrain"] = hist
     return enc_cfg, params, val
@@ -208,9 +210,7 @@ def run_seed(data, seed: int, cfg, log_fn: Callable = print) -> dict:
     for s in RANKED_SCENARIOS:
         ranking[s] = {
             "pretrained_encoder": support_ranking(enc_params, enc_cfg, test[s], k=cfg.rank_k),
-            "popularity": popularity_ranking(
-                sd.split.train_ratings, sd.encoder, test[s], k=cfg.rank_k
-            ),
+            "popularity": popularity_ranking(sd.fit_ratings, sd.encoder, test[s], k=cfg.rank_k),
         }
     results["_ranking"] = ranking
     info["seconds"]["total"] = time.time() - t_start

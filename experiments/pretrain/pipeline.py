@@ -1,9 +1,9 @@
 """Masked-item pretraining of the history Transformer on the TRAINING users of one cold-start split.
 
-Only ``Split.train_ratings`` is used: warm-train users x existing items (no warm_test / new user, no
-new item: nothing of any test scenario).  A ``pretrain.val_fraction`` of those users has its last
-(most recent) item held out; the run reports held-out next-item accuracy / HR@10 / nDCG@10 over
-the full catalogue.
+Only the cold-start training ratings are used: ``Split.train_ratings`` (warm-train users x existing
+items: nothing of any test scenario) minus the query ratings of the cold-start validation users.
+A ``pretrain.val_fraction`` of those users has its last (most recent) item held out; the run
+reports held-out next-item accuracy / HR@10 / nDCG@10 over the full catalogue.
 
 The workdir gets the encoder checkpoint (``params/``, ``encoder_config.json``, ``item_ids.npy``:
 :mod:`metarec.training.encoder_checkpoint`, read with ``load_pretrained``), ``train_state/``
@@ -22,6 +22,7 @@ import os
 
 import ml_collections
 
+from experiments.coldstart.build import fit_ratings_of
 from experiments.common import check_choice, enable_compilation_cache, prepare_workdir
 from metarec import data as mdata
 from metarec.data.scenarios import PROTOCOLS
@@ -126,7 +127,10 @@ def run_pretrain(
         )
     seed, protocol = cfg.seed, cfg.protocol
     split = mdata.make_split(data, seed, protocol)
-    encoder = mdata.FeatureEncoder.fit(data, split.train_ratings)
+    # the cold-start experiment's training ratings (its validation users' query ratings held out),
+    # so its early stopping and tuning never score ratings the encoder was pretrained on
+    train_ratings = fit_ratings_of(split, cfg.coldstart_val_fraction, seed)
+    encoder = mdata.FeatureEncoder.fit(data, train_ratings)
     enc_cfg = encoder_config(cfg.encoder, encoder.spec.item_vocab[1])
     pcfg, val_fraction = pretrain_config(cfg.pretrain, seed)
     data_sha = mdata.data_checksum(data)
@@ -137,6 +141,7 @@ def run_pretrain(
         "encoder": enc_cfg.to_dict(),
         "pretrain": dataclasses.asdict(pcfg),
         "val_fraction": val_fraction,
+        "coldstart_val_fraction": cfg.coldstart_val_fraction,
     }
     check_resume(workdir, config, resume=resume, data_sha256=data_sha, log_fn=print_fn)
     meta = run_metadata(config, argv)
@@ -159,7 +164,7 @@ def run_pretrain(
 
         try:
             params, history, val = pretrain_on_split(
-                split.train_ratings,
+                train_ratings,
                 encoder,
                 enc_cfg,
                 pcfg,
@@ -171,7 +176,7 @@ def run_pretrain(
         finally:
             bar.close()
             writer.close()
-    n_train = int(split.train_ratings["user_id"].nunique())
+    n_train = int(train_ratings["user_id"].nunique())
     info = {
         "dataset": data.name,
         "protocol": protocol,

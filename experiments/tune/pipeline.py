@@ -40,13 +40,19 @@ from metarec.baselines import make_baseline
 from metarec.meta import LEARNERS
 from metarec.training.meta_train import meta_train, predict_tasks, score
 from metarec.training.runlog import write_json_atomic
+from metarec.training.trainer import NonFiniteLossError
 
 SPACE_KINDS = ("log", "float", "int", "choice")
+DIVERGED = 10.0  # the objective of a point whose meta-training diverged
 
 
 def _parse_choice(value: str, like):
     if isinstance(like, tuple):
         return () if value in ("none", "") else tuple(int(v) for v in value.split("/"))
+    if isinstance(like, bool):
+        if value not in ("True", "False"):
+            raise ValueError
+        return value == "True"
     for cast in (int, float):
         try:
             return cast(value)
@@ -120,7 +126,7 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
             fns.step(spec, algo),
             eval_fn,
             initial_params(init_fn, k_init, sd, c, seed),
-            sd.train_tasks(),
+            sd.train_tasks(c.train_tasks),
             sd.val,
             c,
             k_train,
@@ -199,8 +205,10 @@ def search(
         sampler = optuna.samplers.GridSampler(grid, seed=sampler_seed)
         n_trials = int(np.prod([len(v) for v in grid.values()]))
     else:
-        sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=min(8, n_trials))
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=min(6, n_trials))
     study = optuna.create_study(direction="minimize", sampler=sampler)
+    if not isinstance(sampler, optuna.samplers.GridSampler):
+        study.enqueue_trial(start_point(cfg, method, parsed))
     rows = []
 
     def objective(trial):
@@ -216,8 +224,13 @@ def search(
                 idx = trial.suggest_categorical(field, list(range(len(args))))
                 point[field] = args[idx]
         row = {"trial": trial.number, "point": point}
-        row |= evaluate_point(cfg, method, point, data, prepared)
-        row["objective"] = selection_objective(row, cfg.k, ndcg_weight)
+        try:
+            row |= evaluate_point(cfg, method, point, data, prepared)
+            row["objective"] = selection_objective(row, cfg.k, ndcg_weight)
+        except NonFiniteLossError as e:  # a diverging point is a bad point, not a failed search
+            nan = float("nan")
+            row |= {"val_mae": nan, f"val_ndcg@{cfg.k}": nan, "diverged": str(e).split(";")[0]}
+            row |= {"objective": DIVERGED, "val_mae_per_seed": [], "best_epochs": []}
         log_fn(
             f"{method} trial {trial.number}: objective {row['objective']:.4f} val MAE "
             f"{row['val_mae']:.4f} nDCG@{cfg.k} {row[f'val_ndcg@{cfg.k}']:.4f} {point} "
@@ -228,6 +241,22 @@ def search(
 
     study.optimize(objective, n_trials=n_trials)
     return sorted(rows, key=lambda r: r["objective"])
+
+
+def start_point(cfg, method: str, parsed: dict) -> dict:
+    """The method's configured values as optuna parameters: the first trial of every search, so
+    the search never ends worse than the starting config (values outside the space are left to
+    the sampler)."""
+    _, mcfg = method_config(cfg, method)
+    out = {}
+    for field, (kind, args) in parsed.items():
+        v = mcfg[field]
+        if kind == "choice":
+            if v in args:
+                out[field] = args.index(v)
+        elif args[0] <= v <= args[1]:
+            out[field] = v
+    return out
 
 
 def selection_objective(row: dict, k: int, ndcg_weight: float) -> float:

@@ -16,7 +16,14 @@ from metarec.data.registry import (
     load_dataset,
     register_dataset,
 )
-from metarec.data.sampling import RatingPool, drop_query_ratings, rating_pool, sample_user_sets
+from metarec.data.sampling import (
+    RatingPool,
+    drop_held_out,
+    drop_query_ratings,
+    hold_out_queries,
+    rating_pool,
+    sample_user_sets,
+)
 from metarec.data.scenarios import SCENARIOS, Split, UserSets, make_split, split_validation
 from metarec.data.synthetic import make_synthetic_tasks
 from metarec.data.tasks import (
@@ -55,8 +62,10 @@ __all__ = [
     "check_dataset",
     "clean",
     "data_checksum",
+    "drop_held_out",
     "drop_query_ratings",
     "ensure_dataset",
+    "hold_out_queries",
     "index_tasks",
     "iterate_meta_batches",
     "load_dataset",

@@ -75,6 +75,18 @@ def rating_pool(frame: pd.DataFrame, min_ratings: int = 4) -> RatingPool:
     )
 
 
+def hold_out_queries(
+    pool: RatingPool, rng: np.random.Generator, *, n_query: int = 10, min_support: int = 3
+) -> np.ndarray:
+    """``bool [n_ratings]``: for every pool user, ``min(n_query, count - min_support)`` random
+    ratings held out as that user's fixed query set (see :func:`sample_user_sets`)."""
+    held = np.zeros(pool.item.shape[0], bool)
+    for u in range(pool.n_users):
+        n = int(pool.count[u])
+        held[pool.start[u] + rng.permutation(n)[: min(n_query, n - min_support)]] = True
+    return held
+
+
 def sample_user_sets(
     pool: RatingPool,
     rng: np.random.Generator,
@@ -82,8 +94,15 @@ def sample_user_sets(
     max_ratings: int = 100,
     n_query: int = 10,
     min_support: int = 3,
+    fixed_query: np.ndarray | None = None,
 ) -> UserSets:
-    """One task per pool user, drawn with ``rng`` (see the module docstring)."""
+    """One task per pool user, drawn with ``rng`` (see the module docstring).
+
+    ``fixed_query`` (from :func:`hold_out_queries`): every user's query set is always its held-out
+    ratings and only the support set is drawn afresh (from the others, at most
+    ``max_ratings - n_query``). This is for models whose item side is fitted beforehand on the
+    ratings outside those query sets: a training task's query ratings then stay unseen by that fit,
+    as a new user's are."""
     if n_query < 1 or min_support < 1 or max_ratings < n_query + min_support:
         raise ValueError(
             f"need n_query >= 1, min_support >= 1 and max_ratings >= n_query + min_support; got "
@@ -103,10 +122,17 @@ def sample_user_sets(
     }
     for u in range(t):
         n = int(pool.count[u])
-        m = min(n, max_ratings)
-        rows = pool.start[u] + rng.permutation(n)[:m]
-        n_q = min(n_query, m - min_support)
-        for prefix, sel in (("support", rows[: m - n_q]), ("query", rows[m - n_q :])):
+        if fixed_query is None:
+            m = min(n, max_ratings)
+            rows = pool.start[u] + rng.permutation(n)[:m]
+            n_q = min(n_query, m - min_support)
+            sup, qry = rows[: m - n_q], rows[m - n_q :]
+        else:
+            rows = pool.start[u] + np.arange(n)
+            held = fixed_query[rows]
+            sup = rng.permutation(rows[~held])[:s_width]
+            qry = rng.permutation(rows[held])
+        for prefix, sel in (("support", sup), ("query", qry)):
             k = len(sel)
             out[f"{prefix}_item"][u, :k] = pool.item[sel]
             out[f"{prefix}_rating"][u, :k] = pool.rating[sel]
@@ -115,12 +141,23 @@ def sample_user_sets(
     return UserSets(**out)
 
 
+def drop_pairs(frame: pd.DataFrame, users, items) -> pd.DataFrame:
+    """``frame`` without the ratings of the (user, item) pairs ``zip(users, items)``."""
+    held = pd.MultiIndex.from_arrays([np.asarray(users), np.asarray(items)])
+    key = pd.MultiIndex.from_frame(frame[["user_id", "item_id"]])
+    return frame[~key.isin(held)].reset_index(drop=True)
+
+
 def drop_query_ratings(frame: pd.DataFrame, sets: UserSets) -> pd.DataFrame:
     """``frame`` without the (user, item) pairs of ``sets``' query sets: the training ratings that
     remain when those users' query ratings are held out for selection."""
     rows = sets.query_mask > 0
-    held = pd.MultiIndex.from_arrays(
-        [np.repeat(sets.user_id, rows.sum(1)), sets.query_item[rows]], names=["user_id", "item_id"]
-    )
-    key = pd.MultiIndex.from_frame(frame[["user_id", "item_id"]])
-    return frame[~key.isin(held)].reset_index(drop=True)
+    return drop_pairs(frame, np.repeat(sets.user_id, rows.sum(1)), sets.query_item[rows])
+
+
+def drop_held_out(frame: pd.DataFrame, pool: RatingPool, held: np.ndarray) -> pd.DataFrame:
+    """``frame`` without the pool ratings marked by ``held`` (:func:`hold_out_queries`)."""
+    users = np.repeat(pool.user_id, pool.count)
+    rows = np.concatenate([s + np.arange(c) for s, c in zip(pool.start, pool.count)])
+    sel = rows[held[rows]]
+    return drop_pairs(frame, users[held[rows]], pool.item[sel])

@@ -69,6 +69,21 @@ def shrunk_mse(prior: float) -> Callable:
     return loss
 
 
+def scaled_sse(scale: float) -> Callable:
+    """Squared error summed over the real examples, divided by a constant ``scale``: a user with
+    more support ratings weighs more in the inner problem, as in MF's per-user ridge problem
+    (``scale`` = the query size makes a full query set's loss its MSE)."""
+    if not scale > 0:
+        raise ValueError(f"scaled_sse needs scale > 0, got {scale}")
+
+    def loss(preds, targets, mask):
+        preds = preds.astype(jnp.result_type(preds, targets))
+        err = jnp.square(preds - targets.astype(preds.dtype))
+        return jnp.sum(err * mask.astype(preds.dtype)) / scale
+
+    return loss
+
+
 def mae(preds: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Masked mean absolute error (same conventions as :func:`mse`)."""
     preds = preds.astype(jnp.result_type(preds, targets))
@@ -257,6 +272,7 @@ def adapt(
     key: jax.Array | None = None,
     return_losses: bool = False,
     backtrack: int = 0,
+    newton: float = 0.0,
 ):
     """K steps of gradient descent on the selected parameters (``lax.scan``).
 
@@ -288,6 +304,14 @@ def adapt(
         ``s`` is not differentiated (``stop_gradient``); costs up to ``backtrack + 1`` extra
         forward passes per step (a ``lax.while_loop`` that stops at the first accepted ``s``).
 
+      newton: 0 (default) = gradient steps. ``> 0`` = damped Newton steps for a few adapted
+        parameters (e.g. a user vector; at most ``MAX_NEWTON_DIM`` in all): each step is
+        ``a ← a − lr ⊙ (H + newton·I)⁻¹ g`` with the exact Hessian ``H`` of the support loss. On a
+        loss quadratic in ``a`` one step with ``lr = 1`` is the ridge solution
+        ``argmin_a L(a) + newton/2 |a − a_0|²`` around the starting point — closed-form fold-in,
+        differentiable (MAML/Meta-SGD differentiate through the solve). Not combined with
+        ``backtrack``.
+
     Returns:
       The adapted parameters φ (same structure as ``params``), and the losses if requested.
     """
@@ -295,9 +319,17 @@ def adapt(
         raise ValueError(f"adapt: steps must be a non-negative Python int, got {steps!r}")
     if not isinstance(backtrack, int) or backtrack < 0:
         raise ValueError(f"adapt: backtrack must be a non-negative Python int, got {backtrack!r}")
+    if not newton >= 0 or (newton and backtrack):
+        raise ValueError(
+            f"adapt: newton must be >= 0 and not combined with backtrack, got {newton}"
+        )
     mask_flat = resolve_mask(mask, params)
     adapted, frozen, combine = partition(params, mask_flat)
     lrs = _flat_lr(lr, params, mask_flat)
+    if newton:
+        return _adapt_newton(
+            adapted, frozen, combine, support, loss_fn, steps, lrs, newton, key, return_losses
+        )
 
     def inner_loss(a, k):
         full = combine(a, frozen)
@@ -327,3 +359,39 @@ def adapt(
         out, losses = jax.lax.scan(step, adapted, jnp.arange(steps))
     phi = combine(out, frozen)
     return (phi, losses) if return_losses else phi
+
+
+MAX_NEWTON_DIM = 512  # adapted parameters a Newton inner step solves for at most
+
+
+def _adapt_newton(adapted, frozen, combine, support, loss_fn, steps, lrs, damping, key, losses_out):
+    """The ``newton > 0`` branch of :func:`adapt`: damped Newton steps on the flattened leaves."""
+    from jax.flatten_util import ravel_pytree
+
+    flat0, unravel = ravel_pytree(adapted)
+    if flat0.size > MAX_NEWTON_DIM:
+        raise ValueError(
+            f"adapt: newton steps solve for at most {MAX_NEWTON_DIM} adapted parameters, the mask "
+            f"selects {flat0.size}; adapt fewer parameters or use gradient steps (newton=0)"
+        )
+    rate = ravel_pytree(
+        [jnp.broadcast_to(jnp.asarray(r, p.dtype), p.shape) for p, r in zip(adapted, lrs)]
+    )[0]
+    eye = jnp.eye(flat0.size, dtype=flat0.dtype)
+
+    def f(v, k):
+        full = combine(unravel(v), frozen)
+        return loss_fn(full, support) if k is None else loss_fn(full, support, k)
+
+    def step(v, i):
+        k = None if key is None else jax.random.fold_in(key, i)
+        loss, g = jax.value_and_grad(f)(v, k)
+        h = jax.hessian(f)(v, k)
+        return v - rate * jnp.linalg.solve(h + damping * eye, g), loss
+
+    if steps == 0:
+        out, losses = flat0, jnp.zeros((0,), jnp.float32)
+    else:
+        out, losses = jax.lax.scan(step, flat0, jnp.arange(steps))
+    phi = combine(unravel(out), frozen)
+    return (phi, losses) if losses_out else phi

@@ -93,6 +93,7 @@ def _through_inner_loop(
     name: str,
     init: Callable[[PyTree], PyTree],
     split: Callable[[PyTree], tuple[PyTree, Any]],
+    newton: float = 0.0,
 ) -> MetaLearner:
     """The core MAML and Meta-SGD share: adapt with the inner loop, score the query set, and
     differentiate through the inner steps. ``split(meta_params) -> (params, inner_lr)`` is where
@@ -111,6 +112,7 @@ def _through_inner_loop(
             first_order=first_order,
             remat=remat,
             key=key,
+            newton=newton,
         )
 
     def meta_loss(meta_params, task, key=None):
@@ -140,6 +142,7 @@ def maml(
     first_order: bool = False,
     remat: bool = False,
     name: str | None = None,
+    newton: float = 0.0,
 ) -> MetaLearner:
     """MAML (Finn et al., 2017) with the exact second-order meta-gradient.
 
@@ -157,6 +160,8 @@ def maml(
       adapt_mask: which parameters the inner loop adapts (``None`` = all, bool pytree or callable).
       first_order: drop the second-order term.
       remat: rematerialise each inner step (memory independent of ``inner_steps``).
+      newton: > 0: damped Newton inner steps with this damping instead of gradient steps (for a
+        few adapted parameters; see :func:`metarec.meta.inner.adapt`).
     """
     _check_common(inner_steps, inner_lr)
     return _through_inner_loop(
@@ -169,6 +174,7 @@ def maml(
         name=name or ("fomaml" if first_order else "maml"),
         init=_identity,
         split=lambda params: (params, inner_lr),
+        newton=newton,
     )
 
 
@@ -192,13 +198,15 @@ def metasgd(
     first_order: bool = False,
     remat: bool = False,
     name: str = "metasgd",
+    newton: float = 0.0,
 ) -> MetaLearner:
     """Meta-SGD (Li et al., 2017): MAML whose inner learning rates are learned per parameter.
 
     ``init(params)`` returns :class:`MetaSGDParams` with every rate set to ``inner_lr``;
     ``task_grad`` differentiates the query loss w.r.t. both the initialisation and the rates
     (rates may become negative, as in the paper). The paper uses a single inner step
-    (``inner_steps=1`` default here), but any K works.
+    (``inner_steps=1`` default here), but any K works. With ``newton > 0`` the learned rates scale
+    damped Newton steps per parameter (:func:`metarec.meta.inner.adapt`).
     """
     _check_common(inner_steps, inner_lr)
 
@@ -218,6 +226,7 @@ def metasgd(
         name=name,
         init=init,
         split=lambda mp: (mp.params, mp.lr),
+        newton=newton,
     )
 
 

@@ -32,10 +32,10 @@ class LearnerEntry:
 
 
 LEARNERS = {
-    "maml": LearnerEntry(maml),
-    "fomaml": LearnerEntry(fomaml),
+    "maml": LearnerEntry(maml, options={"newton": 0.0}),
+    "fomaml": LearnerEntry(fomaml, options={"newton": 0.0}),
     "reptile": LearnerEntry(reptile, adapts_all=True),
-    "metasgd": LearnerEntry(metasgd),
+    "metasgd": LearnerEntry(metasgd, options={"newton": 0.0}),
     "imaml": LearnerEntry(imaml, options={"lam": 1.0, "cg_steps": 5}, remat=False),
 }
 

@@ -6,12 +6,12 @@ Prediction for user ``u`` and item ``i``::
 
 * Item side. ``q_i`` / ``b_i`` are item-id rows (``item_factors`` / ``item_bias``) meant to be
   filled from a matrix factorisation fitted on every training rating (:func:`with_item_tables`);
-  the meta-learner then keeps refining them in its outer loop. An item whose id is out of
-  vocabulary (new items, and ids dropped by ``id_dropout`` during meta-training) takes its vector
-  and bias from its content instead: release-year embedding + genre projection -> ReLU layer ->
-  ``content_factors`` / ``content_bias`` (zero-initialised). Dropping known ids during
-  meta-training is what trains this content path on items whose ratings are known (the
-  MetaEmb/MWUF idea, learned inside the meta-objective).
+  the meta-learner then keeps refining them in its outer loop (unless ``freeze_tables``). An item
+  whose id is out of vocabulary (new items, and ids dropped by ``id_dropout`` during
+  meta-training) takes its vector and bias from its content instead: release-year embedding +
+  genre projection -> ReLU layer -> ``content_factors`` / ``content_bias`` (zero-initialised).
+  Dropping known ids during meta-training is what trains this content path on items whose ratings
+  are known (the MetaEmb/MWUF idea, learned inside the meta-objective).
 * User side. ``p_u = user_factors + sum_j E_j[user field j]`` and
   ``b_u = user_bias + sum_j e_j[user field j]``: ``user_factors`` and ``user_bias`` are the
   parameters the inner loop adapts (adapt mode ``"user"``); their initialisation and, with
@@ -22,6 +22,10 @@ Prediction for user ``u`` and item ``i``::
   a step that shrinks with few ratings, like ridge) is a learned generalisation of MF fold-in.
 * ``f`` (``hidden`` non-empty): a ReLU MLP with a zero-initialised output layer, so it starts as
   no correction (``"user+head"`` also adapts its output layer).
+* ``melu`` (a dict of :class:`metarec.models.melu.MeLU` settings): the prediction is a MeLU
+  network (demographics, item id and content through an MLP, residual on ``x["offset"]``) plus
+  the CF term ``b_u + b_i + p_u . q_i``; ``"user+decision"`` adapts the user representation and
+  the network's decision layers (MeLU's local update).
 
 Inputs are those of :mod:`metarec.models.melu` (``x["user"]``, ``x["item"]`` = [year, item id],
 ``x["genres"]``, ``x["offset"]``). Indices outside the vocabulary map to OOV row 0.
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metarec.meta.inner import path_filter
-from metarec.models.melu import _spec_fields, dummy_inputs
+from metarec.models.melu import MeLU, _spec_fields, dummy_inputs
 
 PyTree = Any
 _zeros = nn.initializers.zeros
@@ -55,6 +59,8 @@ class HybridCF(nn.Module):
     embed_dim: int = 16
     hidden: tuple[int, ...] = ()
     id_dropout: float = 0.2
+    freeze_tables: bool = False
+    melu: dict | None = None  # MeLU settings: a MeLU network as the non-linear part (see below)
 
     @nn.compact
     def __call__(self, x: dict, key: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -82,6 +88,8 @@ class HybridCF(nn.Module):
         h_c = nn.relu(nn.Dense(self.embed_dim, name="content_mlp")(content))
         q_c = nn.Dense(self.dim, kernel_init=_zeros, name="content_factors")(h_c)
         b_c = nn.Dense(1, kernel_init=_zeros, name="content_bias")(h_c)
+        if self.freeze_tables:  # the MF item side as given: the outer loop does not move it
+            q_id, b_id = jax.lax.stop_gradient(q_id), jax.lax.stop_gradient(b_id)
         q = jnp.where(known, q_id, q_c)
         b_i = jnp.where(known, b_id, b_c)[..., 0]
 
@@ -99,6 +107,11 @@ class HybridCF(nn.Module):
                 ]
             )
         mu = self.param("global_bias", _zeros, ())
+        if self.melu is not None:
+            # a MeLU network (its own residual on x["offset"]) plus the CF term on top
+            net = MeLU(self.user_vocab, self.item_vocab, self.n_genres, name="melu", **self.melu)
+            k_net = None if key is None else jax.random.fold_in(key, 1)
+            return net(x, key=k_net, train=train) + b_u + b_i + jnp.sum(p * q, axis=-1)
         # the support mean's deviation from mu (x["offset"], from the support set only) as a
         # learned-weight start for the user bias
         w_off = self.param("offset_weight", nn.initializers.ones, ())
@@ -119,6 +132,8 @@ def make_hybrid(
     embed_dim: int = 16,
     hidden: Sequence[int] = (),
     id_dropout: float = 0.2,
+    freeze_tables: bool = False,
+    melu: dict | None = None,
 ) -> tuple[Callable, Callable]:
     """``(init_fn, apply_fn)`` of :class:`HybridCF` over ``spec`` (a
     :class:`~metarec.data.encode.FeatureSpec`); the same calling convention as
@@ -137,6 +152,8 @@ def make_hybrid(
         embed_dim=int(embed_dim),
         hidden=tuple(int(h) for h in hidden),
         id_dropout=float(id_dropout),
+        freeze_tables=bool(freeze_tables),
+        melu=None if melu is None else dict(melu),
     )
 
     def init_fn(key: jax.Array) -> PyTree:
@@ -178,6 +195,7 @@ def with_item_tables(params: PyTree, rows, item_bias, item_factors, mu) -> PyTre
 
 _FILTERS = {
     "user": r"^(user_factors|user_bias)$",
+    "user+decision": r"^(user_factors$|user_bias$|melu/(mlp_\d+|out)/)",
     "user+head": r"^(user_factors$|user_bias$|out/)",
     "all": r".*",
 }
@@ -186,7 +204,8 @@ ADAPT_MODES = tuple(_FILTERS)
 
 def adapt_filter(name: str) -> Callable[[PyTree], PyTree]:
     """Inner-loop parameter filter: ``"user"`` (the user vector and bias: fold-in), ``"user+head"``
-    (also the residual MLP's output layer), ``"all"``."""
+    (also the residual MLP's output layer), ``"user+decision"`` (also the MeLU network's decision
+    layers), ``"all"``."""
     if name not in _FILTERS:
         raise ValueError(f"unknown adapt filter {name!r}; allowed: {sorted(_FILTERS)}")
     regex = re.compile(_FILTERS[name])

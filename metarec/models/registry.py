@@ -83,6 +83,17 @@ def _build_hybrid(spec, cfg, pretrained=None, max_len=None):
         embed_dim=cfg.embed_dim,
         hidden=tuple(cfg.cf_hidden),
         id_dropout=cfg.id_dropout,
+        freeze_tables=cfg.cf_freeze_tables,
+        melu=None
+        if not cfg.cf_melu
+        else {
+            "embed_dim": cfg.embed_dim,
+            "hidden": tuple(cfg.hidden),
+            "residual": cfg.residual,
+            "use_item_id": cfg.use_item_id,
+            "feature_dropout": cfg.feature_dropout,
+            "residual_bound": cfg.residual_bound,
+        },
     )
 
 

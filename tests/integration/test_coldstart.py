@@ -14,6 +14,7 @@ import pytest
 
 from experiments.coldstart import build, pipeline
 from experiments.coldstart.configs import default as default_config
+from experiments.tune import pipeline as tune
 from experiments.tune.pipeline import grid_search
 from metarec import data as mdata
 from metarec.data import readers
@@ -35,7 +36,7 @@ def fixture_data(tmp_path_factory):
 
 
 def tiny_config():
-    cfg = default_config.get_config()
+    cfg = default_config.base_config()
     cfg.seeds = (0, 1)
     cfg.algos = ("maml",)
     cfg.baselines = ("global_mean", "user_mean", "item_mean", "no_adapt", "finetune")
@@ -108,7 +109,8 @@ def test_run_is_deterministic(fixture_data, tiny_run):
         ("algos", ("maml,metasgd,maml",), "--config.algos lists ['maml'] more than once"),
         ("baselines", ("svd",), "--config.baselines: unknown ['svd']; allowed: global_mean"),
         ("adapt", "some", "--config.adapt='some' for model melu; allowed: decision, all, head"),
-        ("model", "gpt", "--config.model='gpt'; allowed: melu, transformer"),
+        ("model", "gpt", "--config.model='gpt'; allowed: melu, hybrid, transformer"),
+        ("train_tasks", "all", "--config.train_tasks='all'; allowed: resample, fixed"),
         ("dataset", "ml-7m", "ml-7m"),
         ("meta_lr", 0.0, "--config.meta_lr must be > 0"),
         ("seeds", (), "--config.seeds must name at least one seed"),
@@ -147,7 +149,7 @@ def test_script_rejects_bad_config_in_one_line():
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert lines == [
         "coldstart: error: --config.algos: unknown ['mamal']; allowed: maml, fomaml, reptile, "
-        "metasgd, imaml"
+        "metasgd, imaml, cf_metasgd"
     ]
 
 
@@ -188,3 +190,101 @@ def test_tuning_never_reads_a_test_scenario(fixture_data):
     val_users = set(build.prepare_seed(data, 0, cfg).val_sets.user_id.tolist())
     not_val = ~data.ratings["user_id"].isin(val_users).to_numpy()
     assert search(_poison(data, not_val)) != rows
+
+
+def test_cf_method_runs_with_paired_tests_against_the_best_baseline(fixture_data):
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.algos = ("cf_metasgd",)
+    cfg.baselines = ("user_mean", "item_mean", "mf")
+    cfg.recommended = "cf_metasgd"
+    res = pipeline.run(cfg, data=data, log_fn=lambda m: None)
+    for s in build.TEST_SCENARIOS:
+        c = res["paired"][s]["mae"]
+        means = {b: res["results"][s][b]["mae"]["mean"] for b in cfg.baselines}
+        assert c["baseline"] == min(means, key=means.get)
+        # users pooled over both seeds; the pooled mean is the user-weighted mean of the seeds'
+        n = [res["training"][str(seed)]["n_users"][s] for seed in (0, 1)]
+        assert c["n"] == sum(n)
+        per_seed = [res["per_seed"][str(seed)][s]["cf_metasgd"]["mae"] for seed in (0, 1)]
+        assert c["mean_a"] == pytest.approx(np.dot(per_seed, n) / sum(n), abs=1e-6)
+        lo, hi = c["ci95"]
+        assert lo <= c["mean_diff"] <= hi and 0 <= c["wilcoxon_p"] <= 1
+    assert "paired per-user comparison" in pipeline.format_table(res)
+    # the same training ratings for every method, and more training tasks than fixed splits
+    info = res["training"]["0"]
+    assert info["n_train_task_users"] > info["n_train_users"]
+    sd = build.prepare_seed(data, 0, cfg)
+    assert info["n_fit_ratings"] == len(sd.fit_ratings) < len(sd.split.train_ratings)
+
+
+def test_method_fields_are_checked():
+    cfg = default_config.base_config()
+    cfg.methods.cf_metasgd.adapt = "decision"
+    cfg.algos = ("cf_metasgd",)
+    with pytest.raises(ValueError, match="method cf_metasgd .metasgd.: --config.adapt='decision'"):
+        build.validate_config(cfg)
+    cfg = default_config.base_config()
+    cfg.methods = {"x": {"algo": "sgd"}}
+    cfg.algos = ("x",)
+    with pytest.raises(ValueError, match="--config.methods.x.algo='sgd'; allowed: maml"):
+        build.validate_config(cfg)
+
+
+def test_the_tuned_file_sets_methods_and_the_recommended_one(tmp_path):
+    path = tmp_path / "tuned.json"
+    entry = {"algo": "metasgd", "model": "hybrid", "adapt": "user", "cf_hidden": [64]}
+    path.write_text(json.dumps({"methods": {"cf_metasgd": entry}, "recommended": "cf_metasgd"}))
+    cfg = default_config.apply_tuned(default_config.base_config(), str(path))
+    assert cfg.recommended == "cf_metasgd" and cfg.methods.cf_metasgd.cf_hidden == (64,)
+    algo, mcfg = build.method_config(cfg, "cf_metasgd")
+    assert algo == "metasgd" and mcfg.model == "hybrid" and mcfg.cf_hidden == (64,)
+    assert cfg.model == "melu"  # the base config is untouched
+
+
+def test_optuna_selection_never_reads_a_test_scenario(fixture_data):
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.epochs = 2
+    spaces = {
+        "cf_metasgd": {"inner_lr": "log:0.05:1.0", "loss_prior": "float:0:50"},
+        "fomaml": {"inner_lr": "choice:0.01,0.1"},
+    }
+
+    def select(d):
+        out = tune.select(cfg, spaces, seeds=(0,), n_trials=2, data=d, log_fn=lambda m: None)
+        return {k: out[k] for k in ("methods", "validation", "recommended")}
+
+    first = select(data)
+    assert set(first["methods"]) == {"cf_metasgd", "fomaml"}
+    assert first["methods"]["cf_metasgd"]["model"] == "hybrid"
+    assert (
+        len(
+            {
+                r["trial"]
+                for r in tune.search(
+                    cfg, spaces["fomaml"], method="fomaml", data=data, log_fn=lambda m: None
+                )
+            }
+        )
+        == 2
+    )
+    split = mdata.make_split(data, 0, cfg.protocol)
+    train_pairs = set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
+    in_train = np.array(
+        [p in train_pairs for p in zip(data.ratings["user_id"], data.ratings["item_id"])]
+    )
+    assert select(_poison(data, in_train)) == first
+    val_users = set(build.prepare_seed(data, 0, cfg).val_sets.user_id.tolist())
+    not_val = ~data.ratings["user_id"].isin(val_users).to_numpy()
+    assert select(_poison(data, not_val)) != first
+
+
+def test_search_spaces_are_parsed_or_refused():
+    cfg = default_config.base_config()
+    got = tune.parse_space({"inner_lr": "log:0.01:1", "cf_hidden": "choice:none,64,32/16"}, cfg)
+    assert got == {"inner_lr": ("log", (0.01, 1.0)), "cf_hidden": ("choice", ((), (64,), (32, 16)))}
+    with pytest.raises(ValueError, match="--config.space.inner_lr='log:0:1'; allowed"):
+        tune.parse_space({"inner_lr": "log:0:1"}, cfg)
+    with pytest.raises(ValueError, match="not a cold-start config field"):
+        tune.parse_space({"inner_rate": "log:0.1:1"}, cfg)

@@ -39,11 +39,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.val_fraction = 0.15  # warm training users held out for early stopping and tuning
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
-    # every training rating (metarec.data.sampling); "fixed" = the protocol's one split per user
+    # every training rating (metarec.data.sampling); "resample_support" = the same with each
+    # user's query set held out once (a model's MF item tables are fitted without them, so the
+    # query ratings of a training task are unseen, as a new user's are); "fixed" = the protocol's
+    # one split per user
     c.train_tasks = "resample"
     c.task_min_support = 3  # a drawn task keeps at least this many support ratings
     # methods
-    c.algos = ("maml", "fomaml", "reptile", "metasgd", "imaml")
+    # the recommended CF-containing meta-learner first (no_adapt and the adaptation curves use the
+    # first), then the MeLU reference learners; fomaml, reptile, imaml run with --config.algos
+    c.algos = ("cf_metasgd", "maml", "metasgd")
     c.baselines = (
         "global_mean",
         "user_mean",
@@ -70,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.cf_reg = 5.0  # the MF's L2 strength (the baseline "mf" uses the same form)
     c.cf_hidden = ()  # a residual MLP on top of the CF term; () = none
     c.id_dropout = 0.2  # item ids replaced by OOV during meta-training (trains the content path)
+    c.cf_freeze_tables = False  # True: meta-training leaves the MF item tables as fitted
+    c.cf_melu = False  # True: a MeLU network (the fields above) plus the CF term
     # Transformer rater (model "transformer"); init_from: a pretraining run ("{seed}": per seed)
     c.init_from = ""
     c.tf_width = 64
@@ -79,7 +86,17 @@ def base_config() -> ml_collections.ConfigDict:
     # named methods: a learner ("algo") with config fields overriding the base ones; list the
     # name in algos to run it, e.g. the CF-containing meta-learner on the hybrid model
     c.methods = {
-        "cf_metasgd": {"algo": "metasgd", "model": "hybrid", "adapt": "user", "inner_lr": 0.5},
+        "cf_metasgd": {
+            "algo": "metasgd",
+            "model": "hybrid",
+            "adapt": "user",
+            "inner_lr": 0.2,
+            "inner_steps": 1,
+            "loss_prior": 80.0,
+            "meta_lr": 0.001,
+            "cf_freeze_tables": True,
+            "train_tasks": "resample_support",
+        },
     }
     c.recommended = ""  # the method the README names (its paired tests are reported)
     # meta-learning
@@ -89,6 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: the loss divides squared errors by (n + loss_prior) instead of n, so an inner step on
     # a small support set moves less (metarec.meta.inner.shrunk_mse); 0 = the plain mean
     c.loss_prior = 0.0
+    # > 0: the loss is the sum of squared errors / loss_sum_scale (MF's per-user ridge problem;
+    # with newton steps one step is its closed-form fold-in)
+    c.loss_sum_scale = 0.0
+    # > 0: damped Newton inner steps with this damping (few adapted parameters: the hybrid's user
+    # vector); one step on the sum loss is MF's ridge fold-in with L2 = damping x loss_sum_scale / 2
+    c.inner_newton = 0.0
     # per-learner overrides of inner_lr / inner_steps and algorithm options (metarec.meta.LEARNERS)
     c.learner_options = {
         "reptile": {"inner_lr": 0.05},

@@ -41,7 +41,7 @@ COLDSTART_FIELDS = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-    base = coldstart.get_config()
+    base = coldstart.base_config()
     c = ml_collections.ConfigDict({name: base[name] for name in COLDSTART_FIELDS})
     c.seeds = (0,)
     # methods (names in experiments.large_model.pipeline.METHODS)

@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.download = False  # fetch GroupLens' zip into the cache when the dataset is not there
     c.protocol = "melu"  # cold-start protocol whose training users are used (melu | time)
     c.seed = 0  # split seed; must match the meta-learning run that loads the checkpoint
+    # the cold-start run's val_fraction: its validation users' query ratings are never pretrained on
+    c.coldstart_val_fraction = 0.15
     c.encoder = encoder_config()
     c.pretrain = pretrain_config()
     return c

@@ -18,20 +18,23 @@ from experiments.coldstart.configs import default as coldstart
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seeds = (0, 1, 2)  # seeds whose validation users are averaged
-    c.n_trials = 24  # per method (a space of choices only is searched as a grid)
+    c.n_trials = 20  # per method (a space of choices only is searched as a grid)
     c.sampler_seed = 0
     c.ndcg_weight = 1.0  # objective: val MAE - ndcg_weight x val nDCG@k
     c.spaces = {
         "cf_metasgd": {
-            "inner_lr": "log:0.05:2.0",
-            "inner_steps": "choice:1,2,3,5",
-            "meta_lr": "log:0.0003:0.01",
-            "loss_prior": "log:1.0:200.0",
+            "inner_lr": "log:0.02:1.0",
+            "inner_steps": "choice:1,2,3",
+            "meta_lr": "log:0.0001:0.003",
+            "loss_prior": "log:1.0:300.0",
             "cf_dim": "choice:8,16,32",
-            "cf_reg": "log:1.0:20.0",
+            "cf_reg": "log:2.0:20.0",
+            "cf_freeze_tables": "choice:True,False",
             "id_dropout": "float:0.0:0.5",
             "cf_hidden": "choice:none,64",
             "adapt": "choice:user,user+head",
+            "inner_newton": "choice:0.0,16.0,32.0",
+            "loss_sum_scale": "choice:0.0,10.0",
         },
         # the MeLU reference learners: their inner step size, on a grid
         "maml": {"inner_lr": "choice:0.01,0.05,0.3"},
@@ -42,4 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.algo = "maml"
     c.grid = {"inner_lr": (0.01, 0.05, 0.1), "meta_lr": (0.001, 0.003)}
     c.base = coldstart.base_config()
+    # shorter runs per trial than the final training (epochs 30, patience 8)
+    c.base.epochs = 20
+    c.base.patience = 4
     return c

@@ -197,3 +197,40 @@ def test_score_clips_for_errors_and_ranks_by_raw_predictions():
     out = score(np.array([[5.5, 6.0, 1.0]], np.float32), tasks, (1.0, 5.0), k=1)
     assert out["mae"] == pytest.approx(2 / 3)  # clipped: |5-3|, |5-5|, |1-1|
     assert out["ndcg@1"] == pytest.approx(1.0)  # raw 6.0 ranks the 5-star item first
+
+
+# ---------------------------------------------------------------- tasks drawn afresh every epoch
+def test_a_sampler_of_fixed_tasks_equals_the_fixed_tasks(setup):
+    learner, step, eval_fn, params, train, val, cfg, key, scale = setup
+    fixed = meta_train(learner, step, eval_fn, params, train, val, cfg, key, scale)
+    asked = []
+
+    def sampler(epoch):
+        asked.append(epoch)
+        return train
+
+    drawn = meta_train(learner, step, eval_fn, params, sampler, val, cfg, key, scale)
+    assert drawn.params_sha256 == fixed.params_sha256
+    assert _strip(drawn.history) == _strip(fixed.history)
+    assert sorted(set(asked)) == [1, 2, 3]
+
+
+def test_each_epoch_trains_on_its_own_draw(setup):
+    learner, step, eval_fn, params, train, val, cfg, key, scale = setup
+    rng = np.random.default_rng(0)
+    draws = {e: mdata.index_tasks(train, rng.permutation(36)) for e in (1, 2, 3)}
+    draws = {
+        e: t.replace(query=t.query.replace(y=np.asarray(t.query.y) + 0.1 * e))
+        for e, t in draws.items()
+    }
+    fixed = meta_train(learner, step, eval_fn, params, train, val, cfg, key, scale)
+    drawn = meta_train(learner, step, eval_fn, params, draws.__getitem__, val, cfg, key, scale)
+    assert drawn.params_sha256 != fixed.params_sha256
+    again = meta_train(learner, step, eval_fn, params, draws.__getitem__, val, cfg, key, scale)
+    assert again.params_sha256 == drawn.params_sha256  # deterministic in the epoch
+
+    def shrinking(epoch):
+        return mdata.index_tasks(train, slice(0, 36 - epoch))
+
+    with pytest.raises(ValueError, match="drew 34 tasks, not 35"):
+        meta_train(learner, step, eval_fn, params, shrinking, val, cfg, key, scale)

@@ -1,0 +1,102 @@
+"""Tasks drawn from every training rating: sizes, disjointness, seeding, held-out query ratings."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from metarec import data as mdata
+
+
+def _frame(counts, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u, n in counts.items():
+        items = rng.choice(np.arange(1, 500), size=n, replace=False)
+        for i in items:
+            rows.append((u, int(i), float(rng.integers(1, 6)), int(rng.integers(0, 10**6))))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+
+
+def test_every_user_makes_one_task_with_the_protocol_sizes():
+    counts = {1: 250, 2: 100, 3: 13, 4: 6, 5: 4, 6: 3}
+    f = _frame(counts)
+    pool = mdata.rating_pool(f, min_ratings=4)
+    assert pool.user_id.tolist() == [1, 2, 3, 4, 5]  # user 6 (3 ratings) makes no task
+    assert pool.n_ratings == 250 + 100 + 13 + 6 + 4
+    s = mdata.sample_user_sets(pool, np.random.default_rng(0), max_ratings=100, n_query=10)
+    assert s.support_item.shape == (5, 90) and s.query_item.shape == (5, 10)
+    n_sup, n_qry = s.support_mask.sum(1).tolist(), s.query_mask.sum(1).tolist()
+    # heavy rater subsampled to 100; light raters keep min_support=3 support ratings
+    assert n_qry == [10, 10, 10, 3, 1] and n_sup == [90, 90, 3, 3, 3]
+    by_user = {u: g for u, g in f.groupby("user_id")}
+    for t, u in enumerate(s.user_id):
+        sup = s.support_item[t][s.support_mask[t] > 0]
+        qry = s.query_item[t][s.query_mask[t] > 0]
+        assert not set(sup) & set(qry)  # disjoint
+        g = by_user[u].set_index("item_id")["rating"]
+        assert set(sup) | set(qry) <= set(g.index)  # only the user's own ratings
+        np.testing.assert_array_equal(s.support_rating[t][s.support_mask[t] > 0], g[sup].values)
+        np.testing.assert_array_equal(s.query_rating[t][s.query_mask[t] > 0], g[qry].values)
+
+
+def test_draws_are_seeded_and_differ_between_epochs():
+    pool = mdata.rating_pool(_frame({1: 150, 2: 40}))
+
+    def draw(epoch):
+        return mdata.sample_user_sets(pool, np.random.default_rng([7, epoch]))
+
+    a, b, c = draw(1), draw(1), draw(2)
+    np.testing.assert_array_equal(a.query_item, b.query_item)
+    assert not np.array_equal(a.query_item, c.query_item)
+    # the frame's row order does not matter
+    shuffled = mdata.rating_pool(_frame({1: 150, 2: 40}).sample(frac=1.0, random_state=3))
+    d = mdata.sample_user_sets(shuffled, np.random.default_rng([7, 1]))
+    np.testing.assert_array_equal(a.query_item, d.query_item)
+    # over many epochs a heavy rater's every rating is drawn
+    seen = set()
+    for e in range(40):
+        s = draw(e)
+        seen |= set(s.support_item[0][s.support_mask[0] > 0]) | set(s.query_item[0])
+    assert len(seen) == 150
+
+
+def test_bad_sizes_are_refused():
+    pool = mdata.rating_pool(_frame({1: 20}))
+    with pytest.raises(ValueError, match="max_ratings >= n_query \\+ min_support"):
+        mdata.sample_user_sets(pool, np.random.default_rng(0), max_ratings=10, n_query=10)
+
+
+def test_drop_query_ratings_removes_exactly_the_held_out_pairs():
+    f = _frame({1: 30, 2: 30, 3: 30})
+    pool = mdata.rating_pool(f)
+    sets = mdata.sample_user_sets(pool, np.random.default_rng(0), max_ratings=20, n_query=5)
+    sets = sets.select(np.array([True, False, True]))
+    kept = mdata.drop_query_ratings(f, sets)
+    assert len(kept) == len(f) - 10
+    held = {(u, i) for t, u in enumerate(sets.user_id) for i in sets.query_item[t]}
+    assert not held & set(zip(kept["user_id"], kept["item_id"]))
+
+
+def test_held_out_query_sets_stay_fixed_and_out_of_the_supports():
+    f = _frame({1: 150, 2: 30, 3: 8})
+    pool = mdata.rating_pool(f)
+    held = mdata.hold_out_queries(pool, np.random.default_rng(5), n_query=10, min_support=3)
+    assert held.sum() == 10 + 10 + 5
+
+    def draw(epoch):
+        return mdata.sample_user_sets(pool, np.random.default_rng([1, epoch]), fixed_query=held)
+
+    a, b = draw(1), draw(2)
+    for t in range(3):
+        qa = set(a.query_item[t][a.query_mask[t] > 0])
+        assert qa == set(b.query_item[t][b.query_mask[t] > 0])  # the same query every epoch
+        for s in (a, b):
+            assert not qa & set(s.support_item[t][s.support_mask[t] > 0])
+    # the heavy rater's support is a fresh subsample of its other 140 ratings
+    assert a.support_mask[0].sum() == 90
+    assert set(a.support_item[0]) != set(b.support_item[0])
+    # the item tables' ratings: everything but the held-out ones
+    rest = mdata.drop_held_out(f, pool, held)
+    assert len(rest) == len(f) - held.sum()
+    held_pairs = {(u, i) for t, u in enumerate(a.user_id) for i in a.query_item[t] if i}
+    assert not held_pairs & set(zip(rest["user_id"], rest["item_id"]))

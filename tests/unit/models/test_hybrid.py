@@ -1,0 +1,188 @@
+"""The hybrid CF model: MF item tables, the content fallback, and fold-in as its inner loop."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metarec.baselines.mf import mf_fold_in
+from metarec.data.encode import FeatureSpec
+from metarec.data.tasks import Examples
+from metarec.meta import inner
+from metarec.models import hybrid
+
+SPEC = FeatureSpec(user_vocab=(8, 3, 5, 10), item_vocab=(6, 20), n_genres=4)
+DIM = 3
+
+
+def make_x(seed, items, offset=3.5):
+    rng = np.random.default_rng(seed)
+    n = len(items)
+    user = np.tile(rng.integers(0, [8, 3, 5, 10]), (n, 1))
+    return {
+        "user": jnp.asarray(user, jnp.int32),
+        "item": jnp.asarray(np.stack([rng.integers(0, 6, n), items], 1), jnp.int32),
+        "genres": jnp.asarray(rng.integers(0, 2, (n, 4)), jnp.float32),
+        "offset": jnp.full((n,), offset, jnp.float32),
+    }
+
+
+def filled(seed=0, **kw):
+    init, apply = hybrid.make_hybrid(SPEC, dim=DIM, embed_dim=4, **kw)
+    rng = np.random.default_rng(seed)
+    rows = np.arange(1, 15)  # items 1..14 known, 15..19 and 0 are not
+    bias = rng.normal(0, 0.3, len(rows))
+    fac = rng.normal(0, 0.4, (len(rows), DIM))
+    params = hybrid.with_item_tables(init(jax.random.PRNGKey(seed)), rows, bias, fac, 3.6)
+    return params, apply, rows, bias, fac
+
+
+def test_known_items_are_predicted_by_the_mf_formula():
+    params, apply, rows, bias, fac = filled()
+    q = fac / np.sqrt(np.mean(fac**2, axis=0))  # the tables are stored at unit RMS per dimension
+    p = np.array([0.3, -0.2, 0.5])
+    params = dict(params, user_factors=jnp.asarray(p, jnp.float32), user_bias=jnp.float32(0.1))
+    items = np.array([1, 5, 9, 14])
+    pred = apply(params, make_x(0, items, offset=3.9))
+    # mu + b_u (+ the support mean's deviation from mu) + b_i + p . q_i
+    want = 3.6 + 0.1 + (3.9 - 3.6) + bias[items - 1] + q[items - 1] @ p
+    np.testing.assert_allclose(pred, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(apply)(params, make_x(0, items, 3.9)), pred, atol=1e-6)
+
+
+def test_unknown_items_use_the_content_path():
+    params, apply, *_ = filled()
+    # an out-of-vocabulary id (0, or outside the table) is a new item: zero-initialised content
+    # heads start it at mu + b_u + (offset - mu)
+    new = np.array([0, 0, 0, 99, -4])
+    np.testing.assert_allclose(apply(params, make_x(1, new, 3.2)), 3.2, atol=1e-6)
+    # once the content head is trained, new items are told apart by their content
+    params["content_bias"]["kernel"] = jnp.ones_like(params["content_bias"]["kernel"])
+    pred = np.asarray(apply(params, make_x(1, new, 3.2)))
+    assert len(np.unique(pred.round(5))) > 1
+
+
+def test_id_dropout_only_with_train_and_key():
+    params, apply, *_ = filled(id_dropout=0.5)
+    params["content_bias"]["kernel"] = jnp.ones_like(params["content_bias"]["kernel"])
+    x = make_x(2, np.arange(1, 15))
+    base = apply(params, x)
+    np.testing.assert_array_equal(apply(params, x, train=True), base)
+    np.testing.assert_array_equal(apply(params, x, key=jax.random.PRNGKey(0)), base)
+    dropped = apply(params, x, key=jax.random.PRNGKey(0), train=True)
+    changed = np.asarray(dropped != base)
+    assert 0 < changed.sum() < len(changed)
+
+
+def test_adapt_filters_select_the_user_representation():
+    params, *_ = filled(hidden=(5,))
+    mask = hybrid.adapt_filter("user")(params)
+    chosen = {k for k, v in mask.items() if v is True}
+    assert chosen == {"user_factors", "user_bias"}
+    head = hybrid.adapt_filter("user+head")(params)
+    assert head["out"] == {"kernel": True, "bias": True} and head["mlp_0"]["kernel"] is False
+    with pytest.raises(ValueError, match="unknown adapt filter"):
+        hybrid.adapt_filter("decision")
+
+
+def test_the_inner_loop_converges_to_mf_fold_in():
+    """Adapting (user bias, user vector) by gradient steps on the support MSE reaches the least
+    squares fold-in of the same item tables (metarec.baselines.mf.mf_fold_in with reg 0)."""
+    params, apply, rows, bias, fac = filled(seed=3)
+    rng = np.random.default_rng(4)
+    s_items = rng.choice(np.arange(1, 15), 12, replace=False)
+    s_rating = rng.integers(1, 6, 12).astype(np.float32)
+    x = make_x(5, s_items, offset=3.0)
+    support = Examples(x=x, y=jnp.asarray(s_rating), mask=jnp.ones(12))
+    objective = inner.make_objective(apply, inner.mse)
+    phi = inner.adapt(
+        params, support, objective, steps=4000, lr=0.2, mask=hybrid.adapt_filter("user")
+    )
+    q_items = np.array([2, 7, 11, 13])
+    got = apply(phi, make_x(5, q_items, offset=3.0))
+    b_u, p_u = mf_fold_in(
+        jnp.asarray(bias), jnp.asarray(fac), 3.6, s_items - 1, s_rating, np.ones(12), reg=0.0
+    )
+    want = 3.6 + b_u + bias[q_items - 1] + fac[q_items - 1] @ np.asarray(p_u)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_shrunk_mse_by_hand():
+    p, y, m = jnp.array([1.0, 2.0, 5.0]), jnp.array([2.0, 2.0, 1.0]), jnp.array([1.0, 1.0, 0.0])
+    assert float(inner.shrunk_mse(0.0)(p, y, m)) == pytest.approx(float(inner.mse(p, y, m)))
+    assert float(inner.shrunk_mse(3.0)(p, y, m)) == pytest.approx(1.0 / (2 + 3))
+    with pytest.raises(ValueError, match="prior >= 0"):
+        inner.shrunk_mse(-1.0)
+
+
+def test_bad_tables_are_refused():
+    init, _ = hybrid.make_hybrid(SPEC, dim=DIM)
+    params = init(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="expected \\(2, 3\\)"):
+        hybrid.with_item_tables(params, [1, 2], [0.0, 0.0], np.zeros((2, 4)), 3.0)
+    with pytest.raises(ValueError, match="in-vocabulary"):
+        hybrid.with_item_tables(params, [0, 2], [0.0, 0.0], np.zeros((2, 3)), 3.0)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_frozen_tables_get_no_meta_gradient(freeze):
+    params, apply, *_ = filled(freeze_tables=freeze)
+    params = dict(params, user_factors=jnp.ones(DIM))
+    x = make_x(6, np.array([1, 2, 3]))
+    g = jax.grad(lambda p: jnp.sum(apply(p, x) ** 2))(params)
+    moved = float(
+        jnp.abs(g["item_factors"]["embedding"]).sum() + jnp.abs(g["item_bias"]["embedding"]).sum()
+    )
+    assert (moved == 0.0) == freeze
+    assert float(jnp.abs(g["user_factors"]).sum()) > 0  # the user side always learns
+
+
+def test_melu_variant_adds_the_cf_term_to_a_melu_network():
+    melu_cfg = {"embed_dim": 4, "hidden": (6,), "residual": True, "residual_bound": 4.0}
+    params, apply, rows, bias, fac = filled(melu=melu_cfg)
+    assert set(params["melu"]) >= {"mlp_0", "out", "user_emb_0", "item_emb_1"}
+    mask = hybrid.adapt_filter("user+decision")(params)
+    assert mask["melu"]["mlp_0"]["kernel"] and mask["melu"]["out"]["bias"]
+    assert not mask["melu"]["user_emb_0"]["embedding"] and mask["user_factors"]
+    x = make_x(7, np.array([1, 2, 3]))
+    from metarec.models.melu import MeLU
+
+    net = MeLU(SPEC.user_vocab, SPEC.item_vocab, SPEC.n_genres, **melu_cfg)
+    p = np.array([0.2, 0.1, -0.3])
+    params = dict(params, user_factors=jnp.asarray(p, jnp.float32))
+    q = fac / np.sqrt(np.mean(fac**2, axis=0))
+    want = net.apply({"params": params["melu"]}, x) + bias[:3] + q[:3] @ p
+    np.testing.assert_allclose(apply(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_newton_step_on_the_sum_loss_is_ridge_fold_in():
+    """A damped Newton inner step (metarec.meta.inner.adapt(newton=λ)) on SSE/scale from a zero
+    user vector is MF's closed-form fold-in with L2 strength λ·scale/2, in one step."""
+    params, apply, rows, bias, fac = filled(seed=8)
+    q = fac / np.sqrt(np.mean(fac**2, axis=0))  # the model's (unit-RMS) item factors
+    rng = np.random.default_rng(9)
+    s_items = rng.choice(np.arange(1, 15), 7, replace=False)
+    s_rating = rng.integers(1, 6, 7).astype(np.float32)
+    x = make_x(10, s_items, offset=3.6)  # offset = mu: the user bias starts at 0
+    support = Examples(x=x, y=jnp.asarray(s_rating), mask=jnp.ones(7))
+    objective = inner.make_objective(apply, inner.scaled_sse(10.0))
+    lam = 0.8
+    phi = inner.adapt(
+        params, support, objective, steps=1, lr=1.0, mask=hybrid.adapt_filter("user"), newton=lam
+    )
+    b_u, p_u = mf_fold_in(
+        jnp.asarray(bias), jnp.asarray(q), 3.6, s_items - 1, s_rating, np.ones(7), reg=lam * 5.0
+    )
+    np.testing.assert_allclose(phi["user_bias"], b_u, atol=1e-4)
+    np.testing.assert_allclose(phi["user_factors"], p_u, atol=1e-4)
+    with pytest.raises(ValueError, match="at most 512 adapted parameters, the mask selects 600"):
+        inner.adapt(
+            {"w": jnp.zeros(600)},
+            None,
+            lambda p, s: jnp.sum(p["w"] ** 2),
+            steps=1,
+            lr=1.0,
+            newton=1.0,
+        )
