@@ -344,7 +344,7 @@ def validate_config(cfg) -> None:
     """Raise ``ValueError`` naming the config field and what is allowed."""
     normalize_config(cfg)
     mdata.check_dataset(cfg.dataset)
-    _check_names("algos", cfg.algos, tuple(LEARNERS) + tuple(cfg.methods))
+    _check_names("algos", cfg.algos, tuple(dict.fromkeys((*LEARNERS, *cfg.methods))))
     _check_names("baselines", cfg.baselines, BASELINES)
     _validate_fields(cfg)
     for name in cfg.algos:

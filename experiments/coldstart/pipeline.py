@@ -4,16 +4,22 @@ several seeds; :func:`run` returns the ``results.json`` dict of PROTOCOL.md.
 Per seed (PROTOCOL.md, "melu" or "time"):
 
 1. :func:`~experiments.coldstart.build.prepare_seed` builds the scenarios; warm_train users are
-   split again into train / validation users (``val_fraction``, seeded). Validation users drive
-   early stopping; no test scenario is looked at before the final evaluation.
-2. Each meta-learner (``algos``) meta-trains the configured model with
-   :func:`metarec.training.meta_train.meta_train`, keeping the best parameters by validation MAE.
-3. Baselines: global/user/item means, biased MF with fold-in, user-/item-kNN (fitted on the training
-   ratings only), ``no_adapt`` (the first meta-learner's initialisation, not adapted) and
-   ``finetune`` (the same network trained conventionally on the pooled training ratings, then
+   split again into train / validation users (``val_fraction``, seeded). The training ratings of
+   every method are the split's training ratings minus the validation users' query ratings;
+   validation users drive early stopping; no test scenario is looked at before the final
+   evaluation.
+2. Each method of ``algos`` (a learner on the base config, or a ``methods`` entry: a learner with
+   config overrides, e.g. the hybrid CF model) meta-trains with
+   :func:`metarec.training.meta_train.meta_train` on tasks drawn afresh every epoch from the
+   training ratings, keeping the best parameters by validation MAE.
+3. Baselines: global/user/item means, biased MF with fold-in, user-/item-kNN (fitted on the same
+   training ratings), ``no_adapt`` (the first method's initialisation, not adapted) and
+   ``finetune`` (the base network trained conventionally on the pooled training tasks, then
    fine-tuned per user with the same inner loop; its step size chosen on validation users).
-4. Every method predicts each test user's 10 query ratings from the support set only; predictions
-   are clipped to the rating scale; MAE, RMSE, nDCG@3 (and more) are averaged over users.
+4. Every method predicts each test user's query ratings from the support set only; MAE, RMSE of
+   predictions clipped to the rating scale, nDCG@3 (and more) of the raw scores, averaged over
+   users; per-user values feed the paired tests of the recommended method
+   (:mod:`experiments.coldstart.paired`).
 """
 
 from __future__ import annotations
