@@ -177,15 +177,11 @@ def item_tables(sd: SeedData, cfg, seed: int):
     ``cfg.cf_reg``) fitted on the seed's training ratings (without the meta-training query sets
     when those are held out: ``train_tasks="resample_support"``), by the encoder's item rows."""
     r = sd.table_ratings[cfg.train_tasks]
-    state = fitted_mf(cfg.cf_dim, cfg.cf_reg, seed).fit(
+    state = make_baseline("mf", dim=cfg.cf_dim, reg=cfg.cf_reg, seed=seed).fit(
         r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["rating"].to_numpy()
     )
     rows = sd.encoder.vocabs["item_id"].encode(np.asarray(state.item_vocab).astype(str))
     return rows, state.item_bias, state.item_factors, state.mu
-
-
-def fitted_mf(dim: int, reg: float, seed: int):
-    return make_baseline("mf", dim=dim, reg=reg, seed=seed)
 
 
 def initial_params(init_fn, key, sd: SeedData, cfg, seed: int):
