@@ -10,7 +10,10 @@ training rating grouped by user; :func:`sample_user_sets` draws one task per use
 * the subset is permuted; the last ``min(n_query, n - min_support)`` ratings are the query set and
   the rest the support set, so light raters (down to ``min_support + 1`` ratings) still make a task;
 * the draw depends only on the generator passed in (seed it by ``(seed, epoch)`` for resumable,
-  reproducible training).
+  reproducible training);
+* with ``fixed_query`` (:func:`hold_out_queries`) each user's query set is held out once and only
+  the support set is drawn afresh — for models whose item side is fitted beforehand on the other
+  ratings (:func:`drop_held_out`).
 
 The output is a :class:`~metarec.data.scenarios.UserSets` with fixed widths (support
 ``max_ratings - n_query``, query ``n_query``), which the feature encoder turns into tasks as usual.

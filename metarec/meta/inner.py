@@ -309,8 +309,8 @@ def adapt(
         ``a ← a − lr ⊙ (H + newton·I)⁻¹ g`` with the exact Hessian ``H`` of the support loss. On a
         loss quadratic in ``a`` one step with ``lr = 1`` is the ridge solution
         ``argmin_a L(a) + newton/2 |a − a_0|²`` around the starting point — closed-form fold-in,
-        differentiable (MAML/Meta-SGD differentiate through the solve). Not combined with
-        ``backtrack``.
+        differentiable (MAML/Meta-SGD differentiate through the solve; ``first_order`` stops
+        the gradient through the step). Not combined with ``backtrack``; ``remat`` is not used.
 
     Returns:
       The adapted parameters φ (same structure as ``params``), and the losses if requested.
@@ -328,7 +328,17 @@ def adapt(
     lrs = _flat_lr(lr, params, mask_flat)
     if newton:
         return _adapt_newton(
-            adapted, frozen, combine, support, loss_fn, steps, lrs, newton, key, return_losses
+            adapted,
+            frozen,
+            combine,
+            support,
+            loss_fn,
+            steps,
+            lrs,
+            newton,
+            key,
+            return_losses,
+            first_order,
         )
 
     def inner_loss(a, k):
@@ -364,7 +374,9 @@ def adapt(
 MAX_NEWTON_DIM = 512  # adapted parameters a Newton inner step solves for at most
 
 
-def _adapt_newton(adapted, frozen, combine, support, loss_fn, steps, lrs, damping, key, losses_out):
+def _adapt_newton(
+    adapted, frozen, combine, support, loss_fn, steps, lrs, damping, key, losses_out, first_order
+):
     """The ``newton > 0`` branch of :func:`adapt`: damped Newton steps on the flattened leaves."""
     from jax.flatten_util import ravel_pytree
 
@@ -387,7 +399,10 @@ def _adapt_newton(adapted, frozen, combine, support, loss_fn, steps, lrs, dampin
         k = None if key is None else jax.random.fold_in(key, i)
         loss, g = jax.value_and_grad(f)(v, k)
         h = jax.hessian(f)(v, k)
-        return v - rate * jnp.linalg.solve(h + damping * eye, g), loss
+        delta = jnp.linalg.solve(h + damping * eye, g)
+        if first_order:
+            delta = jax.lax.stop_gradient(delta)
+        return v - rate * delta, loss
 
     if steps == 0:
         out, losses = flat0, jnp.zeros((0,), jnp.float32)
