@@ -54,6 +54,7 @@ class SeedData:
     # train_tasks mode -> the ratings a model's item tables are fitted on (fit_ratings, minus the
     # held-out query sets in "resample_support")
     table_ratings: dict = dataclasses.field(default_factory=dict)
+    n_task_users: int = 0  # tasks per epoch of a sampler (users with enough training ratings)
 
     def train_tasks(self, mode: str = "resample"):
         """What meta-training iterates over: a per-epoch sampler, or the fixed tasks."""
@@ -148,6 +149,7 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
             "fixed": fit_ratings,
             "resample_support": mdata.drop_held_out(fit_ratings, pool, held),
         },
+        n_task_users=pool.n_users,
     )
 
 
@@ -182,6 +184,31 @@ def item_tables(sd: SeedData, cfg, seed: int):
     )
     rows = sd.encoder.vocabs["item_id"].encode(np.asarray(state.item_vocab).astype(str))
     return rows, state.item_bias, state.item_factors, state.mu
+
+
+def baseline_predictions(
+    name: str, seed: int, ratings, sets: dict[str, mdata.UserSets]
+) -> dict[str, np.ndarray]:
+    """Fit the fitted baseline ``name`` on ``ratings`` (MF seeded by ``seed``) and predict the
+    query sets of every entry of ``sets`` from its support sets."""
+    model = make_baseline(name, seed=seed) if name == "mf" else make_baseline(name)
+    state = model.fit(
+        ratings["user_id"].to_numpy(), ratings["item_id"].to_numpy(), ratings["rating"].to_numpy()
+    )
+    return {
+        k: np.asarray(
+            model.predict(
+                state,
+                v.support_item,
+                v.support_rating,
+                v.support_mask,
+                v.query_item,
+                v.query_mask,
+                v.user_id,
+            )
+        )
+        for k, v in sets.items()
+    }
 
 
 def initial_params(init_fn, key, sd: SeedData, cfg, seed: int):

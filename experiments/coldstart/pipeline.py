@@ -37,6 +37,7 @@ from experiments.coldstart.build import (
     NETWORK_BASELINES,
     TEST_SCENARIOS,
     Compiled,
+    baseline_predictions,
     initial_params,
     prepare_seed,
     validate_config,
@@ -44,14 +45,13 @@ from experiments.coldstart.build import (
 from experiments.coldstart.curves import adaptation_curves, aggregate_curves
 from experiments.coldstart.paired import format_paired, paired_tests
 from experiments.common import enable_compilation_cache, format_mean_std, prepare_workdir
-from metarec import baselines as mbaselines
 from metarec import data as mdata
 from metarec import metrics as mmetrics
 from metarec.training.checkpoint import Checkpointer
 from metarec.training.meta_train import (
     TrainResult,
+    evaluate,
     meta_train,
-    per_user_scores,
     pooled_tasks,
     predict_tasks,
     score,
@@ -180,7 +180,7 @@ def run_seed(
     info = {
         "n_users": {s: int(t.num_tasks) for s, t in sd.test.items()},
         "n_train_users": int(sd.train.num_tasks),
-        "n_train_task_users": int(sd.train_tasks("resample")(1).num_tasks),
+        "n_train_task_users": sd.n_task_users,
         "n_fit_ratings": len(sd.fit_ratings),
         "n_val_users": int(sd.val.num_tasks),
         "histories": {},
@@ -258,12 +258,12 @@ def run_seed(
         users = {s: {} for s in TEST_SCENARIOS}
         for s, t in sd.test.items():
             out = predict_tasks(eval_fn, tr.params, t, cfg.eval_chunk)
-            scores[s][name] = score(out["pred"], t, scale, cfg.k)
-            users[s][name] = per_user_scores(out["pred"], t, scale, cfg.k)
+            scores[s][name], users[s][name] = evaluate(out["pred"], t, scale, cfg.k)
             if name == cfg.algos[0] and "no_adapt" in cfg.baselines:
                 # the first meta-learner's initialisation, not adapted
-                scores[s]["no_adapt"] = score(out["pred_init"], t, scale, cfg.k)
-                users[s]["no_adapt"] = per_user_scores(out["pred_init"], t, scale, cfg.k)
+                scores[s]["no_adapt"], users[s]["no_adapt"] = evaluate(
+                    out["pred_init"], t, scale, cfg.k
+                )
         rec = {
             "scores": scores,
             "per_user": users,
@@ -328,18 +328,15 @@ def run_seed(
                 if m < best_mae:
                     best_lr, best_mae = lr, m
             ft_eval = fns.eval(spec, "maml", inner_lr=best_lr, adapt="all")
-            preds = {
-                s: predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"]
+            evals = {
+                s: evaluate(
+                    predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k
+                )
                 for s, t in sd.test.items()
             }
             rec = {
-                "scores": {
-                    s: {"finetune": score(p, sd.test[s], scale, cfg.k)} for s, p in preds.items()
-                },
-                "per_user": {
-                    s: {"finetune": per_user_scores(p, sd.test[s], scale, cfg.k)}
-                    for s, p in preds.items()
-                },
+                "scores": {s: {"finetune": e[0]} for s, e in evals.items()},
+                "per_user": {s: {"finetune": e[1]} for s, e in evals.items()},
                 "history": tr.history,
                 "seconds": tr.seconds + time.time() - t_trained,
                 "params_sha256": tr.params_sha256,
@@ -355,31 +352,13 @@ def run_seed(
                 f"{rec['seconds']:.1f}s"
             )
 
-    tr_r = sd.fit_ratings
     for name in cfg.baselines:
         if name in NETWORK_BASELINES:
             continue
         t0 = time.time()
-        model = (
-            mbaselines.make_baseline(name, seed=seed)
-            if name == "mf"
-            else mbaselines.make_baseline(name)
-        )
-        state = model.fit(
-            tr_r["user_id"].to_numpy(), tr_r["item_id"].to_numpy(), tr_r["rating"].to_numpy()
-        )
-        for s, sets in sd.test_sets.items():
-            pred = model.predict(
-                state,
-                sets.support_item,
-                sets.support_rating,
-                sets.support_mask,
-                sets.query_item,
-                sets.query_mask,
-                sets.user_id,
-            )
-            results[s][name] = score(np.asarray(pred), sd.test[s], scale, cfg.k)
-            info["per_user"][s][name] = per_user_scores(np.asarray(pred), sd.test[s], scale, cfg.k)
+        preds = baseline_predictions(name, seed, sd.fit_ratings, sd.test_sets)
+        for s, pred in preds.items():
+            results[s][name], info["per_user"][s][name] = evaluate(pred, sd.test[s], scale, cfg.k)
         info["seconds"][name] = time.time() - t0
     results["_info"] = info
     return results

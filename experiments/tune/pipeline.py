@@ -30,13 +30,13 @@ import numpy as np
 from experiments.coldstart.build import (
     NETWORK_BASELINES,
     Compiled,
+    baseline_predictions,
     initial_params,
     method_config,
     prepare_seed,
     validate_config,
 )
 from metarec import data as mdata
-from metarec.baselines import make_baseline
 from metarec.meta import LEARNERS
 from metarec.training.meta_train import meta_train, predict_tasks, score
 from metarec.training.runlog import write_json_atomic
@@ -270,26 +270,11 @@ def baselines_on_validation(cfg, data, prepared: dict) -> dict:
     (fitted on the same training ratings): the reference the tuned methods are read against."""
     rows: dict[str, list] = {}
     for seed, sd in prepared.items():
-        r = sd.fit_ratings
         for name in cfg.baselines:
             if name in NETWORK_BASELINES:
                 continue
-            kw = {"seed": seed} if name == "mf" else {}
-            model = make_baseline(name, **kw)
-            state = model.fit(
-                r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["rating"].to_numpy()
-            )
-            v = sd.val_sets
-            pred = model.predict(
-                state,
-                v.support_item,
-                v.support_rating,
-                v.support_mask,
-                v.query_item,
-                v.query_mask,
-                v.user_id,
-            )
-            sc = score(np.asarray(pred), sd.val, data.rating_scale, cfg.k)
+            pred = baseline_predictions(name, seed, sd.fit_ratings, {"val": sd.val_sets})["val"]
+            sc = score(pred, sd.val, data.rating_scale, cfg.k)
             rows.setdefault(name, []).append((sc["mae"], sc[f"ndcg@{cfg.k}"]))
     return {
         name: {

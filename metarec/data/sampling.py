@@ -27,7 +27,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from metarec.data.scenarios import UserSets
+from metarec.data.scenarios import UserSets, padded_arrays
 
 log = logging.getLogger("metarec.data")
 
@@ -112,17 +112,7 @@ def sample_user_sets(
             f"max_ratings={max_ratings}, n_query={n_query}, min_support={min_support}"
         )
     t, s_width = pool.n_users, max_ratings - n_query
-    out = {
-        "user_id": pool.user_id.copy(),
-        "support_item": np.zeros((t, s_width), np.int64),
-        "support_rating": np.zeros((t, s_width), np.float32),
-        "support_mask": np.zeros((t, s_width), np.float32),
-        "support_time": np.zeros((t, s_width), np.int64),
-        "query_item": np.zeros((t, n_query), np.int64),
-        "query_rating": np.zeros((t, n_query), np.float32),
-        "query_mask": np.zeros((t, n_query), np.float32),
-        "query_time": np.zeros((t, n_query), np.int64),
-    }
+    out = padded_arrays(pool.user_id.copy(), s_width, n_query)
     for u in range(t):
         n = int(pool.count[u])
         if fixed_query is None:

@@ -68,24 +68,26 @@ class UserSets:
         )
 
 
+def padded_arrays(user_id: np.ndarray, n_support: int, n_query: int) -> dict[str, np.ndarray]:
+    """The all-padding fields of a :class:`UserSets` for ``user_id`` (item 0, rating 0, mask 0),
+    to be filled in place."""
+    t = len(user_id)
+    out = {"user_id": np.asarray(user_id, np.int64)}
+    for prefix, width in (("support", n_support), ("query", n_query)):
+        out[f"{prefix}_item"] = np.zeros((t, width), np.int64)
+        out[f"{prefix}_rating"] = np.zeros((t, width), np.float32)
+        out[f"{prefix}_mask"] = np.zeros((t, width), np.float32)
+        out[f"{prefix}_time"] = np.zeros((t, width), np.int64)
+    return out
+
+
 def _pack(
     rows: list[tuple[int, pd.DataFrame, pd.DataFrame]], n_query: int, n_support: int | None = None
 ) -> UserSets:
     """Pad a list of (user_id, support_frame, query_frame) into a :class:`UserSets` whose support
     width is ``n_support`` (default: the largest support set, at least 1)."""
-    t = len(rows)
     s = n_support if n_support is not None else max([len(sup) for _, sup, _ in rows], default=1)
-    out = {
-        "user_id": np.array([u for u, _, _ in rows], dtype=np.int64),
-        "support_item": np.zeros((t, s), np.int64),
-        "support_rating": np.zeros((t, s), np.float32),
-        "support_mask": np.zeros((t, s), np.float32),
-        "support_time": np.zeros((t, s), np.int64),
-        "query_item": np.zeros((t, n_query), np.int64),
-        "query_rating": np.zeros((t, n_query), np.float32),
-        "query_mask": np.zeros((t, n_query), np.float32),
-        "query_time": np.zeros((t, n_query), np.int64),
-    }
+    out = padded_arrays(np.array([u for u, _, _ in rows], dtype=np.int64), s, n_query)
     for i, (_, sup, qry) in enumerate(rows):
         for prefix, frame in (("support", sup), ("query", qry)):
             n = len(frame)

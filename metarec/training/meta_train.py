@@ -59,14 +59,29 @@ def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
 
+def _metrics(pred, tasks: Task, scale, k: int):
+    clipped = np.clip(pred, *scale)
+    return mmetrics.per_task_metrics(
+        clipped, tasks.query.y, tasks.query.mask, k=k, rank_scores=pred
+    )
+
+
+def _summary(values, valid) -> dict[str, float]:
+    return {m: float(mmetrics.summarize(values[m], valid[m])) for m in values}
+
+
+def _per_user(values, valid, tasks: Task, k: int) -> dict[str, list]:
+    out: dict[str, list] = {"user": np.asarray(tasks.user).astype(int).tolist()}
+    for m in ("mae", f"ndcg@{k}"):
+        v, ok = np.asarray(values[m], np.float64), np.asarray(valid[m]) > 0
+        out[m] = [float(a) if o else None for a, o in zip(v, ok)]
+    return out
+
+
 def score(pred: np.ndarray, tasks: Task, scale: tuple[float, float], k: int) -> dict[str, float]:
     """Per-user query metrics averaged over users: MAE and RMSE of the predictions clipped to the
     rating scale, ranking metrics by the raw predictions (PROTOCOL.md: clipping creates ties)."""
-    clipped = np.clip(pred, *scale)
-    values, valid = mmetrics.per_task_metrics(
-        clipped, tasks.query.y, tasks.query.mask, k=k, rank_scores=pred
-    )
-    return {m: float(mmetrics.summarize(values[m], valid[m])) for m in values}
+    return _summary(*_metrics(pred, tasks, scale, k))
 
 
 def per_user_scores(
@@ -75,15 +90,15 @@ def per_user_scores(
     """The per-user values behind :func:`score`, for paired comparisons between methods:
     ``{"user": ids, "mae": [...], "ndcg@k": [...]}``, one entry per task in order; a value the
     metric leaves undefined for a user (e.g. nDCG when every query rating is 0) is ``None``."""
-    clipped = np.clip(pred, *scale)
-    values, valid = mmetrics.per_task_metrics(
-        clipped, tasks.query.y, tasks.query.mask, k=k, rank_scores=pred
-    )
-    out: dict[str, list] = {"user": np.asarray(tasks.user).astype(int).tolist()}
-    for m in ("mae", f"ndcg@{k}"):
-        v, ok = np.asarray(values[m], np.float64), np.asarray(valid[m]) > 0
-        out[m] = [float(a) if o else None for a, o in zip(v, ok)]
-    return out
+    return _per_user(*_metrics(pred, tasks, scale, k), tasks, k)
+
+
+def evaluate(
+    pred: np.ndarray, tasks: Task, scale: tuple[float, float], k: int
+) -> tuple[dict[str, float], dict[str, list]]:
+    """``(score(...), per_user_scores(...))`` from one pass over the metrics."""
+    values, valid = _metrics(pred, tasks, scale, k)
+    return _summary(values, valid), _per_user(values, valid, tasks, k)
 
 
 def check_finite_tasks(tasks: Task, name: str) -> None:
