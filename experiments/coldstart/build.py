@@ -12,6 +12,7 @@ from experiments.common import split_names
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
 from metarec.baselines import make_baseline
+from metarec.baselines.neighbours import fit_neighbours, neighbour_features
 from metarec.data.tasks import Task
 from metarec.meta import LEARNERS, make_learner
 from metarec.meta.inner import mse, scaled_sse, shrunk_mse
@@ -55,10 +56,67 @@ class SeedData:
     # held-out query sets in "resample_support")
     table_ratings: dict = dataclasses.field(default_factory=dict)
     n_task_users: int = 0  # tasks per epoch of a sampler (users with enough training ratings)
+    # train_tasks mode -> (epoch -> the UserSets its sampler encodes)
+    draws: dict = dataclasses.field(default_factory=dict)
+    width: int = 0  # the support width every task is padded to
+    _views: dict = dataclasses.field(default_factory=dict)
 
     def train_tasks(self, mode: str = "resample"):
         """What meta-training iterates over: a per-epoch sampler, or the fixed tasks."""
         return self.train if mode == "fixed" else self.samplers[mode]
+
+    def view(self, cfg) -> SeedData:
+        """The seed's tasks as the method configured by ``cfg`` reads them: itself, or with
+        ``cf_knn`` every task's examples carry ``x["nbr"]``, the neighbourhood predictions from its
+        support set (:mod:`metarec.baselines.neighbours`): over the ratings the method's item
+        tables are fitted on (``table_ratings[cfg.train_tasks]``) for the training tasks, over
+        every training rating for validation and test tasks. Cached per mode."""
+        if not cfg.get("cf_knn", False):
+            return self
+        mode = cfg.train_tasks
+        if mode not in self._views:
+            # training tasks: the ratings the method's item tables are fitted on; validation and
+            # test tasks: every training rating (what the deployed model reads, see `deployed`)
+            train_enc = self._neighbour_encoder(self.table_ratings[mode])
+            enc = self._neighbour_encoder(self.fit_ratings)
+            draws = {m: d for m, d in self.draws.items() if m == mode}
+            self._views[mode] = dataclasses.replace(
+                self,
+                train=train_enc(self.train_sets),
+                val=enc(self.val_sets),
+                test={k: enc(v) for k, v in self.test_sets.items()},
+                encode=enc,
+                samplers={m: (lambda e, d=d: train_enc(d(e))) for m, d in draws.items()},
+                draws=draws,
+                _views={},
+            )
+        return self._views[mode]
+
+    def _neighbour_encoder(self, ratings) -> Callable[[mdata.UserSets], Task]:
+        state = fit_neighbours(
+            ratings["user_id"].to_numpy(),
+            ratings["item_id"].to_numpy(),
+            ratings["rating"].to_numpy(),
+        )
+
+        def enc(sets: mdata.UserSets) -> Task:
+            return with_neighbours(self.encode(sets), sets.pad_support(self.width), state)
+
+        return enc
+
+
+def with_neighbours(task: Task, sets: mdata.UserSets, state) -> Task:
+    """``task`` (encoded from ``sets``) with ``x["nbr"]`` on its support and query examples."""
+
+    def add(ex, items):
+        f = neighbour_features(
+            state, sets.support_item, sets.support_rating, sets.support_mask, items, sets.user_id
+        )
+        return ex.replace(x=ex.x | {"nbr": f})
+
+    return task.replace(
+        support=add(task.support, sets.support_item), query=add(task.query, sets.query_item)
+    )
 
 
 def validation_split(split: mdata.Split, val_fraction: float, seed: int):
@@ -119,18 +177,19 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         min_support=cfg.task_min_support,
     )
 
-    def make_sampler(fixed_query):
-        def sampler(epoch: int) -> Task:
-            draw = mdata.sample_user_sets(
+    def make_draw(fixed_query):
+        def draw(epoch: int) -> mdata.UserSets:
+            return mdata.sample_user_sets(
                 pool,
                 np.random.default_rng([seed, epoch]),
                 min_support=cfg.task_min_support,
                 fixed_query=fixed_query,
                 **sizes,
             )
-            return enc(draw)
 
-        return sampler
+        return draw
+
+    draws = {"resample": make_draw(None), "resample_support": make_draw(held)}
 
     return SeedData(
         split=split,
@@ -143,7 +202,9 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         test_sets=test_sets,
         encode=enc,
         fit_ratings=fit_ratings,
-        samplers={"resample": make_sampler(None), "resample_support": make_sampler(held)},
+        samplers={m: (lambda e, d=d: enc(d(e))) for m, d in draws.items()},
+        draws=draws,
+        width=width,
         table_ratings={
             "resample": fit_ratings,
             "fixed": fit_ratings,
@@ -174,11 +235,12 @@ def method_config(cfg, name: str):
     return algo, c
 
 
-def item_tables(sd: SeedData, cfg, seed: int):
+def item_tables(sd: SeedData, cfg, seed: int, ratings=None):
     """``(rows, item_bias, item_factors, mu)``: a biased MF (``cfg.cf_dim`` factors, L2
     ``cfg.cf_reg``) fitted on the seed's training ratings (without the meta-training query sets
-    when those are held out: ``train_tasks="resample_support"``), by the encoder's item rows."""
-    r = sd.table_ratings[cfg.train_tasks]
+    when those are held out: ``train_tasks="resample_support"``; or ``ratings``), by the encoder's
+    item rows."""
+    r = sd.table_ratings[cfg.train_tasks] if ratings is None else ratings
     state = make_baseline("mf", dim=cfg.cf_dim, reg=cfg.cf_reg, seed=seed).fit(
         r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["rating"].to_numpy()
     )
@@ -218,6 +280,32 @@ def initial_params(init_fn, key, sd: SeedData, cfg, seed: int):
     if fill is not None:
         params = fill(params, *item_tables(sd, cfg, seed))
     return params
+
+
+def deployed(sd: SeedData, cfg, seed: int) -> Callable:
+    """``meta_params -> meta_params`` as the method is evaluated (validation and test): a model
+    whose frozen item tables were fitted without the training tasks' query sets
+    (``train_tasks="resample_support"``, which keeps those query ratings unseen during
+    meta-training) gets tables refitted on every training rating; everything meta-learned,
+    including ``global_bias``, is kept. Otherwise the identity."""
+    fill = get_model(cfg.model).with_item_tables
+    if (
+        fill is None
+        or not cfg.cf_freeze_tables
+        or sd.table_ratings[cfg.train_tasks] is sd.fit_ratings
+    ):
+        return lambda meta: meta
+    tables = item_tables(sd, cfg, seed, sd.fit_ratings)
+
+    def swap(params):
+        return fill(params, *tables) | {"global_bias": params["global_bias"]}
+
+    def deploy(meta):
+        if hasattr(meta, "_replace") and hasattr(meta, "params"):  # e.g. Meta-SGD's (params, lr)
+            return meta._replace(params=swap(meta.params))
+        return swap(meta)
+
+    return deploy
 
 
 def check_pretrained_vocab(info: dict, path: str, encoder, seed: int) -> None:
@@ -410,6 +498,8 @@ def _validate_fields(cfg) -> None:
             f"--config.learner_options: unknown learner(s) {unknown}; "
             f"allowed: {', '.join(LEARNERS)}"
         )
+    if cfg.get("cf_knn", False) and cfg.model != "hybrid":
+        raise ValueError(f"--config.cf_knn needs --config.model=hybrid, got {cfg.model!r}")
     if "context" in cfg.adapt and cfg.context_dim < 1:
         raise ValueError(f"--config.adapt={cfg.adapt} needs --config.context_dim >= 1")
     _validate_numbers(cfg)

@@ -38,6 +38,7 @@ from experiments.coldstart.build import (
     TEST_SCENARIOS,
     Compiled,
     baseline_predictions,
+    deployed,
     initial_params,
     prepare_seed,
     validate_config,
@@ -220,7 +221,13 @@ def run_seed(
             continue
         algo, mfns = fns.for_method(name)
         mcfg = mfns.cfg
-        learner, eval_fn = mfns.learner(spec, algo), mfns.eval(spec, algo)
+        msd = sd.view(mcfg)  # the tasks as this method reads them
+        deploy = deployed(msd, mcfg, seed)  # the meta-parameters as they are evaluated
+        learner, train_eval = mfns.learner(spec, algo), mfns.eval(spec, algo)
+
+        def eval_fn(meta, tasks, train_eval=train_eval, deploy=deploy):
+            return train_eval(deploy(meta), tasks)
+
         params0 = initial_params(mfns.model(spec)[0], k_init, sd, mcfg, seed)
 
         def train_fn(
@@ -231,6 +238,7 @@ def run_seed(
             eval_fn=eval_fn,
             params0=params0,
             k_train=k_train,
+            msd=msd,
             **kw,
         ):
             return meta_train(
@@ -238,8 +246,8 @@ def run_seed(
                 mfns.step(spec, algo),
                 eval_fn,
                 params0,
-                sd.train_tasks(mcfg.train_tasks),
-                sd.val,
+                msd.train_tasks(mcfg.train_tasks),
+                msd.val,
                 mcfg,
                 k_train,
                 scale,
@@ -256,7 +264,7 @@ def run_seed(
         )
         scores = {s: {} for s in TEST_SCENARIOS}
         users = {s: {} for s in TEST_SCENARIOS}
-        for s, t in sd.test.items():
+        for s, t in msd.test.items():
             out = predict_tasks(eval_fn, tr.params, t, cfg.eval_chunk)
             scores[s][name], users[s][name] = evaluate(out["pred"], t, scale, cfg.k)
             if name == cfg.algos[0] and "no_adapt" in cfg.baselines:
@@ -277,7 +285,7 @@ def run_seed(
         if name == cfg.algos[0] and cfg.get("adaptation_curves", False):
             rec["adaptation"] = {
                 "algo": name,
-                **adaptation_curves(mfns, spec, algo, tr.params, sd, mcfg, scale),
+                **adaptation_curves(mfns, spec, algo, deploy(tr.params), msd, mcfg, scale),
             }
         _save_unit(ctx, seed, name, rec)
         record(name, rec)
@@ -521,8 +529,6 @@ def main(
 ) -> dict:
     """The script body: run, write ``results.json`` / ``results.md`` / the report, print the table.
     ``train_log.txt`` gets every log line; the terminal the ones that are not indented."""
-    from experiments.report import report
-
     validate_config(cfg)
     enable_compilation_cache()
     prepare_workdir(workdir, "coldstart", RUN_FILES, overwrite=overwrite)
@@ -546,5 +552,9 @@ def main(
     print(table)
     print(f"wrote {path}")
     if cfg.report:
+        # imported here: matplotlib's first import logs its font cache, which must not reach a
+        # bad-input error line, and after prepare_workdir that log goes to the workdir
+        from experiments.report import report
+
         print(f"report: {report.make_report(workdir)}")
     return res

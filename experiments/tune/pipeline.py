@@ -31,6 +31,7 @@ from experiments.coldstart.build import (
     NETWORK_BASELINES,
     Compiled,
     baseline_predictions,
+    deployed,
     initial_params,
     method_config,
     prepare_seed,
@@ -116,11 +117,16 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     fns = Compiled(c)
     maes, ndcgs, epochs = [], [], []
     for seed, sd in prepared.items():
+        sd = sd.view(c)
         spec = sd.encoder.spec
         fns.use_seed(seed).load_pretrained(sd.encoder, seed)
         init_fn, _ = fns.model(spec)
         k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
-        eval_fn = fns.eval(spec, algo)
+        deploy, train_eval = deployed(sd, c, seed), fns.eval(spec, algo)
+
+        def eval_fn(meta, tasks, train_eval=train_eval, deploy=deploy):
+            return train_eval(deploy(meta), tasks)
+
         tr = meta_train(
             fns.learner(spec, algo),
             fns.step(spec, algo),

@@ -20,6 +20,12 @@ Prediction for user ``u`` and item ``i``::
   mean's deviation from ``mu`` (``x["offset"]``, times a learned weight). A few inner gradient
   steps on the support set from this learned prior (with :func:`metarec.meta.inner.shrunk_mse`,
   a step that shrinks with few ratings, like ridge) is a learned generalisation of MF fold-in.
+* Neighbourhood CF (``n_nbr > 0``): ``x["nbr"]`` holds per-example predictions computed from the
+  task's support set (:mod:`metarec.baselines.neighbours`: user-kNN and item-kNN, leave-one-out
+  on support examples); the output is ``(1 - sum_f w_f) r^ + sum_f w_f nbr_f`` with meta-learned
+  weights ``nbr_weight`` (the neighbour predictions also feed ``f``), so the model contains both
+  model-based and neighbourhood CF and learns their blend; the inner loop fits the user vector
+  under the blend.
 * ``f`` (``hidden`` non-empty): a ReLU MLP with a zero-initialised output layer, so it starts as
   no correction (``"user+head"`` also adapts its output layer).
 * ``melu`` (a dict of :class:`metarec.models.melu.MeLU` settings): the prediction is a MeLU
@@ -61,6 +67,9 @@ class HybridCF(nn.Module):
     id_dropout: float = 0.2
     freeze_tables: bool = False
     melu: dict | None = None  # MeLU settings: a MeLU network as the non-linear part (see below)
+    user_fields: int = -1  # the user prior uses the first user_fields user fields; -1 = all
+    n_nbr: int = 0  # > 0: x["nbr"] [..., n_nbr] neighbourhood predictions, a learned blend
+    nbr_init: float = 1 / 3  # the blend weights' initial value
 
     @nn.compact
     def __call__(self, x: dict, key: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -96,7 +105,8 @@ class HybridCF(nn.Module):
         # user side: the adapted vector and bias on top of a demographic prior
         p = self.param("user_factors", _zeros, (self.dim,))
         b_u = self.param("user_bias", _zeros, ())
-        for j, v in enumerate(self.user_vocab):
+        n_fields = len(self.user_vocab) if self.user_fields < 0 else self.user_fields
+        for j, v in enumerate(self.user_vocab[:n_fields]):
             p = p + nn.Embed(v, self.dim, embedding_init=_zeros, name=f"user_prior_{j}")(
                 user[..., j]
             )
@@ -107,22 +117,32 @@ class HybridCF(nn.Module):
                 ]
             )
         mu = self.param("global_bias", _zeros, ())
+        nbr = x["nbr"].astype(jnp.float32) if self.n_nbr else None
+
+        def blend(out):  # (1 - sum w) x the model + sum_f w_f x neighbour prediction f
+            if not self.n_nbr:
+                return out
+            w = self.param("nbr_weight", nn.initializers.constant(self.nbr_init), (self.n_nbr,))
+            return out + (nbr - out[..., None]) @ w
+
         if self.melu is not None:
             # a MeLU network (its own residual on x["offset"]) plus the CF term on top
             net = MeLU(self.user_vocab, self.item_vocab, self.n_genres, name="melu", **self.melu)
             k_net = None if key is None else jax.random.fold_in(key, 1)
-            return net(x, key=k_net, train=train) + b_u + b_i + jnp.sum(p * q, axis=-1)
+            cf = b_u + b_i + jnp.sum(p * q, axis=-1)
+            return blend(net(x, key=k_net, train=train) + cf)
         # the support mean's deviation from mu (x["offset"], from the support set only) as a
         # learned-weight start for the user bias
         w_off = self.param("offset_weight", nn.initializers.ones, ())
         b_u = b_u + w_off * (x["offset"].astype(jnp.float32) - mu)
         out = mu + b_u + b_i + jnp.sum(p * q, axis=-1)
+        parts = [content, p * q, q, jnp.broadcast_to(p, q.shape)] + ([nbr] if self.n_nbr else [])
         if self.hidden:
-            h = jnp.concatenate([content, p * q, q, jnp.broadcast_to(p, q.shape)], axis=-1)
+            h = jnp.concatenate(parts, axis=-1)
             for i, width in enumerate(self.hidden):
                 h = nn.relu(nn.Dense(width, name=f"mlp_{i}")(h))
             out = out + nn.Dense(1, kernel_init=_zeros, name="out")(h)[..., 0]
-        return out
+        return blend(out)
 
 
 def make_hybrid(
@@ -134,6 +154,9 @@ def make_hybrid(
     id_dropout: float = 0.2,
     freeze_tables: bool = False,
     melu: dict | None = None,
+    n_nbr: int = 0,
+    nbr_init: float = 1 / 3,
+    user_fields: int = -1,
 ) -> tuple[Callable, Callable]:
     """``(init_fn, apply_fn)`` of :class:`HybridCF` over ``spec`` (a
     :class:`~metarec.data.encode.FeatureSpec`); the same calling convention as
@@ -154,10 +177,16 @@ def make_hybrid(
         id_dropout=float(id_dropout),
         freeze_tables=bool(freeze_tables),
         melu=None if melu is None else dict(melu),
+        n_nbr=int(n_nbr),
+        user_fields=int(user_fields),
+        nbr_init=float(nbr_init),
     )
 
     def init_fn(key: jax.Array) -> PyTree:
-        return module.init(key, dummy_inputs(spec))["params"]
+        x = dummy_inputs(spec)
+        if n_nbr:
+            x = x | {"nbr": jnp.zeros(x["offset"].shape + (int(n_nbr),), jnp.float32)}
+        return module.init(key, x)["params"]
 
     def apply_fn(params, x, *, key=None, train=False):
         return module.apply({"params": params}, x, key=key, train=train)

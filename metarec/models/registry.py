@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from metarec.baselines.neighbours import N_FEATURES as N_NBR_FEATURES
 from metarec.data.tasks import Task
 from metarec.models import hybrid, melu
 from metarec.models import transformer as tfm
@@ -84,6 +85,8 @@ def _build_hybrid(spec, cfg, pretrained=None, max_len=None):
         hidden=tuple(cfg.cf_hidden),
         id_dropout=cfg.id_dropout,
         freeze_tables=cfg.cf_freeze_tables,
+        n_nbr=N_NBR_FEATURES if cfg.get("cf_knn", False) else 0,
+        user_fields=cfg.get("cf_user_fields", -1),
         melu=None
         if not cfg.cf_melu
         else {

@@ -277,3 +277,45 @@ def test_search_spaces_are_parsed_or_refused():
         tune.parse_space({"inner_lr": "log:0:1"}, cfg)
     with pytest.raises(ValueError, match="not a cold-start config field"):
         tune.parse_space({"inner_rate": "log:0.1:1"}, cfg)
+
+
+def test_neighbour_view_and_deployed_tables(fixture_data):
+    """cf_knn tasks carry the kNN baselines' predictions (validation: over every training rating,
+    training tasks: over the item tables' ratings); the deployed model reads MF tables refitted on
+    every training rating and keeps what was meta-learned."""
+    data, _ = fixture_data
+    cfg = tiny_config()
+    _, mcfg = build.method_config(cfg, "cf_metasgd")
+    mcfg.cf_knn, mcfg.train_tasks = True, "resample_support"
+    sd = build.prepare_seed(data, 0, cfg)
+    v = sd.view(mcfg)
+    assert v is sd.view(mcfg) and sd.view(cfg) is sd  # cached; a method without cf_knn: as is
+    vs = sd.val_sets
+    for j, name in enumerate(("user_knn", "item_knn")):
+        b = build.make_baseline(name, clip=False)
+        st = b.fit(*(sd.fit_ratings[c].to_numpy() for c in ("user_id", "item_id", "rating")))
+        want = b.predict(
+            st,
+            vs.support_item,
+            vs.support_rating,
+            vs.support_mask,
+            vs.query_item,
+            vs.query_mask,
+            vs.user_id,
+        )
+        got = v.val.query.x["nbr"][..., j]
+        np.testing.assert_allclose(got * vs.query_mask, np.asarray(want) * vs.query_mask, atol=1e-4)
+    assert v.train_tasks("resample_support")(1).support.x["nbr"].shape[-1] == 2
+    init_fn, _ = build.Compiled(mcfg).model(sd.encoder.spec)
+    import jax
+
+    p0 = build.initial_params(init_fn, jax.random.PRNGKey(0), sd, mcfg, 0)
+    p0 = p0 | {"global_bias": p0["global_bias"] + 0.25}  # as if meta-learned
+    dp = build.deployed(sd, mcfg, 0)(p0)
+    full = build.item_tables(sd, mcfg, 0, sd.fit_ratings)
+    ref = build.get_model("hybrid").with_item_tables(p0, *full)
+    np.testing.assert_allclose(dp["item_factors"]["embedding"], ref["item_factors"]["embedding"])
+    assert not np.allclose(dp["item_bias"]["embedding"], p0["item_bias"]["embedding"])
+    assert dp["global_bias"] == p0["global_bias"]
+    mcfg.train_tasks = "resample"  # tables already fitted on every training rating
+    assert build.deployed(sd, mcfg, 0)(p0) is p0

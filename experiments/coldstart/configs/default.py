@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.id_dropout = 0.2  # item ids replaced by OOV during meta-training (trains the content path)
     c.cf_freeze_tables = False  # True: meta-training leaves the MF item tables as fitted
     c.cf_melu = False  # True: a MeLU network (the fields above) plus the CF term
+    # True: neighbourhood CF too: each example's user-kNN and item-kNN predictions from its task's
+    # support set (leave-one-out on support examples), blended by meta-learned weights
+    c.cf_knn = False
+    # the user prior reads the first n demographic fields (age, gender, occupation, zip3); -1 = all
+    c.cf_user_fields = -1
     # Transformer rater (model "transformer"); init_from: a pretraining run ("{seed}": per seed)
     c.init_from = ""
     c.tf_width = 64
@@ -96,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
             "meta_lr": 0.001,
             "cf_freeze_tables": True,
             "train_tasks": "resample_support",
+            "cf_knn": True,
+            "inner_newton": 1.0,
+            "loss_sum_scale": 10.0,
         },
     }
     c.recommended = ""  # the method the README names (its paired tests are reported)

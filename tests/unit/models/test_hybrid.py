@@ -186,3 +186,29 @@ def test_one_newton_step_on_the_sum_loss_is_ridge_fold_in():
             lr=1.0,
             newton=1.0,
         )
+
+
+def test_neighbour_predictions_are_blended_by_learned_weights():
+    params, apply, *_ = filled(n_nbr=2, nbr_init=0.3)
+    base, apply0, *_ = filled()
+    np.testing.assert_allclose(params["nbr_weight"], [0.3, 0.3])
+    items = np.array([1, 5, 9, 17])
+    x = make_x(2, items, 3.7)
+    nbr = jnp.asarray(3.5 + np.random.default_rng(0).normal(size=(4, 2)), jnp.float32)
+    w = jnp.array([0.5, 0.2])
+    params = dict(params, nbr_weight=w)
+    cf = apply0(base, x)  # the same model without neighbours
+    want = (1 - 0.7) * cf + nbr @ w
+    np.testing.assert_allclose(apply(params, x | {"nbr": nbr}), want, atol=1e-5)
+    # the blend weights get a meta-gradient: d out / d w_f = nbr_f - cf
+    g = jax.grad(lambda p: jnp.sum(apply(p, x | {"nbr": nbr})))(params)["nbr_weight"]
+    np.testing.assert_allclose(g, (nbr - cf[:, None]).sum(0), rtol=1e-4)
+    # weights 0: exactly the model without neighbours
+    zero = dict(params, nbr_weight=jnp.zeros(2))
+    np.testing.assert_allclose(apply(zero, x | {"nbr": nbr}), cf, atol=1e-6)
+
+
+def test_user_prior_reads_only_the_first_fields():
+    init, apply = hybrid.make_hybrid(SPEC, dim=DIM, embed_dim=4, user_fields=2)
+    names = [k for k in init(jax.random.PRNGKey(0)) if k.startswith("user_prior_")]
+    assert sorted(names) == ["user_prior_0", "user_prior_1"]

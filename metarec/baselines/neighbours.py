@@ -1,0 +1,157 @@
+"""The two kNN baselines' predictions as per-example model inputs, leave-one-out on the support.
+
+A meta-learner that should contain neighbourhood CF needs, for every support and query example of
+a task, what ``user_knn`` and ``item_knn`` predict given only the task's support set
+(:mod:`metarec.baselines.knn` has the formulas, fallbacks included)::
+
+    f_user(u, t) = mean(S_u) + sum_{v in N_k(u, t)} sim(u, v) (r_vt - mean_v) / sum |sim(u, v)|
+    f_item(u, t) = m_t + sum_{i in N_k(t; S_u)} sim(i, t) (r_ui - m_i) / sum |sim(i, t)|
+
+For a target ``t`` that is itself a support item (the inner loop's own examples), the support
+entry of ``t`` is left out: of the support mean, of item-kNN's neighbours and of user-kNN's
+user-user similarities (whose centring alone still uses the full support mean). The task's own
+user is never its own neighbour (its support ratings may be among the fitted ratings). So an
+inner loop fitting the support set sees features that do not contain the rating it is fitting.
+Query targets (not in the support) get exactly ``user_knn``'s and ``item_knn``'s unclipped
+predictions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metarec.baselines.common import lookup, prepare_ratings, support_mean
+from metarec.baselines.knn import (
+    ItemKNNState,
+    UserKNNState,
+    _check,
+    _shrunk_cosine,
+    _weighted_deviation,
+    fit_item_knn,
+    fit_user_knn,
+    item_knn_similarity,
+)
+
+N_FEATURES = 2  # (user-kNN prediction, item-kNN prediction)
+PAD_TASKS = 128
+
+
+@flax.struct.dataclass
+class NeighbourState:
+    """Both kNN baselines' fitted states plus the fitted users' raw ids (to skip the task's own)."""
+
+    user: UserKNNState
+    item: ItemKNNState
+    user_vocab: jax.Array  # [U] sorted raw user ids, the rows of ``user.centred``
+
+
+def fit_neighbours(user_ids, item_ids, ratings) -> NeighbourState:
+    """Fit both neighbourhood states on the same training triples."""
+    vocab = prepare_ratings(user_ids, item_ids, ratings).user_vocab
+    return NeighbourState(
+        user=fit_user_knn(user_ids, item_ids, ratings),
+        item=fit_item_knn(user_ids, item_ids, ratings),
+        user_vocab=jnp.asarray(vocab.astype(np.int32)),
+    )
+
+
+def _user_dev(st: UserKNNState, own, s_item, s_rat, s_mask, t_item, k, shrink):
+    s_idx, s_known = lookup(st.item_vocab, s_item)
+    w = (s_mask > 0) & s_known
+    a = jnp.where(w, s_rat - support_mean(s_rat, s_mask, st.mu, 0.0), 0.0)  # [S]
+    o_v = (st.observed[:, s_idx] & w).astype(jnp.float32)  # [U, S]
+    a_v = st.centred[:, s_idx] * o_v
+    # eq[r, s]: support entry s is target r's item (left out of r's similarities)
+    eq = ((t_item[:, None] == s_item[None, :]) & w[None, :]).astype(jnp.float32)  # [R, S]
+
+    def total_minus_left_out(terms):  # [U, S] -> [U, R]
+        return jnp.sum(terms, axis=1, keepdims=True) - terms @ eq.T
+
+    num = total_minus_left_out(a_v * a)
+    norm_u = jnp.sqrt(jnp.maximum(total_minus_left_out(o_v * a**2), 0.0))
+    norm_v = jnp.sqrt(jnp.maximum(total_minus_left_out(a_v**2), 0.0))
+    sim = _shrunk_cosine(num, norm_u, norm_v, total_minus_left_out(o_v), shrink)  # [U, R]
+    t_idx, t_known = lookup(st.item_vocab, t_item)
+    rated = st.observed[:, t_idx] & t_known[None, :]
+    other = (jnp.arange(sim.shape[0]) != own)[:, None]
+    cand = jnp.where(rated & other & (sim > 0), sim, -jnp.inf)
+    off, _ = _weighted_deviation(cand.T, st.centred[:, t_idx].T, k)
+    return _loo_mean(s_rat, w, eq, st.mu) + off
+
+
+def _loo_mean(s_rat, w, eq, mu):
+    """Per target ``[R]``: the support mean without the target's own entry (``mu`` if empty)."""
+    wf = w.astype(jnp.float32)
+    n = jnp.sum(wf) - eq @ wf
+    tot = jnp.sum(wf * s_rat) - eq @ (wf * s_rat)
+    return jnp.where(n > 0, tot / jnp.where(n > 0, n, 1.0), mu)
+
+
+def _item_dev(st: ItemKNNState, s_item, s_rat, s_mask, t_item, k, shrink):
+    s_idx, s_known = lookup(st.item_vocab, s_item)
+    t_idx, t_known = lookup(st.item_vocab, t_item)
+    same = t_item[:, None] == s_item[None, :]
+    usable = ((s_mask > 0) & s_known)[None, :] & ~same
+    sim = item_knn_similarity(st, t_idx, s_idx, shrink)  # [R, S]
+    cand = jnp.where(usable & (sim > 0), sim, -jnp.inf)
+    dev = jnp.broadcast_to(s_rat - st.item_mean[s_idx], cand.shape)
+    off, _ = _weighted_deviation(cand, dev, k)
+    # an item unseen in the fitted ratings: the user's support mean (item_knn's fallback)
+    eq = (same & (s_mask > 0)[None, :]).astype(jnp.float32)
+    return jnp.where(t_known, st.item_mean[t_idx] + off, _loo_mean(s_rat, s_mask > 0, eq, st.mu))
+
+
+def neighbour_features(
+    state: NeighbourState,
+    support_item,
+    support_rating,
+    support_mask,
+    target_item,
+    user_ids,
+    *,
+    k: int = 30,
+    shrink: float = 10.0,
+    task_chunk: int = 32,
+) -> np.ndarray:
+    """``[T, R, 2]`` float32 (user-kNN, item-kNN prediction) for targets ``target_item [T, R]``
+    (raw ids) of ``T`` tasks with supports ``[T, S]`` (raw ids, ratings, 0/1 mask) and raw user
+    ids ``[T]``; ``k`` neighbours and similarity shrinkage ``shrink`` as in the baselines."""
+    k, shrink, _, task_chunk = _check(k, shrink, 0.0, task_chunk)
+    arrays = [np.asarray(a) for a in (user_ids, support_item, support_rating, support_mask)]
+    arrays.append(np.asarray(target_item))
+    n = len(arrays[0])
+    # the task count padded to a multiple of PAD_TASKS: draws of a few more or fewer users
+    # share one compiled program
+    pad = -n % PAD_TASKS
+    arrays = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays]
+    users, s_item, s_rat, s_mask, t_item = arrays
+    idx, known = lookup(state.user_vocab, jnp.asarray(users))
+    own = jnp.where(known, idx, -1)  # the task user's row among the fitted users, -1 if none
+    out = _features(
+        state,
+        own,
+        jnp.asarray(s_item, jnp.int32),
+        jnp.asarray(s_rat, jnp.float32),
+        jnp.asarray(s_mask, jnp.float32),
+        jnp.asarray(t_item, jnp.int32),
+        k,
+        shrink,
+        task_chunk,
+    )
+    return np.asarray(out)[:n]
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _features(state, own, s_item, s_rat, s_mask, t_item, k, shrink, task_chunk):
+    def one(xs):
+        own, s_item, s_rat, s_mask, t_item = xs
+        fu = _user_dev(state.user, own, s_item, s_rat, s_mask, t_item, k, shrink)
+        fi = _item_dev(state.item, s_item, s_rat, s_mask, t_item, k, shrink)
+        return jnp.stack([fu, fi], axis=-1)
+
+    return jax.lax.map(one, (own, s_item, s_rat, s_mask, t_item), batch_size=task_chunk)

@@ -1,0 +1,88 @@
+"""Neighbourhood features: equal to the kNN baselines' predictions on query targets, leave-one-out
+on support targets, and the task's own user never its own neighbour."""
+
+import numpy as np
+import pytest
+
+from metarec.baselines import make_baseline
+from metarec.baselines.neighbours import fit_neighbours, neighbour_features
+
+
+@pytest.fixture(scope="module")
+def world():
+    rng = np.random.default_rng(3)
+    n_users, n_items = 30, 25
+    obs = rng.random((n_users, n_items)) < 0.6
+    R = np.clip(np.round(3 + rng.normal(size=(n_users, 1)) + rng.normal(size=(1, n_items))), 1, 5)
+    u, i = np.nonzero(obs)
+    train = (100 + u, 500 + i, R[u, i].astype(np.float32))
+    # 4 new users (ids not among the fitted users): support of 6 items, query of 4
+    T, S, Q = 4, 6, 4
+    si = np.stack([500 + rng.permutation(n_items)[: S + Q] for _ in range(T)])
+    ratings = rng.integers(1, 6, size=si.shape).astype(np.float32)
+    sm = np.ones((T, S), np.float32)
+    sm[0, -2:] = 0.0  # padding
+    return train, si[:, :S], ratings[:, :S], sm, si[:, S:], np.arange(T) + 900
+
+
+def test_query_targets_equal_the_baselines(world):
+    train, si, sr, sm, qi, users = world
+    st = fit_neighbours(*train)
+    feats = neighbour_features(st, si, sr, sm, qi, users)
+    qm = np.ones(qi.shape, np.float32)
+    for j, name in enumerate(("user_knn", "item_knn")):
+        b = make_baseline(name, clip=False)
+        pred = np.asarray(b.predict(b.fit(*train), si, sr, sm, qi, qm, users))
+        np.testing.assert_allclose(feats[..., j], pred, atol=1e-5)
+    # not vacuous: the two neighbourhoods disagree and vary across targets
+    assert np.abs(feats[..., 0] - feats[..., 1]).max() > 0.05
+    assert feats[..., 1].std() > 0.05
+
+
+def test_support_targets_leave_their_own_rating_out(world):
+    train, si, sr, sm, _, users = world
+    st = fit_neighbours(*train)
+    feats = neighbour_features(st, si, sr, sm, si, users)
+    for t in range(si.shape[0]):
+        for s in np.flatnonzero(sm[t]):
+            m = sm[t : t + 1].copy()
+            m[0, s] = 0.0
+            one = neighbour_features(
+                st, si[t : t + 1], sr[t : t + 1], m, si[t : t + 1, s : s + 1], users[t : t + 1]
+            )
+            # item-kNN: exactly the support without that entry; user-kNN: the same, up to the
+            # support mean its similarities centre by (the full support's)
+            np.testing.assert_allclose(feats[t, s, 1], one[0, 0, 1], atol=1e-5)
+            assert np.isfinite(feats[t, s, 0])
+    # changing a support rating leaves that entry's own item-kNN feature unchanged
+    sr2 = sr.copy()
+    sr2[1, 2] += 2.0
+    f2 = neighbour_features(st, si, sr2, sm, si, users)
+    np.testing.assert_allclose(f2[1, 2, 1], feats[1, 2, 1], atol=1e-6)
+    assert not np.allclose(f2[1, :, 1], feats[1, :, 1])  # but the others' do change
+
+
+def test_new_items_fall_back_to_the_support_mean(world):
+    train, si, sr, sm, _, users = world
+    st = fit_neighbours(*train)
+    new = np.full((si.shape[0], 1), 10**6)  # an item id no fitted rating has
+    feats = neighbour_features(st, si, sr, sm, new, users)
+    mean = (sr * sm).sum(1) / sm.sum(1)
+    np.testing.assert_allclose(feats[:, 0, 0], mean, atol=1e-5)
+    np.testing.assert_allclose(feats[:, 0, 1], mean, atol=1e-5)
+
+
+def test_own_user_is_not_a_neighbour(world):
+    (tu, ti, tr), si, sr, sm, _, _ = world
+    # a fitted user's own ratings as support: without the exclusion its own row (similarity 1)
+    # would be the top neighbour for every support target
+    user = 100
+    items, ratings = ti[tu == user][:8], tr[tu == user][:8]
+    si1, sr1, sm1 = items[None], ratings[None], np.ones((1, len(items)), np.float32)
+    own = neighbour_features(fit_neighbours(tu, ti, tr), si1, sr1, sm1, si1, np.array([user]))
+    keep = tu != user
+    rest = fit_neighbours(tu[keep], ti[keep], tr[keep])
+    without = neighbour_features(rest, si1, sr1, sm1, si1, np.array([user]))
+    # the other users' rows are identical in both fits except their centring; user-kNN of the
+    # fit with the user equals the fit without it
+    np.testing.assert_allclose(own[..., 0], without[..., 0], atol=1e-5)
