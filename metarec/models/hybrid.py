@@ -25,7 +25,10 @@ Prediction for user ``u`` and item ``i``::
   on support examples); the output is ``(1 - sum_f w_f) r^ + sum_f w_f nbr_f`` with meta-learned
   weights ``nbr_weight`` (the neighbour predictions also feed ``f``), so the model contains both
   model-based and neighbourhood CF and learns their blend; the inner loop fits the user vector
-  under the blend.
+  under the blend. Items with an out-of-vocabulary id are not blended: nobody's ratings of them
+  were fitted, so their neighbour "predictions" are only the user's support mean (which
+  ``x["offset"]`` already gives the model), and an id dropped by ``id_dropout`` is treated the
+  same way, so meta-training simulates new items as they are met (the content path alone).
 * ``f`` (``hidden`` non-empty): a ReLU MLP with a zero-initialised output layer, so it starts as
   no correction (``"user+head"`` also adapts its output layer).
 * ``melu`` (a dict of :class:`metarec.models.melu.MeLU` settings): the prediction is a MeLU
@@ -123,7 +126,7 @@ class HybridCF(nn.Module):
             if not self.n_nbr:
                 return out
             w = self.param("nbr_weight", nn.initializers.constant(self.nbr_init), (self.n_nbr,))
-            return out + (nbr - out[..., None]) @ w
+            return out + jnp.where(known[..., 0], (nbr - out[..., None]) @ w, 0.0)
 
         if self.melu is not None:
             # a MeLU network (its own residual on x["offset"]) plus the CF term on top

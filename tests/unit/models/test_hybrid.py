@@ -192,17 +192,19 @@ def test_neighbour_predictions_are_blended_by_learned_weights():
     params, apply, *_ = filled(n_nbr=2, nbr_init=0.3)
     base, apply0, *_ = filled()
     np.testing.assert_allclose(params["nbr_weight"], [0.3, 0.3])
-    items = np.array([1, 5, 9, 17])
+    items = np.array([1, 5, 9, 25])
     x = make_x(2, items, 3.7)
     nbr = jnp.asarray(3.5 + np.random.default_rng(0).normal(size=(4, 2)), jnp.float32)
     w = jnp.array([0.5, 0.2])
     params = dict(params, nbr_weight=w)
     cf = apply0(base, x)  # the same model without neighbours
-    want = (1 - 0.7) * cf + nbr @ w
+    known = np.array([1.0, 1.0, 1.0, 0.0])  # item 25 is out of vocabulary: not blended
+    want = cf + known * ((nbr @ w) - 0.7 * cf)
     np.testing.assert_allclose(apply(params, x | {"nbr": nbr}), want, atol=1e-5)
-    # the blend weights get a meta-gradient: d out / d w_f = nbr_f - cf
+    np.testing.assert_allclose(apply(params, x | {"nbr": nbr})[3], cf[3], atol=1e-6)
+    # the blend weights get a meta-gradient: d out / d w_f = nbr_f - cf (known items only)
     g = jax.grad(lambda p: jnp.sum(apply(p, x | {"nbr": nbr})))(params)["nbr_weight"]
-    np.testing.assert_allclose(g, (nbr - cf[:, None]).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(g, (known[:, None] * (nbr - cf[:, None])).sum(0), rtol=1e-4)
     # weights 0: exactly the model without neighbours
     zero = dict(params, nbr_weight=jnp.zeros(2))
     np.testing.assert_allclose(apply(zero, x | {"nbr": nbr}), cf, atol=1e-6)
@@ -212,3 +214,22 @@ def test_user_prior_reads_only_the_first_fields():
     init, apply = hybrid.make_hybrid(SPEC, dim=DIM, embed_dim=4, user_fields=2)
     names = [k for k in init(jax.random.PRNGKey(0)) if k.startswith("user_prior_")]
     assert sorted(names) == ["user_prior_0", "user_prior_1"]
+
+
+def test_ids_dropped_in_meta_training_are_not_blended_either():
+    """id dropout simulates new items: a dropped id takes the content path and no neighbour blend."""
+    params, apply, *_ = filled(n_nbr=2, id_dropout=0.5)
+    base, apply0, *_ = filled(id_dropout=0.5)
+    items = np.tile(np.arange(1, 15), 4)
+    x = make_x(3, items, 3.7)
+    nbr = jnp.asarray(3.5 + np.random.default_rng(1).normal(size=(len(items), 2)), jnp.float32)
+    params = dict(params, nbr_weight=jnp.array([0.5, 0.2]))
+    key = jax.random.PRNGKey(7)
+    cf = apply0(base, x, key=key, train=True)  # the same dropout draw without neighbours
+    got = apply(params, x | {"nbr": nbr}, key=key, train=True)
+    dropped = np.asarray(cf) == np.asarray(apply0(base, x | {"item": x["item"].at[:, 1].set(0)}))
+    assert 0 < dropped.sum() < len(items)  # some ids dropped, some kept
+    np.testing.assert_allclose(np.asarray(got)[dropped], np.asarray(cf)[dropped], atol=1e-6)
+    kept = ~dropped
+    want = np.asarray(cf + (nbr @ params["nbr_weight"]) - 0.7 * cf)
+    np.testing.assert_allclose(np.asarray(got)[kept], want[kept], atol=1e-5)
