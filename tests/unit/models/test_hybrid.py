@@ -217,7 +217,7 @@ def test_user_prior_reads_only_the_first_fields():
 
 
 def test_ids_dropped_in_meta_training_are_not_blended_either():
-    """id dropout simulates new items: a dropped id takes the content path and no neighbour blend."""
+    """id dropout simulates new items: a dropped id takes the content path and no blend."""
     params, apply, *_ = filled(n_nbr=2, id_dropout=0.5)
     base, apply0, *_ = filled(id_dropout=0.5)
     items = np.tile(np.arange(1, 15), 4)
