@@ -33,6 +33,7 @@ TASK_SIZES = {
 }
 TRAIN_TASKS = ("resample", "resample_support", "fixed")
 HELD_OUT_STREAM = 10**6  # the PRNG stream of the held-out query sets (epochs use 1, 2, ...)
+NEW_ITEM = -1  # a raw item id nobody rated: how a new item looks to the neighbourhood features
 NAME_FIELDS = ("algos", "baselines")
 
 
@@ -59,6 +60,9 @@ class SeedData:
     # train_tasks mode -> (epoch -> the UserSets its sampler encodes)
     draws: dict = dataclasses.field(default_factory=dict)
     width: int = 0  # the support width every task is padded to
+    # the validation tasks with every query item presented as a new item (`as_new_items`):
+    # selection's stand-in for the item-cold scenarios, which few validation query items are
+    val_new: Task | None = None
     _views: dict = dataclasses.field(default_factory=dict)
 
     def train_tasks(self, mode: str = "resample"):
@@ -84,6 +88,7 @@ class SeedData:
                 self,
                 train=train_enc(self.train_sets),
                 val=enc(self.val_sets),
+                val_new=enc(self.val_sets, new_items=True),
                 test={k: enc(v) for k, v in self.test_sets.items()},
                 encode=enc,
                 samplers={m: (lambda e, d=d: train_enc(d(e))) for m, d in draws.items()},
@@ -99,10 +104,24 @@ class SeedData:
             ratings["rating"].to_numpy(),
         )
 
-        def enc(sets: mdata.UserSets) -> Task:
-            return with_neighbours(self.encode(sets), sets.pad_support(self.width), state)
+        def enc(sets: mdata.UserSets, new_items: bool = False) -> Task:
+            task, padded = self.encode(sets), sets.pad_support(self.width)
+            if new_items:
+                task = as_new_items(task)
+                padded = dataclasses.replace(
+                    padded, query_item=np.full_like(padded.query_item, NEW_ITEM)
+                )
+            return with_neighbours(task, padded, state)
 
         return enc
+
+
+def as_new_items(task: Task) -> Task:
+    """``task`` with every query item presented as a new item: its id out of vocabulary (the
+    learned fallback row 0), its content (year, genres) kept."""
+    item = np.array(task.query.x["item"])
+    item[..., 1] = 0
+    return task.replace(query=task.query.replace(x=task.query.x | {"item": item}))
 
 
 def with_neighbours(task: Task, sets: mdata.UserSets, state) -> Task:
@@ -198,6 +217,7 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         val_sets=val_sets,
         train=enc(train_sets),
         val=enc(val_sets),
+        val_new=as_new_items(enc(val_sets)),
         test={k: enc(v) for k, v in test_sets.items()},
         test_sets=test_sets,
         encode=enc,

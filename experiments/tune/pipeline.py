@@ -2,9 +2,11 @@
 
 Every candidate is meta-trained on the training ratings of the given seeds and scored on those
 seeds' validation users (adapt on their support sets, predict their query sets), exactly as early
-stopping does. The tuning path cannot see a test scenario: it builds its data with
-``prepare_seed(..., test=False)``, which encodes no test task (the split knows which users are test
-users only to leave them out).
+stopping does, and once more with every query item presented as a new item (id out of
+vocabulary, content kept: ``SeedData.val_new``), the stand-in for the item-cold scenarios, since
+few validation query items are new. The tuning path cannot see a test scenario: it builds its data
+with ``prepare_seed(..., test=False)``, which encodes no test task (the split knows which users are
+test users only to leave them out).
 
 * :func:`search` — optuna's TPE sampler (seeded, so a rerun proposes the same points) over a
   space of config fields for one method; :func:`grid_search` — every point of a small grid.
@@ -19,6 +21,7 @@ A search-space entry is a string: ``"log:LO:HI"`` (log-uniform float), ``"float:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable
@@ -29,6 +32,7 @@ import numpy as np
 
 from experiments.coldstart.build import (
     NETWORK_BASELINES,
+    NEW_ITEM,
     Compiled,
     baseline_predictions,
     deployed,
@@ -108,14 +112,15 @@ def prepare(cfg, seeds, data: mdata.RatingsData | None = None) -> tuple[mdata.Ra
 
 def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
-    the mean best validation MAE and nDCG@k over seeds and the best epochs."""
+    the mean best validation MAE and nDCG@k over seeds (also with the query items as new items,
+    ``val_new_*``) and the best epochs."""
     algo, mcfg = method_config(cfg, method)
     c = ml_collections.ConfigDict(mcfg.to_dict())
     for k, v in point.items():
         c[k] = v
     validate_config(c)
     fns = Compiled(c)
-    maes, ndcgs, epochs = [], [], []
+    maes, ndcgs, new_maes, new_ndcgs, epochs = [], [], [], [], []
     for seed, sd in prepared.items():
         sd = sd.view(c)
         spec = sd.encoder.spec
@@ -142,10 +147,16 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
         scores = score(out["pred"], sd.val, data.rating_scale, c.k)
         maes.append(scores["mae"])
         ndcgs.append(scores[f"ndcg@{c.k}"])
+        out = predict_tasks(eval_fn, tr.params, sd.val_new, c.eval_chunk)
+        scores = score(out["pred"], sd.val_new, data.rating_scale, c.k)
+        new_maes.append(scores["mae"])
+        new_ndcgs.append(scores[f"ndcg@{c.k}"])
         epochs.append(tr.best_epoch)
     return {
         "val_mae": float(np.mean(maes)),
         f"val_ndcg@{cfg.k}": float(np.mean(ndcgs)),
+        "val_new_mae": float(np.mean(new_maes)),
+        f"val_new_ndcg@{cfg.k}": float(np.mean(new_ndcgs)),
         "val_mae_per_seed": maes,
         "best_epochs": epochs,
     }
@@ -192,6 +203,7 @@ def search(
     n_trials: int = 20,
     sampler_seed: int = 0,
     ndcg_weight: float = 1.0,
+    new_item_weight: float = 0.0,
     data: mdata.RatingsData | None = None,
     prepared: dict | None = None,
     log_fn: Callable = print,
@@ -232,14 +244,16 @@ def search(
         row = {"trial": trial.number, "point": point}
         try:
             row |= evaluate_point(cfg, method, point, data, prepared)
-            row["objective"] = selection_objective(row, cfg.k, ndcg_weight)
+            row["objective"] = selection_objective(row, cfg.k, ndcg_weight, new_item_weight)
         except NonFiniteLossError as e:  # a diverging point is a bad point, not a failed search
             nan = float("nan")
             row |= {"val_mae": nan, f"val_ndcg@{cfg.k}": nan, "diverged": str(e).split(";")[0]}
+            row |= {"val_new_mae": nan, f"val_new_ndcg@{cfg.k}": nan}
             row |= {"objective": DIVERGED, "val_mae_per_seed": [], "best_epochs": []}
         log_fn(
             f"{method} trial {trial.number}: objective {row['objective']:.4f} val MAE "
-            f"{row['val_mae']:.4f} nDCG@{cfg.k} {row[f'val_ndcg@{cfg.k}']:.4f} {point} "
+            f"{row['val_mae']:.4f} nDCG@{cfg.k} {row[f'val_ndcg@{cfg.k}']:.4f} new items: MAE "
+            f"{row['val_new_mae']:.4f} nDCG@{cfg.k} {row[f'val_new_ndcg@{cfg.k}']:.4f} {point} "
             f"(epochs {row['best_epochs']})"
         )
         rows.append(row)
@@ -265,28 +279,42 @@ def start_point(cfg, method: str, parsed: dict) -> dict:
     return out
 
 
-def selection_objective(row: dict, k: int, ndcg_weight: float) -> float:
+def selection_objective(
+    row: dict, k: int, ndcg_weight: float, new_item_weight: float = 0.0
+) -> float:
     """What selection minimises: validation MAE minus ``ndcg_weight`` x validation nDCG@k (both
-    target metrics of the protocol; weight 0 = MAE alone)."""
-    return float(row["val_mae"] - ndcg_weight * row[f"val_ndcg@{k}"])
+    target metrics of the protocol; weight 0 = MAE alone), averaged with weight
+    ``new_item_weight`` with the same on the new-item validation (``val_new_*``)."""
+    known = row["val_mae"] - ndcg_weight * row[f"val_ndcg@{k}"]
+    if not new_item_weight:
+        return float(known)
+    new = row["val_new_mae"] - ndcg_weight * row[f"val_new_ndcg@{k}"]
+    return float((1 - new_item_weight) * known + new_item_weight * new)
 
 
 def baselines_on_validation(cfg, data, prepared: dict) -> dict:
     """Mean validation MAE and nDCG@k over seeds of every fitted baseline of ``cfg.baselines``
     (fitted on the same training ratings): the reference the tuned methods are read against."""
     rows: dict[str, list] = {}
+    k = cfg.k
     for seed, sd in prepared.items():
+        new = dataclasses.replace(
+            sd.val_sets, query_item=np.full_like(sd.val_sets.query_item, NEW_ITEM)
+        )
         for name in cfg.baselines:
             if name in NETWORK_BASELINES:
                 continue
-            pred = baseline_predictions(name, seed, sd.fit_ratings, {"val": sd.val_sets})["val"]
-            sc = score(pred, sd.val, data.rating_scale, cfg.k)
-            rows.setdefault(name, []).append((sc["mae"], sc[f"ndcg@{cfg.k}"]))
+            pred = baseline_predictions(
+                name, seed, sd.fit_ratings, {"val": sd.val_sets, "val_new": new}
+            )
+            sc = score(pred["val"], sd.val, data.rating_scale, k)
+            sc_new = score(pred["val_new"], sd.val_new, data.rating_scale, k)
+            rows.setdefault(name, []).append(
+                (sc["mae"], sc[f"ndcg@{k}"], sc_new["mae"], sc_new[f"ndcg@{k}"])
+            )
+    keys = ("val_mae", f"val_ndcg@{k}", "val_new_mae", f"val_new_ndcg@{k}")
     return {
-        name: {
-            "val_mae": float(np.mean([a for a, _ in v])),
-            f"val_ndcg@{cfg.k}": float(np.mean([b for _, b in v])),
-        }
+        name: {key: float(np.mean([r[j] for r in v])) for j, key in enumerate(keys)}
         for name, v in rows.items()
     }
 
@@ -306,6 +334,7 @@ def select(
     n_trials: int = 20,
     sampler_seed: int = 0,
     ndcg_weight: float = 1.0,
+    new_item_weight: float = 0.0,
     data: mdata.RatingsData | None = None,
     log_fn: Callable = print,
 ) -> dict:
@@ -322,6 +351,7 @@ def select(
             n_trials=n_trials,
             sampler_seed=sampler_seed,
             ndcg_weight=ndcg_weight,
+            new_item_weight=new_item_weight,
             data=data,
             prepared=prepared,
             log_fn=log_fn,
@@ -334,6 +364,8 @@ def select(
                 "objective",
                 "val_mae",
                 f"val_ndcg@{cfg.k}",
+                "val_new_mae",
+                f"val_new_ndcg@{cfg.k}",
                 "val_mae_per_seed",
                 "best_epochs",
             )
@@ -369,6 +401,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         n_trials=cfg.n_trials,
         sampler_seed=cfg.sampler_seed,
         ndcg_weight=cfg.ndcg_weight,
+        new_item_weight=cfg.new_item_weight,
     )
     meta = run_metadata(cfg.to_dict(), argv)
     res["provenance"] = {
@@ -376,7 +409,10 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         "seeds": list(seeds),
         "n_trials": cfg.n_trials,
         "sampler_seed": cfg.sampler_seed,
-        "objective": f"val MAE - {cfg.ndcg_weight} x val nDCG@{cfg.base.k}",
+        "objective": (
+            f"{1 - cfg.new_item_weight} x (val MAE - {cfg.ndcg_weight} x val nDCG@{cfg.base.k})"
+            f" + {cfg.new_item_weight} x the same with the query items as new items"
+        ),
         "spaces": spaces,
         "selected_on": "validation users of the warm training users; no test task encoded",
         "versions": meta["versions"],

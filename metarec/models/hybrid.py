@@ -28,7 +28,8 @@ Prediction for user ``u`` and item ``i``::
   under the blend. Items with an out-of-vocabulary id are not blended: nobody's ratings of them
   were fitted, so their neighbour "predictions" are only the user's support mean (which
   ``x["offset"]`` already gives the model), and an id dropped by ``id_dropout`` is treated the
-  same way, so meta-training simulates new items as they are met (the content path alone).
+  same way, so meta-training simulates new items as they are met (the content path alone);
+  ``nbr_new_items=True`` blends every item instead.
 * ``f`` (``hidden`` non-empty): a ReLU MLP with a zero-initialised output layer, so it starts as
   no correction (``"user+head"`` also adapts its output layer).
 * ``melu`` (a dict of :class:`metarec.models.melu.MeLU` settings): the prediction is a MeLU
@@ -73,6 +74,7 @@ class HybridCF(nn.Module):
     user_fields: int = -1  # the user prior uses the first user_fields user fields; -1 = all
     n_nbr: int = 0  # > 0: x["nbr"] [..., n_nbr] neighbourhood predictions, a learned blend
     nbr_init: float = 1 / 3  # the blend weights' initial value
+    nbr_new_items: bool = False  # True: out-of-vocabulary ids are blended too
 
     @nn.compact
     def __call__(self, x: dict, key: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -126,7 +128,8 @@ class HybridCF(nn.Module):
             if not self.n_nbr:
                 return out
             w = self.param("nbr_weight", nn.initializers.constant(self.nbr_init), (self.n_nbr,))
-            return out + jnp.where(known[..., 0], (nbr - out[..., None]) @ w, 0.0)
+            mix = (nbr - out[..., None]) @ w
+            return out + (mix if self.nbr_new_items else jnp.where(known[..., 0], mix, 0.0))
 
         if self.melu is not None:
             # a MeLU network (its own residual on x["offset"]) plus the CF term on top
@@ -160,6 +163,7 @@ def make_hybrid(
     n_nbr: int = 0,
     nbr_init: float = 1 / 3,
     user_fields: int = -1,
+    nbr_new_items: bool = False,
 ) -> tuple[Callable, Callable]:
     """``(init_fn, apply_fn)`` of :class:`HybridCF` over ``spec`` (a
     :class:`~metarec.data.encode.FeatureSpec`); the same calling convention as
@@ -183,6 +187,7 @@ def make_hybrid(
         n_nbr=int(n_nbr),
         user_fields=int(user_fields),
         nbr_init=float(nbr_init),
+        nbr_new_items=bool(nbr_new_items),
     )
 
     def init_fn(key: jax.Array) -> PyTree:

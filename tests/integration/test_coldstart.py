@@ -253,11 +253,17 @@ def test_optuna_selection_never_reads_a_test_scenario(fixture_data):
     spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0", "loss_prior": "float:0:50"}}
 
     def select(d):
-        out = tune.select(cfg, spaces, seeds=(0,), n_trials=2, data=d, log_fn=lambda m: None)
+        out = tune.select(
+            cfg, spaces, seeds=(0,), n_trials=2, new_item_weight=0.5, data=d, log_fn=lambda m: None
+        )
         return {k: out[k] for k in ("methods", "validation", "recommended", "trials")}
 
     first = select(data)
     assert first["recommended"] == "cf_metasgd" and len(first["trials"]["cf_metasgd"]) == 2
+    v = first["validation"]["cf_metasgd"]
+    assert v["objective"] == pytest.approx(
+        0.5 * (v["val_mae"] - v["val_ndcg@3"]) + 0.5 * (v["val_new_mae"] - v["val_new_ndcg@3"])
+    )
     assert first["methods"]["cf_metasgd"]["model"] == "hybrid"
     split = mdata.make_split(data, 0, cfg.protocol)
     train_pairs = set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
@@ -319,3 +325,37 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     assert dp["global_bias"] == p0["global_bias"]
     mcfg.train_tasks = "resample"  # tables already fitted on every training rating
     assert build.deployed(sd, mcfg, 0)(p0) is p0
+
+
+def test_new_item_validation_presents_query_items_as_new(fixture_data):
+    """Selection's stand-in for the item-cold scenarios: the validation users with every query
+    item's id out of vocabulary (content kept) and, with cf_knn, the neighbourhood features of an
+    item nobody rated (the kNN baselines' fallbacks)."""
+    data, _ = fixture_data
+    cfg = tiny_config()
+    sd = build.prepare_seed(data, 0, cfg, test=False)
+    known, new = sd.val.query.x, sd.val_new.query.x
+    np.testing.assert_array_equal(new["item"][..., 1], 0)
+    np.testing.assert_array_equal(new["item"][..., 0], known["item"][..., 0])  # year kept
+    assert (known["item"][..., 1] > 0).any()
+    np.testing.assert_array_equal(new["genres"], known["genres"])
+    np.testing.assert_array_equal(sd.val_new.support.x["item"], sd.val.support.x["item"])
+    _, mcfg = build.method_config(cfg, "cf_metasgd")
+    mcfg.cf_knn = True
+    v = sd.view(mcfg)
+    vs = dataclasses.replace(sd.val_sets, query_item=np.full_like(sd.val_sets.query_item, -1))
+    for j, name in enumerate(("user_knn", "item_knn")):
+        b = build.make_baseline(name, clip=False)
+        st = b.fit(*(sd.fit_ratings[c].to_numpy() for c in ("user_id", "item_id", "rating")))
+        args = (vs.support_item, vs.support_rating, vs.support_mask, vs.query_item)
+        want = np.asarray(b.predict(st, *args, vs.query_mask, vs.user_id)) * vs.query_mask
+        got = v.val_new.query.x["nbr"][..., j] * vs.query_mask
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_array_equal(v.val_new.query.x["item"][..., 1], 0)
+
+
+def test_selection_objective_weighs_the_new_item_validation():
+    row = {"val_mae": 0.8, "val_ndcg@3": 0.7, "val_new_mae": 0.9, "val_new_ndcg@3": 0.6}
+    assert tune.selection_objective(row, 3, 1.0) == pytest.approx(0.1)
+    assert tune.selection_objective(row, 3, 1.0, 0.5) == pytest.approx(0.5 * 0.1 + 0.5 * 0.3)
+    assert tune.selection_objective(row, 3, 0.0, 1.0) == pytest.approx(0.9)

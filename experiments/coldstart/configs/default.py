@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     # True: neighbourhood CF too: each example's user-kNN and item-kNN predictions from its task's
     # support set (leave-one-out on support examples), blended by meta-learned weights
     c.cf_knn = False
+    # True: new (out-of-vocabulary) items are blended too, though their neighbour predictions are
+    # only the support mean; False: new items (and ids dropped by id_dropout) use the model alone
+    c.cf_knn_new_items = False
     # the user prior reads the first n demographic fields (age, gender, occupation, zip3); -1 = all
     c.cf_user_fields = -1
     # Transformer rater (model "transformer"); init_from: a pretraining run ("{seed}": per seed)

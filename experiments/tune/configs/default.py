@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.n_trials = 14  # per method (a space of choices only is searched as a grid)
     c.sampler_seed = 0
     c.ndcg_weight = 1.0  # objective: val MAE - ndcg_weight x val nDCG@k
+    # ... averaged with this weight with the same on the validation users' query items presented
+    # as new items (the item-cold scenarios are half of the test scenarios; few validation query
+    # items are new)
+    c.new_item_weight = 0.5
     c.spaces = {
         "cf_metasgd": {
             # Newton inner steps (ridge fold-in around the learned prior; with the sum loss only
@@ -32,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
             "cf_reg": "log:2.0:20.0",
             "id_dropout": "float:0.0:0.5",
             "cf_knn": "choice:True,False",
+            "cf_knn_new_items": "choice:False,True",
             "cf_user_fields": "choice:-1,3",
         },
         # the MeLU reference learners: their inner step size, on a grid

@@ -202,6 +202,10 @@ def test_neighbour_predictions_are_blended_by_learned_weights():
     want = cf + known * ((nbr @ w) - 0.7 * cf)
     np.testing.assert_allclose(apply(params, x | {"nbr": nbr}), want, atol=1e-5)
     np.testing.assert_allclose(apply(params, x | {"nbr": nbr})[3], cf[3], atol=1e-6)
+    _, apply_all, *_ = filled(n_nbr=2, nbr_new_items=True)  # every item blended
+    np.testing.assert_allclose(
+        apply_all(params, x | {"nbr": nbr}), cf + nbr @ w - 0.7 * cf, atol=1e-5
+    )
     # the blend weights get a meta-gradient: d out / d w_f = nbr_f - cf (known items only)
     g = jax.grad(lambda p: jnp.sum(apply(p, x | {"nbr": nbr})))(params)["nbr_weight"]
     np.testing.assert_allclose(g, (known[:, None] * (nbr - cf[:, None])).sum(0), rtol=1e-4)
