@@ -10,9 +10,9 @@ test users only to leave them out).
 
 * :func:`search` — optuna's TPE sampler (seeded, so a rerun proposes the same points) over a
   space of config fields for one method; :func:`grid_search` — every point of a small grid.
-* :func:`select` — tune several methods and name the recommended one: the lowest mean validation
-  MAE. :func:`main` writes ``tune.json`` and the config file the cold-start experiment reads
-  (``experiments/coldstart/configs/tuned.json``).
+* :func:`select` — tune several methods and name the recommended one: the lowest
+  :func:`selection_objective`. :func:`main` writes ``tune.json`` and the config file the
+  cold-start experiment reads (``experiments/coldstart/configs/tuned.json``).
 
 A search-space entry is a string: ``"log:LO:HI"`` (log-uniform float), ``"float:LO:HI"``,
 ``"int:LO:HI"`` or ``"choice:A,B,..."`` (for a tuple field, ``none`` is ``()`` and ``64/32`` is
