@@ -4,8 +4,9 @@
 ``spaces`` maps each candidate method (a learner name or a key of the cold-start ``methods``) to
 its search space (see :mod:`experiments.tune.pipeline`); the recommended method is the one with
 the lowest selection objective (validation MAE - nDCG@3, on known and on new items). Without
-``spaces`` (``--config.spaces={}``) the stage is a grid search of ``grid`` for ``algo`` instead. The search starts from the cold-start config *before*
-the tuned values are applied, so a rerun reproduces the file.
+``spaces`` (``--config.spaces={}``) the stage is a grid search of ``grid`` for ``algo`` instead.
+The search starts from the cold-start config *before* the tuned values are applied, so a rerun
+reproduces the file.
 """
 
 import os
