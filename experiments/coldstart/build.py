@@ -33,7 +33,7 @@ TASK_SIZES = {
 }
 TRAIN_TASKS = ("resample", "resample_support", "fixed")
 HELD_OUT_STREAM = 10**6  # the PRNG stream of the held-out query sets (epochs use 1, 2, ...)
-NEW_ITEM = -1  # a raw item id nobody rated: how a new item looks to the neighbourhood features
+NEW_ITEM_STREAM = 10**6 + 1  # the PRNG stream of the new-item validation's items
 NAME_FIELDS = ("algos", "baselines")
 
 
@@ -60,9 +60,10 @@ class SeedData:
     # train_tasks mode -> (epoch -> the UserSets its sampler encodes)
     draws: dict = dataclasses.field(default_factory=dict)
     width: int = 0  # the support width every task is padded to
-    # the validation tasks with every query item presented as a new item (`as_new_items`):
-    # selection's stand-in for the item-cold scenarios, which few validation query items are
+    # tuning path only (``cfg.val_new_items``): warm training users adapting on known items and
+    # scored on items held out of training, selection's stand-in for the item-cold scenarios
     val_new: Task | None = None
+    val_new_sets: mdata.UserSets | None = None
     _views: dict = dataclasses.field(default_factory=dict)
 
     def train_tasks(self, mode: str = "resample"):
@@ -88,7 +89,7 @@ class SeedData:
                 self,
                 train=train_enc(self.train_sets),
                 val=enc(self.val_sets),
-                val_new=enc(self.val_sets, new_items=True),
+                val_new=None if self.val_new_sets is None else enc(self.val_new_sets),
                 test={k: enc(v) for k, v in self.test_sets.items()},
                 encode=enc,
                 samplers={m: (lambda e, d=d: train_enc(d(e))) for m, d in draws.items()},
@@ -104,24 +105,10 @@ class SeedData:
             ratings["rating"].to_numpy(),
         )
 
-        def enc(sets: mdata.UserSets, new_items: bool = False) -> Task:
-            task, padded = self.encode(sets), sets.pad_support(self.width)
-            if new_items:
-                task = as_new_items(task)
-                padded = dataclasses.replace(
-                    padded, query_item=np.full_like(padded.query_item, NEW_ITEM)
-                )
-            return with_neighbours(task, padded, state)
+        def enc(sets: mdata.UserSets) -> Task:
+            return with_neighbours(self.encode(sets), sets.pad_support(self.width), state)
 
         return enc
-
-
-def as_new_items(task: Task) -> Task:
-    """``task`` with every query item presented as a new item: its id out of vocabulary (the
-    learned fallback row 0), its content (year, genres) kept."""
-    item = np.array(task.query.x["item"])
-    item[..., 1] = 0
-    return task.replace(query=task.query.replace(x=task.query.x | {"item": item}))
 
 
 def with_neighbours(task: Task, sets: mdata.UserSets, state) -> Task:
@@ -172,6 +159,19 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         )
     train_sets, val_sets = validation_split(split, cfg.val_fraction, seed)
     fit_ratings = mdata.drop_query_ratings(split.train_ratings, val_sets)
+    val_new_sets = None
+    if not test and cfg.val_new_items > 0:
+        # new-item validation: some items lose every training rating (so they are out of the
+        # vocabulary below, as a new item is); the warm training users (training and validation
+        # users, as in item_cold) adapt on their other ratings and are scored on those items
+        new_items = mdata.hold_out_items(
+            fit_ratings, cfg.val_new_items, np.random.default_rng([seed, NEW_ITEM_STREAM])
+        )
+        fit_ratings = fit_ratings[~fit_ratings["item_id"].isin(new_items)].reset_index(drop=True)
+        n_query = TASK_SIZES[cfg.protocol]["n_query"]
+        train_sets, train_new = mdata.split_new_items(train_sets, new_items, n_query=n_query)
+        val_sets, val_new_sets = mdata.split_new_items(val_sets, new_items, n_query=n_query)
+        val_new_sets = train_new.concat(val_new_sets)
     # vocabularies from the training ratings only: an item rated nowhere else is out of
     # vocabulary (the learned fallback), not a row that no gradient ever reaches
     encoder = mdata.FeatureEncoder.fit(
@@ -217,7 +217,8 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         val_sets=val_sets,
         train=enc(train_sets),
         val=enc(val_sets),
-        val_new=as_new_items(enc(val_sets)),
+        val_new=None if val_new_sets is None else enc(val_new_sets),
+        val_new_sets=val_new_sets,
         test={k: enc(v) for k, v in test_sets.items()},
         test_sets=test_sets,
         encode=enc,
@@ -556,6 +557,8 @@ def _validate_numbers(cfg) -> None:
             raise ValueError(f"--config.{name} must be > 0, got {cfg[name]}")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--config.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if not 0 <= cfg.val_new_items < 1:
+        raise ValueError(f"--config.val_new_items must be in [0, 1), got {cfg.val_new_items}")
     if not 0 <= cfg.id_dropout < 1:
         raise ValueError(f"--config.id_dropout must be in [0, 1), got {cfg.id_dropout}")
     if not cfg.inner_newton >= 0:

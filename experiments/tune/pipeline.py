@@ -2,11 +2,12 @@
 
 Every candidate is meta-trained on the training ratings of the given seeds and scored on those
 seeds' validation users (adapt on their support sets, predict their query sets), exactly as early
-stopping does, and once more with every query item presented as a new item (id out of
-vocabulary, content kept: ``SeedData.val_new``), the stand-in for the item-cold scenarios, since
-few validation query items are new. The tuning path cannot see a test scenario: it builds its data
-with ``prepare_seed(..., test=False)``, which encodes no test task (the split knows which users are
-test users only to leave them out).
+stopping does, and once more on new items (``SeedData.val_new``: a random ``val_new_items``
+fraction of the items loses every training rating, so they are out of vocabulary as a new item
+is, and the warm training users adapt on their other ratings and are scored on their ratings of
+those items), the stand-in for the item-cold scenarios. The tuning path cannot see a test
+scenario: it builds its data with ``prepare_seed(..., test=False)``, which encodes no test task
+(the split knows which users are test users only to leave them out).
 
 * :func:`search` — optuna's TPE sampler (seeded, so a rerun proposes the same points) over a
   space of config fields for one method; :func:`grid_search` — every point of a small grid.
@@ -21,7 +22,6 @@ A search-space entry is a string: ``"log:LO:HI"`` (log-uniform float), ``"float:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 from collections.abc import Callable
@@ -32,7 +32,6 @@ import numpy as np
 
 from experiments.coldstart.build import (
     NETWORK_BASELINES,
-    NEW_ITEM,
     Compiled,
     baseline_predictions,
     deployed,
@@ -112,8 +111,8 @@ def prepare(cfg, seeds, data: mdata.RatingsData | None = None) -> tuple[mdata.Ra
 
 def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
-    the mean best validation MAE and nDCG@k over seeds (also with the query items as new items,
-    ``val_new_*``) and the best epochs."""
+    the mean best validation MAE and nDCG@k over seeds (also on the new-item validation,
+    ``val_new_*``; NaN without one) and the best epochs."""
     algo, mcfg = method_config(cfg, method)
     c = ml_collections.ConfigDict(mcfg.to_dict())
     for k, v in point.items():
@@ -147,8 +146,10 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
         scores = score(out["pred"], sd.val, data.rating_scale, c.k)
         maes.append(scores["mae"])
         ndcgs.append(scores[f"ndcg@{c.k}"])
-        out = predict_tasks(eval_fn, tr.params, sd.val_new, c.eval_chunk)
-        scores = score(out["pred"], sd.val_new, data.rating_scale, c.k)
+        scores = {"mae": np.nan, f"ndcg@{c.k}": np.nan}  # no new-item validation
+        if sd.val_new is not None:
+            out = predict_tasks(eval_fn, tr.params, sd.val_new, c.eval_chunk)
+            scores = score(out["pred"], sd.val_new, data.rating_scale, c.k)
         new_maes.append(scores["mae"])
         new_ndcgs.append(scores[f"ndcg@{c.k}"])
         epochs.append(tr.best_epoch)
@@ -298,17 +299,17 @@ def baselines_on_validation(cfg, data, prepared: dict) -> dict:
     rows: dict[str, list] = {}
     k = cfg.k
     for seed, sd in prepared.items():
-        new = dataclasses.replace(
-            sd.val_sets, query_item=np.full_like(sd.val_sets.query_item, NEW_ITEM)
-        )
         for name in cfg.baselines:
             if name in NETWORK_BASELINES:
                 continue
-            pred = baseline_predictions(
-                name, seed, sd.fit_ratings, {"val": sd.val_sets, "val_new": new}
-            )
+            sets = {"val": sd.val_sets}
+            if sd.val_new_sets is not None:
+                sets["val_new"] = sd.val_new_sets
+            pred = baseline_predictions(name, seed, sd.fit_ratings, sets)
             sc = score(pred["val"], sd.val, data.rating_scale, k)
-            sc_new = score(pred["val_new"], sd.val_new, data.rating_scale, k)
+            sc_new = {"mae": np.nan, f"ndcg@{k}": np.nan}
+            if sd.val_new is not None:
+                sc_new = score(pred["val_new"], sd.val_new, data.rating_scale, k)
             rows.setdefault(name, []).append(
                 (sc["mae"], sc[f"ndcg@{k}"], sc_new["mae"], sc_new[f"ndcg@{k}"])
             )
@@ -393,6 +394,11 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         print("best:", rows[0])
         return out | {"rows": rows}
     validate_config(cfg.base)
+    if cfg.new_item_weight and not cfg.base.val_new_items:
+        raise ValueError(
+            f"--config.new_item_weight={cfg.new_item_weight} needs a new-item validation: set "
+            "--config.base.val_new_items in (0, 1) or --config.new_item_weight=0"
+        )
     spaces = {m: dict(s) for m, s in cfg.spaces.items()}
     res = select(
         cfg.base,
@@ -411,7 +417,8 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         "sampler_seed": cfg.sampler_seed,
         "objective": (
             f"{1 - cfg.new_item_weight} x (val MAE - {cfg.ndcg_weight} x val nDCG@{cfg.base.k})"
-            f" + {cfg.new_item_weight} x the same with the query items as new items"
+            f" + {cfg.new_item_weight} x the same on items held out of training "
+            f"({cfg.base.val_new_items} of the items)"
         ),
         "spaces": spaces,
         "selected_on": "validation users of the warm training users; no test task encoded",

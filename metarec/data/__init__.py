@@ -20,9 +20,11 @@ from metarec.data.sampling import (
     RatingPool,
     drop_held_out,
     drop_query_ratings,
+    hold_out_items,
     hold_out_queries,
     rating_pool,
     sample_user_sets,
+    split_new_items,
 )
 from metarec.data.scenarios import SCENARIOS, Split, UserSets, make_split, split_validation
 from metarec.data.synthetic import make_synthetic_tasks
@@ -65,6 +67,7 @@ __all__ = [
     "drop_held_out",
     "drop_query_ratings",
     "ensure_dataset",
+    "hold_out_items",
     "hold_out_queries",
     "index_tasks",
     "iterate_meta_batches",
@@ -77,6 +80,7 @@ __all__ = [
     "read_any",
     "register_dataset",
     "sample_user_sets",
+    "split_new_items",
     "split_validation",
     "stack_tasks",
     "train_ratings",

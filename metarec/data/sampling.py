@@ -154,3 +154,81 @@ def drop_held_out(frame: pd.DataFrame, pool: RatingPool, held: np.ndarray) -> pd
     rows = np.concatenate([s + np.arange(c) for s, c in zip(pool.start, pool.count)])
     sel = rows[held[rows]]
     return drop_pairs(frame, users[held[rows]], pool.item[sel])
+
+
+def hold_out_items(frame: pd.DataFrame, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted ids of a random ``fraction`` of the items rated in ``frame`` (at least one): items
+    that selection treats as new by removing every rating of them from training."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    items = np.unique(frame["item_id"].to_numpy())
+    n = max(1, int(round(fraction * len(items))))
+    return np.sort(rng.choice(items, n, replace=False))
+
+
+def _compact(item, rating, time, keep, width: int):
+    """Per row, the kept entries moved to the front (order kept), padded/cut to ``width``."""
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+    k = np.take_along_axis(keep, order, 1)
+
+    def take(a):
+        return np.where(k, np.take_along_axis(a, order, 1), 0).astype(a.dtype)
+
+    return take(item), take(rating), k.astype(np.float32), take(time)
+
+
+def split_new_items(
+    sets: UserSets, items, *, n_query: int, min_query: int = 3
+) -> tuple[UserSets, UserSets]:
+    """``(known, new)``: ``sets`` seen with ``items`` as new items (nobody's ratings of them
+    trained on, see :func:`hold_out_items`).
+
+    ``known`` is ``sets`` without the ratings of ``items`` (users left with no support or no
+    query rating are dropped). ``new`` holds the users with at least ``min_query`` ratings of
+    ``items`` (support or query): the support set is ``known``'s, the query set up to ``n_query``
+    of those ratings, so a model adapts on known items and is scored on new ones."""
+    items = np.asarray(items)
+    s_new = np.isin(sets.support_item, items) & (sets.support_mask > 0)
+    q_new = np.isin(sets.query_item, items) & (sets.query_mask > 0)
+    s_keep, q_keep = (sets.support_mask > 0) & ~s_new, (sets.query_mask > 0) & ~q_new
+    sup = _compact(
+        sets.support_item,
+        sets.support_rating,
+        sets.support_time,
+        s_keep,
+        sets.support_item.shape[1],
+    )
+    qry = _compact(
+        sets.query_item, sets.query_rating, sets.query_time, q_keep, sets.query_item.shape[1]
+    )
+    fields = ("item", "rating", "mask", "time")
+    known = UserSets(
+        user_id=sets.user_id,
+        **{f"support_{f}": a for f, a in zip(fields, sup)},
+        **{f"query_{f}": a for f, a in zip(fields, qry)},
+    )
+    both = lambda a, b: np.concatenate([a, b], axis=1)  # noqa: E731
+    new_q = _compact(
+        both(sets.support_item, sets.query_item),
+        both(sets.support_rating, sets.query_rating),
+        both(sets.support_time, sets.query_time),
+        both(s_new, q_new),
+        n_query,
+    )
+    has_known = (known.support_mask.sum(1) > 0) & (known.query_mask.sum(1) > 0)
+    is_new = has_known & ((s_new.sum(1) + q_new.sum(1)) >= min_query)
+    new = UserSets(
+        user_id=sets.user_id,
+        **{f"support_{f}": a for f, a in zip(fields, sup)},
+        **{f"query_{f}": a for f, a in zip(fields, new_q)},
+    ).select(is_new)
+    log.info(
+        "new-item validation: %d items held out; %d of %d users keep known support and query "
+        "sets, %d users (%d ratings) are scored on new items",
+        len(items),
+        int(has_known.sum()),
+        sets.n_users,
+        new.n_users,
+        int(new.query_mask.sum()),
+    )
+    return known.select(has_known), new

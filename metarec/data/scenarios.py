@@ -53,6 +53,15 @@ class UserSets:
         """The users at positions ``idx``."""
         return UserSets(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
 
+    def concat(self, other: UserSets) -> UserSets:
+        """The users of ``self`` then those of ``other`` (same widths)."""
+        return UserSets(
+            **{
+                f.name: np.concatenate([getattr(self, f.name), getattr(other, f.name)])
+                for f in dataclasses.fields(self)
+            }
+        )
+
     def pad_support(self, size: int) -> UserSets:
         """Pad (never truncate) the support axis to ``size`` so batches share one static shape."""
         s = self.support_item.shape[1]

@@ -327,23 +327,37 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     assert build.deployed(sd, mcfg, 0)(p0) is p0
 
 
-def test_new_item_validation_presents_query_items_as_new(fixture_data):
-    """Selection's stand-in for the item-cold scenarios: the validation users with every query
-    item's id out of vocabulary (content kept) and, with cf_knn, the neighbourhood features of an
-    item nobody rated (the kNN baselines' fallbacks)."""
+def test_new_item_validation_scores_items_held_out_of_training(fixture_data):
+    """Selection's stand-in for the item-cold scenarios (tuning path only): a seeded fraction of
+    the items loses every training rating, so they are out of vocabulary for every method; warm
+    training users adapt on their other ratings and are scored on those items; the kNN
+    features are the baselines' own predictions for them."""
     data, _ = fixture_data
     cfg = tiny_config()
+    cfg.val_new_items = 0.2
     sd = build.prepare_seed(data, 0, cfg, test=False)
-    known, new = sd.val.query.x, sd.val_new.query.x
-    np.testing.assert_array_equal(new["item"][..., 1], 0)
-    np.testing.assert_array_equal(new["item"][..., 0], known["item"][..., 0])  # year kept
-    assert (known["item"][..., 1] > 0).any()
-    np.testing.assert_array_equal(new["genres"], known["genres"])
-    np.testing.assert_array_equal(sd.val_new.support.x["item"], sd.val.support.x["item"])
+    new_sets = sd.val_new_sets
+    held = np.unique(new_sets.query_item[new_sets.query_mask > 0])
+    assert new_sets.n_users > 0 and len(held) > 0
+    assert not sd.fit_ratings["item_id"].isin(held).any()  # nobody's ratings of them trained on
+    assert set(new_sets.user_id) - set(sd.val_sets.user_id)  # training users are scored too
+    for sets in (sd.val_sets, sd.train_sets, sd.draws["resample"](1)):
+        for prefix in ("support", "query"):
+            m = getattr(sets, f"{prefix}_mask") > 0
+            assert not np.isin(getattr(sets, f"{prefix}_item")[m], held).any()
+    # the held items are out of vocabulary (row 0), their content kept
+    real = new_sets.query_mask > 0
+    np.testing.assert_array_equal(sd.val_new.query.x["item"][..., 1][real], 0)
+    assert (sd.val_new.query.x["genres"].sum(-1)[real] > 0).any()
+    # the same rule as the test scenarios: evaluation trains on every item, no new-item set
+    full = build.prepare_seed(data, 0, cfg)
+    assert full.val_new is None and full.val_new_sets is None
+    assert full.fit_ratings["item_id"].isin(held).any()
+    assert len(full.fit_ratings) > len(sd.fit_ratings)
     _, mcfg = build.method_config(cfg, "cf_metasgd")
     mcfg.cf_knn = True
     v = sd.view(mcfg)
-    vs = dataclasses.replace(sd.val_sets, query_item=np.full_like(sd.val_sets.query_item, -1))
+    vs = new_sets.pad_support(sd.width)
     for j, name in enumerate(("user_knn", "item_knn")):
         b = build.make_baseline(name, clip=False)
         st = b.fit(*(sd.fit_ratings[c].to_numpy() for c in ("user_id", "item_id", "rating")))
@@ -351,7 +365,6 @@ def test_new_item_validation_presents_query_items_as_new(fixture_data):
         want = np.asarray(b.predict(st, *args, vs.query_mask, vs.user_id)) * vs.query_mask
         got = v.val_new.query.x["nbr"][..., j] * vs.query_mask
         np.testing.assert_allclose(got, want, atol=1e-4)
-    np.testing.assert_array_equal(v.val_new.query.x["item"][..., 1], 0)
 
 
 def test_selection_objective_weighs_the_new_item_validation():

@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.protocol = "melu"
     c.seeds = (0, 1, 2)
     c.val_fraction = 0.15  # warm training users held out for early stopping and tuning
+    # tuning stage only: this fraction of the training items is held out of training (every
+    # rating of them) and the validation users' ratings of them are the new-item validation, the
+    # stand-in for the item-cold scenarios; evaluation (test scenarios) trains on every item
+    c.val_new_items = 0.1
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
     # every training rating (metarec.data.sampling); "resample_support" = the same with each
     # user's query set held out once (a model's MF item tables are fitted without them, so the

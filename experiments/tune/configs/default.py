@@ -19,12 +19,11 @@ from experiments.coldstart.configs import default as coldstart
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seeds = (0, 1, 2)  # seeds whose validation users are averaged
-    c.n_trials = 14  # per method (a space of choices only is searched as a grid)
+    c.n_trials = 18  # per method (a space of choices only is searched as a grid)
     c.sampler_seed = 0
     c.ndcg_weight = 1.0  # objective: val MAE - ndcg_weight x val nDCG@k
-    # ... averaged with this weight with the same on the validation users' query items presented
-    # as new items (the item-cold scenarios are half of the test scenarios; few validation query
-    # items are new)
+    # ... averaged with this weight with the same on the new-item validation (items held out of
+    # training: base.val_new_items); the item-cold scenarios are half of the test scenarios
     c.new_item_weight = 0.5
     c.spaces = {
         "cf_metasgd": {
@@ -35,10 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
             "meta_lr": "log:0.0001:0.003",
             "cf_dim": "choice:8,16",
             "cf_reg": "log:2.0:20.0",
-            "id_dropout": "float:0.0:0.5",
+            "id_dropout": "float:0.0:0.8",
             "cf_knn": "choice:True,False",
             "cf_knn_new_items": "choice:False,True",
             "cf_user_fields": "choice:-1,3",
+            "cf_melu": "choice:False,True",  # MeLU's network as the non-linear part
         },
         # the MeLU reference learners: their inner step size, on a grid
         "maml": {"inner_lr": "choice:0.01,0.05,0.3"},

@@ -100,3 +100,59 @@ def test_held_out_query_sets_stay_fixed_and_out_of_the_supports():
     assert len(rest) == len(f) - held.sum()
     held_pairs = {(u, i) for t, u in enumerate(a.user_id) for i in a.query_item[t] if i}
     assert not held_pairs & set(zip(rest["user_id"], rest["item_id"]))
+
+
+def _sets(support, query, width=6, q_width=4):
+    """UserSets of users 10, 11, ... from lists of (item, rating) pairs."""
+    n = len(support)
+    a = mdata.scenarios.padded_arrays(np.arange(10, 10 + n), width, q_width)
+    for u, (s, q) in enumerate(zip(support, query)):
+        for prefix, pairs in (("support", s), ("query", q)):
+            for j, (i, r) in enumerate(pairs):
+                a[f"{prefix}_item"][u, j] = i
+                a[f"{prefix}_rating"][u, j] = r
+                a[f"{prefix}_mask"][u, j] = 1.0
+                a[f"{prefix}_time"][u, j] = 100 * u + j
+    return mdata.UserSets(**a)
+
+
+def test_hold_out_items_is_a_seeded_fraction_of_the_rated_items():
+    f = _frame({1: 50, 2: 80})
+    items = np.unique(f["item_id"])
+    a = mdata.hold_out_items(f, 0.1, np.random.default_rng(3))
+    assert len(a) == round(0.1 * len(items)) and set(a) <= set(items)
+    np.testing.assert_array_equal(a, np.sort(a))
+    np.testing.assert_array_equal(a, mdata.hold_out_items(f, 0.1, np.random.default_rng(3)))
+    assert not np.array_equal(a, mdata.hold_out_items(f, 0.1, np.random.default_rng(4)))
+    with pytest.raises(ValueError, match="fraction"):
+        mdata.hold_out_items(f, 1.0, np.random.default_rng(0))
+
+
+def test_split_new_items_scores_new_items_after_adapting_on_known_ones():
+    sets = _sets(
+        support=[
+            [(1, 5.0), (7, 1.0), (2, 4.0), (8, 2.0)],  # user 10: two new items in support
+            [(1, 3.0), (2, 3.0)],  # user 11: no new item at all
+            [(7, 4.0), (8, 4.0)],  # user 12: only new items in support
+        ],
+        query=[[(3, 3.0), (9, 5.0)], [(3, 2.0)], [(9, 1.0), (1, 2.0)]],
+    )
+    known, new = mdata.split_new_items(sets, [7, 8, 9], n_query=4, min_query=3)
+    # user 12 has no known support left: dropped from both
+    assert known.user_id.tolist() == [10, 11] and new.user_id.tolist() == [10]
+    np.testing.assert_array_equal(known.support_item[0], [1, 2, 0, 0, 0, 0])
+    np.testing.assert_array_equal(known.support_rating[0], [5.0, 4.0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(known.support_time[0], [0, 2, 0, 0, 0, 0])
+    np.testing.assert_array_equal(known.query_item[0], [3, 0, 0, 0])
+    np.testing.assert_array_equal(known.support_item[1], [1, 2, 0, 0, 0, 0])  # unchanged
+    # user 10's new-item ratings (support first, then query) are its query set
+    np.testing.assert_array_equal(new.support_item[0], known.support_item[0])
+    np.testing.assert_array_equal(new.query_item[0], [7, 8, 9, 0])
+    np.testing.assert_array_equal(new.query_rating[0], [1.0, 2.0, 5.0, 0])
+    np.testing.assert_array_equal(new.query_mask[0], [1, 1, 1, 0])
+    # fewer new-item ratings than min_query: not scored on new items
+    _, new2 = mdata.split_new_items(sets, [7, 8, 9], n_query=4, min_query=4)
+    assert new2.n_users == 0
+    # the query width caps the new-item ratings kept
+    _, new3 = mdata.split_new_items(sets, [7, 8, 9], n_query=2, min_query=2)
+    np.testing.assert_array_equal(new3.query_item[0], [7, 8])
