@@ -207,21 +207,16 @@ def split_new_items(
         **{f"support_{f}": a for f, a in zip(fields, sup)},
         **{f"query_{f}": a for f, a in zip(fields, qry)},
     )
-    both = lambda a, b: np.concatenate([a, b], axis=1)  # noqa: E731
-    new_q = _compact(
-        both(sets.support_item, sets.query_item),
-        both(sets.support_rating, sets.query_rating),
-        both(sets.support_time, sets.query_time),
-        both(s_new, q_new),
-        n_query,
-    )
+    rated = [
+        np.concatenate([getattr(sets, f"support_{f}"), getattr(sets, f"query_{f}")], axis=1)
+        for f in ("item", "rating", "time")
+    ]
+    new_q = _compact(*rated, np.concatenate([s_new, q_new], axis=1), n_query)
     has_known = (known.support_mask.sum(1) > 0) & (known.query_mask.sum(1) > 0)
     is_new = has_known & ((s_new.sum(1) + q_new.sum(1)) >= min_query)
-    new = UserSets(
-        user_id=sets.user_id,
-        **{f"support_{f}": a for f, a in zip(fields, sup)},
-        **{f"query_{f}": a for f, a in zip(fields, new_q)},
-    ).select(is_new)
+    new = dataclasses.replace(known, **{f"query_{f}": a for f, a in zip(fields, new_q)}).select(
+        is_new
+    )
     log.info(
         "new-item validation: %d items held out; %d of %d users keep known support and query "
         "sets, %d users (%d ratings) are scored on new items",
