@@ -1,11 +1,13 @@
 """Meta-reinforcement learning for recommendation: pure-JAX user environments (gymnax style),
 simulators (MovieLens biased-MF, RecSim-style latent users), agents (REINFORCE, PPO, DQN),
 MAML / FOMAML / Meta-SGD across users with DiCE inner losses on :mod:`metarec.meta.inner`, bandit
-baselines, evaluation harness and an online serving loop.
+baselines, a meta-learned bandit (the bandits' per-user update with its prior, item
+representations, exploration and satiation learned across users), evaluation harness and an online
+serving loop.
 
-Modules: env, rollout, simulator, networks, pg, reinforce, ppo, dqn, maml, bandits, evaluate,
-online, loop (training in resumable, checkpointed pieces). The experiment that runs them all is
-``experiments/meta_rl``.
+Modules: env, rollout, simulator, networks, pg, reinforce, ppo, dqn, maml, bandits, meta_bandit,
+evaluate, online, loop (training in resumable, checkpointed pieces). The experiment that runs them
+all is ``experiments/meta_rl``.
 """
 
 from metarec.rl.env import EnvConfig, EnvParams, EnvState, make_env_params, reset, step

@@ -25,6 +25,7 @@ import jax
 
 from metarec.rl import bandits, networks
 from metarec.rl import env as envlib
+from metarec.rl import meta_bandit as mblib
 from metarec.rl import ppo as ppolib
 from metarec.rl.maml import MetaRL
 from metarec.rl.rollout import episode_metrics, oracle_rollout, rollout
@@ -148,6 +149,13 @@ def bandit_agent(items: dict, hp: dict, lam: float = 1.0) -> EvalAgent:
     return EvalAgent(
         init=lambda key: bandits.init(items, hp, lam), act=bandits.act, step_update=bandits.update
     )
+
+
+def meta_bandit_agent(params, genres) -> EvalAgent:
+    """The meta-learned bandit (:mod:`metarec.rl.meta_bandit`) with meta-parameters ``params``:
+    learns every step, its state carried across episodes like the bandits'."""
+    init, act, step_update = mblib.make_agent_fns(params, genres)
+    return EvalAgent(init=init, act=act, step_update=step_update)
 
 
 def evaluate_bandits(
