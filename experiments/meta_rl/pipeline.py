@@ -256,7 +256,9 @@ def main(
     common.enable_compilation_cache()
     common.prepare_workdir(workdir, "meta_rl", RUN_FILES, overwrite=overwrite)
     payload = run(config, workdir, argv, resume=resume, log_fn=lambda m: print(m, flush=True))
-    for metric in ("ctr", "return", "regret"):
+    print(f"training data: {payload.get('training_data')}")
+    print(f"recommended method: {payload.get('recommended')}\n")
+    for metric in runner.METRICS:
         print(format_table(payload, metric), end="\n\n")
     for s in payload["per_seed"]:
         if "online" in s:

@@ -34,12 +34,22 @@ from metarec.rl import bandits, loop, networks, online
 from metarec.rl import dqn as dqnlib
 from metarec.rl import evaluate as ev
 from metarec.rl import maml as mamllib
+from metarec.rl import meta_bandit as mblib
 from metarec.rl import ppo as ppolib
 from metarec.rl import simulator as simlib
 from metarec.training.checkpoint import Checkpointer, tree_digest
 from metarec.training.runlog import read_json, write_json_atomic
 
 log = logging.getLogger("metarec.rl")
+#: what every method is given (the results header states it)
+TRAINING_DATA = (
+    "every method: the training users' ratings (the recommender-side MF behind the bandits' item "
+    "features and the meta-learned bandit's starting point) and, for trained policies (PPO, DQN, "
+    "MAML family, metabandit), episodes with the training users' simulators; held-out users are "
+    "met only through the adaptation episodes, the same budget for every method"
+)
+#: per-method metrics of the results, each per number of adaptation episodes
+METRICS = ("ctr", "return", "regret", "cum_regret")
 
 
 @dataclasses.dataclass
@@ -71,31 +81,78 @@ class Hooks:
     on_unit_read: Callable | None = None
 
 
-def build_simulator(spec, seed: int) -> simlib.SimulatorData:
-    """The simulator of one seed (fixed numbers of train/test users and items across seeds)."""
+#: RNG stream of the validation users drawn from a seed's training users
+VAL_STREAM = 17
+#: where the synthetic simulator's validation users start (disjoint from train and test users)
+SYNTHETIC_VAL_FIRST = 1_000_000
+HELD_OUT = ("test", "val")
+
+
+def validation_split(train_ratings, n_val: int, seed: int, max_ratings: int):
+    """``(train_ratings without the validation users, items, ratings, mask [n_val, S])``: a seeded
+    draw of ``n_val`` training users held out of the simulator's and the agents' training; each
+    keeps at most ``max_ratings`` of their ratings (a seeded subset; the test users' width), which
+    are folded in as a test user's are."""
+    users = np.sort(train_ratings["user_id"].unique())
+    if len(users) <= n_val:
+        raise ValueError(
+            f"seed {seed}: only {len(users)} training users, --config.n_val_users={n_val}"
+        )
+    rng = np.random.default_rng([seed, VAL_STREAM])
+    val = np.sort(rng.choice(users, n_val, replace=False))
+    held = train_ratings["user_id"].isin(val).to_numpy()
+    frame = train_ratings[held]
+    width = int(min(max_ratings, frame.groupby("user_id").size().max()))
+    items = np.zeros((n_val, width), np.int64)
+    ratings = np.zeros((n_val, width), np.float32)
+    mask = np.zeros((n_val, width), np.float32)
+    for row, (_, g) in enumerate(frame.groupby("user_id", sort=True)):
+        pick = np.sort(rng.permutation(len(g))[:width])
+        n = len(pick)
+        items[row, :n] = g["item_id"].to_numpy(np.int64)[pick]
+        ratings[row, :n] = g["rating"].to_numpy(np.float32)[pick]
+        mask[row, :n] = 1.0
+    return train_ratings[~held], items, ratings, mask
+
+
+def build_simulator(spec, seed: int, held_out: str = "test") -> simlib.SimulatorData:
+    """The simulator of one seed (fixed numbers of train/held-out users and items across seeds).
+
+    ``held_out="test"``: the held-out users are the first ``n_test_users`` ``user_cold`` users.
+    ``held_out="val"`` (the tuning path): ``n_val_users`` of the *training* users instead
+    (:func:`validation_split`), left out of the simulator's and the agents' training data; the
+    test users' sets are never read.
+    """
+    if held_out not in HELD_OUT:
+        raise ValueError(f"held_out must be one of {HELD_OUT}, got {held_out!r}")
     env = library_configs(spec).env
+    n_held = spec.n_test_users if held_out == "test" else spec.n_val_users
     if spec.dataset == "synthetic":
         return simlib.synthetic_simulator(
             seed,
             spec.n_train_users,
-            spec.n_test_users,
+            n_held,
             spec.n_items,
             env_config=env,
             reward=spec.reward,
+            held_out_first=None if held_out == "test" else SYNTHETIC_VAL_FIRST,
         )
     data = mdata.load_dataset(spec.dataset, data_dir=spec.data_dir)
     split = mdata.make_split(data, seed, "melu")
-    cold = split.sets["user_cold"]
-    if cold.n_users < spec.n_test_users:
-        raise ValueError(
-            f"seed {seed}: only {cold.n_users} user_cold users, "
-            f"--config.n_test_users={spec.n_test_users}"
-        )
-    cold = cold.select(np.arange(spec.n_test_users))
-    items = np.concatenate([cold.support_item, cold.query_item], 1)
-    ratings = np.concatenate([cold.support_rating, cold.query_rating], 1)
-    mask = np.concatenate([cold.support_mask, cold.query_mask], 1)
     tr = split.train_ratings
+    if held_out == "val":
+        # at most as many ratings as the widest test user folds in (melu: 89 support + 10 query)
+        tr, items, ratings, mask = validation_split(tr, n_held, seed, max_ratings=99)
+    else:
+        cold = split.sets["user_cold"]
+        if cold.n_users < n_held:
+            raise ValueError(
+                f"seed {seed}: only {cold.n_users} user_cold users, --config.n_test_users={n_held}"
+            )
+        cold = cold.select(np.arange(n_held))
+        items = np.concatenate([cold.support_item, cold.query_item], 1)
+        ratings = np.concatenate([cold.support_rating, cold.query_rating], 1)
+        mask = np.concatenate([cold.support_mask, cold.query_mask], 1)
     n_avail = tr["user_id"].nunique()
     if n_avail < spec.n_train_users:
         raise ValueError(
@@ -221,6 +278,7 @@ class _Runner:
         }
         for k, v in self.meta_cfg.items():
             self.trainers[k] = mamllib.make_meta_trainer(v, self.net)
+        self.trainers["metabandit"] = mblib.make_trainer(lib.metabandit)
         self.init = {k: jax.jit(t.init) for k, t in self.trainers.items()}
         self.run = {k: jax.jit(t.run, static_argnames="length") for k, t in self.trainers.items()}
         self.learner = mamllib.make_meta_rl(self.net, lib.meta)
@@ -238,6 +296,9 @@ class _Runner:
         )
         self.eval_scratch = jax.jit(
             lambda k, e: users(k, ev.ppo_scratch_agent(net, lib.ppo_scratch), e, n_max)
+        )
+        self.eval_metabandit = jax.jit(
+            lambda k, p, e: users(k, ev.meta_bandit_agent(p, e.item_genres[0]), e, n_max)
         )
         self.oracle = jax.jit(lambda k, e: ev.oracle_metrics(k, e, ee))
         self.bandit_names = [m for m in c.methods if m in BANDIT_METHODS]
@@ -261,9 +322,13 @@ class _Runner:
         store = _UnitStore(ctx, seed, simulator_digest(sim))
         key = jax.random.PRNGKey(seed)
         ks = dict(zip(["ppo", "dqn", "maml", "eval", "oracle", "online"], jax.random.split(key, 6)))
+        k_metabandit = jax.random.fold_in(key, 7)  # (a 7th split would move every other key)
         curves, timings, train_logs, digests, resumed, loops = {}, {}, {}, {}, [], {}
         want = set(c.methods)
         metas = [m for m in META_METHODS if m in want]
+
+        def bandit_items():
+            return bandits.item_inputs(sim.agent_item_factors, sim.agent_item_score, sim.popularity)
 
         def stage_done(name, seconds):
             timings[name] = round(seconds, 2)
@@ -284,6 +349,10 @@ class _Runner:
                 per_n[metric] = {
                     n: float(arr[:, min(n, arr.shape[1] - 1)].mean()) for n in c.adapt_episodes
                 }
+            # regret against the oracle summed over the episodes 0..n (every n is evaluated)
+            regret = np.asarray(cur["regret"])
+            per_ep = np.broadcast_to(regret, (regret.shape[0], self.n_max + 1)).mean(0)
+            per_n["cum_regret"] = {n: float(per_ep[: n + 1].sum()) for n in c.adapt_episodes}
             curves[name] = per_n
             if hooks.on_method is not None:
                 hooks.on_method(seed, name, per_n)
@@ -319,6 +388,9 @@ class _Runner:
                     return self.init["ppo"](ks["ppo"])
                 if name == "dqn":
                     return self.init["dqn"](ks["dqn"], sim.train)
+                if name == "metabandit":  # starts from the LinUCB setting of the bandit family
+                    start = mblib.initial_params(bandit_items(), self.lib.metabandit)
+                    return self.init[name](k_metabandit, sim.train, start)
                 # meta-learners start from the PPO policy (trained, or restored, for a fresh start)
                 warm_params = train("ppo").state["params"] if warm else None
                 return self.init[name](ks["maml"], sim.train, warm_params)
@@ -363,7 +435,9 @@ class _Runner:
             def compute():
                 out = train(name)
                 # the training curve kept in the results
-                curve = "post_return" if name in metas else "return"
+                curve = {"metabandit": "ctr"}.get(
+                    name, "post_return" if name in metas else "return"
+                )
                 rec = {
                     "train_logs": {f"{name}_{curve}": out.metrics[curve].tolist()},
                     "params_sha256": tree_digest(out.state["params"]),
@@ -390,6 +464,12 @@ class _Runner:
                 return timed(f"eval_{name}", self.eval_meta, ks["eval"], p, sim.test)
 
             trained(name, eval_meta)
+        if "metabandit" in want:
+
+            def eval_metabandit(p):
+                return timed("eval_metabandit", self.eval_metabandit, ks["eval"], p, sim.test)
+
+            trained("metabandit", eval_metabandit)
         if "ppo_scratch" in want:
 
             def scratch():
@@ -403,10 +483,7 @@ class _Runner:
         if self.bandit_names:
             recs = [store.load(n) for n in self.bandit_names]
             if any(r is None for r in recs):  # evaluated together: all again
-                items = bandits.item_inputs(
-                    sim.agent_item_factors, sim.agent_item_score, sim.popularity
-                )
-                out = timed("eval_bandits", self.eval_bandits, ks["eval"], items, sim.test)
+                out = timed("eval_bandits", self.eval_bandits, ks["eval"], bandit_items(), sim.test)
                 for name in self.bandit_names:
                     rec = {
                         "curve": add_curve(name, out[name]),
@@ -458,6 +535,13 @@ def _mean_std(values) -> dict:
     return {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
 
 
+def run_on_simulators(spec, sims: dict) -> dict:
+    """``{seed: run_seed's result}`` of a resolved config on given simulators (``{seed:
+    SimulatorData}``, e.g. the validation ones of :func:`build_simulator`); nothing is written."""
+    runner = _Runner(spec)
+    return {seed: runner.run_seed(seed, sim) for seed, sim in sims.items()}
+
+
 def run_seeds(spec, hooks: Hooks | None = None, ctx: RunContext | None = None) -> dict:
     """Run all seeds of a resolved config (:func:`~experiments.meta_rl.settings.resolve`); returns
     the ``rl_results.json`` payload (without command/config). ``hooks``: optional :class:`Hooks`
@@ -476,7 +560,7 @@ def run_seeds(spec, hooks: Hooks | None = None, ctx: RunContext | None = None) -
     results = {}
     for name in spec.methods:
         results[name] = {}
-        for metric in ("ctr", "return", "regret"):
+        for metric in METRICS:
             results[name][metric] = {
                 str(n): _mean_std([s["curves"][name][metric][n] for s in per_seed])
                 for n in spec.adapt_episodes
@@ -491,5 +575,7 @@ def run_seeds(spec, hooks: Hooks | None = None, ctx: RunContext | None = None) -
         "oracle_ctr": oracle["ctr"],
         "oracle_return": oracle["return"],
         "simulators": {str(k): v for k, v in reports.items()},
+        "recommended": spec.recommended,
+        "training_data": TRAINING_DATA,
         "per_seed": seeds_out,
     }

@@ -13,6 +13,7 @@ from metarec.rl import bandits
 from metarec.rl import dqn as dqnlib
 from metarec.rl import env as envlib
 from metarec.rl import maml as mamllib
+from metarec.rl import meta_bandit as mblib
 from metarec.rl import ppo as ppolib
 
 #: every method the experiment can evaluate: name -> what it is
@@ -24,6 +25,8 @@ METHODS: dict[str, str] = {
     "maml": "MAML-RL: one inner step per adaptation episode",
     "fomaml": "first-order MAML-RL",
     "metasgd": "Meta-SGD: MAML-RL with meta-learned per-parameter inner learning rates",
+    "metabandit": "meta-learned linear bandit: prior, item representations, exploration and "
+    "satiation learned across users (RL^2 with a bandit-shaped memory)",
 }
 BANDIT_METHODS = tuple(bandits.METHODS)
 META_METHODS = ("maml", "fomaml", "metasgd")
@@ -52,17 +55,19 @@ class LibraryConfigs(NamedTuple):
     ppo_scratch: ppolib.PPOConfig
     dqn: dqnlib.DQNConfig
     meta: mamllib.MetaRLConfig
+    metabandit: mblib.MetaBanditConfig
 
 
 def library_configs(spec) -> LibraryConfigs:
-    """The library dataclasses of the ``env``, ``ppo``, ``ppo_scratch``, ``dqn`` and ``meta``
-    sections of a config."""
+    """The library dataclasses of the ``env``, ``ppo``, ``ppo_scratch``, ``dqn``, ``meta`` and
+    ``metabandit`` sections of a config."""
     return LibraryConfigs(
         env=envlib.EnvConfig(**spec.env),
         ppo=ppolib.PPOConfig(**spec.ppo),
         ppo_scratch=ppolib.PPOConfig(**spec.ppo_scratch),
         dqn=dqnlib.DQNConfig(**spec.dqn),
         meta=mamllib.MetaRLConfig(**spec.meta),
+        metabandit=mblib.MetaBanditConfig(**spec.metabandit),
     )
 
 
@@ -79,8 +84,12 @@ def resolve(config) -> ml_collections.FrozenConfigDict:
         raise ValueError(f"--config.methods is empty; allowed: {', '.join(METHODS)}")
     for name in c["methods"]:
         check_choice("--config.methods", name, METHODS)
+    c["recommended"] = check_choice("--config.recommended", c["recommended"], METHODS)
     c["adapt_episodes"] = _ints("adapt_episodes", c["adapt_episodes"])
     c["reward"] = check_choice("--config.reward", c["reward"], REWARDS)
+    for field in ("n_train_users", "n_test_users", "n_val_users"):
+        if c[field] < 1:
+            raise ValueError(f"--config.{field} must be >= 1, got {c[field]}")
     if c["eval_episodes"] < 1:
         raise ValueError(f"--config.eval_episodes must be >= 1, got {c['eval_episodes']}")
     inner_params = split_names(c["meta"]["inner_params"] or ("all",))
@@ -91,7 +100,7 @@ def resolve(config) -> ml_collections.FrozenConfigDict:
     spec = ml_collections.FrozenConfigDict(c)
     lib = library_configs(spec)
     lib.env.validate()
-    for part in (lib.ppo, lib.ppo_scratch, lib.dqn, lib.meta):
+    for part in (lib.ppo, lib.ppo_scratch, lib.dqn, lib.meta, lib.metabandit):
         part.validate()
     return spec
 

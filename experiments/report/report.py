@@ -11,7 +11,8 @@ a run folder, and writes into ``<workdir>/report/``:
 * ``adaptation_steps.png`` / ``adaptation_support.png`` — test MAE vs inner steps and vs support-set
   size per scenario (``results.json["adaptation"]``);
 * ``scenario_bars.png`` — per-scenario comparison of every method (MAE, RMSE, nDCG@3);
-* ``rl_ctr.png`` — CTR vs number of adaptation episodes per method (from ``rl_results.json``).
+* ``rl_ctr.png`` / ``rl_regret.png`` — CTR (with the oracle's) and cumulative regret against the
+  oracle vs number of adaptation episodes per method (from ``rl_results.json``).
 
 Everything is drawn with matplotlib's Agg backend (no display needed). ``main.py`` is the command
 line; pipelines call :func:`make_report`.
@@ -199,27 +200,34 @@ def plot_scenario_bars(res: dict, path: str, metrics=METRICS) -> str | None:
     return _save(fig, path)
 
 
-def plot_rl(rl: dict, path: str) -> str | None:
-    """CTR (mean ± std) vs number of adaptation episodes, one line per method."""
+def plot_rl(rl: dict, path: str, metric: str = "ctr") -> str | None:
+    """``metric`` (mean ± std over seeds) vs number of adaptation episodes, one line per method;
+    the oracle's CTR as a dashed line on the CTR figure."""
     methods = rl.get("results") or {}
-    if not methods:
+    if not any((v.get(metric) or {}) for v in methods.values()):
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, vals in methods.items():
-        ctr = vals.get("ctr") or {}
-        if not ctr:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(methods), 2)))  # distinct for > 10 methods
+    for colour, (m, vals) in zip(colours, methods.items()):
+        cur = vals.get(metric) or {}
+        if not cur:
             continue
-        xs = _sorted_num(ctr)
-        mean = np.array([ctr[x]["mean"] for x in xs])
-        std = np.array([ctr[x].get("std", 0.0) for x in xs])
+        xs = _sorted_num(cur)
+        mean = np.array([cur[x]["mean"] for x in xs])
+        std = np.array([cur[x].get("std", 0.0) for x in xs])
         x = np.array([float(v) for v in xs])
-        ax.plot(x, mean, marker="o", label=m)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        lw = 2.5 if m == rl.get("recommended") else 1.2
+        ax.plot(x, mean, marker="o", label=m, color=colour, lw=lw)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=colour)
+    if metric == "ctr" and rl.get("oracle_ctr"):
+        ax.axhline(rl["oracle_ctr"]["mean"], color="k", ls="--", lw=1, label="oracle")
+    labels = {"ctr": "CTR", "cum_regret": "cumulative regret vs the oracle"}
     ax.set_xlabel("adaptation episodes")
-    ax.set_ylabel("CTR")
-    ax.set_title("Meta-RL: CTR vs adaptation episodes")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(labels.get(metric, metric))
+    ax.set_title(f"Meta-RL: {labels.get(metric, metric)} vs adaptation episodes")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -329,19 +337,26 @@ def _adaptation_section(adapt: dict, out_dir: str) -> list[str]:
 
 
 def _rl_section(rl: dict, out_dir: str) -> list[str]:
-    """The CTR figure and table of ``rl_results.json``."""
+    """The CTR and cumulative-regret figures and tables of ``rl_results.json``."""
     md = ["## Meta-RL", ""]
     if plot_rl(rl, os.path.join(out_dir, "rl_ctr.png")):
         md += ["![CTR vs adaptation episodes](rl_ctr.png)", ""]
+    if plot_rl(rl, os.path.join(out_dir, "rl_regret.png"), "cum_regret"):
+        md += ["![cumulative regret vs adaptation episodes](rl_regret.png)", ""]
     results = rl.get("results", {})
     seeds = n_seeds(rl)
-    eps = sorted({e for v in results.values() for e in (v.get("ctr") or {})}, key=float)
-    md += ["| method | " + " | ".join(f"CTR after {e} ep." for e in eps) + " |"]
-    md += ["|---|" + "---:|" * len(eps)]
-    for m, v in results.items():
-        ctr = v.get("ctr") or {}
-        md.append(f"| {m} | " + " | ".join(_fmt(ctr.get(e), seeds) for e in eps) + " |")
-    md.append("")
+    for metric, name in (("ctr", "CTR"), ("cum_regret", "cumulative regret")):
+        eps = sorted({e for v in results.values() for e in (v.get(metric) or {})}, key=float)
+        if not eps:
+            continue
+        md += ["| method | " + " | ".join(f"{name} after {e} ep." for e in eps) + " |"]
+        md += ["|---|" + "---:|" * len(eps)]
+        for m, v in results.items():
+            cur = v.get(metric) or {}
+            md.append(f"| {m} | " + " | ".join(_fmt(cur.get(e), seeds) for e in eps) + " |")
+        if metric == "ctr" and rl.get("oracle_ctr"):
+            md.append(f"| oracle | {_fmt(rl['oracle_ctr'], seeds)} |" + " |" * (len(eps) - 1))
+        md.append("")
     return md
 
 

@@ -65,16 +65,30 @@ def _parse_choice(value: str, like):
     return value
 
 
+def config_value(cfg, field: str):
+    """The value of config field ``field`` (``section/field`` for a section's:
+    ``"metabandit/meta_lr"``); ``KeyError`` when there is none."""
+    node = cfg
+    for part in field.split("/"):
+        if not hasattr(node, "keys") or part not in node:
+            raise KeyError(field)
+        node = node[part]
+    return node
+
+
 def parse_space(space: dict[str, str], cfg) -> dict[str, tuple]:
-    """``{field: (kind, args)}`` from the string form of the module docstring; a bad entry raises
-    ``ValueError`` naming the field and the allowed forms."""
+    """``{field: (kind, args)}`` from the string form of the module docstring (``section/field``
+    names a section's field); a bad entry raises ``ValueError`` naming the field and the allowed
+    forms."""
     out = {}
     for field, spec in space.items():
-        if field not in cfg:
+        try:
+            like = config_value(cfg, field)
+        except KeyError:
             raise ValueError(
-                f"--config.space.{field}: not a cold-start config field; fields: "
+                f"--config.space.{field}: not a field of the tuned experiment's config; fields: "
                 f"{', '.join(sorted(cfg))}"
-            )
+            ) from None
         kind, _, rest = str(spec).partition(":")
         try:
             if kind in ("log", "float"):
@@ -88,7 +102,7 @@ def parse_space(space: dict[str, str], cfg) -> dict[str, tuple]:
                     raise ValueError
                 out[field] = (kind, (lo, hi))
             elif kind == "choice":
-                values = [_parse_choice(v, cfg[field]) for v in rest.split(",")]
+                values = [_parse_choice(v, like) for v in rest.split(",")]
                 if not values:
                     raise ValueError
                 out[field] = (kind, tuple(values))
@@ -212,37 +226,13 @@ def search(
     """Optuna TPE search (seeded, sequential, so reproducible) of ``space`` for ``method``,
     minimising :func:`selection_objective` of the means over ``seeds``; a space of choices only is
     searched exhaustively (grid). Returns one row per trial, best first."""
-    import optuna
 
     parsed = parse_space(space, cfg)
     if prepared is None:
         data, prepared = prepare(cfg, seeds, data)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if all(kind == "choice" for kind, _ in parsed.values()):
-        # a finite space: every point once (optuna's grid sampler), whatever n_trials says
-        grid = {f: list(range(len(args))) for f, (_, args) in parsed.items()}
-        sampler = optuna.samplers.GridSampler(grid, seed=sampler_seed)
-        n_trials = int(np.prod([len(v) for v in grid.values()]))
-    else:
-        sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=min(6, n_trials))
-    study = optuna.create_study(direction="minimize", sampler=sampler)
-    if not isinstance(sampler, optuna.samplers.GridSampler):
-        study.enqueue_trial(start_point(cfg, method, parsed))
-    rows = []
 
-    def objective(trial):
-        point = {}
-        for field, (kind, args) in parsed.items():
-            if kind == "log":
-                point[field] = trial.suggest_float(field, *args, log=True)
-            elif kind == "float":
-                point[field] = trial.suggest_float(field, *args)
-            elif kind == "int":
-                point[field] = trial.suggest_int(field, *args)
-            else:
-                idx = trial.suggest_categorical(field, list(range(len(args))))
-                point[field] = args[idx]
-        row = {"trial": trial.number, "point": point}
+    def evaluate(point):
+        row = {}
         try:
             row |= evaluate_point(cfg, method, point, data, prepared)
             row["objective"] = selection_objective(row, cfg.k, ndcg_weight, new_item_weight)
@@ -251,12 +241,43 @@ def search(
             row |= {"val_mae": nan, f"val_ndcg@{cfg.k}": nan, "diverged": str(e).split(";")[0]}
             row |= {"val_new_mae": nan, f"val_new_ndcg@{cfg.k}": nan}
             row |= {"objective": DIVERGED, "val_mae_per_seed": [], "best_epochs": []}
+        return row
+
+    def describe(row):
         log_fn(
-            f"{method} trial {trial.number}: objective {row['objective']:.4f} val MAE "
+            f"{method} trial {row['trial']}: objective {row['objective']:.4f} val MAE "
             f"{row['val_mae']:.4f} nDCG@{cfg.k} {row[f'val_ndcg@{cfg.k}']:.4f} new items: MAE "
-            f"{row['val_new_mae']:.4f} nDCG@{cfg.k} {row[f'val_new_ndcg@{cfg.k}']:.4f} {point} "
-            f"(epochs {row['best_epochs']})"
+            f"{row['val_new_mae']:.4f} nDCG@{cfg.k} {row[f'val_new_ndcg@{cfg.k}']:.4f} "
+            f"{row['point']} (epochs {row['best_epochs']})"
         )
+
+    start = start_point(cfg, method, parsed)
+    return run_study(parsed, n_trials, sampler_seed, start, evaluate, describe)
+
+
+def run_study(
+    parsed: dict,
+    n_trials: int,
+    sampler_seed: int,
+    start: dict,
+    evaluate: Callable[[dict], dict],
+    describe: Callable[[dict], None],
+) -> list[dict]:
+    """The search every tune stage runs: :func:`make_study`, ``start`` (optuna parameters, e.g.
+    :func:`start_values`) as the first trial unless the space is a grid, then each proposed point
+    scored by ``evaluate(point) -> row`` (holding ``objective``) and logged by
+    ``describe(row)``. Returns the rows (with ``trial`` and ``point``), best first."""
+    import optuna
+
+    study, n_trials = make_study(parsed, n_trials, sampler_seed)
+    if not isinstance(study.sampler, optuna.samplers.GridSampler):
+        study.enqueue_trial(start)
+    rows = []
+
+    def objective(trial):
+        point = suggest_point(trial, parsed)
+        row = {"trial": trial.number, "point": point} | evaluate(point)
+        describe(row)
         rows.append(row)
         return row["objective"]
 
@@ -264,14 +285,50 @@ def search(
     return sorted(rows, key=lambda r: r["objective"])
 
 
+def make_study(parsed: dict, n_trials: int, sampler_seed: int):
+    """``(optuna study minimising, number of trials)``: a space of choices only is searched
+    exhaustively (optuna's grid sampler, every point once, whatever ``n_trials`` says), any other
+    with the seeded TPE sampler (sequential, so a rerun proposes the same points)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if all(kind == "choice" for kind, _ in parsed.values()):
+        grid = {f: list(range(len(args))) for f, (_, args) in parsed.items()}
+        sampler = optuna.samplers.GridSampler(grid, seed=sampler_seed)
+        n_trials = int(np.prod([len(v) for v in grid.values()]))
+    else:
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=min(6, n_trials))
+    return optuna.create_study(direction="minimize", sampler=sampler), n_trials
+
+
+def suggest_point(trial, parsed: dict) -> dict:
+    """The values optuna's ``trial`` proposes for the parsed space (choices by index)."""
+    point = {}
+    for field, (kind, args) in parsed.items():
+        if kind == "log":
+            point[field] = trial.suggest_float(field, *args, log=True)
+        elif kind == "float":
+            point[field] = trial.suggest_float(field, *args)
+        elif kind == "int":
+            point[field] = trial.suggest_int(field, *args)
+        else:
+            point[field] = args[trial.suggest_categorical(field, list(range(len(args))))]
+    return point
+
+
 def start_point(cfg, method: str, parsed: dict) -> dict:
     """The method's configured values as optuna parameters: the first trial of every search, so
-    the search never ends worse than the starting config (values outside the space are left to
-    the sampler)."""
+    the search never ends worse than the starting config."""
     _, mcfg = method_config(cfg, method)
+    return start_values(parsed, lambda field: mcfg[field])
+
+
+def start_values(parsed: dict, value_of: Callable) -> dict:
+    """Optuna parameters of the current values ``value_of(field)`` of a parsed space (a choice
+    by its index; values outside the space are left to the sampler)."""
     out = {}
     for field, (kind, args) in parsed.items():
-        v = mcfg[field]
+        v = value_of(field)
         if kind == "choice":
             if v in args:
                 out[field] = args.index(v)
@@ -377,6 +434,15 @@ def select(
     return out
 
 
+def write_results(workdir: str, res: dict, write_config: str, keys) -> None:
+    """``tune.json`` (everything) in ``workdir`` and, when ``write_config`` names a file, the
+    config file the experiment reads (``keys`` of ``res``)."""
+    write_json_atomic(os.path.join(workdir, "tune.json"), res)
+    if write_config:
+        write_json_atomic(write_config, {k: res[k] for k in keys})
+        print(f"wrote {write_config}")
+
+
 def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = None) -> dict:
     """The script body. With ``cfg.spaces``: :func:`select`, ``tune.json`` in ``workdir`` and,
     with ``cfg.write_config``, that config file (read by the cold-start default config). Without
@@ -424,12 +490,8 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         "selected_on": "validation users of the warm training users; no test task encoded",
         "versions": meta["versions"],
     }
-    write_json_atomic(os.path.join(workdir, "tune.json"), res)
-    if cfg.write_config:
-        keys = ("methods", "validation", "baselines_validation", "recommended", "provenance")
-        slim = {k: res[k] for k in keys}
-        write_json_atomic(cfg.write_config, slim)
-        print(f"wrote {cfg.write_config}")
+    keys = ("methods", "validation", "baselines_validation", "recommended", "provenance")
+    write_results(workdir, res, cfg.write_config, keys)
     for m, v in res["validation"].items():
         print(f"{m}: objective {v['objective']:.4f} val MAE {v['val_mae']:.4f} {res['methods'][m]}")
     for m, v in res["baselines_validation"].items():

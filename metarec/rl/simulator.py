@@ -322,17 +322,19 @@ def synthetic_simulator(
     n_logged: int = 20,
     agent_rank: int = 4,
     mf_steps: int = 300,
+    held_out_first: int | None = None,
     **latent,
 ) -> SimulatorData:
-    """A :class:`SimulatorData` from :func:`synthetic_affinity` (train users ``0..n_train-1``, test
-    users after them). The recommender-side MF is fitted on ``n_logged`` noisy rounded ratings per
-    training user."""
+    """A :class:`SimulatorData` from :func:`synthetic_affinity` (train users ``0..n_train-1``, the
+    held-out users from ``held_out_first``, default: right after them). The recommender-side MF is
+    fitted on ``n_logged`` noisy rounded ratings per training user."""
     if reward not in ("click", "rating"):
         raise ValueError(f"reward must be 'click' or 'rating', got {reward!r}")
     aff_tr, g, _ = synthetic_affinity(seed, n_train_users, n_items, first_user=0, **latent)
-    aff_te, _, _ = synthetic_affinity(
-        seed, n_test_users, n_items, first_user=n_train_users, **latent
-    )
+    first = n_train_users if held_out_first is None else held_out_first
+    if first < n_train_users:
+        raise ValueError(f"held_out_first={first} overlaps the {n_train_users} training users")
+    aff_te, _, _ = synthetic_affinity(seed, n_test_users, n_items, first_user=first, **latent)
     rng = np.random.default_rng([seed, 99])
     rows = []
     for uu in range(n_train_users):

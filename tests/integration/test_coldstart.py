@@ -281,7 +281,7 @@ def test_search_spaces_are_parsed_or_refused():
     assert got == {"inner_lr": ("log", (0.01, 1.0)), "cf_hidden": ("choice", ((), (64,), (32, 16)))}
     with pytest.raises(ValueError, match="--config.space.inner_lr='log:0:1'; allowed"):
         tune.parse_space({"inner_lr": "log:0:1"}, cfg)
-    with pytest.raises(ValueError, match="not a cold-start config field"):
+    with pytest.raises(ValueError, match="not a field of the tuned experiment"):
         tune.parse_space({"inner_rate": "log:0.1:1"}, cfg)
 
 

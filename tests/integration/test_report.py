@@ -80,9 +80,13 @@ def _results(seeds=(0, 1), std=0.01):
 def _rl(**extra):
     return {
         "results": {
-            "maml_pg": {"ctr": {"0": _ms(0.10), "1": _ms(0.15), "5": _ms(0.25)}},
+            "maml_pg": {
+                "ctr": {"0": _ms(0.10), "1": _ms(0.15), "5": _ms(0.25)},
+                "cum_regret": {"0": _ms(2.0), "1": _ms(3.5), "5": _ms(8.0)},
+            },
             "random": {"ctr": {"0": _ms(0.05), "5": _ms(0.05)}},
         },
+        "oracle_ctr": _ms(0.4),
         **extra,
     }
 
@@ -103,6 +107,8 @@ def test_report_tables_and_figures(tmp_path):
     assert "| warm_test | 0.9900 ± 0.0100 (n=10) | 0.8800 ± 0.0100 (n=8.5) |" in md
     assert "| maml_pg | 0.1000 ± 0.0100 | 0.1500 ± 0.0100 | 0.2500 ± 0.0100 |" in md
     assert "| random | 0.0500 ± 0.0100 |  | 0.0500 ± 0.0100 |" in md
+    assert "| oracle | 0.4000 ± 0.0100 | | |" in md
+    assert "| maml_pg | 2.0000 ± 0.0100 | 3.5000 ± 0.0100 | 8.0000 ± 0.0100 |" in md
     assert "`python -m experiments.meta_train --seeds=0,1`" in md and "ab" * 32 in md
     for fig in (
         "scenario_bars",
@@ -110,6 +116,7 @@ def test_report_tables_and_figures(tmp_path):
         "adaptation_steps",
         "adaptation_support",
         "rl_ctr",
+        "rl_regret",
     ):
         p = tmp_path / "report" / f"{fig}.png"
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000, fig

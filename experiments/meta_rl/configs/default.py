@@ -1,15 +1,18 @@
-"""Meta-RL on a MovieLens-100K user simulator, seeds 0, 1, 2 (about an hour on 2 cores).
+"""Meta-RL on a MovieLens-100K user simulator, seeds 0, 1, 2.
 
-How the inner loop was chosen (validation users; adapt only the item biases with the myopic policy
-gradient, step 3.0) is recorded in BUILD_NOTES.md. Override any field on the command line, e.g.
-``--config.seeds=0 --config.methods=ppo,maml --config.meta.inner_lr=1.0``.
+The tuned fields come from ``tuned.json``, written by the tune stage on validation users
+(``python -m experiments.tune.main --config=experiments/tune/configs/meta_rl.py``; BUILD_NOTES.md).
+Override any field on the command line, e.g. ``--config.seeds=0 --config.methods=ppo,maml
+--config.meta.inner_lr=1.0``.
 """
 
 import dataclasses
+import json
+import os
 
 import ml_collections
 
-from metarec.rl import dqn, env, maml, ppo
+from metarec.rl import dqn, env, maml, meta_bandit, ppo
 
 
 def _section(settings) -> ml_collections.ConfigDict:
@@ -17,7 +20,29 @@ def _section(settings) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(settings))
 
 
+TUNED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned.json")
+
+
 def get_config() -> ml_collections.ConfigDict:
+    """The base config with the choices of the tune stage (``tuned.json``) applied."""
+    return apply_tuned(base_config())
+
+
+def apply_tuned(c: ml_collections.ConfigDict, path: str = TUNED) -> ml_collections.ConfigDict:
+    """Set the fields (``section/field``) each tuned method's point names, and ``recommended``."""
+    if os.path.exists(path):
+        with open(path) as f:
+            tuned = json.load(f)
+        for point in tuned["methods"].values():
+            for field, value in point.items():
+                section, _, name = field.rpartition("/")
+                (c[section] if section else c)[name] = value
+        c.recommended = tuned["recommended"]
+    return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The config before tuning: what the tune stage searches from."""
     c = ml_collections.ConfigDict()
     # simulator: "synthetic" (latent users) or a name in metarec.data.DATASETS
     c.dataset = "ml-100k"
@@ -37,9 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
         "maml",
         "fomaml",
         "metasgd",
+        "metabandit",
     )
     c.n_train_users = 400  # training users (environments) per seed
     c.n_test_users = 64  # held-out users per seed
+    c.n_val_users = 64  # validation users (tuning path only), drawn from the training users
     c.n_items = 100  # catalogue: the most-rated training items
     c.reward = "click"  # per click: 1 ("click") or the predicted rating / 5 ("rating")
     c.env = _section(env.EnvConfig(horizon=20, history_len=10))  # user dynamics
@@ -67,6 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
             inner_credit="myopic",
         )
     )
+    # the meta-learned bandit (starts from the LinUCB setting; metarec.rl.meta_bandit)
+    c.metabandit = _section(meta_bandit.MetaBanditConfig(meta_lr=1e-2, num_iterations=400))
+    c.recommended = "metabandit"  # the method the README names (set by the tune stage)
     c.online_rounds = 5  # online loop: rounds per streamed test user (0 = skip)
     # bookkeeping: training iterations between checkpoints (also the length of the jitted pieces;
     # the results do not depend on it) and the newest checkpoints kept per (seed, method)

@@ -24,5 +24,7 @@ def get_config():
     c.dqn.batch_size = 32
     c.meta.num_iterations = 10
     c.meta.meta_batch = 4
+    c.metabandit.num_iterations = 10
+    c.metabandit.meta_batch = 4
     c.online_rounds = 2
     return c
