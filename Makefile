@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 DEMO_FLAGS ?= --overwrite
 
-.PHONY: setup data demo test test-slow lint format benchmark clean
+.PHONY: setup data demo test test-slow lint format benchmark benchmark-rl clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ test-slow: setup
 
 benchmark: setup
 	$(PY) -m benchmarks.meta_step.main --workdir=runs/benchmark
+
+benchmark-rl: setup
+	$(PY) -m benchmarks.rl_env.main --workdir=runs/bench_rl
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
