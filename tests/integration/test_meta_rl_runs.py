@@ -199,5 +199,7 @@ def test_quick_config_is_the_default_with_small_sizes():
         "dqn.batch_size",
         "meta.num_iterations",
         "meta.meta_batch",
+        "metabandit.num_iterations",
+        "metabandit.meta_batch",
         "online_rounds",
     }
