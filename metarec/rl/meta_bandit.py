@@ -145,8 +145,8 @@ def logits(params: dict, genres: jax.Array, state: dict, obs: dict) -> jax.Array
 
 
 def update(params: dict, genres: jax.Array, state: dict, obs: dict, action, info) -> dict:
-    """The per-step update: ridge posterior with the click's residual over the prior, and the
-    episode's genre fatigue. Invalid actions change nothing."""
+    """The per-step update: the ridge posterior with the click's residual over the prior, the
+    item's evidence and the episode's genre fatigue. Invalid actions change nothing."""
     a = jnp.clip(action, 0, genres.shape[0] - 1)
     ok = (~info["invalid"]).astype(jnp.float32)
     x = params["feats"][a]
@@ -186,7 +186,7 @@ def make_agent_fns(params: dict, genres: jax.Array) -> tuple[Callable, Callable,
 
 def trial(key, params: dict, genres: jax.Array, env_params: envlib.EnvParams, episodes: int):
     """``episodes`` consecutive episodes of one user, the state carried across them; returns
-    ``(logp, reward, alive)`` each ``[episodes * T]`` (``logp`` differentiable in ``params``)."""
+    ``(logp, clicks, alive)`` each ``[episodes * T]`` (``logp`` differentiable in ``params``)."""
     init, act, step_update = make_agent_fns(params, genres)
 
     def body(state, k):
