@@ -229,3 +229,20 @@ def format_mean_std(value: dict, n_seeds: int, width: int = 18) -> str:
     if n_seeds < 2:
         return f"{value['mean']:9.4f}{'':9s}"
     return f"{value['mean']:9.4f} ± {value['std']:.4f}"
+
+
+def config_value(cfg, field: str):
+    """The value of config field ``field`` (``section/field`` for a section's:
+    ``"metabandit/meta_lr"``); ``KeyError`` when there is none."""
+    node = cfg
+    for part in field.split("/"):
+        if not hasattr(node, "keys") or part not in node:
+            raise KeyError(field)
+        node = node[part]
+    return node
+
+
+def set_config_value(cfg, field: str, value) -> None:
+    """Set config field ``field`` (``section/field`` for a section's) to ``value``."""
+    section, _, name = field.rpartition("/")
+    (config_value(cfg, section) if section else cfg)[name] = value

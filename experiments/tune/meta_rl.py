@@ -20,10 +20,9 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from experiments.common import check_choice
+from experiments.common import check_choice, config_value, set_config_value
 from experiments.meta_rl import runner, settings
 from experiments.tune.pipeline import (
-    config_value,
     parse_space,
     run_study,
     start_values,
@@ -39,8 +38,7 @@ def point_spec(base, method: str, point: dict):
     c = ml_collections.ConfigDict(base.to_dict())
     c.methods = (method,)
     for field, value in point.items():
-        section, _, name = field.rpartition("/")
-        (c[section] if section else c)[name] = value
+        set_config_value(c, field, value)
     return settings.resolve(c)
 
 

@@ -40,6 +40,7 @@ from experiments.coldstart.build import (
     prepare_seed,
     validate_config,
 )
+from experiments.common import config_value
 from metarec import data as mdata
 from metarec.meta import LEARNERS
 from metarec.training.meta_train import meta_train, predict_tasks, score
@@ -63,17 +64,6 @@ def _parse_choice(value: str, like):
         except ValueError:
             pass
     return value
-
-
-def config_value(cfg, field: str):
-    """The value of config field ``field`` (``section/field`` for a section's:
-    ``"metabandit/meta_lr"``); ``KeyError`` when there is none."""
-    node = cfg
-    for part in field.split("/"):
-        if not hasattr(node, "keys") or part not in node:
-            raise KeyError(field)
-        node = node[part]
-    return node
 
 
 def parse_space(space: dict[str, str], cfg) -> dict[str, tuple]:

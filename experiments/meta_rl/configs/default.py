@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 
+from experiments.common import set_config_value
 from metarec.rl import dqn, env, maml, meta_bandit, ppo
 
 
@@ -35,8 +36,7 @@ def apply_tuned(c: ml_collections.ConfigDict, path: str = TUNED) -> ml_collectio
             tuned = json.load(f)
         for point in tuned["methods"].values():
             for field, value in point.items():
-                section, _, name = field.rpartition("/")
-                (c[section] if section else c)[name] = value
+                set_config_value(c, field, value)
         c.recommended = tuned["recommended"]
     return c
 
