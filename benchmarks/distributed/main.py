@@ -1,0 +1,72 @@
+"""Launcher: meta-training on several processes with JAX's distributed runtime, one process per
+host (or per GPU), each feeding its rows of every meta-batch to the same jitted meta-step.
+
+  # two processes on this machine (CPU, gloo collectives), one shell each:
+  python -m benchmarks.distributed.main --coordinator_address=localhost:12355 \\
+      --num_processes=2 --process_id=0 --workdir=/tmp/dist
+  python -m benchmarks.distributed.main --coordinator_address=localhost:12355 \\
+      --num_processes=2 --process_id=1
+  # one process over the whole meta-batch (the reference):
+  python -m benchmarks.distributed.main --workdir=/tmp/single
+  # under SLURM (srun starts one task per node): JAX reads the job's layout itself
+  srun python -m benchmarks.distributed.main --auto_detect --workdir=runs/dist
+
+Process 0 writes ``distributed.json`` (setup, losses, step seconds, processes and devices) and
+``params.npz`` (the final meta-parameters) to --workdir.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import flags
+
+from benchmarks.distributed.run import Setup, train
+from experiments import common
+from metarec.meta.step import make_mesh
+from metarec.training import distributed
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (all processes).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in the job.", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+flags.DEFINE_bool(
+    "auto_detect", False, "Let JAX read the layout from SLURM / Open MPI / a TPU pod."
+)
+flags.DEFINE_string("cpu_collectives", "gloo", "Cross-process collectives on CPU: gloo or mpi.")
+for _f in Setup.__dataclass_fields__.values():
+    if _f.type == "str":
+        flags.DEFINE_string(_f.name, _f.default, f"Setup.{_f.name}.")
+    else:
+        flags.DEFINE_integer(_f.name, _f.default, f"Setup.{_f.name}.")
+common.define_run_flags(None, resumable=False)
+
+
+def main() -> None:
+    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.auto_detect or any(v is not None for v in explicit):
+        distributed.initialize(*explicit, cpu_collectives=FLAGS.cpu_collectives)
+    setup = Setup(**{k: getattr(FLAGS, k) for k in Setup.__dataclass_fields__})
+    mesh = make_mesh() if jax.process_count() > 1 else None
+    res = train(setup, mesh)
+    print(
+        f"process {jax.process_index()}/{jax.process_count()}: {setup.steps} steps, "
+        f"losses {' '.join(f'{v:.4f}' for v in res['losses'])}, first step "
+        f"{res['first_step_s']:.1f}s, others {res['other_steps_s']:.2f}s",
+        flush=True,
+    )
+    if FLAGS.workdir and jax.process_index() == 0:
+        os.makedirs(FLAGS.workdir, exist_ok=True)
+        np.savez(os.path.join(FLAGS.workdir, "params.npz"), **res.pop("params"))
+        info = res | {
+            "setup": vars(setup),
+            "process_count": jax.process_count(),
+            "devices": [str(d) for d in jax.devices()],
+        }
+        with open(os.path.join(FLAGS.workdir, "distributed.json"), "w") as f:
+            json.dump(info, f, indent=1)
+
+
+if __name__ == "__main__":
+    common.run_main("distributed", main)
