@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from metarec.training import compile_time
+
 PACKAGES = (
     "jax",
     "jaxlib",
@@ -189,6 +191,12 @@ class Progress:
     a file or pipe one line is written every ``file_interval`` seconds so logs stay short. ``total``
     may be an upper bound (early stopping): the ETA is then an upper bound too. ``done`` may start
     above 0 (a resumed run): the rate only counts work done by this process.
+
+    The rate (and so the ETA) leaves compilation out: once two updates have been made it counts
+    only the units after the first one (the first step of a jitted loop compiles it), and it always
+    subtracts the compile seconds that ``compile_seconds`` (default:
+    :func:`metarec.training.compile_time.compile_seconds`) saw in its window, e.g. an evaluation
+    compiled at the end of the first epoch.
     """
 
     def __init__(
@@ -201,21 +209,30 @@ class Progress:
         min_interval: float = 0.5,
         file_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        compile_seconds: Callable[[], float] | None = None,
     ):
         self.total, self.desc, self.done = int(total), desc, int(done)
         self.stream = sys.stderr if stream is None else stream
         self.clock = clock
+        self.compile_seconds = compile_seconds or compile_time.compile_seconds
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = min_interval if self.tty else file_interval
         self.t0 = clock()
         self.start = self.done
+        # (time, units done, compile seconds) at creation and at the first update
+        self._origin = (self.t0, self.done, self.compile_seconds())
+        self._first: tuple[float, int, float] | None = None
         self._last = -math.inf
         self._width = 0
 
     def rate(self) -> float:
-        """Units per second since this object was created."""
-        dt = self.clock() - self.t0
-        return (self.done - self.start) / dt if dt > 0 else 0.0
+        """Units per second of compute: since the first update once there are units after it, else
+        since creation; compile seconds in that window are not counted. 0.0 while unknown."""
+        t, n, c = self._origin
+        if self._first is not None and self.done > self._first[1]:
+            t, n, c = self._first
+        dt = (self.clock() - t) - (self.compile_seconds() - c)
+        return (self.done - n) / dt if dt > 0 and self.done > n else 0.0
 
     def eta(self) -> float:
         """Seconds left at the current rate (inf when unknown)."""
@@ -238,6 +255,8 @@ class Progress:
         """Advance by one (or set the count to ``done``); redraw if ``min_interval`` has passed."""
         self.done = self.done + 1 if done is None else int(done)
         now = self.clock()
+        if self._first is None and self.done > self.start:
+            self._first = (now, self.done, self.compile_seconds())
         if not force and now - self._last < self.interval:
             return
         self._last = now

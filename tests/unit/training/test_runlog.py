@@ -76,3 +76,51 @@ def test_remove_run_files_deletes_only_the_named_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["elsewhere", "notes.txt"]
     # a symlink is unlinked, never followed
     assert (tmp_path / "elsewhere" / "keep").read_text() == "2"
+
+
+def test_progress_eta_ignores_a_slow_first_step_and_later_compilation():
+    t, compiled = {"now": 0.0}, {"s": 0.0}
+    bar = runlog.Progress(
+        10, stream=io.StringIO(), clock=lambda: t["now"], compile_seconds=lambda: compiled["s"]
+    )
+    t["now"] = 100.0  # the first step compiled for 100 s (nothing told the bar)
+    bar.update()
+    assert bar.rate() == pytest.approx(1 / 100)  # one unit known: the whole window
+    t["now"] = 102.0
+    bar.update(3)  # 2 units in the 2 s after the first step: 1/s, 7 left -> 7 s (not 238 s)
+    assert bar.rate() == 1.0 and bar.eta() == 7.0
+    t["now"], compiled["s"] = 106.0, 2.0  # 2 more units in 4 s, 2 of which compiled an eval
+    bar.update(5)
+    assert bar.rate() == pytest.approx(4 / (6 - 2)) and bar.eta() == pytest.approx(5.0)
+    assert "ETA 5s" in bar.line()
+
+
+def test_progress_rate_before_a_second_update_leaves_out_known_compile_seconds():
+    t, compiled = {"now": 0.0}, {"s": 10.0}
+    bar = runlog.Progress(
+        9, stream=io.StringIO(), clock=lambda: t["now"], compile_seconds=lambda: compiled["s"]
+    )
+    assert bar.rate() == 0.0 and runlog.format_seconds(bar.eta()) == "?"
+    t["now"], compiled["s"] = 100.0, 106.0  # 96 of the first step's 100 s were compilation
+    bar.update()
+    assert bar.rate() == 0.25 and bar.eta() == 32.0
+
+
+def test_compile_seconds_grow_when_a_new_function_compiles_and_not_when_it_runs_again():
+    import jax
+    import jax.numpy as jnp
+
+    from metarec.training.compile_time import compile_seconds, split_seconds
+
+    x = jnp.arange(5.0)
+    before = compile_seconds()
+    f = jax.jit(lambda v: jnp.tanh(v) * 3.0 + before)  # a function no other test compiled
+    f(x).block_until_ready()
+    after_first = compile_seconds()
+    assert after_first > before
+    for _ in range(3):
+        f(x).block_until_ready()
+    assert compile_seconds() == after_first
+    split = split_seconds(10.0, before)
+    assert split["compile_seconds"] == round(after_first - before, 3)
+    assert split["compute_seconds"] == pytest.approx(10.0 - split["compile_seconds"], abs=1e-3)
