@@ -16,9 +16,11 @@ value, non-finite training) prints one line ``<name>: error: ...`` and exits wit
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from absl import app, flags
@@ -26,8 +28,10 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from metarec.data import DataFormatError
+from metarec.training.compile_time import compile_seconds, split_seconds
 from metarec.training.runlog import remove_run_files
 from metarec.training.trainer import NonFiniteLossError
+from metarec.training.workdir import record_timing
 
 FLAGS = flags.FLAGS
 # errors whose message is written for the user: shown as one line without a traceback
@@ -96,16 +100,42 @@ def define_run_flags(default_workdir: str | None, *, resumable: bool = True) -> 
     )
 
 
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache in ``~/.cache/metarec/jax`` (a second run with the same
-    shapes skips XLA compilation); ``METAREC_COMPILATION_CACHE=0`` turns it off."""
-    if os.environ.get("METAREC_COMPILATION_CACHE", "1") == "0":
-        return
+#: the environment variable that moves (a folder) or turns off (0) the compilation cache
+CACHE_ENV = "METAREC_COMPILATION_CACHE"
+_CACHE_OFF = ("0", "off", "false", "no")
+
+
+def compilation_cache_dir(environ=None) -> str | None:
+    """The persistent compilation cache folder that ``$METAREC_COMPILATION_CACHE`` asks for: unset,
+    empty or ``1`` -> ``~/.cache/metarec/jax``; ``0`` / ``off`` / ``false`` / ``no`` -> None (no
+    cache); anything else is the folder."""
+    value = (os.environ if environ is None else environ).get(CACHE_ENV, "").strip()
+    if value.lower() in _CACHE_OFF:
+        return None
+    if value in ("", "1"):
+        return os.path.join(os.path.expanduser("~"), ".cache", "metarec", "jax")
+    path = os.path.abspath(os.path.expanduser(value))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            f"{CACHE_ENV}={value}: not a folder (give a folder for the compilation cache, or 0 to "
+            "turn it off)"
+        )
+    return path
+
+
+def enable_compilation_cache(environ=None) -> str | None:
+    """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir` (a second run
+    with the same shapes loads executables instead of compiling them); every entry point calls it
+    through :func:`run_main`, the test suite from ``tests/conftest.py``. Returns the folder, or None
+    when ``$METAREC_COMPILATION_CACHE`` turned it off (JAX's own settings are then left alone)."""
+    cache = compilation_cache_dir(environ)
+    if cache is None:
+        return None
     import jax
 
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "metarec", "jax")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return cache
 
 
 def prepare_workdir(workdir: str, name: str, run_files=(), *, overwrite: bool = False) -> str:
@@ -169,8 +199,23 @@ def _load_configs() -> None:
             ) from None
 
 
+@contextlib.contextmanager
+def run_timing(workdir: str | None):
+    """Time the block; if it ends without an error and wrote ``<workdir>/run.json``, add its wall,
+    compile and compute seconds there as ``"timing"`` (compile: JAX's trace / lower / compile
+    events, :mod:`metarec.training.compile_time`). A run.json the block did not write (another
+    script's, in a shared folder) is left alone."""
+    started, wall0, compiled0 = time.time(), time.perf_counter(), compile_seconds()
+    yield
+    if workdir:
+        timing = split_seconds(time.perf_counter() - wall0, compiled0)
+        record_timing(workdir, timing, since=started - 1.0)  # 1 s: file-time granularity
+
+
 def run_main(name: str, body: Callable[[], object]) -> None:
-    """``absl.app.run`` a script body with :data:`USER_ERRORS` turned into one line on stderr."""
+    """``absl.app.run`` a script body with :data:`USER_ERRORS` turned into one line on stderr, the
+    compilation cache on (:func:`enable_compilation_cache`) and, when the body wrote
+    ``<workdir>/run.json``, this invocation's compile and compute seconds added to it."""
 
     def main(argv):
         if len(argv) > 1:
@@ -180,7 +225,9 @@ def run_main(name: str, body: Callable[[], object]) -> None:
             )
         try:
             _load_configs()
-            body()
+            enable_compilation_cache()
+            with run_timing(FLAGS["workdir"].value if "workdir" in FLAGS else None):
+                body()
         except USER_ERRORS as e:
             if FLAGS.traceback:
                 raise

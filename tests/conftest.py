@@ -8,6 +8,13 @@ import os
 import numpy as np
 import pytest
 
+from experiments.common import enable_compilation_cache
+
+# One persistent compilation cache for the whole suite: every xdist worker, and every script a test
+# starts, uses the entry points' folder (~/.cache/metarec/jax); $METAREC_COMPILATION_CACHE=0 turns
+# it off, a path moves it.
+enable_compilation_cache()
+
 GENRES_100K = 19
 
 

@@ -19,11 +19,12 @@ from benchmarks.meta_step.profile import profile_ops
 from benchmarks.meta_step.report import malloc_line
 from benchmarks.meta_step.steps import grad_capture, make_step
 from metarec.meta import step as mstep
+from metarec.training.compile_time import compile_seconds, split_seconds
 
 #: top-level keys of ``benchmark.json``
 TOP_KEYS = tuple(
     """command preset machine settings load_average matmul_peak memory_bandwidth records
-    comparisons memory_vs_inner_steps profiles devices targets wall_s""".split()
+    comparisons memory_vs_inner_steps profiles devices targets wall_s compile_s compute_s""".split()
 )
 
 TARGETS = {
@@ -105,7 +106,7 @@ def run_benchmark(
     """Run every configuration of ``grid`` in each of its modes plus the matmul peak, memory vs
     inner steps, profiles and the device check; return the ``benchmark.json`` dict
     (:data:`TOP_KEYS`)."""
-    t_start = time.perf_counter()
+    t_start, compiled_before = time.perf_counter(), compile_seconds()
     load_before = machine.load_average()
     log_fn(f"command: {command}")
     info = machine.machine_info()
@@ -172,7 +173,10 @@ def run_benchmark(
         "wall_s": 0.0,
     }
     result["targets"] = check_targets(result)
-    result["wall_s"] = time.perf_counter() - t_start
+    timing = split_seconds(time.perf_counter() - t_start, compiled_before)
+    result["wall_s"] = timing["wall_seconds"]
+    result["compile_s"] = timing["compile_seconds"]  # tracing, lowering, XLA (JAX's own events)
+    result["compute_s"] = timing["compute_seconds"]
     return result
 
 

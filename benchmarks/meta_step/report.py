@@ -140,5 +140,8 @@ def format_report(result: dict) -> str:
             f"{d['max_abs_grad']:.2e}) -> {match}",
         ]
     lines += _targets(result)
-    lines.append(f"wall time {result['wall_s']:.0f} s")
+    timing = f"wall time {result['wall_s']:.0f} s"
+    if "compile_s" in result:  # older benchmark.json files have no split
+        timing += f" (compile {result['compile_s']:.0f} s, compute {result['compute_s']:.0f} s)"
+    lines.append(timing)
     return "\n".join(lines)

@@ -9,7 +9,7 @@ and 8192 users at once against a plain per-user Python/numpy loop of the same si
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from benchmarks.rl_env import bench
 from experiments import common
@@ -26,8 +26,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the synthetic users and of the draws.")
 common.define_run_flags("runs/bench_rl", resumable=False)
 
 
-def main(argv):
-    del argv
+def main():
     common.prepare_workdir(FLAGS.workdir, "bench_rl")
     bench.run(
         FLAGS.workdir,
@@ -42,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main("bench_rl", main)

@@ -89,6 +89,18 @@ def record_invocation(workdir: str, meta: dict, *, resume: bool) -> None:
     write_json_atomic(path, meta | {"invocations": history + [meta["command"]]})
 
 
+def record_timing(workdir: str, timing: dict, *, since: float | None = None) -> bool:
+    """Add ``timing`` (e.g. :func:`metarec.training.compile_time.split_seconds`: wall, compile and
+    compute seconds of this invocation) to ``<workdir>/run.json`` as ``"timing"``. With ``since``
+    (a ``time.time()``) only a run.json written after it is touched: one another script left in a
+    shared folder keeps its own. Returns whether it was written."""
+    path = os.path.join(workdir, "run.json")
+    if not os.path.isfile(path) or (since is not None and os.path.getmtime(path) < since):
+        return False
+    write_json_atomic(path, read_json(path) | {"timing": timing})
+    return True
+
+
 def open_run(
     workdir: str,
     config: dict,

@@ -331,6 +331,8 @@ def test_tiny_run_has_documented_keys(tmp_path):
     )
     res = harness.run_benchmark([cfg], settings, log_fn=lambda m: None, command="test")
     assert set(harness.TOP_KEYS) <= set(res)
+    assert res["compile_s"] > 0 and res["compute_s"] > 0  # JAX's compile events, summed
+    assert res["compile_s"] + res["compute_s"] == pytest.approx(res["wall_s"], abs=2e-3)
     assert len(res["records"]) == 2
     for r in res["records"]:
         assert set(measure.RECORD_KEYS) <= set(r)
@@ -358,3 +360,4 @@ def test_tiny_run_has_documented_keys(tmp_path):
     path.write_text(json.dumps(res, default=str))
     assert set(json.loads(path.read_text())) >= set(harness.TOP_KEYS)
     assert "targets:" in report.format_report(res)
+    assert f"(compile {res['compile_s']:.0f} s, compute" in report.format_report(res)
