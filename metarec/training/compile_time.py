@@ -24,12 +24,16 @@ COMPILE_EVENTS = (
 
 _lock = threading.Lock()
 _total = {"seconds": 0.0, "installed": False}
+_by_event = dict.fromkeys(COMPILE_EVENTS, 0.0)
+#: short names of the events in :func:`split_seconds`
+STAGES = dict(zip(COMPILE_EVENTS, ("trace", "lower", "backend_compile")))
 
 
 def _listener(event: str, duration_secs: float, **kwargs) -> None:
     if event in COMPILE_EVENTS:
         with _lock:
             _total["seconds"] += float(duration_secs)
+            _by_event[event] += float(duration_secs)
 
 
 def compile_seconds() -> float:
@@ -44,13 +48,29 @@ def compile_seconds() -> float:
         return _total["seconds"]
 
 
-def split_seconds(wall_seconds: float, compile_before: float) -> dict[str, float]:
+def stage_seconds() -> dict[str, float]:
+    """The running totals per stage (``trace``, ``lower``, ``backend_compile``; see
+    :data:`STAGES`), counted since :func:`compile_seconds` was first called."""
+    compile_seconds()
+    with _lock:
+        return {STAGES[e]: v for e, v in _by_event.items()}
+
+
+def split_seconds(
+    wall_seconds: float, compile_before: float, stages_before: dict | None = None
+) -> dict:
     """``{"wall_seconds", "compile_seconds", "compute_seconds"}`` of a stretch of ``wall_seconds``
     that began when :func:`compile_seconds` read ``compile_before``; compute is the rest (data,
-    training, evaluation, I/O)."""
+    training, evaluation, I/O). With ``stages_before`` (:func:`stage_seconds` at the start) also
+    ``"compile_stages"``: the seconds of each stage (the persistent cache saves only the backend
+    compile; tracing and lowering happen every run)."""
     compiled = compile_seconds() - compile_before
-    return {
+    out = {
         "wall_seconds": round(wall_seconds, 3),
         "compile_seconds": round(compiled, 3),
         "compute_seconds": round(max(wall_seconds - compiled, 0.0), 3),
     }
+    if stages_before is not None:
+        now = stage_seconds()
+        out["compile_stages"] = {k: round(now[k] - stages_before[k], 3) for k in now}
+    return out

@@ -55,6 +55,9 @@ def test_run_timing_adds_compile_and_compute_seconds_to_the_run_json_the_block_w
         time.sleep(0.05)  # compute that is not compilation
     timing = json.loads((wd / "run.json").read_text())["timing"]
     assert timing["compile_seconds"] > 0 and timing["compute_seconds"] >= 0.04
+    stages = timing["compile_stages"]
+    assert set(stages) == {"trace", "lower", "backend_compile"} and stages["trace"] > 0
+    assert sum(stages.values()) == pytest.approx(timing["compile_seconds"], abs=2e-3)
     total = timing["compile_seconds"] + timing["compute_seconds"]
     assert total == pytest.approx(timing["wall_seconds"], abs=2e-3)
 
