@@ -8,7 +8,9 @@ host (or per GPU), each feeding its rows of every meta-batch to the same jitted 
       --num_processes=2 --process_id=1
   # one process over the whole meta-batch (the reference):
   python -m benchmarks.distributed.main --workdir=/tmp/single
-  # under SLURM (srun starts one task per node): JAX reads the job's layout itself
+  # under SLURM, one task per GPU: JAX reads the layout itself (process id SLURM_PROCID, the
+  # coordinator on the first node, the task's GPU SLURM_LOCALID); one task per node with all its
+  # GPUs needs the three flags above instead (auto-detection would give each task GPU 0 only)
   srun python -m benchmarks.distributed.main --auto_detect --workdir=runs/dist
 
 Process 0 writes ``distributed.json`` (setup, losses, step seconds, processes and devices) and
