@@ -5,7 +5,8 @@
 
 * ``rl_results.json``::
 
-    {"results": {method: {"ctr"|"return"|"regret": {n_episodes: {"mean", "std"}}}},
+    {"results": {method: {"ctr"|"return"|"regret"|"cum_regret"(|"ndcg" for slates):
+                          {n_episodes: {"mean", "std"}}}},
      "oracle_ctr": {"mean", "std"}, "config": {...}, "command": "...", "seeds": [...],
      "versions": {...}, "data_sha256": "...", "simulator_sha256": {seed: "..."}, "run": {...},
      "per_seed": [{"train_logs", "params_sha256", "resumed", "timings", ...}], "invocations": [...]}
@@ -258,7 +259,7 @@ def main(
     payload = run(config, workdir, argv, resume=resume, log_fn=lambda m: print(m, flush=True))
     print(f"training data: {payload.get('training_data')}")
     print(f"recommended method: {payload.get('recommended')}\n")
-    for metric in runner.METRICS:
+    for metric in runner.metrics_of(settings.resolve(config)):
         print(format_table(payload, metric), end="\n\n")
     for s in payload["per_seed"]:
         if "online" in s:

@@ -52,6 +52,11 @@ TRAINING_DATA = (
 METRICS = ("ctr", "return", "regret", "cum_regret")
 
 
+def metrics_of(spec) -> tuple[str, ...]:
+    """:data:`METRICS`, and the slate nDCG when a step shows a slate (``env.slate_size > 1``)."""
+    return METRICS + (("ndcg",) if spec.env.slate_size > 1 else ())
+
+
 @dataclasses.dataclass
 class Hooks:
     """Optional host-side callbacks of :func:`run_seeds` for run bookkeeping (metadata, metrics
@@ -283,22 +288,25 @@ class _Runner:
         self.run = {k: jax.jit(t.run, static_argnames="length") for k, t in self.trainers.items()}
         self.learner = mamllib.make_meta_rl(self.net, lib.meta)
         net, n_max, ee = self.net, self.n_max, c.eval_episodes
+        k = lib.env.slate_size
 
         def users(key, agent, envs, n):
             return ev.evaluate_users(key, agent, envs, n, ee)
 
         self.eval_meta = jax.jit(
-            lambda k, mp, e: users(k, ev.meta_agent(net, self.learner, mp), e, n_max)
+            lambda key, mp, e: users(key, ev.meta_agent(net, self.learner, mp, k), e, n_max)
         )
-        self.eval_sample = jax.jit(lambda k, p, e: users(k, ev.fixed_policy_agent(net, p), e, 0))
+        self.eval_sample = jax.jit(
+            lambda key, p, e: users(key, ev.fixed_policy_agent(net, p, slate_size=k), e, 0)
+        )
         self.eval_greedy = jax.jit(
-            lambda k, p, e: users(k, ev.fixed_policy_agent(net, p, True), e, 0)
+            lambda key, p, e: users(key, ev.fixed_policy_agent(net, p, True, k), e, 0)
         )
         self.eval_scratch = jax.jit(
-            lambda k, e: users(k, ev.ppo_scratch_agent(net, lib.ppo_scratch), e, n_max)
+            lambda key, e: users(key, ev.ppo_scratch_agent(net, lib.ppo_scratch, k), e, n_max)
         )
         self.eval_metabandit = jax.jit(
-            lambda k, p, e: users(k, ev.meta_bandit_agent(p, e.item_genres[0]), e, n_max)
+            lambda key, p, e: users(key, ev.meta_bandit_agent(p, e.item_genres[0], k), e, n_max)
         )
         self.oracle = jax.jit(lambda k, e: ev.oracle_metrics(k, e, ee))
         self.bandit_names = [m for m in c.methods if m in BANDIT_METHODS]
@@ -560,7 +568,7 @@ def run_seeds(spec, hooks: Hooks | None = None, ctx: RunContext | None = None) -
     results = {}
     for name in spec.methods:
         results[name] = {}
-        for metric in METRICS:
+        for metric in metrics_of(spec):
             results[name][metric] = {
                 str(n): _mean_std([s["curves"][name][metric][n] for s in per_seed])
                 for n in spec.adapt_episodes

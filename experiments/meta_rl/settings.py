@@ -100,9 +100,33 @@ def resolve(config) -> ml_collections.FrozenConfigDict:
     spec = ml_collections.FrozenConfigDict(c)
     lib = library_configs(spec)
     lib.env.validate()
+    _check_slates(spec, lib.env)
     for part in (lib.ppo, lib.ppo_scratch, lib.dqn, lib.meta, lib.metabandit):
         part.validate()
     return spec
+
+
+#: methods that cannot show a slate: DQN's Q-values are per item, not per ranked list
+NOT_SLATE_AWARE = ("dqn",)
+
+
+def _check_slates(spec, env: envlib.EnvConfig) -> None:
+    """With slates, a session must not run out of items and every method must rank lists."""
+    if env.slate_size == 1:
+        return
+    if env.horizon * env.slate_size > spec.n_items:
+        raise ValueError(
+            f"--config.env.slate_size={env.slate_size} x --config.env.horizon={env.horizon} "
+            f"shows more items than the catalogue's --config.n_items={spec.n_items} (no repeats)"
+        )
+    bad = [m for m in spec.methods if m in NOT_SLATE_AWARE]
+    if bad:
+        raise ValueError(
+            f"--config.methods: {', '.join(bad)} cannot rank slates "
+            f"(--config.env.slate_size={env.slate_size}); drop it or use slate_size=1"
+        )
+    if spec.recommended in NOT_SLATE_AWARE:
+        raise ValueError(f"--config.recommended={spec.recommended} cannot rank slates")
 
 
 def recorded_config(spec) -> dict:

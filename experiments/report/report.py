@@ -221,7 +221,11 @@ def plot_rl(rl: dict, path: str, metric: str = "ctr") -> str | None:
         ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=colour)
     if metric == "ctr" and rl.get("oracle_ctr"):
         ax.axhline(rl["oracle_ctr"]["mean"], color="k", ls="--", lw=1, label="oracle")
-    labels = {"ctr": "CTR", "cum_regret": "cumulative regret vs the oracle"}
+    labels = {
+        "ctr": "CTR",
+        "cum_regret": "cumulative regret vs the oracle",
+        "ndcg": "slate nDCG",
+    }
     ax.set_xlabel("adaptation episodes")
     ax.set_ylabel(labels.get(metric, metric))
     ax.set_title(f"Meta-RL: {labels.get(metric, metric)} vs adaptation episodes")
@@ -344,8 +348,12 @@ def _rl_section(rl: dict, out_dir: str) -> list[str]:
     if plot_rl(rl, os.path.join(out_dir, "rl_regret.png"), "cum_regret"):
         md += ["![cumulative regret vs adaptation episodes](rl_regret.png)", ""]
     results = rl.get("results", {})
+    slates = any("ndcg" in v for v in results.values())
+    if slates and plot_rl(rl, os.path.join(out_dir, "rl_ndcg.png"), "ndcg"):
+        md += ["![slate nDCG vs adaptation episodes](rl_ndcg.png)", ""]
     seeds = n_seeds(rl)
-    for metric, name in (("ctr", "CTR"), ("cum_regret", "cumulative regret")):
+    tables = (("ctr", "CTR"), ("cum_regret", "cumulative regret"), ("ndcg", "slate nDCG"))
+    for metric, name in tables:
         eps = sorted({e for v in results.values() for e in (v.get(metric) or {})}, key=float)
         if not eps:
             continue

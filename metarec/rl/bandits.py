@@ -12,6 +12,11 @@ Every method scores item ``i`` as ``o_i + x_i . theta`` and recommends the best 
   Thompson sample ``theta + ts * chol(A^-1) z``; ``eps > 0`` explores uniformly with probability
   eps.
 
+Slates (``slate_size = k > 1``): every method shows its ``k`` best-scored valid items in order (a
+random slate when it explores) and updates on every *examined* position, with the position's click
+or no-click, as CascadeLinUCB does (Zong et al., 2016): under the cascade model the positions below
+a click or below where the user stopped were not seen, so they say nothing about the user.
+
 So the named baselines are just settings (see :data:`METHODS`): ``random`` (eps = 1), ``popular``
 (popularity prior, no learning), ``mf_greedy`` (greedy on the MF scores, user vector folded in from
 clicks), ``egreedy``, ``linucb``, ``thompson``. Because all are one function of a hyper-parameter
@@ -91,13 +96,38 @@ def act(key, state, obs):
     return jnp.where(explore, rand, greedy).astype(jnp.int32), {}
 
 
+def slate_act(slate_size: int):
+    """``act`` for slates of ``slate_size`` items: the best-scored valid items in order, or (with
+    probability eps) a uniformly random slate."""
+
+    def act(key, state, obs):
+        k_ts, k_eps, k_rand = jax.random.split(key, 3)
+        mask = obs["action_mask"]
+        greedy = jax.lax.top_k(networks.masked_logits(_scores(k_ts, state), mask), slate_size)[1]
+        noise = jax.random.gumbel(k_rand, mask.shape)
+        rand = jax.lax.top_k(networks.masked_logits(noise, mask), slate_size)[1]
+        explore = jax.random.uniform(k_eps) < state["hp"]["eps"]
+        return jnp.where(explore, rand, greedy).astype(jnp.int32), {}
+
+    return act
+
+
 def update(state, obs, action, reward, info):
-    """Ridge update with the observed click (``update_fn`` of the rollout); invalid actions skip."""
+    """Ridge update with the observed click (``update_fn`` of the rollout); invalid actions skip.
+    A slate ``action [k]`` updates on each examined position (``info["examined"]``) with its
+    click."""
     del obs, reward
     hp, items = state["hp"], state["items"]
     a = jnp.clip(action, 0, items["feats"].shape[0] - 1)
     x = items["feats"][a] * hp["feat_scale"]
     prior = hp["w_mf"] * items["mf"][a] + hp["w_pop"] * items["pop"][a]
+    if action.ndim == 1:  # a slate
+        w = info["examined"]
+        return {
+            **state,
+            "A": state["A"] + jnp.einsum("k,kd,ke->de", w, x, x),
+            "b": state["b"] + (w * (info["clicks_at"] - prior)) @ x,
+        }
     ok = (~info["invalid"]).astype(jnp.float32)
     return {
         **state,

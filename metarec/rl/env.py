@@ -36,6 +36,21 @@ Dynamics (all constants are fields of :class:`EnvParams`, set through :class:`En
 * **After the episode ended** (``state.done``) ``step`` is a no-op: same state, reward 0, both flags
   False. This lets rollouts run a fixed ``horizon`` steps with ``lax.scan`` and mask with ``alive``.
 
+Slates (``slate_size = k > 1``): an action is ``int32 [k]``, a ranked list. The user scans it top
+down (**cascade click model**): the top item is examined; an examined item is clicked with its click
+probability ``p_j`` above; a click ends the scan, otherwise the user goes on to the next position
+with probability ``examine_decay`` (**position bias**: position ``j`` is examined with probability
+``examine_decay^j prod_{l<j} (1 - p_l)``). So a slate gives at most one click, and
+``P(click) = sum_j examine_decay^j prod_{l<j} (1 - p_l) p_j``. Every valid item of the slate is
+shown (``consumed``: it never clicks again, **no repeats**; an item twice in one slate is a repeat
+from its second position on); the examined ones add to the fatigue and all shown ones enter the
+history with their click. The oracle shows the ``k`` items of highest expected reward in decreasing
+order, which maximises the expected reward of a slate for ``reward = click`` (an exchange argument:
+swapping adjacent items ``p_a > p_b`` changes it by ``(p_a - p_b)(1 - examine_decay) >= 0`` times a
+positive factor). ``info`` then also holds ``clicks_at [k]``, ``examined [k]`` (examined valid
+positions) and ``ndcg``: the slate's DCG of the true click probabilities (discount
+``1 / log2(position + 2)``) over the best possible slate's.
+
 Observation (a dict): ``items [L] int32`` (last ``L = history_len`` shown items, most recent last,
 padding = ``n_items``), ``responses [L] float32`` (1 click / 0 no click / 0 padding),
 ``hist_mask [L]`` (1 real), ``step`` (float, ``t / horizon``), ``action_mask [n_items]`` (1 = valid,
@@ -72,6 +87,8 @@ class EnvConfig:
     leave_growth: float = 0.1
     repeat_penalty: float = 0.0
     invalid_penalty: float = 1.0
+    slate_size: int = 1
+    examine_decay: float = 1.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field and what is allowed."""
@@ -86,6 +103,8 @@ class EnvConfig:
             ("leave_growth", self.leave_growth >= 0, ">= 0"),
             ("repeat_penalty", self.repeat_penalty >= 0, ">= 0"),
             ("invalid_penalty", self.invalid_penalty >= 0, ">= 0"),
+            ("slate_size", self.slate_size >= 1, "an integer >= 1"),
+            ("examine_decay", 0 < self.examine_decay <= 1, "in (0, 1]"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -101,7 +120,8 @@ class EnvParams:
     ``affinity [I]``: the user's affinity for each item (predicted rating or latent dot product).
     ``click_reward [I]``: reward of a click on each item. ``item_genres [I, G]``: genre vectors,
     rows normalised to sum 1 (or 0). ``item_mask [I]``: 1.0 for recommendable items.
-    Scalars: see :class:`EnvConfig`. ``horizon`` and ``history_len`` are static (not traced).
+    Scalars: see :class:`EnvConfig`. ``horizon``, ``history_len``, ``slate_size`` and
+    ``examine_decay`` are static (not traced): they fix shapes and the kind of step.
     """
 
     affinity: jax.Array
@@ -118,6 +138,8 @@ class EnvParams:
     invalid_penalty: jax.Array
     horizon: int = flax.struct.field(pytree_node=False, default=20)
     history_len: int = flax.struct.field(pytree_node=False, default=10)
+    slate_size: int = flax.struct.field(pytree_node=False, default=1)
+    examine_decay: float = flax.struct.field(pytree_node=False, default=1.0)
 
     @property
     def n_items(self) -> int:
@@ -212,6 +234,8 @@ def make_env_params(
         invalid_penalty=scalar(config.invalid_penalty),
         horizon=int(config.horizon),
         history_len=int(config.history_len),
+        slate_size=int(config.slate_size),
+        examine_decay=float(config.examine_decay),
     )
 
 
@@ -271,12 +295,18 @@ def expected_rewards(state: EnvState, params: EnvParams) -> jax.Array:
 
 
 def oracle_action(state: EnvState, params: EnvParams) -> jax.Array:
-    """The simulator's oracle: the action with the highest expected immediate reward."""
-    return jnp.argmax(expected_rewards(state, params)).astype(jnp.int32)
+    """The simulator's oracle: the action with the highest expected immediate reward (for slates,
+    the ``slate_size`` best items in decreasing order)."""
+    er = expected_rewards(state, params)
+    if params.slate_size > 1:
+        return jax.lax.top_k(er, params.slate_size)[1].astype(jnp.int32)
+    return jnp.argmax(er).astype(jnp.int32)
 
 
 def step(key: jax.Array, state: EnvState, action, params: EnvParams):
     """Advance one step; returns ``(obs, state, reward, terminated, truncated, info)``."""
+    if params.slate_size > 1:
+        return _step_slate(key, state, action, params)
     n_items = params.n_items
     action = jnp.asarray(action, jnp.int32)
     k_click, k_leave = jax.random.split(key)
@@ -323,23 +353,122 @@ def step(key: jax.Array, state: EnvState, action, params: EnvParams):
         unrewarded=unrewarded,
         done=terminated | truncated,
     )
-    # After the episode ended: no-op.
+    info = {
+        "click": clickf,
+        "click_prob": p,
+        "expected_reward": expected,
+        "best_expected_reward": best_er,
+        "invalid": ~valid,
+        "repeat": repeat,
+    }
+    return _finish(state, new_state, reward, terminated, truncated, info, params)
+
+
+def _finish(state, new_state, reward, terminated, truncated, info, params):
+    """After the episode ended the step is a no-op: the old state, zero reward and info."""
     alive = ~state.done
     new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(alive, n, o), new_state, state)
     zero = jnp.zeros((), jnp.float32)
-    reward = jnp.where(alive, reward, zero)
-    terminated = terminated & alive
-    truncated = truncated & alive
     info = {
-        "click": clickf * alive,
-        "click_prob": jnp.where(alive, p, zero),
-        "expected_reward": jnp.where(alive, expected, zero),
-        "best_expected_reward": jnp.where(alive, best_er, zero),
-        "invalid": ~valid & alive,
-        "repeat": repeat & alive,
-        "alive": alive.astype(jnp.float32),
+        k: (v & alive) if v.dtype == jnp.bool_ else jnp.where(alive, v, zero)
+        for k, v in info.items()
     }
-    return get_obs(new_state, params), new_state, reward, terminated, truncated, info
+    info["alive"] = alive.astype(jnp.float32)
+    reward = jnp.where(alive, reward, zero)
+    obs = get_obs(new_state, params)
+    return obs, new_state, reward, terminated & alive, truncated & alive, info
+
+
+def slate_value(probs, rewards, penalty, examine_decay):
+    """Expected reward of a ranked slate under the cascade model: ``probs``, ``rewards``,
+    ``penalty`` ``[k]`` per position (click probability, reward of a click, cost of showing)."""
+    reach = jnp.cumprod(jnp.concatenate([jnp.ones((1,)), examine_decay * (1.0 - probs[:-1])]))
+    return jnp.sum(reach * probs * rewards) - jnp.sum(penalty)
+
+
+def slate_ndcg(probs, available_probs, k: int):
+    """nDCG of a ranked slate with the true click probabilities ``probs [k]`` as gains, against
+    the best ``k`` of ``available_probs [I]`` (1 when the slate is the best one; 0 when nothing can
+    be clicked)."""
+    disc = 1.0 / jnp.log2(jnp.arange(k, dtype=jnp.float32) + 2.0)
+    ideal = jnp.sum(jax.lax.top_k(available_probs, k)[0] * disc)
+    return jnp.where(ideal > 0, jnp.sum(probs * disc) / jnp.maximum(ideal, 1e-12), 0.0)
+
+
+def _slate_terms(state: EnvState, params: EnvParams, a, valid):
+    """Per position: ``(repeat, click probability, reward of a click, cost)`` of slate ``a``."""
+    k = params.slate_size
+    earlier = jnp.tril(jnp.ones((k, k), jnp.bool_), -1)
+    dup = jnp.any((a[:, None] == a[None, :]) & earlier & valid[None, :], axis=1)
+    repeat = valid & ((state.consumed[a] > 0) | dup)
+    p = jnp.where(valid & ~repeat, click_probs(state, params)[a], 0.0)
+    cost = jnp.where(valid, jnp.where(repeat, params.repeat_penalty, 0.0), params.invalid_penalty)
+    return repeat, p, params.click_reward[a], cost
+
+
+def _step_slate(key: jax.Array, state: EnvState, action, params: EnvParams):
+    """:func:`step` for a slate ``action [k]`` (cascade model, see the module docstring)."""
+    n_items, k, decay = params.n_items, params.slate_size, params.examine_decay
+    action = jnp.asarray(action, jnp.int32)
+    if action.shape != (k,):
+        raise ValueError(f"a slate action must have shape ({k},), got {action.shape}")
+    k_click, k_exam, k_leave = jax.random.split(key, 3)
+    in_range = (action >= 0) & (action < n_items)
+    a = jnp.clip(action, 0, n_items - 1)
+    valid = in_range & (params.item_mask[a] > 0)
+    repeat, p, rew, cost = _slate_terms(state, params, a, valid)
+    attracted = jax.random.uniform(k_click, (k,)) < p
+    goes_on = ~attracted & (jax.random.uniform(k_exam, (k,)) < decay)
+    reached = jnp.cumprod(jnp.concatenate([jnp.ones((1,)), goes_on[:-1].astype(jnp.float32)]))
+    clicks_at = reached * attracted
+    clickf = jnp.max(clicks_at)
+    click = clickf > 0
+    reward = jnp.sum(clicks_at * rew) - jnp.sum(cost)
+    expected = slate_value(p, rew, cost, decay)
+    best = oracle_action(state, params)
+    valid_best = params.item_mask[best] > 0
+    _, p_best, rew_best, cost_best = _slate_terms(state, params, best, valid_best)
+    best_er = slate_value(p_best, rew_best, cost_best, decay)
+    open_items = (params.item_mask > 0) & (state.consumed == 0)
+    ndcg = slate_ndcg(p, jnp.where(open_items, click_probs(state, params), 0.0), k)
+
+    shown = valid.astype(jnp.float32)
+    seen = reached * shown
+    fatigue = params.boredom_decay * state.fatigue + seen @ params.item_genres[a]
+    fatigue = jnp.where(jnp.any(valid), fatigue, state.fatigue)
+    consumed = state.consumed.at[a].max(shown)
+    length = params.history_len
+
+    def push(h, v):  # the slate's shown items, top first, enter the history
+        return jnp.concatenate([h, v.astype(h.dtype)])[-length:]
+
+    unrewarded = jnp.where(click, 0, state.unrewarded + 1)
+    t = state.t + 1
+    p_leave = jnp.clip(params.leave_base + params.leave_growth * unrewarded, 0.0, 1.0)
+    terminated = jax.random.uniform(k_leave) < p_leave
+    truncated = (t >= params.horizon) & ~terminated
+    new_state = EnvState(
+        t=t,
+        hist_items=push(state.hist_items, jnp.where(valid, a, n_items)),
+        hist_responses=push(state.hist_responses, clicks_at),
+        hist_mask=push(state.hist_mask, shown),
+        consumed=consumed,
+        fatigue=fatigue,
+        unrewarded=unrewarded,
+        done=terminated | truncated,
+    )
+    info = {
+        "click": clickf,
+        "click_prob": slate_value(p, jnp.ones((k,)), jnp.zeros((k,)), decay),
+        "expected_reward": expected,
+        "best_expected_reward": best_er,
+        "invalid": ~jnp.all(valid),
+        "repeat": jnp.any(repeat),
+        "clicks_at": clicks_at,
+        "examined": seen,
+        "ndcg": ndcg,
+    }
+    return _finish(state, new_state, reward, terminated, truncated, info, params)
 
 
 def describe(params: EnvParams) -> dict[str, Any]:

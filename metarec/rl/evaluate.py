@@ -9,6 +9,8 @@ from its initial state and alternates
 for ``n = 0 .. n_max``. Evaluation episodes never change the agent's adaptation state, except that
 online agents (bandits) also learn *within* each evaluation episode from a copy of their state, as a
 deployed bandit would. Gradient agents update once per adaptation episode (``episode_update``).
+With slates (``slate_size > 1``) a step shows a ranked list and the metrics gain ``ndcg`` (the
+mean slate nDCG of the steps taken, see :mod:`metarec.rl.env`); ``ctr`` is then clicks per slate.
 Regret is the sum over taken steps of the oracle's expected reward (best available item in the
 current state) minus the expected reward of the chosen item.
 
@@ -56,7 +58,7 @@ def adaptation_curve(
             return episode_metrics(traj)
 
         m = jax.vmap(one)(jax.random.split(k, eval_episodes))
-        return {name: m[name].mean() for name in ("ctr", "return", "regret")}
+        return {name: m[name].mean() for name in metric_names(env_params)}
 
     def body(state, k):
         k_eval, k_ep, k_upd = jax.random.split(k, 3)
@@ -72,6 +74,12 @@ def adaptation_curve(
     return metrics
 
 
+def metric_names(env_params: envlib.EnvParams) -> tuple[str, ...]:
+    """The metrics of an adaptation curve: ``ctr``, ``return``, ``regret`` (and ``ndcg`` for
+    slates)."""
+    return ("ctr", "return", "regret") + (("ndcg",) if env_params.slate_size > 1 else ())
+
+
 def evaluate_users(
     key, agent: EvalAgent, env_params: envlib.EnvParams, n_max: int, eval_episodes: int
 ):
@@ -84,13 +92,14 @@ def evaluate_users(
 
 
 def oracle_metrics(key, env_params: envlib.EnvParams, episodes: int):
-    """Oracle ``{"ctr", "return", "regret"}`` per user ``[U]`` (mean over ``episodes``)."""
+    """Oracle ``{"ctr", "return", "regret"}`` (and ``ndcg``) per user ``[U]`` (mean over
+    ``episodes``)."""
 
     def user(k, e):
         m = jax.vmap(lambda kk: episode_metrics(oracle_rollout(kk, e)))(
             jax.random.split(k, episodes)
         )
-        return {name: m[name].mean() for name in ("ctr", "return", "regret")}
+        return {name: m[name].mean() for name in metric_names(e)}
 
     return jax.vmap(user)(jax.random.split(key, envlib.num_users(env_params)), env_params)
 
@@ -98,23 +107,27 @@ def oracle_metrics(key, env_params: envlib.EnvParams, episodes: int):
 # ----------------------------------------------------------------------------- agent factories
 
 
-def fixed_policy_agent(network: networks.Network, params, greedy: bool = False) -> EvalAgent:
+def fixed_policy_agent(
+    network: networks.Network, params, greedy: bool = False, slate_size: int = 1
+) -> EvalAgent:
     """A trained policy served without adaptation (non-meta PPO, DQN with ``greedy=True``)."""
 
     def act(key, state, obs):
         actor = networks.greedy_actor if greedy else networks.sample_actor
-        return actor(network.apply, state)(key, None, obs)
+        return actor(network.apply, state, slate_size)(key, None, obs)
 
     return EvalAgent(init=lambda key: params, act=act)
 
 
-def meta_agent(network: networks.Network, learner: MetaRL, meta_params) -> EvalAgent:
+def meta_agent(
+    network: networks.Network, learner: MetaRL, meta_params, slate_size: int = 1
+) -> EvalAgent:
     """MAML / FOMAML / Meta-SGD: one inner step (the learner's: same adapted parameters, credit and
     learning rates as in meta-training) per adaptation episode, starting from the meta-learned
     initialisation. Beyond the meta-trained ``inner_steps`` the same step is simply repeated."""
 
     def act(key, state, obs):
-        return networks.sample_actor(network.apply, state["params"])(key, None, obs)
+        return networks.sample_actor(network.apply, state["params"], slate_size)(key, None, obs)
 
     def episode_update(key, state, traj):
         del key
@@ -123,7 +136,9 @@ def meta_agent(network: networks.Network, learner: MetaRL, meta_params) -> EvalA
     return EvalAgent(init=lambda key: meta_params, act=act, episode_update=episode_update)
 
 
-def ppo_scratch_agent(network: networks.Network, config: ppolib.PPOConfig) -> EvalAgent:
+def ppo_scratch_agent(
+    network: networks.Network, config: ppolib.PPOConfig, slate_size: int = 1
+) -> EvalAgent:
     """PPO from scratch per user: a fresh network, one PPO update (``update_epochs`` passes) per
     adaptation episode."""
     tx = ppolib.make_optimizer(config)
@@ -133,7 +148,7 @@ def ppo_scratch_agent(network: networks.Network, config: ppolib.PPOConfig) -> Ev
         return {"params": params, "opt": tx.init(params)}
 
     def act(key, state, obs):
-        return networks.sample_actor(network.apply, state["params"])(key, None, obs)
+        return networks.sample_actor(network.apply, state["params"], slate_size)(key, None, obs)
 
     def episode_update(key, state, traj):
         params, opt, _ = ppolib.ppo_update(
@@ -144,17 +159,18 @@ def ppo_scratch_agent(network: networks.Network, config: ppolib.PPOConfig) -> Ev
     return EvalAgent(init=init, act=act, episode_update=episode_update)
 
 
-def bandit_agent(items: dict, hp: dict, lam: float = 1.0) -> EvalAgent:
+def bandit_agent(items: dict, hp: dict, lam: float = 1.0, slate_size: int = 1) -> EvalAgent:
     """One method of the linear-bandit family (``hp``: one method's scalars, may be traced)."""
+    act = bandits.slate_act(slate_size) if slate_size > 1 else bandits.act
     return EvalAgent(
-        init=lambda key: bandits.init(items, hp, lam), act=bandits.act, step_update=bandits.update
+        init=lambda key: bandits.init(items, hp, lam), act=act, step_update=bandits.update
     )
 
 
-def meta_bandit_agent(params, genres) -> EvalAgent:
+def meta_bandit_agent(params, genres, slate_size: int = 1) -> EvalAgent:
     """The meta-learned bandit (:mod:`metarec.rl.meta_bandit`) with meta-parameters ``params``:
     learns every step, its state carried across episodes like the bandits'."""
-    init, act, step_update = mblib.make_agent_fns(params, genres)
+    init, act, step_update = mblib.make_agent_fns(params, genres, slate_size)
     return EvalAgent(init=init, act=act, step_update=step_update)
 
 
@@ -165,8 +181,11 @@ def evaluate_bandits(
     hyper-parameters).
     Returns ``{name: {"ctr", "return", "regret": [U, n_max+1]}}``."""
     hp = bandits.hyper_params(names)
+    k = env_params.slate_size
     run = jax.vmap(
-        lambda h: evaluate_users(key, bandit_agent(items, h), env_params, n_max, eval_episodes)
+        lambda h: evaluate_users(
+            key, bandit_agent(items, h, slate_size=k), env_params, n_max, eval_episodes
+        )
     )
     out = run(hp)
     return {n: jax.tree_util.tree_map(lambda x, i=i: x[i], out) for i, n in enumerate(names)}

@@ -190,7 +190,7 @@ def make_meta_rl(network: networks.Network, config: MetaRLConfig) -> MetaRL:
         )
 
     def sample(key, params, env_params, n):
-        act = networks.sample_actor(apply_fn, jax.lax.stop_gradient(params))
+        act = networks.sample_actor(apply_fn, jax.lax.stop_gradient(params), env_params.slate_size)
         return rollouts(key, env_params, act, n)
 
     def adapt_with_trajs(key, meta_params, env_params):

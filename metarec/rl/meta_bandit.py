@@ -25,6 +25,11 @@ the bandit):
 * ``fatigue_weight``, ``decay_logit``: a learned satiation model, ``f <- decay * f + g_a`` over
   the genres ``g`` of the items shown in this episode (the bandits ignore satiation).
 
+Slates (``slate_size = k > 1``): the policy ranks ``k`` items by sampling without replacement from
+the same softmax (Plackett-Luce; its exact log-probability enters the loss), and the state is
+updated with every *examined* position's click or no-click (the cascade model's feedback, as the
+bandits do).
+
 Meta-training (:func:`make_trainer`): each iteration draws ``meta_batch`` training users; for each
 it runs ``trials`` independent trials of ``trial_episodes`` consecutive episodes, the state carried
 from episode to episode exactly as in evaluation. The loss is REINFORCE over the whole trial,
@@ -146,14 +151,25 @@ def logits(params: dict, genres: jax.Array, state: dict, obs: dict) -> jax.Array
 
 def update(params: dict, genres: jax.Array, state: dict, obs: dict, action, info) -> dict:
     """The per-step update: the ridge posterior with the click's residual over the prior, the
-    item's evidence and the episode's genre fatigue. Invalid actions change nothing."""
+    item's evidence and the episode's genre fatigue. Invalid actions change nothing; a slate
+    ``action [k]`` updates with each examined position."""
     a = jnp.clip(action, 0, genres.shape[0] - 1)
-    ok = (~info["invalid"]).astype(jnp.float32)
     x = params["feats"][a]
     decay = jax.nn.sigmoid(params["decay_logit"])
     fatigue = state["fatigue"] * (obs["step"] > 0)
     # the click's residual under the current user vector: evidence about this item for this user
     theta = jnp.linalg.solve(state["A"], state["b"])
+    if action.ndim == 1:  # a slate: every examined position is one observation
+        w, click = info["examined"], info["clicks_at"]
+        target = click - params["prior"][a]
+        return {
+            "A": state["A"] + jnp.einsum("k,kd,ke->de", w, x, x),
+            "b": state["b"] + (w * target) @ x,
+            "item_resid": state["item_resid"].at[a].add(w * (target - x @ theta)),
+            "item_count": state["item_count"].at[a].add(w),
+            "fatigue": jnp.where(jnp.sum(w) > 0, decay * fatigue + w @ genres[a], fatigue),
+        }
+    ok = (~info["invalid"]).astype(jnp.float32)
     resid = info["click"] - params["prior"][a] - x @ theta
     return {
         "A": state["A"] + ok * jnp.outer(x, x),
@@ -164,7 +180,9 @@ def update(params: dict, genres: jax.Array, state: dict, obs: dict, action, info
     }
 
 
-def make_agent_fns(params: dict, genres: jax.Array) -> tuple[Callable, Callable, Callable]:
+def make_agent_fns(
+    params: dict, genres: jax.Array, slate_size: int = 1
+) -> tuple[Callable, Callable, Callable]:
     """``(init(key) -> state, act(key, state, obs) -> (action, {"logp"}), step_update)`` for
     :func:`metarec.rl.rollout.rollout` and :class:`metarec.rl.evaluate.EvalAgent`."""
 
@@ -174,6 +192,9 @@ def make_agent_fns(params: dict, genres: jax.Array) -> tuple[Callable, Callable,
 
     def act(key, state, obs):
         lg = logits(params, genres, state, obs)
+        if slate_size > 1:
+            a, logp = networks.sample_slate(key, lg, slate_size)
+            return a, {"logp": logp}
         a = jax.random.categorical(key, lg).astype(jnp.int32)
         return a, {"logp": jax.nn.log_softmax(lg)[a]}
 
@@ -187,7 +208,7 @@ def make_agent_fns(params: dict, genres: jax.Array) -> tuple[Callable, Callable,
 def trial(key, params: dict, genres: jax.Array, env_params: envlib.EnvParams, episodes: int):
     """``episodes`` consecutive episodes of one user, the state carried across them; returns
     ``(logp, clicks, alive)`` each ``[episodes * T]`` (``logp`` differentiable in ``params``)."""
-    init, act, step_update = make_agent_fns(params, genres)
+    init, act, step_update = make_agent_fns(params, genres, env_params.slate_size)
 
     def body(state, k):
         traj, state = rollout(k, env_params, act, state, step_update)

@@ -11,6 +11,11 @@ with the step fraction and the click rate so far, and passed through an MLP to a
 the score of item ``i`` is ``u . w_i + b_i`` (separate output item embeddings and biases). Item
 biases let a policy memorise "popular" items; ``u`` lets it react to the current user's feedback
 within an episode; gradient adaptation of all parameters lets it specialise to one user.
+
+Slates: a softmax policy ranks ``k`` items by sampling without replacement (Plackett-Luce: the
+first item from the softmax, the next from the softmax over the rest, ...; drawn at once as the
+top ``k`` of Gumbel-perturbed logits), so its log-probability, and every policy-gradient loss built
+on it, stays exact; a greedy actor shows the top ``k`` scores.
 """
 
 from __future__ import annotations
@@ -110,24 +115,51 @@ def masked_logits(scores: jax.Array, action_mask: jax.Array) -> jax.Array:
     return jnp.where(action_mask > 0, scores, NEG)
 
 
+def slate_log_prob(logits: jax.Array, slate: jax.Array) -> jax.Array:
+    """Plackett-Luce log-probability ``[...]`` of ranked slates ``[..., k]`` under ``logits
+    [..., I]``: the sum over positions of the log-softmax of the chosen item among the items not
+    chosen above it."""
+    slate = slate.astype(jnp.int32)
+    chosen = jnp.take_along_axis(logits, slate, -1)
+    picked = jax.nn.one_hot(slate, logits.shape[-1], dtype=jnp.int32)  # [..., k, I]
+    above = jnp.cumsum(picked, -2) - picked
+    lse = jax.nn.logsumexp(jnp.where(above > 0, NEG, logits[..., None, :]), -1)
+    return jnp.sum(chosen - lse, -1)
+
+
+def sample_slate(key: jax.Array, logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """A Plackett-Luce draw of ``k`` items (the top ``k`` of Gumbel-perturbed ``logits [I]``) and
+    its log-probability."""
+    slate = jax.lax.top_k(logits + jax.random.gumbel(key, logits.shape), k)[1].astype(jnp.int32)
+    return slate, slate_log_prob(logits, slate)
+
+
 def log_probs(apply_fn: Callable, params, obs, actions) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(log pi(a|s), value(s), entropy(s))`` for batched observations and actions."""
+    """``(log pi(a|s), value(s), entropy(s))`` for batched observations and actions (slates
+    ``[..., k]``: the Plackett-Luce log-probability; the entropy is the top position's)."""
     scores, value = apply_fn(params, obs)
     logits = masked_logits(scores, obs["action_mask"])
     logp_all = jax.nn.log_softmax(logits, -1)
-    logp = jnp.take_along_axis(logp_all, actions[..., None].astype(jnp.int32), -1)[..., 0]
+    if actions.ndim == logits.ndim:
+        logp = slate_log_prob(logits, actions)
+    else:
+        logp = jnp.take_along_axis(logp_all, actions[..., None].astype(jnp.int32), -1)[..., 0]
     p_all = jnp.exp(logp_all)
     entropy = -jnp.sum(jnp.where(obs["action_mask"] > 0, p_all * logp_all, 0.0), -1)
     return logp, value, entropy
 
 
-def sample_actor(apply_fn: Callable, params) -> Callable:
-    """Actor sampling from the softmax policy; extras ``logp`` and ``value``."""
+def sample_actor(apply_fn: Callable, params, slate_size: int = 1) -> Callable:
+    """Actor sampling from the softmax policy (slates: Plackett-Luce); extras ``logp``,
+    ``value``."""
 
     def act(key, agent_state, obs):
         del agent_state
         scores, value = apply_fn(params, obs)
         logits = masked_logits(scores, obs["action_mask"])
+        if slate_size > 1:
+            a, logp = sample_slate(key, logits, slate_size)
+            return a, {"logp": logp, "value": value}
         a = jax.random.categorical(key, logits).astype(jnp.int32)
         logp = jax.nn.log_softmax(logits)[a]
         return a, {"logp": logp, "value": value}
@@ -135,13 +167,17 @@ def sample_actor(apply_fn: Callable, params) -> Callable:
     return act
 
 
-def greedy_actor(apply_fn: Callable, params) -> Callable:
-    """Actor taking ``argmax`` of the masked scores (the DQN recommendation, or a greedy policy)."""
+def greedy_actor(apply_fn: Callable, params, slate_size: int = 1) -> Callable:
+    """Actor taking ``argmax`` of the masked scores (the DQN recommendation, or a greedy policy);
+    slates: the ``slate_size`` best in order."""
 
     def act(key, agent_state, obs):
         del key, agent_state
         scores, _ = apply_fn(params, obs)
-        return jnp.argmax(masked_logits(scores, obs["action_mask"])).astype(jnp.int32), {}
+        logits = masked_logits(scores, obs["action_mask"])
+        if slate_size > 1:
+            return jax.lax.top_k(logits, slate_size)[1].astype(jnp.int32), {}
+        return jnp.argmax(logits).astype(jnp.int32), {}
 
     return act
 

@@ -43,7 +43,7 @@ def run_online(
 
         def round_(state, kk):
             k_ep, _ = jax.random.split(kk)
-            act = networks.sample_actor(network.apply, state["params"])
+            act = networks.sample_actor(network.apply, state["params"], ep.slate_size)
             traj, _ = rollout(k_ep, ep, act)
             m = episode_metrics(traj)
             if adapt:

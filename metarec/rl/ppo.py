@@ -133,7 +133,7 @@ def collect(
     k_u, k_r = jax.random.split(key)
     users = jax.random.randint(k_u, (num_envs,), 0, envlib.num_users(env_params))
     ep = envlib.index_params(env_params, users)
-    act = networks.sample_actor(apply_fn, jax.lax.stop_gradient(params))
+    act = networks.sample_actor(apply_fn, jax.lax.stop_gradient(params), ep.slate_size)
     return jax.vmap(lambda k, e: rollout(k, e, act)[0])(jax.random.split(k_r, num_envs), ep)
 
 

@@ -86,19 +86,23 @@ def rollouts(key: jax.Array, env_params: envlib.EnvParams, act_fn: Callable, n: 
 
 def episode_metrics(traj: Trajectory) -> dict[str, jax.Array]:
     """Per-episode ``return``, ``clicks``, ``steps``, ``ctr`` (clicks / steps taken) and ``regret``
-    (sum over taken steps of oracle expected reward minus the chosen action's expected reward).
-    Works on any leading batch shape (reduces the last, time axis)."""
+    (sum over taken steps of oracle expected reward minus the chosen action's expected reward);
+    for slates also ``ndcg`` (mean over the steps taken). Works on any leading batch shape (reduces
+    the last, time axis)."""
     alive = traj.alive
     clicks = jnp.sum(traj.info["click"] * alive, -1)
     steps = jnp.sum(alive, -1)
     regret = jnp.sum((traj.info["best_expected_reward"] - traj.info["expected_reward"]) * alive, -1)
-    return {
+    out = {
         "return": jnp.sum(traj.reward * alive, -1),
         "clicks": clicks,
         "steps": steps,
         "ctr": clicks / jnp.maximum(steps, 1.0),
         "regret": regret,
     }
+    if "ndcg" in traj.info:
+        out["ndcg"] = jnp.sum(traj.info["ndcg"] * alive, -1) / jnp.maximum(steps, 1.0)
+    return out
 
 
 def oracle_rollout(key: jax.Array, env_params: envlib.EnvParams) -> Trajectory:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments.meta_rl import pipeline, runner, settings
-from experiments.meta_rl.configs import default, quick
+from experiments.meta_rl.configs import default, quick, slate
 from metarec import data as mdata
 from metarec.training.runlog import read_json, read_metrics
 from metarec.training.trainer import NonFiniteLossError
@@ -108,6 +108,33 @@ def test_meta_rl_real_pipeline_on_tiny_synthetic_config(tmp_path):  # ~7 s on 2 
     assert mean == pytest.approx(res["results"]["random"]["ctr"]["0"]["mean"])
     assert "meta_rl 4/4" in bar.getvalue()
     assert "±" in pipeline.format_table(payload)
+
+
+def test_meta_rl_slates_report_ndcg_end_to_end(tmp_path):
+    c = _tiny_config(methods=("random", "linucb"))
+    c.env.slate_size, c.env.examine_decay = 2, 0.8
+    payload = pipeline.run(c, str(tmp_path), argv=[], progress_stream=io.StringIO())
+    assert runner.metrics_of(settings.resolve(c)) == runner.METRICS + ("ndcg",)
+    for res in payload["results"].values():
+        assert set(res) == set(runner.METRICS) | {"ndcg"}
+        assert all(0 <= v["mean"] <= 1 for v in res["ndcg"].values())
+    rows = [r for r in read_metrics(str(tmp_path)) if r["kind"] == "eval"]
+    assert all("ndcg" in r for r in rows)
+    assert "ndcg" in pipeline.format_table(payload, "ndcg")
+
+
+def test_slate_configs_are_checked():
+    spec = settings.resolve(slate.get_config())
+    assert spec.env.slate_size == 5 and "dqn" not in spec.methods
+    assert spec.env.horizon * spec.env.slate_size <= spec.n_items
+    c = _tiny_config()
+    c.env.slate_size = 3  # 3 slates of 3 > 8 items
+    with pytest.raises(ValueError, match="shows more items than the catalogue's"):
+        settings.resolve(c)
+    c = _tiny_config(methods=("linucb", "dqn"))
+    c.env.slate_size = 2
+    with pytest.raises(ValueError, match="--config.methods: dqn cannot rank slates"):
+        settings.resolve(c)
 
 
 def test_table_of_one_seed_shows_no_spread():

@@ -139,6 +139,13 @@ def test_report_rl_only_and_missing_inputs(tmp_path):
     (tmp_path / "rl_results.json").write_text(json.dumps(_rl()))
     md = open(report.make_report(str(tmp_path))).read()
     assert "## Meta-RL" in md and "Cold-start" not in md
+    assert "rl_ndcg.png" not in md and "slate nDCG" not in md  # single items: no slate nDCG
+    slates = _rl()
+    slates["results"]["maml_pg"]["ndcg"] = {"0": _ms(0.5), "1": _ms(0.6), "5": _ms(0.7)}
+    (tmp_path / "rl_results.json").write_text(json.dumps(slates))
+    md = open(report.make_report(str(tmp_path))).read()
+    assert "(rl_ndcg.png)" in md and (tmp_path / "report" / "rl_ndcg.png").stat().st_size > 5000
+    assert "| maml_pg | 0.5000 ± 0.0100 | 0.6000 ± 0.0100 | 0.7000 ± 0.0100 |" in md
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="neither results.json nor rl_results.json found"):
