@@ -2,7 +2,9 @@
 
 Data flows one way: files -> :func:`load_dataset` (a name from :data:`DATASETS`; cleaned frames) ->
 :func:`make_split` (per-scenario support/query sets) -> :class:`FeatureEncoder` (fixed-shape
-:class:`Task` pytrees) -> jitted steps.
+:class:`Task` pytrees) -> jitted steps. Beyond memory: task shards on disk (:mod:`.shards`) streamed
+as seeded, resumable meta-batches (:mod:`.stream`); synthetic ratings at scale in
+:mod:`.synthetic_scale`.
 """
 
 from metarec.data.encode import FeatureEncoder, FeatureSpec
@@ -27,10 +29,13 @@ from metarec.data.sampling import (
     split_new_items,
 )
 from metarec.data.scenarios import SCENARIOS, Split, UserSets, make_split, split_validation
+from metarec.data.shards import ShardError, ShardSet, ShardWriter, open_shards, write_shards
+from metarec.data.stream import LoaderState, MetaBatchStream
 from metarec.data.synthetic import make_synthetic_tasks
 from metarec.data.tasks import (
     Examples,
     Task,
+    epoch_order,
     index_tasks,
     iterate_meta_batches,
     pad_tasks,
@@ -55,9 +60,14 @@ __all__ = [
     "Examples",
     "FeatureEncoder",
     "FeatureSpec",
+    "LoaderState",
+    "MetaBatchStream",
     "RatingPool",
     "RatingsData",
     "SCENARIOS",
+    "ShardError",
+    "ShardSet",
+    "ShardWriter",
     "Split",
     "Task",
     "UserSets",
@@ -67,6 +77,7 @@ __all__ = [
     "drop_held_out",
     "drop_query_ratings",
     "ensure_dataset",
+    "epoch_order",
     "hold_out_items",
     "hold_out_queries",
     "index_tasks",
@@ -75,6 +86,7 @@ __all__ = [
     "make_split",
     "make_synthetic_tasks",
     "melu_scenarios",
+    "open_shards",
     "pad_tasks",
     "rating_pool",
     "read_any",
@@ -84,4 +96,5 @@ __all__ = [
     "split_validation",
     "stack_tasks",
     "train_ratings",
+    "write_shards",
 ]

@@ -93,6 +93,16 @@ def pad_tasks(tasks: Task, multiple: int) -> tuple[Task, np.ndarray]:
     return padded, weights
 
 
+def epoch_order(sampler_seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which the ``n`` training tasks are visited in ``epoch``: a permutation that
+    depends only on ``(sampler_seed, epoch)``, so the sampler's position is just
+    ``(epoch, batch index)``. Meta-training and the streaming loader (:mod:`metarec.data.stream`)
+    share it, which is what makes their meta-batches identical."""
+    if n < 0:
+        raise ValueError(f"epoch_order: n must be >= 0, got {n}")
+    return np.random.default_rng([int(sampler_seed), int(epoch)]).permutation(n)
+
+
 def iterate_meta_batches(
     tasks: Task, meta_batch: int, rng: np.random.Generator, drop_remainder: bool = True
 ) -> Iterator[Task]:

@@ -36,17 +36,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from metarec.data.tasks import epoch_order  # the data layer owns it; the streaming loader uses it
+
 PyTree = Any
 log = logging.getLogger("metarec.training.checkpoint")
-
-
-def epoch_order(sampler_seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order in which the ``n`` training tasks are visited in ``epoch``: a permutation that
-    depends only on ``(sampler_seed, epoch)``, so the sampler's position is just
-    ``(epoch, batch index)``."""
-    if n < 0:
-        raise ValueError(f"epoch_order: n must be >= 0, got {n}")
-    return np.random.default_rng([int(sampler_seed), int(epoch)]).permutation(n)
 
 
 def tree_digest(tree: PyTree) -> str:
