@@ -1,4 +1,4 @@
-"""Task shards on disk: per-user support/query sets written once, read back as memory-mapped numpy.
+"""Task shards on disk: per-user support/query sets written once as ``.npy``, read back row by row.
 
 A shard folder holds ``shards.json`` (format, widths, field dtypes, and per shard its task count
 and a CRC-32 of every file) and one sub-folder ``shard-NNNNN/`` per shard with one ``.npy`` file
@@ -8,11 +8,14 @@ ids, ratings, masks, optionally timestamps), not its model inputs: the feature l
 the loader (:mod:`metarec.data.stream`) and a task costs ~9 bytes per example on disk instead of
 ~100 for the encoded ``x``.
 
-Why plain ``.npy`` files and ``np.load(mmap_mode="r")`` rather than Grain + ArrayRecord: every task
-has the same padded shape, so a field of a shard is one ``[T, width]`` array and a meta-batch is a
-fancy index into it (no per-record serialisation or decoding); numpy is already a dependency; and
-the resumable, seeded order is one permutation (:func:`metarec.data.tasks.epoch_order`), shared
-with the in-memory path, so the state is ``(seed, epoch, batch)``.
+Why plain ``.npy`` files rather than Grain + ArrayRecord: every task has the same padded shape, so
+a field of a shard is one ``[T, width]`` array and a task is one fixed-size row at a known offset
+(no per-record serialisation or decoding); numpy is already a dependency; and the resumable,
+seeded order is one permutation (:func:`metarec.data.tasks.epoch_order`), shared with the
+in-memory path, so the state is ``(seed, epoch, batch)``. Rows are read with ``os.pread`` rather
+than through a memory map: a memory map's touched pages count in the process's RSS (a random
+epoch touches every page, so RSS would grow to the shards' size), while ``pread`` holds only the
+rows of the batch.
 
 :class:`ShardWriter` writes in bounded memory (at most one shard of tasks pending);
 ``shards.json`` is written last, so an interrupted write leaves no readable folder.
@@ -189,13 +192,39 @@ def _read_index(directory: str) -> dict:
 
 
 @dataclasses.dataclass
+class Column:
+    """One ``.npy`` file of a shard: rows of ``row_shape`` ``dtype`` from byte ``offset`` on."""
+
+    path: str
+    offset: int
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    _fd: int | None = None
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (one ``pread`` each; the file stays open)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        size = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        raw = b"".join(os.pread(self._fd, size, self.offset + int(i) * size) for i in idx)
+        if len(raw) != size * len(idx):
+            raise ShardError(f"{self.path}: corrupt shard file (short read)")
+        return np.frombuffer(raw, self.dtype).reshape(len(idx), *self.row_shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclasses.dataclass
 class ShardSet:
-    """One process's shards, memory-mapped: ``arrays[k][field]`` is shard ``k``'s ``[T_k, ...]``
-    array; local task ``i`` lives in shard ``searchsorted(offsets, i, "right") - 1``."""
+    """One process's shards: ``arrays[k][field]`` is shard ``k``'s column of ``field``; local task
+    ``i`` lives in shard ``searchsorted(offsets, i, "right") - 1``."""
 
     directory: str
     names: list[str]
-    arrays: list[dict[str, np.ndarray]]
+    arrays: list[dict[str, Column]]
     offsets: np.ndarray  # [n_shards + 1] cumulative task counts
     support_width: int
     query_width: int
@@ -223,9 +252,15 @@ class ShardSet:
             if f in self.arrays[0]:
                 for k in np.unique(shard):
                     sel = shard == k
-                    a[sel] = self.arrays[k][f][idx[sel] - self.offsets[k]]
+                    a[sel] = self.arrays[k][f].rows(idx[sel] - self.offsets[k])
             out[f] = a
         return UserSets(**out)
+
+    def close(self) -> None:
+        """Close the open shard files (reading again reopens them)."""
+        for fields in self.arrays:
+            for col in fields.values():
+                col.close()
 
 
 def open_shards(
@@ -233,8 +268,8 @@ def open_shards(
 ) -> ShardSet:
     """This process's shards of ``directory``: shards ``process_index::process_count``, in order.
 
-    Every file is opened memory-mapped (nothing is read yet) and checked against the index
-    (shape, dtype); ``verify`` also compares each file's CRC-32 (reads every byte once). Errors
+    Every file's header is read and checked against the index (shape, dtype, file size);
+    ``verify`` also compares each file's CRC-32 (reads every byte once). Errors
     are one line naming the file or the argument."""
     for name, v in (("process_index", process_index), ("process_count", process_count)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
@@ -271,7 +306,8 @@ def open_shards(
                 )
             if verify and _crc(path) != s["crc32"][f]:
                 raise ShardError(f"{path}: corrupt shard file (CRC-32 differs from {INDEX})")
-            fields[f] = a
+            fields[f] = Column(path, int(a.offset), a.shape[1:], a.dtype)
+            del a  # the header and size check was all the memory map was for
         arrays.append(fields)
     counts = [s["n_tasks"] for s in shards]
     return ShardSet(
