@@ -14,6 +14,7 @@ import pytest
 
 from experiments.meta_rl import pipeline, runner, settings
 from experiments.meta_rl.configs import default, quick, slate
+from experiments.tune.configs import meta_rl_slate
 from metarec import data as mdata
 from metarec.training.runlog import read_json, read_metrics
 from metarec.training.trainer import NonFiniteLossError
@@ -127,6 +128,8 @@ def test_slate_configs_are_checked():
     spec = settings.resolve(slate.get_config())
     assert spec.env.slate_size == 5 and "dqn" not in spec.methods
     assert spec.env.horizon * spec.env.slate_size <= spec.n_items
+    tune = meta_rl_slate.get_config()  # the slate tune stage searches the slate simulator
+    assert tune.write_config == slate.TUNED and tune.base.env.slate_size == 5
     c = _tiny_config()
     c.env.slate_size = 3  # 3 slates of 3 > 8 items
     with pytest.raises(ValueError, match="shows more items than the catalogue's"):
