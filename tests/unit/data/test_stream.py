@@ -118,9 +118,10 @@ def test_the_loader_holds_at_most_its_buffer(scale_dirs):
             sh, lambda s: s, meta_batch=8, start=mstream.LoaderState(0), buffer=buffer
         ) as st:
             for _ in range(6):
-                time.sleep(0.02)  # a slow consumer: the reader fills its buffer
                 next(st)
-            time.sleep(0.05)
+                deadline = time.monotonic() + 5  # a slow consumer: the reader fills its buffer
+                while buffer > 1 and st.held_tasks < buffer * 8 and time.monotonic() < deadline:
+                    time.sleep(0.002)
             assert st.peak_held_tasks == buffer * 8  # reached, and never above
 
 
