@@ -1,0 +1,47 @@
+"""A tiny scale-benchmark size runs every phase and reports what the JSON promises; the linearity
+summary compares epoch seconds per task. No timing is asserted."""
+
+import types
+
+from benchmarks.scale import bench
+
+TINY = types.SimpleNamespace(
+    mean_ratings=12.0,
+    chunk_users=100,
+    shard_size=64,
+    meta_batch=8,
+    learner="fomaml",
+    inner_steps=1,
+    width=8,
+    embed_dim=4,
+    steps=3,
+    full_epoch_max_users=0,
+    stream_batches=5,
+    buffer=2,
+    keep_data=False,
+    seed=0,
+    items_per_user=0.0,
+    min_items=60,
+)
+
+
+def test_one_size_runs_every_phase(tmp_path):
+    out = bench.run_size(200, TINY, str(tmp_path), lambda m: None)
+    assert (out["n_users"], out["n_items"], out["n_tasks"], out["n_shards"]) == (200, 60, 200, 4)
+    for p in ("generate", "encode", "stream", "train"):
+        assert out[p]["seconds"] >= 0 and out[p]["peak_rss_mb"] > 0
+    t = out["train"]
+    assert t["n_batches"] == 25 and t["steps_timed"] == 3 and not t["epoch_measured"]
+    assert abs(t["epoch_s"] - t["step_s_mean"] * 25) < 0.01  # n_batches x the mean step
+    assert out["stream"]["batches"] == 5 and out["stream"]["peak_held_tasks"] <= 2 * 8
+    assert not (tmp_path / "u200").exists()  # keep_data=False
+
+
+def test_linearity_is_epoch_seconds_per_task():
+    sizes = [
+        {"n_users": n, "n_tasks": n, "train": {"epoch_s": s}}
+        for n, s in ((10, 1.0), (100, 12.0), (1000, 131.0))
+    ]
+    got = bench.linearity(sizes)
+    assert got["per_task_ratio_to_smallest"] == {"10": 1.0, "100": 1.2, "1000": 1.31}
+    assert not got["within_25pct"]
