@@ -30,7 +30,7 @@ from metarec.data.sampling import (
 )
 from metarec.data.scenarios import SCENARIOS, Split, UserSets, make_split, split_validation
 from metarec.data.shards import ShardError, ShardSet, ShardWriter, open_shards, write_shards
-from metarec.data.stream import LoaderState, MetaBatchStream
+from metarec.data.stream import LoaderState, MetaBatchStream, ShardTasks
 from metarec.data.synthetic import make_synthetic_tasks
 from metarec.data.tasks import (
     Examples,
@@ -67,6 +67,7 @@ __all__ = [
     "SCENARIOS",
     "ShardError",
     "ShardSet",
+    "ShardTasks",
     "ShardWriter",
     "Split",
     "Task",

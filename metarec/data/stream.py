@@ -48,6 +48,23 @@ class LoaderState:
         return cls(int(d["seed"]), int(d["epoch"]), int(d["batch"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardTasks:
+    """Tasks on disk that :func:`metarec.training.meta_train.meta_train` can take in place of an
+    in-memory ``Task``: ``num_tasks`` and ``take(rows)`` (the encoded tasks at ``rows``, read on
+    demand), so meta-training holds one meta-batch at a time and visits the same batches."""
+
+    shards: ShardSet
+    encode: Callable[[UserSets], Task]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.shards.n_tasks
+
+    def take(self, rows) -> Task:
+        return self.encode(self.shards.take(rows))
+
+
 _END = object()
 
 

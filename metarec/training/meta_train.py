@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from metarec import metrics as mmetrics
+from metarec.data.stream import ShardTasks
 from metarec.data.tasks import Task, index_tasks, pad_tasks
 from metarec.meta.step import shard_tasks
 from metarec.training import trainer
@@ -139,7 +140,10 @@ def pooled(tasks: Task) -> Task:
 
 def _epoch_tasks(train, name: str) -> Callable[[int], Task]:
     """``epoch -> Task`` for fixed tasks or a per-epoch sampler; the last draw is memoised (a
-    checkpointed epoch runs in several pieces) and every draw is checked for non-finite values."""
+    checkpointed epoch runs in several pieces) and every draw is checked for non-finite values
+    (tasks on disk, :class:`~metarec.data.stream.ShardTasks`: every meta-batch as it is read)."""
+    if isinstance(train, ShardTasks):
+        return lambda epoch: train
     if not callable(train):
         check_finite_tasks(train, f"{name}: training tasks")
         return lambda epoch: train
@@ -186,9 +190,11 @@ def meta_train(
     stopping on validation MAE (``eval_fn`` from ``make_eval_fn``); returns the best
     meta-parameters.
 
-    ``train`` is a fixed :class:`Task` batch or a function ``epoch -> Task`` (a fresh draw per
+    ``train`` is a fixed :class:`Task` batch, a function ``epoch -> Task`` (a fresh draw per
     epoch, e.g. from :func:`metarec.data.sample_user_sets`; it must be deterministic in ``epoch``
-    and give the same number of tasks every epoch, so a resumed run draws the same tasks).
+    and give the same number of tasks every epoch, so a resumed run draws the same tasks), or
+    fixed tasks on disk (:class:`~metarec.data.stream.ShardTasks`, read one meta-batch at a time:
+    the same batches, and parameters, as the same tasks in memory).
 
     Sampling: epoch ``e`` visits the training tasks in the order
     :func:`~metarec.training.checkpoint.epoch_order` ``(sampler_seed, e)`` in meta-batches of
@@ -268,7 +274,12 @@ def meta_train(
             raise ValueError(f"{name}: epoch {epoch} drew {train_e.num_tasks} tasks, not {n_tasks}")
         while h["batch"] < n_batches:
             b = h["batch"]
-            tasks = index_tasks(train_e, order[b * meta_batch : (b + 1) * meta_batch])
+            rows = order[b * meta_batch : (b + 1) * meta_batch]
+            if isinstance(train_e, ShardTasks):  # read from disk now, one meta-batch at a time
+                tasks = train_e.take(rows)
+                check_finite_tasks(tasks, f"{name}: training tasks of epoch {epoch}")
+            else:
+                tasks = index_tasks(train_e, rows)
             k, sub = jax.random.split(k)
             weights = jnp.ones(meta_batch)
             if mesh is not None:  # data parallel: tasks split over devices, params replicated

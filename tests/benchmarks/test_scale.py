@@ -3,6 +3,8 @@ summary compares epoch seconds per task. No timing is asserted."""
 
 import types
 
+import pytest
+
 from benchmarks.scale import bench
 
 TINY = types.SimpleNamespace(
@@ -25,6 +27,7 @@ TINY = types.SimpleNamespace(
 )
 
 
+@pytest.mark.slow  # ~8 s, mostly compiling the step: the default suite's time budget is spent
 def test_one_size_runs_every_phase(tmp_path):
     out = bench.run_size(200, TINY, str(tmp_path), lambda m: None)
     assert (out["n_users"], out["n_items"], out["n_tasks"], out["n_shards"]) == (200, 60, 200, 4)

@@ -1,4 +1,5 @@
-"""Meta-batches streamed from task shards equal the cold-start experiment's in-memory ones."""
+"""Meta-batches streamed from task shards equal the cold-start experiment's in-memory ones, and
+meta-training on the shards ends with the same parameters."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from experiments.coldstart.configs import default as default_config
 from metarec.data import shards as mshards
 from metarec.data import stream as mstream
 from metarec.data.tasks import epoch_order, index_tasks
+from metarec.training.meta_train import meta_train
 from tests.conftest import load_ml100k, write_ml100k
 
 SEED, B = 12345, 8  # sampler seed, meta-batch
@@ -35,9 +37,13 @@ def _assert_same(got, want):
             np.testing.assert_array_equal(x, y)
 
 
-def test_streamed_meta_batches_equal_the_in_memory_path(tmp_path):
+def _seed_data(tmp_path, cfg):
     d = write_ml100k(tmp_path / "ml-100k", n_users=150, n_items=120, min_per_user=14, seed=11)
-    sd = build.prepare_seed(load_ml100k(d), 0, default_config.base_config())
+    return build.prepare_seed(load_ml100k(d), 0, cfg)
+
+
+def test_streamed_meta_batches_equal_the_in_memory_path(tmp_path):
+    sd = _seed_data(tmp_path, default_config.base_config())
     # fixed tasks ("fixed" mode), several shards, two epochs
     mshards.write_shards(
         sd.train_sets, str(tmp_path / "fixed"), shard_size=17, support_width=sd.width
@@ -62,3 +68,26 @@ def test_streamed_meta_batches_equal_the_in_memory_path(tmp_path):
         got3 = [b for b, _ in st]
     want3 = _in_memory(sd.samplers["resample"], (3,))
     _assert_same(got3, want3)
+
+
+def test_meta_training_on_shards_ends_with_the_in_memory_parameters(tmp_path):
+    cfg = default_config.base_config()
+    cfg.embed_dim, cfg.hidden, cfg.inner_steps, cfg.meta_batch = 4, (8,), 1, 16
+    cfg.epochs, cfg.patience, cfg.eval_chunk = 1, 1, 32
+    sd = _seed_data(tmp_path, cfg)
+    mshards.write_shards(sd.train_sets, str(tmp_path / "s"), shard_size=30, support_width=sd.width)
+    on_disk = mstream.ShardTasks(mshards.open_shards(str(tmp_path / "s")), sd.encode)
+    fns = build.Compiled(cfg)
+    spec = sd.encoder.spec
+    init_fn, _ = fns.model(spec)
+    k_init, key = jax.random.split(jax.random.PRNGKey(0))
+    # validation scores are not compared here: a stub evaluation spares its compilation
+    args = (fns.learner(spec, "fomaml"), fns.step(spec, "fomaml"), lambda p, b: {"pred": b.query.y})
+    params = init_fn(k_init)
+
+    def run(train):
+        return meta_train(*args, params, train, sd.val, cfg, key, (1.0, 5.0))
+
+    ref, got = run(sd.train), run(on_disk)
+    assert ref.steps == got.steps > 0 and ref.params_sha256 == got.params_sha256
+    assert [h["train_loss"] for h in ref.history] == [h["train_loss"] for h in got.history]
