@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks.meta_step.machine import reset_peak_rss
 from metarec import meta
 from metarec.data import shards as mshards
 from metarec.data import stream as mstream
@@ -28,16 +29,6 @@ from metarec.meta.step import make_meta_step
 from metarec.models import melu
 
 MB = 1 << 20
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peak_rss_mb() -> float:

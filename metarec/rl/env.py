@@ -337,11 +337,7 @@ def step(key: jax.Array, state: EnvState, action, params: EnvParams):
     hist_items = roll(state.hist_items, a)
     hist_responses = roll(state.hist_responses, clickf)
     hist_mask = roll(state.hist_mask, 1.0)
-    unrewarded = jnp.where(click, 0, state.unrewarded + 1)
-    t = state.t + 1
-    p_leave = jnp.clip(params.leave_base + params.leave_growth * unrewarded, 0.0, 1.0)
-    terminated = jax.random.uniform(k_leave) < p_leave
-    truncated = (t >= params.horizon) & ~terminated
+    unrewarded, t, terminated, truncated = _leave(k_leave, state, click, params)
 
     new_state = EnvState(
         t=t,
@@ -362,6 +358,17 @@ def step(key: jax.Array, state: EnvState, action, params: EnvParams):
         "repeat": repeat,
     }
     return _finish(state, new_state, reward, terminated, truncated, info, params)
+
+
+def _leave(key, state: EnvState, click, params: EnvParams):
+    """``(unrewarded, t, terminated, truncated)`` after a step with or without a click: the user
+    leaves with a probability that grows with the consecutive unrewarded steps."""
+    unrewarded = jnp.where(click, 0, state.unrewarded + 1)
+    t = state.t + 1
+    p_leave = jnp.clip(params.leave_base + params.leave_growth * unrewarded, 0.0, 1.0)
+    terminated = jax.random.uniform(key) < p_leave
+    truncated = (t >= params.horizon) & ~terminated
+    return unrewarded, t, terminated, truncated
 
 
 def _finish(state, new_state, reward, terminated, truncated, info, params):
@@ -442,11 +449,7 @@ def _step_slate(key: jax.Array, state: EnvState, action, params: EnvParams):
     def push(h, v):  # the slate's shown items, top first, enter the history
         return jnp.concatenate([h, v.astype(h.dtype)])[-length:]
 
-    unrewarded = jnp.where(click, 0, state.unrewarded + 1)
-    t = state.t + 1
-    p_leave = jnp.clip(params.leave_base + params.leave_growth * unrewarded, 0.0, 1.0)
-    terminated = jax.random.uniform(k_leave) < p_leave
-    truncated = (t >= params.horizon) & ~terminated
+    unrewarded, t, terminated, truncated = _leave(k_leave, state, click, params)
     new_state = EnvState(
         t=t,
         hist_items=push(state.hist_items, jnp.where(valid, a, n_items)),
