@@ -33,6 +33,7 @@ from metarec.meta.learners import (
     reptile,
 )
 from metarec.meta.registry import LEARNERS, LearnerEntry, make_learner
+from metarec.meta.tables import LookupTable
 
 __all__ = [
     "adapt",
@@ -46,6 +47,7 @@ __all__ = [
     "resolve_mask",
     "LEARNERS",
     "LearnerEntry",
+    "LookupTable",
     "MetaLearner",
     "MetaSGDParams",
     "cg_solve",

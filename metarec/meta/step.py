@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from metarec.meta import tables as _tables
 from metarec.meta.inner import mse
 
 PyTree = Any
@@ -144,6 +145,21 @@ def _weighted_task_sums(learner, meta_params, tasks, weights, keys, compute_dtyp
     return jnp.sum(losses), jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads)
 
 
+def _sparse_task_sums(learner, meta_params, which, rows, tasks, weights, keys, compute_dtype):
+    """:func:`_weighted_task_sums` on row-gathered tables (:mod:`metarec.meta.tables`): each
+    task's rows are gathered here, outside the ``vmap``; the per-task gradient of a table leaf is
+    w.r.t. its ``[R, dim]`` rows, scattered into the table once for all tasks."""
+    f = weighted_task_grad(learner, compute_dtype)
+    local, axes = _tables.gather_rows(meta_params, which, rows)
+    if keys is None:
+        losses, grads = jax.vmap(lambda p, t, w: f(p, t, w, None), in_axes=(axes, 0, 0))(
+            local, tasks, weights
+        )
+    else:
+        losses, grads = jax.vmap(f, in_axes=(axes, 0, 0, 0))(local, tasks, weights, keys)
+    return jnp.sum(losses), _tables.sum_task_grads(grads, meta_params, which, rows)
+
+
 def make_meta_step(
     learner,
     optimizer: optax.GradientTransformation,
@@ -154,6 +170,7 @@ def make_meta_step(
     mesh: Mesh | None = None,
     axis: str = TASK_AXIS,
     jit: bool = True,
+    sparse_tables=None,
 ) -> Callable:
     """Build ``step(meta_params, opt_state, tasks, task_weights, key=None) ->
     (meta_params, opt_state, metrics)``.
@@ -175,6 +192,13 @@ def make_meta_step(
         ``axis`` and the parameters replicated (see :func:`shard_tasks`). Results equal the
         single-device ones up to float summation order.
       jit: wrap the step in ``jax.jit`` (default).
+      sparse_tables: optional sequence of :class:`metarec.meta.tables.LookupTable` (e.g.
+        :func:`metarec.models.melu.lookup_tables`): embedding tables the inner loop does not adapt
+        are differentiated w.r.t. the rows each task reads (gathered once per meta-batch) and their
+        meta-gradient is one scatter-add over the batch, instead of a dense per-task
+        ``[T, vocab, dim]`` gradient. Same meta-gradient up to float summation order; a table the
+        inner loop adapts, or a model that cannot run on a gathered table, is refused with a
+        ``ValueError``. None (default): the dense step, unchanged.
 
     ``tasks`` is a batched :class:`metarec.data.tasks.Task` (leading task axis T); ``task_weights``
     ``[T]`` (1.0 real task, 0.0 padding; any non-negative weights work). The meta-gradient is
@@ -200,11 +224,22 @@ def make_meta_step(
             tasks = jax.lax.with_sharding_constraint(tasks, NamedSharding(mesh, P(axis)))
             weights = jax.lax.with_sharding_constraint(weights, NamedSharding(mesh, P(axis)))
         keys = None if key is None else jax.random.split(key, n_tasks)
+        if sparse_tables:
+            which = _tables.table_leaves(meta_params, sparse_tables)
+            rows = _tables.row_indices(tasks, sparse_tables)
+            tasks = _tables.localize_tasks(tasks, sparse_tables)
+            _tables.check_not_adapted(learner, meta_params, which, rows, tasks, sparse_tables)
+
+            def sums(t, w, k, r):
+                return _sparse_task_sums(learner, meta_params, which, r, t, w, k, compute_dtype)
+        else:
+            rows = None
+
+            def sums(t, w, k, r):
+                return _weighted_task_sums(learner, meta_params, t, w, k, compute_dtype)
 
         if chunk_size is None or chunk_size >= n_tasks:
-            loss_sum, grad_sum = _weighted_task_sums(
-                learner, meta_params, tasks, weights, keys, compute_dtype
-            )
+            loss_sum, grad_sum = sums(tasks, weights, keys, rows)
         else:
             if n_tasks % chunk_size:
                 raise ValueError(
@@ -221,6 +256,7 @@ def make_meta_step(
                 jax.tree_util.tree_map(to_chunks, tasks),
                 to_chunks(weights),
                 None if keys is None else to_chunks(keys),
+                None if rows is None else [to_chunks(r) for r in rows],
             )
             zero = (
                 jnp.zeros((), jnp.float32),
@@ -228,8 +264,7 @@ def make_meta_step(
             )
 
             def body(carry, chunk):
-                t, w, k = chunk
-                l, g = _weighted_task_sums(learner, meta_params, t, w, k, compute_dtype)
+                l, g = sums(*chunk)
                 return (carry[0] + l, jax.tree_util.tree_map(jnp.add, carry[1], g)), None
 
             (loss_sum, grad_sum), _ = jax.lax.scan(body, zero, xs)

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from metarec.meta.inner import path_filter
+from metarec.meta.tables import LookupTable
 
 PyTree = Any
 
@@ -205,9 +206,41 @@ def make_melu(
     def apply_fn(
         params: PyTree, x: dict, *, key: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
-        return module.apply({"params": params}, x, key=key, train=train)
+        return _sized(module, params).apply({"params": params}, x, key=key, train=train)
 
     return init_fn, apply_fn
+
+
+def _sized(module: MeLU, params: PyTree) -> MeLU:
+    """``module`` with each field's vocab read from its embedding table in ``params``: the module
+    itself for full tables; a copy for the meta-step's row-gathered tables (``[1 + S + Q, dim]``,
+    :mod:`metarec.meta.tables`), whose index columns hold positions in those rows."""
+
+    def rows(name, v):
+        table = params.get(name) if hasattr(params, "get") else None
+        return v if table is None else int(jnp.shape(table["embedding"])[0])
+
+    uv = tuple(rows(f"user_emb_{j}", v) for j, v in enumerate(module.user_vocab))
+    iv = tuple(rows(f"item_emb_{j}", v) for j, v in enumerate(module.item_vocab))
+    if uv == module.user_vocab and iv == module.item_vocab:
+        return module
+    return module.clone(user_vocab=uv, item_vocab=iv)
+
+
+def lookup_tables(spec, *, use_item_id: bool = True, min_vocab: int = 0) -> tuple:
+    """MeLU's embedding tables as :class:`metarec.meta.tables.LookupTable` for
+    ``make_meta_step(..., sparse_tables=...)``: ``user_emb_{j}`` read by ``x["user"][..., j]`` and
+    ``item_emb_{j}`` by ``x["item"][..., j]`` (no item-id table when ``use_item_id=False``).
+    ``min_vocab`` keeps tables with fewer rows dense: gathering ``1 + S + Q`` rows per task only
+    saves work on a table larger than that (the item ids; at ml-100k also the zip codes)."""
+    uv, iv, _ = _spec_fields(spec)
+    out = [LookupTable(f"user_emb_{j}/embedding", "user", j, v) for j, v in enumerate(uv)]
+    out += [
+        LookupTable(f"item_emb_{j}/embedding", "item", j, v)
+        for j, v in enumerate(iv)
+        if use_item_id or j != 1
+    ]
+    return tuple(t for t in out if t.vocab >= min_vocab)
 
 
 _FILTERS = {
