@@ -25,6 +25,8 @@ class BenchConfig:
     step (None = all tasks in one vmap); ``devices`` > 1 shards the task axis over a device mesh;
     ``dropout`` is MeLU's feature dropout during meta-training (0.1 as in the cold-start
     experiment; 0 runs the step without a PRNG key, which also compiles about twice as fast).
+    ``n_items``: synthetic catalogue size (None: 400); mode ``sparse`` is the step with
+    row-gathered embedding tables.
     """
 
     learner: str = "maml"
@@ -41,6 +43,7 @@ class BenchConfig:
     modes: tuple[str, ...] = ("vmap",)
     devices: int = 1
     dropout: float = 0.1
+    n_items: int | None = None
     section: str = "custom"
 
     def validate(self) -> None:
@@ -75,6 +78,8 @@ class BenchConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_items is not None and (self.data != "synthetic" or self.n_items < 2):
+            raise ValueError(f"n_items={self.n_items} needs data='synthetic' and >= 2 items")
         if self.remat and not meta.LEARNERS[self.learner].remat:
             raise ValueError(
                 f"remat does not apply to {self.learner} (it never back-propagates through the "
@@ -95,6 +100,8 @@ class BenchConfig:
             s += f" {self.dtype}"
         if self.devices > 1:
             s += f" dev={self.devices}"
+        if self.n_items:
+            s += f" items={self.n_items}"
         return s
 
     def as_dict(self) -> dict:
@@ -105,7 +112,19 @@ class BenchConfig:
 HEADLINE = dict(
     data="synthetic", meta_batch=32, support=64, query=16, inner_steps=5, width=64, embed_dim=32
 )
-SECTIONS = ("headline", "data", "meta_batch", "inner_steps", "support", "width", "chunk", "dtype")
+SECTIONS = (
+    "headline",
+    "data",
+    "meta_batch",
+    "inner_steps",
+    "support",
+    "width",
+    "chunk",
+    "dtype",
+    "tables",
+)
+#: the catalogue size of the large-catalogue comparison in section ``tables``
+LARGE_CATALOGUE = 100_000
 #: the large configuration of the peak-fraction target (MeLU with 512-wide hidden layers)
 LARGE = dict(meta_batch=16, support=128, width=512, embed_dim=64)
 
@@ -165,6 +184,14 @@ def _default_sections(learners: Sequence[str], sections: Sequence[str]) -> list[
         grid += [
             b("dtype", learner="maml", dtype="bfloat16"),
             b("dtype", learner="maml", **LARGE, dtype="bfloat16"),
+        ]
+    if "tables" in sections:
+        # dense vs row-gathered embedding tables: ml-100k (1682 items) and a 100k-item catalogue
+        sparse = ("vmap", "sparse")
+        grid += [
+            b("tables", learner="maml", modes=sparse),
+            b("tables", learner="maml", data="ml-100k", modes=sparse),
+            b("tables", learner="maml", n_items=LARGE_CATALOGUE, modes=sparse),
         ]
     return grid
 

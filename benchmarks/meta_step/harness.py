@@ -35,7 +35,8 @@ TARGETS = {
 }
 #: configuration fields that make two records the same meta-step
 _SAME_STEP = tuple(
-    "data meta_batch support query inner_steps width embed_dim dtype remat dropout devices".split()
+    """data meta_batch support query inner_steps width embed_dim dtype remat dropout devices
+    n_items""".split()
 )
 
 
@@ -92,6 +93,8 @@ def _comparison(cfg: BenchConfig, by_mode: dict) -> dict:
         "vmap_over_loop": _ratio(rate.get("vmap"), rate.get("loop")),
         "vmap_over_map": _ratio(rate.get("vmap"), rate.get("map")),
         "map_over_loop": _ratio(rate.get("map"), rate.get("loop")),
+        # row-gathered embedding tables over the dense per-task table gradient
+        "sparse_over_vmap": _ratio(rate.get("sparse"), rate.get("vmap")),
     }
 
 
@@ -241,7 +244,7 @@ def _speedup_target(result: dict, name: str) -> dict:
         for r in result["records"]
         if r["mode"] != "loop"
         and r["config"]["learner"] == "maml"
-        and all(r["config"][k] == config[k] for k in _SAME_STEP)
+        and all(r["config"].get(k) == config.get(k) for k in _SAME_STEP)
     ]
     if same:
         best = max(same, key=lambda r: r["steps_per_s"])

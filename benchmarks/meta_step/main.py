@@ -56,6 +56,11 @@ flags.DEFINE_float(
     lower_bound=0.0,
 )
 flags.DEFINE_bool("profile", True, "Profile the headline and large vmapped steps.")
+flags.DEFINE_list(
+    "memory_steps",
+    None,
+    "Inner-step counts of the memory-vs-inner-steps section (default: the preset's; empty: skip).",
+)
 flags.DEFINE_integer("seed", 0, "Seed for data, parameters and batch order.")
 common.define_run_flags("runs/benchmark", resumable=False)
 
@@ -90,6 +95,8 @@ def main() -> None:
     if FLAGS.min_time is not None:
         settings.min_time = FLAGS.min_time
     settings.profile = FLAGS.profile
+    if FLAGS.memory_steps is not None:
+        settings.memory_steps = tuple(_ints("memory_steps") or ())
     settings.seed = FLAGS.seed
     workdir = common.prepare_workdir(FLAGS.workdir, "benchmark")
     if jax.device_count() < FLAGS.devices:

@@ -100,6 +100,7 @@ def measure(
         clip_norm=CLIP_NORM,
         compute_dtype=dtype,
         mesh=mesh,
+        sparse_tables=problem.tables,
     )
     T = cfg.meta_batch
     weights = jnp.ones((T,), jnp.float32)

@@ -40,6 +40,8 @@ class Problem:
     opt_state: PyTree
     pool: Task
     spec: Any
+    #: MeLU's lookup tables larger than the rows a task reads (for the ``sparse`` mode)
+    tables: tuple = ()
 
 
 def load_ml100k_pool(data_dir: str | None = None, seed: int = 0):
@@ -54,12 +56,14 @@ def load_ml100k_pool(data_dir: str | None = None, seed: int = 0):
     return sd.train, sd.encoder.spec
 
 
-def synthetic_pool(n_tasks: int, support: int, query: int, seed: int = 0):
+def synthetic_pool(
+    n_tasks: int, support: int, query: int, seed: int = 0, n_items: int | None = None
+):
     """Synthetic MovieLens-format tasks (:func:`metarec.data.make_synthetic_tasks`) and their
-    spec."""
+    spec; ``n_items`` (default ``max(400, 2 (S + Q))``) sets the catalogue (item-id table) size."""
     from metarec.data import make_synthetic_tasks
 
-    n_items = max(400, 2 * (support + query))
+    n_items = n_items or max(400, 2 * (support + query))
     tasks, spec, _ = make_synthetic_tasks(
         seed, n_users=n_tasks, n_items=n_items, n_support=support, n_query=query
     )
@@ -92,9 +96,9 @@ def build_problem(
             pools[key] = load_ml100k_pool(seed=seed)
     else:
         n = max(2 * cfg.meta_batch, 64)
-        key = ("synthetic", cfg.support, cfg.query)
+        key = ("synthetic", cfg.support, cfg.query, cfg.n_items)
         if key not in pools or pools[key][0].num_tasks < n:
-            pools[key] = synthetic_pool(n, cfg.support, cfg.query, seed)
+            pools[key] = synthetic_pool(n, cfg.support, cfg.query, seed, cfg.n_items)
     pool, spec = pools[key]
     init_fn, apply_fn = melu.make_melu(
         spec, embed_dim=cfg.embed_dim, hidden=(cfg.width, cfg.width), feature_dropout=cfg.dropout
@@ -103,7 +107,9 @@ def build_problem(
     meta_params = learner.init(init_fn(jax.random.PRNGKey(seed)))
     optimizer = optimizer or optax.adamw(META_LR, weight_decay=1e-4)
     opt_state = optimizer.init(meta_params)
-    return Problem(cfg, learner, apply_fn, meta_params, optimizer, opt_state, pool, spec)
+    rows = 1 + int(pool.support.size) + int(pool.query.size)  # rows a task gathers per table
+    tables = melu.lookup_tables(spec, min_vocab=rows + 1)
+    return Problem(cfg, learner, apply_fn, meta_params, optimizer, opt_state, pool, spec, tables)
 
 
 def sample_batches(pool: Task, meta_batch: int, seed: int = 0) -> Iterator[Task]:

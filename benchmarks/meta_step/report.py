@@ -66,10 +66,13 @@ def _comparisons(result: dict) -> list[str]:
         return []
     lines = ["", "same meta-step, three executions (ratios of steps/s, measured in this run):"]
     for c in result["comparisons"]:
-        lines.append(
+        line = (
             f"  {c['label']:46s} vmap/loop {_times(c['vmap_over_loop']):>8s}  "
             f"vmap/map {_times(c['vmap_over_map']):>8s}  map/loop {_times(c['map_over_loop']):>8s}"
         )
+        if c.get("sparse_over_vmap") is not None:
+            line += f"  sparse/vmap {_times(c['sparse_over_vmap']):>8s}"
+        lines.append(line)
     return lines
 
 

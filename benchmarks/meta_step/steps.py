@@ -4,6 +4,8 @@
   the task axis, one ``jax.jit``);
 * ``map``: the same meta-step with ``jax.lax.map`` over tasks instead of ``vmap`` (one jitted
   program, tasks processed one after another inside XLA);
+* ``sparse``: the library step with row-gathered embedding tables
+  (``make_meta_step(..., sparse_tables=...)``: no dense per-task gradient of MeLU's tables);
 * ``loop``: what typical research code does: a Python loop over the tasks, each task's adapt +
   query loss + meta-gradient jitted separately, the gradients pulled to the host and summed there,
   then one jitted optimizer update.
@@ -25,7 +27,7 @@ import optax
 from metarec.data.tasks import Task, index_tasks
 from metarec.meta import step as mstep
 
-MODES = ("vmap", "map", "loop")
+MODES = ("vmap", "map", "loop", "sparse")
 
 
 def grad_capture() -> optax.GradientTransformation:
@@ -110,12 +112,22 @@ class LoopStep:
 
 
 def make_step(
-    learner, optimizer, mode: str, *, chunk_size=None, clip_norm=None, compute_dtype=None, mesh=None
+    learner,
+    optimizer,
+    mode: str,
+    *,
+    chunk_size=None,
+    clip_norm=None,
+    compute_dtype=None,
+    mesh=None,
+    sparse_tables=None,
 ):
     """The meta-step in execution ``mode`` (``vmap`` = :func:`metarec.meta.step.make_meta_step`,
-    ``map`` = :func:`make_map_step`, ``loop`` = :class:`LoopStep`). ``chunk_size``/``mesh`` apply
-    to vmap."""
-    if mode == "vmap":
+    ``sparse`` = the same with ``sparse_tables``, ``map`` = :func:`make_map_step`, ``loop`` =
+    :class:`LoopStep`). ``chunk_size``/``mesh`` apply to vmap and sparse."""
+    if mode in ("vmap", "sparse"):
+        if mode == "sparse" and not sparse_tables:
+            raise ValueError("mode 'sparse' needs sparse_tables (the model's lookup tables)")
         return mstep.make_meta_step(
             learner,
             optimizer,
@@ -123,6 +135,7 @@ def make_step(
             clip_norm=clip_norm,
             compute_dtype=compute_dtype,
             mesh=mesh,
+            sparse_tables=sparse_tables if mode == "sparse" else None,
         )
     if mode == "map":
         return make_map_step(learner, optimizer, clip_norm=clip_norm, compute_dtype=compute_dtype)
