@@ -253,13 +253,13 @@ def main(
     argv: list[str] | None = None,
 ) -> dict:
     """The script body: check the config, prepare ``workdir``, run, print the tables."""
-    settings.resolve(config)  # a bad config fails before the workdir is touched
+    spec = settings.resolve(config)  # a bad config fails before the workdir is touched
     common.enable_compilation_cache()
     common.prepare_workdir(workdir, "meta_rl", RUN_FILES, overwrite=overwrite)
     payload = run(config, workdir, argv, resume=resume, log_fn=lambda m: print(m, flush=True))
     print(f"training data: {payload.get('training_data')}")
     print(f"recommended method: {payload.get('recommended')}\n")
-    for metric in runner.metrics_of(settings.resolve(config)):
+    for metric in runner.metrics_of(spec):
         print(format_table(payload, metric), end="\n\n")
     for s in payload["per_seed"]:
         if "online" in s:

@@ -402,13 +402,14 @@ def slate_ndcg(probs, available_probs, k: int):
     return jnp.where(ideal > 0, jnp.sum(probs * disc) / jnp.maximum(ideal, 1e-12), 0.0)
 
 
-def _slate_terms(state: EnvState, params: EnvParams, a, valid):
-    """Per position: ``(repeat, click probability, reward of a click, cost)`` of slate ``a``."""
+def _slate_terms(state: EnvState, params: EnvParams, a, valid, probs):
+    """Per position: ``(repeat, click probability, reward of a click, cost)`` of slate ``a``
+    (``probs``: every item's click probability in ``state``)."""
     k = params.slate_size
     earlier = jnp.tril(jnp.ones((k, k), jnp.bool_), -1)
     dup = jnp.any((a[:, None] == a[None, :]) & earlier & valid[None, :], axis=1)
     repeat = valid & ((state.consumed[a] > 0) | dup)
-    p = jnp.where(valid & ~repeat, click_probs(state, params)[a], 0.0)
+    p = jnp.where(valid & ~repeat, probs[a], 0.0)
     cost = jnp.where(valid, jnp.where(repeat, params.repeat_penalty, 0.0), params.invalid_penalty)
     return repeat, p, params.click_reward[a], cost
 
@@ -423,7 +424,8 @@ def _step_slate(key: jax.Array, state: EnvState, action, params: EnvParams):
     in_range = (action >= 0) & (action < n_items)
     a = jnp.clip(action, 0, n_items - 1)
     valid = in_range & (params.item_mask[a] > 0)
-    repeat, p, rew, cost = _slate_terms(state, params, a, valid)
+    p_all = click_probs(state, params)
+    repeat, p, rew, cost = _slate_terms(state, params, a, valid, p_all)
     attracted = jax.random.uniform(k_click, (k,)) < p
     goes_on = ~attracted & (jax.random.uniform(k_exam, (k,)) < decay)
     reached = jnp.cumprod(jnp.concatenate([jnp.ones((1,)), goes_on[:-1].astype(jnp.float32)]))
@@ -434,10 +436,10 @@ def _step_slate(key: jax.Array, state: EnvState, action, params: EnvParams):
     expected = slate_value(p, rew, cost, decay)
     best = oracle_action(state, params)
     valid_best = params.item_mask[best] > 0
-    _, p_best, rew_best, cost_best = _slate_terms(state, params, best, valid_best)
+    _, p_best, rew_best, cost_best = _slate_terms(state, params, best, valid_best, p_all)
     best_er = slate_value(p_best, rew_best, cost_best, decay)
     open_items = (params.item_mask > 0) & (state.consumed == 0)
-    ndcg = slate_ndcg(p, jnp.where(open_items, click_probs(state, params), 0.0), k)
+    ndcg = slate_ndcg(p, jnp.where(open_items, p_all, 0.0), k)
 
     shown = valid.astype(jnp.float32)
     seen = reached * shown

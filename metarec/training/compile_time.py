@@ -23,7 +23,7 @@ COMPILE_EVENTS = (
 )
 
 _lock = threading.Lock()
-_total = {"seconds": 0.0, "installed": False}
+_installed = {"listener": False}
 _by_event = dict.fromkeys(COMPILE_EVENTS, 0.0)
 #: short names of the events in :func:`split_seconds`
 STAGES = dict(zip(COMPILE_EVENTS, ("trace", "lower", "backend_compile")))
@@ -32,7 +32,6 @@ STAGES = dict(zip(COMPILE_EVENTS, ("trace", "lower", "backend_compile")))
 def _listener(event: str, duration_secs: float, **kwargs) -> None:
     if event in COMPILE_EVENTS:
         with _lock:
-            _total["seconds"] += float(duration_secs)
             _by_event[event] += float(duration_secs)
 
 
@@ -40,12 +39,12 @@ def compile_seconds() -> float:
     """Seconds spent tracing, lowering and compiling in this process since the first call (which
     installs the listener and returns 0.0, unless something compiled concurrently)."""
     with _lock:
-        if not _total["installed"]:
+        if not _installed["listener"]:
             import jax  # here, so that importing the run log does not start JAX
 
             jax.monitoring.register_event_duration_secs_listener(_listener)
-            _total["installed"] = True
-        return _total["seconds"]
+            _installed["listener"] = True
+        return sum(_by_event.values())
 
 
 def stage_seconds() -> dict[str, float]:
