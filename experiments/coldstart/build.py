@@ -298,7 +298,7 @@ def initial_params(init_fn, key, sd: SeedData, cfg, seed: int):
     """The model's initial parameters; a model that starts from MF item tables gets them here."""
     params = init_fn(key)
     fill = get_model(cfg.model).with_item_tables
-    if fill is not None:
+    if fill is not None and cfg.get("cf_mf_tables", True):
         params = fill(params, *item_tables(sd, cfg, seed))
     return params
 
@@ -312,6 +312,7 @@ def deployed(sd: SeedData, cfg, seed: int) -> Callable:
     fill = get_model(cfg.model).with_item_tables
     if (
         fill is None
+        or not cfg.get("cf_mf_tables", True)
         or not cfg.cf_freeze_tables
         or sd.table_ratings[cfg.train_tasks] is sd.fit_ratings
     ):

@@ -75,6 +75,9 @@ class HybridCF(nn.Module):
     n_nbr: int = 0  # > 0: x["nbr"] [..., n_nbr] neighbourhood predictions, a learned blend
     nbr_init: float = 1 / 3  # the blend weights' initial value
     nbr_new_items: bool = False  # True: out-of-vocabulary ids are blended too
+    # > 0: item factors start N(0, table_init^2) instead of zero, for tables learned in the outer
+    # loop rather than filled from an MF (zero user and item vectors would be a saddle of p . q)
+    table_init: float = 0.0
 
     @nn.compact
     def __call__(self, x: dict, key: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -91,7 +94,8 @@ class HybridCF(nn.Module):
         known = (item_id > 0)[..., None]
 
         # item side: MF rows for known ids, the content path otherwise
-        q_id = nn.Embed(self.item_vocab[1], self.dim, embedding_init=_zeros, name="item_factors")(
+        q_init = nn.initializers.normal(self.table_init) if self.table_init > 0 else _zeros
+        q_id = nn.Embed(self.item_vocab[1], self.dim, embedding_init=q_init, name="item_factors")(
             item_id
         )
         b_id = nn.Embed(self.item_vocab[1], 1, embedding_init=_zeros, name="item_bias")(item_id)
@@ -164,6 +168,7 @@ def make_hybrid(
     nbr_init: float = 1 / 3,
     user_fields: int = -1,
     nbr_new_items: bool = False,
+    table_init: float = 0.0,
 ) -> tuple[Callable, Callable]:
     """``(init_fn, apply_fn)`` of :class:`HybridCF` over ``spec`` (a
     :class:`~metarec.data.encode.FeatureSpec`); the same calling convention as
@@ -188,6 +193,7 @@ def make_hybrid(
         user_fields=int(user_fields),
         nbr_init=float(nbr_init),
         nbr_new_items=bool(nbr_new_items),
+        table_init=float(table_init),
     )
 
     def init_fn(key: jax.Array) -> PyTree:

@@ -80,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.cf_hidden = ()  # a residual MLP on top of the CF term; () = none
     c.id_dropout = 0.2  # item ids replaced by OOV during meta-training (trains the content path)
     c.cf_freeze_tables = False  # True: meta-training leaves the MF item tables as fitted
+    # False: the item tables are not filled from an MF fitted on the training ratings; they start
+    # N(0, cf_table_init^2) and are learned in the outer loop only (the private and federated
+    # experiments, where no rating may be read outside the private or on-device computation)
+    c.cf_mf_tables = True
+    c.cf_table_init = 0.0
     c.cf_melu = False  # True: a MeLU network (the fields above) plus the CF term
     # True: neighbourhood CF too: each example's user-kNN and item-kNN predictions from its task's
     # support set (leave-one-out on support examples), blended by meta-learned weights

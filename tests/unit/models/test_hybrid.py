@@ -237,3 +237,20 @@ def test_ids_dropped_in_meta_training_are_not_blended_either():
     kept = ~dropped
     want = np.asarray(cf + (nbr @ params["nbr_weight"]) - 0.7 * cf)
     np.testing.assert_allclose(np.asarray(got)[kept], want[kept], atol=1e-5)
+
+
+def test_learned_tables_start_random_so_user_and_item_vectors_both_learn():
+    """With zero item factors and a zero user vector, p . q has zero gradient in both: tables
+    learned in the outer loop (no MF fill) start N(0, table_init^2)."""
+    init0, _ = hybrid.make_hybrid(SPEC, dim=DIM, embed_dim=4)
+    assert float(jnp.abs(init0(jax.random.PRNGKey(0))["item_factors"]["embedding"]).sum()) == 0.0
+    init, apply = hybrid.make_hybrid(SPEC, dim=DIM, embed_dim=4, table_init=0.1)
+    params = init(jax.random.PRNGKey(0))
+    table = np.asarray(params["item_factors"]["embedding"])
+    assert 0.05 < table.std() < 0.2
+    x = make_x(7, np.array([1, 2, 3]))
+    g = jax.grad(lambda p: jnp.sum((apply(p, x) - 5.0) ** 2))(params)
+    assert float(jnp.abs(g["user_factors"]).sum()) > 0
+    p1 = dict(params, user_factors=params["user_factors"] - 0.1 * g["user_factors"])
+    g1 = jax.grad(lambda p: jnp.sum((apply(p, x) - 5.0) ** 2))(p1)
+    assert float(jnp.abs(g1["item_factors"]["embedding"]).sum()) > 0
