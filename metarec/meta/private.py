@@ -104,11 +104,57 @@ def make_dp_meta_step(
     contributed zeros). These metrics read the private batch: they are for monitoring, not release.
     """
     _check(l2_clip, noise_multiplier, expected_batch_size, chunk_size)
-    clip = not math.isinf(l2_clip)
-    noisy = noise_multiplier > 0
+    clip, noisy, fixed = (
+        not math.isinf(l2_clip),
+        noise_multiplier > 0,
+        expected_batch_size is not None,
+    )
+    flags = (chunk_size, compute_dtype, clip, noisy, fixed)
+    # the bound, the noise std and the denominator are traced arguments: runs that differ only in
+    # them (every epsilon, every seed) share one compilation
+    memo_key = (id(learner), id(optimizer), *flags, jit)
+    if memo_key not in _CORES:
+        core = _make_core(learner, optimizer, *flags)
+        _CORES[memo_key] = (learner, optimizer, jax.jit(core) if jit else core)
+    core = _CORES[memo_key][2]
+    hyper = (
+        jnp.float32(l2_clip if clip else 0.0),
+        jnp.float32(noise_multiplier * l2_clip if noisy else 0.0),
+        jnp.float32(expected_batch_size if fixed else 0.0),
+    )
+
+    def step(meta_params, opt_state, tasks, task_weights, key=None):
+        if noisy and key is None:
+            raise ValueError(
+                "make_dp_meta_step: noise_multiplier > 0 needs a PRNG key for the noise (got "
+                "key=None)"
+            )
+        n_tasks = jax.tree_util.tree_leaves(tasks)[0].shape[0]
+        if jnp.shape(task_weights) != (n_tasks,):
+            raise ValueError(
+                f"task_weights must have shape [{n_tasks}], got {jnp.shape(task_weights)}"
+            )
+        if chunk_size is not None and chunk_size < n_tasks and n_tasks % chunk_size:
+            raise ValueError(
+                f"chunk_size={chunk_size} must divide the number of tasks in the meta-batch "
+                f"({n_tasks}); pad the batch with metarec.data.tasks.pad_tasks"
+            )
+        return core(meta_params, opt_state, tasks, task_weights, key, hyper)
+
+    return step
+
+
+# (learner, optimizer, jitted core) per (learner, optimizer, flags); the objects are kept so that
+# their ids stay unique while memoised
+_CORES: dict = {}
+
+
+def _make_core(learner, optimizer, chunk_size, compute_dtype, clip, noisy, fixed) -> Callable:
+    """The step body; ``hyper = (l2_clip, noise std, expected batch size)`` as float32 scalars
+    (read only where ``clip`` / ``noisy`` / ``fixed`` say so)."""
     task_grad = weighted_task_grad(learner, compute_dtype)
 
-    def sums(meta_params, tasks, weights, keys):
+    def sums(meta_params, tasks, weights, keys, l2_clip):
         def one(task, w, k):
             loss, g = task_grad(meta_params, task, w, k)
             if not clip:
@@ -127,25 +173,16 @@ def make_dp_meta_step(
             jnp.sum(dropped.astype(jnp.float32)),
         )
 
-    def step(meta_params, opt_state, tasks, task_weights, key=None):
-        if noisy and key is None:
-            raise ValueError(
-                "make_dp_meta_step: noise_multiplier > 0 needs a PRNG key for the noise (got "
-                "key=None)"
-            )
+    def core(meta_params, opt_state, tasks, task_weights, key, hyper):
+        l2_clip, noise_std, expected = hyper
         n_tasks = jax.tree_util.tree_leaves(tasks)[0].shape[0]
         weights = jnp.asarray(task_weights, jnp.float32)
-        if weights.shape != (n_tasks,):
-            raise ValueError(f"task_weights must have shape [{n_tasks}], got {weights.shape}")
         keys = None if key is None else jax.random.split(key, n_tasks)
         if chunk_size is None or chunk_size >= n_tasks:
-            loss_sum, grad_sum, n_clipped, n_dropped = sums(meta_params, tasks, weights, keys)
+            loss_sum, grad_sum, n_clipped, n_dropped = sums(
+                meta_params, tasks, weights, keys, l2_clip
+            )
         else:
-            if n_tasks % chunk_size:
-                raise ValueError(
-                    f"chunk_size={chunk_size} must divide the number of tasks in the meta-batch "
-                    f"({n_tasks}); pad the batch with metarec.data.tasks.pad_tasks"
-                )
             n_chunks = n_tasks // chunk_size
 
             def to_chunks(a):
@@ -164,19 +201,17 @@ def make_dp_meta_step(
             )
 
             def body(carry, chunk):
-                l, g, c, d = sums(meta_params, *chunk)
+                l, g, c, d = sums(meta_params, *chunk, l2_clip)
                 g = jax.tree_util.tree_map(jnp.add, carry[1], g)
                 return (carry[0] + l, g, carry[2] + c, carry[3] + d), None
 
             (loss_sum, grad_sum, n_clipped, n_dropped), _ = jax.lax.scan(body, zero, xs)
 
         if noisy:
-            noise = gaussian_noise(
-                jax.random.fold_in(key, NOISE_STREAM), grad_sum, noise_multiplier * l2_clip
-            )
+            noise = gaussian_noise(jax.random.fold_in(key, NOISE_STREAM), grad_sum, noise_std)
             grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, noise)
         realised = jnp.sum(weights)
-        denom = realised if expected_batch_size is None else jnp.float32(expected_batch_size)
+        denom = expected if fixed else realised
         new_params, new_opt_state, metrics = finish_meta_step(
             meta_params, opt_state, loss_sum, grad_sum, denom, optimizer, None
         )
@@ -189,4 +224,4 @@ def make_dp_meta_step(
         }
         return new_params, new_opt_state, metrics
 
-    return jax.jit(step) if jit else step
+    return core
