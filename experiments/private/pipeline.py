@@ -160,6 +160,8 @@ def resolve(cfg) -> Spec:
     for k, v in PRIVATE_VARIANT.items():
         mcfg[k] = v
     mcfg.dataset, mcfg.k = cfg.dataset, cfg.k
+    # the same training data for the selection grid (no test scenario encoded) and the final runs
+    mcfg.val_new_items = 0.0
     return Spec(
         epsilons=epsilons,
         grid_clip=(cfg.l2_clip,) if cfg.l2_clip else _floats("select.l2_clip", cfg.select.l2_clip),
