@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from experiments.federated import pipeline
+from experiments.federated.configs import quick
 from tests.conftest import REPO, write_ml100k
 
 
@@ -71,19 +73,33 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     assert os.path.isdir(work / "checkpoints" / "seed0" / "fed_iid_p10")
 
 
-@pytest.mark.parametrize(
-    "flag, message",
-    [
-        ("--config.fed.algorithm=fedsgd", "--config.fed.algorithm='fedsgd'; allowed: fedmeta"),
-        ("--config.settings=central,fed_xx", "--config.settings: unknown ['fed_xx']; allowed"),
-        ("--config.fed.low_participation=0", "--config.fed.low_participation must be in (0, 1]"),
-        ("--config.fed.noniid_by=zip", "--config.fed.noniid_by=zip; allowed"),
-        ("--config.fed.dp_epsilon=2", "need --config.fed.dp_clip > 0"),
-    ],
-)
-def test_bad_config_is_one_error_line(tmp_path, flag, message):
-    out = _run(_cmd(tmp_path / "w", tmp_path / "nodata", flag))
+def test_bad_config_is_one_error_line(tmp_path):
+    out = _run(_cmd(tmp_path / "w", tmp_path / "nodata", "--config.fed.algorithm=fedsgd"))
     assert out.returncode == 1
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("federated: error: "), out.stderr[-2000:]
-    assert message in lines[0]
+    assert "--config.fed.algorithm='fedsgd'; allowed: fedmeta, perfedavg, reptile" in lines[0]
+    assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("settings", ("central", "fed_xx"), "--config.settings: unknown ['fed_xx']; allowed"),
+        ("fed.low_participation", 0.0, "--config.fed.low_participation must be in (0, 1]"),
+        ("fed.noniid_by", ("zip",), "--config.fed.noniid_by=zip; allowed"),
+        ("fed.dp_epsilon", 2.0, "need --config.fed.dp_clip > 0"),
+        ("fed.sampling", "all", "--config.fed.sampling='all'; allowed: uniform, poisson"),
+        ("private.cf_knnn", False, "--config.private.cf_knnn: not a field"),
+    ],
+)
+def test_bad_config_values_name_the_field(field, value, message):
+    cfg = quick.get_config()
+    node, _, name = field.rpartition(".")
+    if node:
+        cfg[node][name] = value
+    else:
+        cfg[name] = value
+    with pytest.raises(ValueError) as e:
+        pipeline.validate_config(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)

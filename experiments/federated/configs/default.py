@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.fed.rounds_low = 500  # rounds at low participation (cheaper rounds)
     c.fed.low_participation = 0.1
     c.fed.sampling = "uniform"  # uniform | poisson
-    c.fed.eval_every = 10
+    c.fed.eval_every = 10  # rounds between validation scores (and checkpoints)
+    c.fed.eval_every_low = 25  # the same at low participation
     c.fed.patience = 0  # evaluations without improvement before stopping; 0 = all rounds
     c.fed.drop_prob = 0.0
     c.fed.straggler_prob = 0.0

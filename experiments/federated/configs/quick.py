@@ -12,6 +12,7 @@ def get_config():
     c.fed.rounds = 4
     c.fed.rounds_low = 4
     c.fed.eval_every = 2
+    c.fed.eval_every_low = 2
     c.fed.client_batch = 2
     c.fed.straggler_prob = 0.2
     c.fed.drop_prob = 0.1
