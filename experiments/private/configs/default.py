@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.select = ml_collections.ConfigDict()
     c.select.epsilon = 4.0  # the grid runs at this target epsilon on seed select.seed
     c.select.seed = 0
-    c.select.l2_clip = "0.3,1.0,3.0"
-    c.select.meta_lr = "0.003,0.01"
+    c.select.l2_clip = "0.3,1.0"
+    c.select.meta_lr = "0.001,0.003"
     c.chunk_size = 8  # tasks vmapped at once inside a step
     c.eval_every = 50  # validation MAE every n steps (monitoring; the last parameters are released)
     c.eval_chunk = 64
