@@ -109,6 +109,19 @@ def _floats(field: str, value, *, allow_inf: bool = False) -> tuple[float, ...]:
     return out
 
 
+def _pairs(field: str, value) -> tuple[tuple[int, int], ...]:
+    try:
+        out = tuple(tuple(int(x) for x in v.split(":")) for v in split_names(value))
+    except ValueError:
+        out = ()
+    if not out or any(len(p) != 2 or min(p) < 1 for p in out) or len(set(out)) != len(out):
+        raise ValueError(
+            f"--config.{field}={value!r}: a comma list of distinct expected_batch:steps pairs of "
+            "positive integers, e.g. 64:250,128:150"
+        )
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """The resolved config: parsed lists and the method's (private variant) config."""
@@ -116,6 +129,7 @@ class Spec:
     epsilons: tuple[float, ...]
     grid_clip: tuple[float, ...]
     grid_lr: tuple[float, ...]
+    grid_batch_steps: tuple[tuple[int, int], ...]
     algo: str
     mcfg: ml_collections.ConfigDict
 
@@ -130,9 +144,14 @@ def resolve(cfg) -> Spec:
         raise ValueError(f"--config.seeds={cfg.seeds!r}: a comma list of integers") from None
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
         raise ValueError(f"--config.seeds={cfg.seeds}: distinct non-negative integers")
-    for name, lo in (("steps", 1), ("expected_batch", 1), ("chunk_size", 1), ("eval_chunk", 1)):
+    for name, lo in (("steps", 0), ("expected_batch", 0), ("chunk_size", 1), ("eval_chunk", 1)):
         if not isinstance(cfg[name], int) or cfg[name] < lo:
             raise ValueError(f"--config.{name}={cfg[name]!r}: an integer >= {lo}")
+    if bool(cfg.steps) != bool(cfg.expected_batch):
+        raise ValueError(
+            f"--config.steps={cfg.steps} and --config.expected_batch={cfg.expected_batch}: both "
+            "> 0 (fixed) or both 0 (chosen from --config.select.batch_steps)"
+        )
     for name in ("eval_every", "ckpt_every", "log_every"):
         if not isinstance(cfg[name], int) or cfg[name] < 0:
             raise ValueError(f"--config.{name}={cfg[name]!r}: an integer >= 0 (0: off)")
@@ -166,6 +185,11 @@ def resolve(cfg) -> Spec:
         epsilons=epsilons,
         grid_clip=(cfg.l2_clip,) if cfg.l2_clip else _floats("select.l2_clip", cfg.select.l2_clip),
         grid_lr=(cfg.meta_lr,) if cfg.meta_lr else _floats("select.meta_lr", cfg.select.meta_lr),
+        grid_batch_steps=(
+            ((cfg.expected_batch, cfg.steps),)
+            if cfg.steps
+            else _pairs("select.batch_steps", cfg.select.batch_steps)
+        ),
         algo=algo,
         mcfg=mcfg,
     )
@@ -282,20 +306,22 @@ class Runner:
         w = self.ctx.workdir
         return os.path.join(w, "checkpoints", unit), os.path.join(w, "units", f"{unit}.json")
 
-    def unit(self, seed: int, unit: str, eps: float, clip: float, lr: float, *, test: bool):
-        """Train (or read back) one private run; with ``test`` also score the test scenarios."""
+    def unit(self, seed: int, unit: str, eps: float, hp: dict, *, test: bool):
+        """Train (or read back) one private run with ``hp`` (``l2_clip``, ``meta_lr``,
+        ``expected_batch``, ``steps``); with ``test`` also score the test scenarios."""
         ctx, cfg = self.ctx, self.cfg
         if ctx.workdir is not None and ctx.resume and os.path.exists(self.paths(unit)[1]):
             ctx.log_fn(f"{unit}: finished earlier, read back from {self.paths(unit)[1]}")
             return read_json(self.paths(unit)[1])
         ps = self.seed_data(seed, test)
         n = ps.n_users
-        q = min(1.0, cfg.expected_batch / n)
+        clip, lr, batch, steps = (hp[k] for k in ("l2_clip", "meta_lr", "expected_batch", "steps"))
+        q = min(1.0, batch / n)
         delta = cfg.delta or 1.0 / n
         private = not math.isinf(eps)
-        sigma = accounting.calibrate_noise(eps, q, cfg.steps, delta, cfg.accountant)
+        sigma = accounting.calibrate_noise(eps, q, steps, delta, cfg.accountant)
         settings = PrivacySettings(
-            clip if private else math.inf, sigma, q, cfg.steps, delta, cfg.accountant
+            clip if private else math.inf, sigma, q, steps, delta, cfg.accountant
         )
         spec = ps.sd.encoder.spec
         algo = self.spec.algo
@@ -308,7 +334,7 @@ class Runner:
             opt,
             l2_clip=settings.l2_clip,
             noise_multiplier=sigma,
-            expected_batch_size=cfg.expected_batch if private else None,
+            expected_batch_size=batch if private else None,
             chunk_size=cfg.chunk_size,
         )
         capacity = poisson_capacity(n, q, cfg.capacity_std, cfg.chunk_size)
@@ -362,6 +388,7 @@ class Runner:
             "l2_clip": _num(settings.l2_clip),
             "meta_lr": lr,
             "q": q,
+            "expected_batch": batch,
             "steps": res.steps,
             "n_users": n,
             "capacity": capacity,
@@ -396,22 +423,29 @@ class Runner:
 # the run
 # ----------------------------------------------------------------------------------------------
 def select(runner: Runner) -> dict:
-    """``{"l2_clip", "meta_lr", "how", "grid"}``: the grid at ``select.epsilon`` on seed
-    ``select.seed`` by the validation users' MAE (fixed values skip the grid)."""
+    """The chosen ``{"l2_clip", "meta_lr", "expected_batch", "steps"}`` with ``"how"`` and the
+    ``"grid"``: every combination of the config's lists at ``select.epsilon`` on seed
+    ``select.seed``, by the validation users' MAE of the released parameters (a single
+    combination, fixed in the config, skips the grid)."""
     cfg, spec = runner.cfg, runner.spec
-    if len(spec.grid_clip) == 1 and len(spec.grid_lr) == 1 and cfg.l2_clip and cfg.meta_lr:
-        return {"l2_clip": cfg.l2_clip, "meta_lr": cfg.meta_lr, "how": "fixed in the config"}
+    combos = [
+        {"l2_clip": c, "meta_lr": lr, "expected_batch": b, "steps": n}
+        for b, n in spec.grid_batch_steps
+        for c in spec.grid_clip
+        for lr in spec.grid_lr
+    ]
+    if len(combos) == 1 and cfg.l2_clip and cfg.meta_lr and cfg.steps:
+        return combos[0] | {"how": "fixed in the config"}
     eps, seed = float(cfg.select.epsilon), int(cfg.select.seed)
     grid = []
-    for clip in spec.grid_clip:
-        for lr in spec.grid_lr:
-            unit = f"select/clip{clip:g}_lr{lr:g}"
-            rec = runner.unit(seed, unit, eps, clip, lr, test=False)
-            grid.append({"l2_clip": clip, "meta_lr": lr, "val_mae": rec["val_mae"]})
+    for hp in combos:
+        unit = (
+            f"select/b{hp['expected_batch']}_s{hp['steps']}_clip{hp['l2_clip']:g}_"
+            f"lr{hp['meta_lr']:g}"
+        )
+        grid.append(hp | {"val_mae": runner.unit(seed, unit, eps, hp, test=False)["val_mae"]})
     best = min(grid, key=lambda g: g["val_mae"])
-    return {
-        "l2_clip": best["l2_clip"],
-        "meta_lr": best["meta_lr"],
+    return {k: best[k] for k in combos[0]} | {
         "how": (
             f"grid at target epsilon {eps:g}, seed {seed}: lowest validation-user MAE of the "
             "released (last) parameters; no test scenario encoded"
@@ -448,16 +482,10 @@ def run(cfg, *, workdir=None, resume=False, progress=False, argv=None, log_fn=pr
     runner = Runner(cfg, spec, data, ctx)
     try:
         chosen = select(runner)
-        log_fn(f"chosen: l2_clip {chosen['l2_clip']:g}, meta_lr {chosen['meta_lr']:g}")
+        hp = {k: chosen[k] for k in ("l2_clip", "meta_lr", "expected_batch", "steps")}
+        log_fn(f"chosen: {hp}")
         units = {
-            (seed, eps): runner.unit(
-                seed,
-                f"seed{seed}/eps{eps_label(eps)}",
-                eps,
-                chosen["l2_clip"],
-                chosen["meta_lr"],
-                test=True,
-            )
+            (seed, eps): runner.unit(seed, f"seed{seed}/eps{eps_label(eps)}", eps, hp, test=True)
             for seed in cfg.seeds
             for eps in spec.epsilons
         }
@@ -486,11 +514,11 @@ def _payload(cfg, spec, data, chosen, units, meta, changed, data_sha, seconds) -
                 "epsilon_achieved": [r["epsilon"] for r in recs],
                 "sigma": [r["sigma"] for r in recs],
                 "q": [r["q"] for r in recs],
-                "steps": cfg.steps,
+                "steps": recs[0]["steps"],
                 "delta": [r["delta"] for r in recs],
                 "n_users": [r["n_users"] for r in recs],
                 "l2_clip": recs[0]["l2_clip"],
-                "expected_batch": cfg.expected_batch if math.isfinite(eps) else None,
+                "expected_batch": recs[0]["expected_batch"],
                 "truncated": sum(r["truncated"] for r in recs),
                 "mean_clipped": [r["mean_clipped"] for r in recs],
                 "val_mae": [r["val_mae"] for r in recs],

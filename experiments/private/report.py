@@ -19,7 +19,8 @@ def format_table(res: dict) -> str:
         f"{res['dataset']} / {res['method']} private variant / seeds {res['seeds']} / "
         f"{res['guarantee']}",
         f"selection: l2_clip {res['selection']['l2_clip']:g}, meta_lr "
-        f"{res['selection']['meta_lr']:g} ({res['selection']['how']})",
+        f"{res['selection']['meta_lr']:g}, expected batch {res['selection']['expected_batch']}, "
+        f"{res['selection']['steps']} steps ({res['selection']['how']})",
         "",
         f"{'eps target':>10} {'eps achieved':>13} {'sigma':>7} {'q':>7} {'steps':>6} "
         f"{'delta':>9} {'clipped':>8} {'trunc':>5}",
@@ -66,6 +67,8 @@ def plot(res: dict, path: str) -> str:
             if "inf" in labs:
                 ax.axhline(res["results"][s]["inf"][metric]["mean"], color=color, ls="--", lw=1)
         ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs], minor=False)
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("epsilon (user-level, delta = 1/n_users); dashed: epsilon = inf")
         ax.set_ylabel(metric.upper() if metric == "mae" else "nDCG@3")
         ax.grid(alpha=0.3)
