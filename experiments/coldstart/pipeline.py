@@ -109,7 +109,7 @@ class RunContext:
     provenance: dict = dataclasses.field(default_factory=dict)
 
 
-def _train_unit(
+def train_unit(
     ctx: RunContext, seed: int, unit: str, log_fn, cfg, train_fn: Callable[..., TrainResult]
 ):
     """Run ``train_fn(checkpointer=..., resume=..., metrics=..., unit=..., progress=...)`` with this
@@ -138,14 +138,17 @@ def _train_unit(
         )
 
 
-def _load_unit(ctx: RunContext, seed: int, unit: str) -> dict | None:
+def load_unit(ctx: RunContext, seed: int, unit: str) -> dict | None:
+    """A finished unit's saved record when resuming, else None."""
     if ctx.workdir is None or not ctx.resume:
         return None
     path = unit_paths(ctx.workdir, seed, unit)[1]
     return read_json(path) if os.path.exists(path) else None
 
 
-def _save_unit(ctx: RunContext, seed: int, unit: str, rec: dict) -> None:
+def save_unit(ctx: RunContext, seed: int, unit: str, rec: dict) -> None:
+    """Write a finished unit's record (with the run's provenance) atomically; nothing without a
+    workdir."""
     if ctx.workdir is not None:
         write_json_atomic(
             unit_paths(ctx.workdir, seed, unit)[1],
@@ -210,7 +213,7 @@ def run_seed(
 
     for name in cfg.algos:
         key, k_init, k_train = jax.random.split(key, 3)
-        done = _load_unit(ctx, seed, name)
+        done = load_unit(ctx, seed, name)
         if done is not None:
             log_fn(
                 f"seed {seed} {name}: finished earlier, results read from "
@@ -256,7 +259,7 @@ def run_seed(
                 **kw,
             )
 
-        tr = _train_unit(ctx, seed, name, log_fn, mcfg, train_fn)
+        tr = train_unit(ctx, seed, name, log_fn, mcfg, train_fn)
         log_fn(
             f"seed {seed} {name}: best epoch {tr.best_epoch}, val MAE {tr.best_val_mae:.4f}, "
             f"{tr.seconds:.1f}s"
@@ -287,12 +290,12 @@ def run_seed(
                 "algo": name,
                 **adaptation_curves(mfns, spec, algo, deploy(tr.params), msd, mcfg, scale),
             }
-        _save_unit(ctx, seed, name, rec)
+        save_unit(ctx, seed, name, rec)
         record(name, rec)
 
     if "finetune" in cfg.baselines:
         key, k_init, k_train = jax.random.split(key, 3)
-        done = _load_unit(ctx, seed, "finetune")
+        done = load_unit(ctx, seed, "finetune")
         if done is not None:
             log_fn(f"seed {seed} finetune: finished earlier, results read back")
             info["resumed"].append("finetune")
@@ -303,7 +306,7 @@ def run_seed(
             # conventional training: no inner loop (0 steps), every training rating in the loss;
             # early stopping on the validation users' query MAE without adaptation.
             plain = dict(inner_steps=0, adapt="all")
-            tr = _train_unit(
+            tr = train_unit(
                 ctx,
                 seed,
                 "finetune",
@@ -353,7 +356,7 @@ def run_seed(
                 "steps": tr.steps,
                 "finetune_lr": best_lr,
             }
-            _save_unit(ctx, seed, "finetune", rec)
+            save_unit(ctx, seed, "finetune", rec)
             record("finetune", rec)
             log_fn(
                 f"seed {seed} finetune: lr {best_lr} (val MAE {best_mae:.4f}), "

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from experiments.coldstart.build import TEST_SCENARIOS, deployed, initial_params, prepare_seed
-from experiments.coldstart.pipeline import RunContext, _load_unit, _save_unit, _train_unit
+from experiments.coldstart.pipeline import RunContext, load_unit, save_unit, train_unit
 from experiments.common import check_choice, enable_compilation_cache, prepare_workdir, split_names
 from experiments.robust import report, setup
 from metarec import data as mdata
@@ -157,7 +157,7 @@ class SeedRun:
         m, mcfg, spec = self.models, self.models.mcfg, self.spec
         k_init, k_train = jax.random.split(jax.random.PRNGKey(self.seed))
         learner = m.learner(spec, eps, lam)
-        done = _load_unit(self.ctx, self.seed, unit)
+        done = load_unit(self.ctx, self.seed, unit)
         if done is not None:
             leaves = np.load(_params_path(self.ctx, self.seed, unit))
             template = jax.eval_shape(lambda: learner.init(m.init_fn(spec)(k_init)))
@@ -190,7 +190,7 @@ class SeedRun:
                 **kw,
             )
 
-        tr = _train_unit(self.ctx, self.seed, unit, self.log, mcfg, train_fn)
+        tr = train_unit(self.ctx, self.seed, unit, self.log, mcfg, train_fn)
         val = self.attack_scores(tr.params, msd.val, deploy, "pgd", self.cfg.budget)
         rec = {
             "eps_train": eps,
@@ -210,7 +210,7 @@ class SeedRun:
             path = _params_path(self.ctx, self.seed, unit)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             np.savez(path, *[np.asarray(a) for a in jax.tree_util.tree_leaves(tr.params)])
-        _save_unit(self.ctx, self.seed, unit, rec)
+        save_unit(self.ctx, self.seed, unit, rec)
         self.log(
             f"seed {self.seed} {unit}: best epoch {tr.best_epoch}, val MAE {tr.best_val_mae:.4f}, "
             f"val MAE under PGD@{self.cfg.budget:g} {val['mae']:.4f}, {tr.seconds:.1f}s"
@@ -242,7 +242,7 @@ class SeedRun:
         """Test evaluation of a trained unit (after selection): attacks on clean-trained units,
         clean scores on poisoned ones; the targets' mean prediction for both."""
         name = unit + "_test"
-        done = _load_unit(self.ctx, self.seed, name)
+        done = load_unit(self.ctx, self.seed, name)
         if done is not None:
             return done
         t0 = time.time()
@@ -261,7 +261,7 @@ class SeedRun:
                     str(cfg.fgsm_eps): self.attack_scores(params, t, deploy, "fgsm", cfg.fgsm_eps)
                 }
         rec["seconds"] = time.time() - t0
-        _save_unit(self.ctx, self.seed, name, rec)
+        save_unit(self.ctx, self.seed, name, rec)
         return rec
 
 
