@@ -153,6 +153,51 @@ def prepare_workdir(workdir: str, name: str, run_files=(), *, overwrite: bool = 
     return workdir
 
 
+# what a training experiment owns in its workdir (the only files --overwrite deletes)
+TRAINING_RUN_FILES = (
+    "checkpoints",
+    "units",
+    "config.json",
+    "run.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "tb",
+    "results.json",
+    "results.md",
+    "report",
+    "train_log.txt",
+)
+
+
+@contextlib.contextmanager
+def train_log(workdir: str, resume: bool = False):
+    """``log_fn`` writing every line to ``<workdir>/train_log.txt`` (appended on ``resume``) and
+    the lines that are not indented to the terminal."""
+    with open(os.path.join(workdir, "train_log.txt"), "a" if resume else "w") as log_file:
+
+        def log_fn(msg: str) -> None:
+            log_file.write(msg + "\n")
+            log_file.flush()
+            if not msg.startswith("  "):
+                print(msg, flush=True)
+
+        yield log_fn
+
+
+def write_results(workdir: str, res: dict, table: str, *, fenced: bool = True) -> str:
+    """Write ``results.json`` (atomically) and ``results.md`` (``table``, in a code fence unless
+    it is Markdown already), print the table; returns the path of ``results.json``."""
+    from metarec.training.runlog import write_json_atomic
+
+    path = write_json_atomic(os.path.join(workdir, "results.json"), res)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(("```\n" + table + "\n```\n") if fenced else table + "\n")
+    print()
+    print(table)
+    print(f"wrote {path}")
+    return path
+
+
 def quiet_terminal() -> None:
     """For scripts without a workdir: only library warnings and errors reach the terminal."""
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -45,7 +45,12 @@ from experiments.coldstart.build import (
 )
 from experiments.coldstart.curves import adaptation_curves, aggregate_curves
 from experiments.coldstart.paired import format_paired, paired_tests
-from experiments.common import enable_compilation_cache, format_mean_std, prepare_workdir
+from experiments.common import (
+    enable_compilation_cache,
+    format_mean_std,
+    prepare_workdir,
+    train_log,
+)
 from metarec import data as mdata
 from metarec import metrics as mmetrics
 from metarec.training.checkpoint import Checkpointer
@@ -535,14 +540,7 @@ def main(
     validate_config(cfg)
     enable_compilation_cache()
     prepare_workdir(workdir, "coldstart", RUN_FILES, overwrite=overwrite)
-    with open(os.path.join(workdir, "train_log.txt"), "a" if resume else "w") as log_file:
-
-        def log_fn(msg):
-            log_file.write(msg + "\n")
-            log_file.flush()
-            if not msg.startswith("  "):
-                print(msg, flush=True)
-
+    with train_log(workdir, resume) as log_fn:
         res = run(
             cfg, log_fn=log_fn, workdir=workdir, resume=resume, progress=cfg.progress, argv=argv
         )

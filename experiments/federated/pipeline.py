@@ -33,7 +33,15 @@ import optax
 
 from experiments.coldstart import build
 from experiments.coldstart.configs import default as coldstart_default
-from experiments.common import format_mean_std, prepare_workdir, split_names
+from experiments.common import (
+    TRAINING_RUN_FILES,
+    enable_compilation_cache,
+    format_mean_std,
+    prepare_workdir,
+    split_names,
+    train_log,
+    write_results,
+)
 from metarec import data as mdata
 from metarec import metrics as mmetrics
 from metarec.data import partition as mpart
@@ -55,19 +63,7 @@ SETTINGS = {
 SERVER_OPTIMIZERS = ("adamw", "adam", "sgd")
 TEST_SCENARIOS = build.TEST_SCENARIOS
 TABLE_METRICS = ("mae", "rmse", "ndcg@3")
-RUN_FILES = (
-    "checkpoints",
-    "units",
-    "config.json",
-    "run.json",
-    "metrics.jsonl",
-    "metrics.csv",
-    "tb",
-    "results.json",
-    "results.md",
-    "report",
-    "train_log.txt",
-)
+RUN_FILES = TRAINING_RUN_FILES
 RESUME_MUTABLE = ("data_dir", "seeds", "report", "settings")
 
 
@@ -571,23 +567,11 @@ def main(
 ) -> dict:
     """The script body: run, write results.json / results.md / figures, print the table."""
     validate_config(cfg)
+    enable_compilation_cache()
     prepare_workdir(workdir, "federated", RUN_FILES, overwrite=overwrite)
-    with open(os.path.join(workdir, "train_log.txt"), "a" if resume else "w") as log_file:
-
-        def log_fn(msg):
-            log_file.write(msg + "\n")
-            log_file.flush()
-            if not msg.startswith("  "):
-                print(msg, flush=True)
-
+    with train_log(workdir, resume) as log_fn:
         res = run(cfg, workdir, resume=resume, argv=argv, log_fn=log_fn)
-    path = write_json_atomic(os.path.join(workdir, "results.json"), res)
-    table = format_table(res)
-    with open(os.path.join(workdir, "results.md"), "w") as fh:
-        fh.write("```\n" + table + "\n```\n")
-    print()
-    print(table)
-    print(f"wrote {path}")
+    write_results(workdir, res, format_table(res))
     if cfg.report:
         for p in figures(res, workdir):
             print(f"figure: {p}")

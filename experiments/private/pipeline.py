@@ -43,7 +43,14 @@ import pandas as pd
 
 from experiments.coldstart import build
 from experiments.coldstart.configs import default as coldstart_default
-from experiments.common import enable_compilation_cache, prepare_workdir, split_names
+from experiments.common import (
+    TRAINING_RUN_FILES,
+    enable_compilation_cache,
+    prepare_workdir,
+    split_names,
+    train_log,
+    write_results,
+)
 from experiments.private.report import format_table, plot
 from metarec import data as mdata
 from metarec import metrics as mmetrics
@@ -76,19 +83,7 @@ PUBLIC = (
 SCENARIOS = build.TEST_SCENARIOS
 TABLE_METRICS = ("mae", "rmse", "ndcg@3")
 RESUME_MUTABLE = ("data_dir", "download", "seeds", "progress", "report", "log_every")
-RUN_FILES = (
-    "checkpoints",
-    "units",
-    "config.json",
-    "run.json",
-    "metrics.jsonl",
-    "metrics.csv",
-    "tb",
-    "results.json",
-    "results.md",
-    "report",
-    "train_log.txt",
-)
+RUN_FILES = TRAINING_RUN_FILES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,24 +563,11 @@ def main(cfg, workdir: str, *, resume=False, overwrite=False, argv=None) -> dict
     resolve(cfg)  # a bad config fails before the workdir is touched
     enable_compilation_cache()
     prepare_workdir(workdir, "private", RUN_FILES, overwrite=overwrite)
-    with open(os.path.join(workdir, "train_log.txt"), "a" if resume else "w") as log_file:
-
-        def log_fn(msg):
-            log_file.write(msg + "\n")
-            log_file.flush()
-            if not msg.startswith("  "):
-                print(msg, flush=True)
-
+    with train_log(workdir, resume) as log_fn:
         res = run(
             cfg, workdir=workdir, resume=resume, progress=cfg.progress, argv=argv, log_fn=log_fn
         )
-    path = write_json_atomic(os.path.join(workdir, "results.json"), res)
-    table = format_table(res)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write("```\n" + table + "\n```\n")
-    print()
-    print(table)
-    print(f"wrote {path}")
+    write_results(workdir, res, format_table(res))
     if cfg.report:
         print(f"figure: {plot(res, os.path.join(workdir, 'report', 'privacy_utility.png'))}")
     return res

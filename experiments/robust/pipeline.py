@@ -33,31 +33,27 @@ import numpy as np
 
 from experiments.coldstart.build import TEST_SCENARIOS, deployed, initial_params, prepare_seed
 from experiments.coldstart.pipeline import RunContext, load_unit, save_unit, train_unit
-from experiments.common import check_choice, enable_compilation_cache, prepare_workdir, split_names
+from experiments.common import (
+    TRAINING_RUN_FILES,
+    check_choice,
+    enable_compilation_cache,
+    prepare_workdir,
+    split_names,
+    train_log,
+    write_results,
+)
 from experiments.robust import report, setup
 from metarec import data as mdata
 from metarec import metrics as mmetrics
 from metarec.data.injection import KINDS
 from metarec.meta import robust
 from metarec.training.meta_train import meta_train, predict_tasks, score
-from metarec.training.runlog import MetricsWriter, write_json_atomic
+from metarec.training.runlog import MetricsWriter
 from metarec.training.workdir import open_run
 
 METRICS = ("mae", "rmse", "ndcg@3")
 RESUME_MUTABLE = ("data_dir", "download", "seeds", "eval_chunk", "progress", "report")
-RUN_FILES = (
-    "checkpoints",
-    "units",
-    "config.json",
-    "run.json",
-    "metrics.jsonl",
-    "metrics.csv",
-    "tb",
-    "results.json",
-    "results.md",
-    "report",
-    "train_log.txt",
-)
+RUN_FILES = TRAINING_RUN_FILES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,23 +448,10 @@ def main(
     enable_compilation_cache()
     prepare_workdir(workdir, "robust", RUN_FILES, overwrite=overwrite)
     t0 = time.time()
-    with open(os.path.join(workdir, "train_log.txt"), "a" if resume else "w") as log_file:
-
-        def log_fn(msg):
-            log_file.write(msg + "\n")
-            log_file.flush()
-            if not msg.startswith("  "):
-                print(msg, flush=True)
-
+    with train_log(workdir, resume) as log_fn:
         res = run(cfg, log_fn=log_fn, workdir=workdir, resume=resume, argv=argv)
     res["wall_seconds"] = time.time() - t0
-    path = write_json_atomic(os.path.join(workdir, "results.json"), res)
-    text = report.tables(res)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(text + "\n")
-    print()
-    print(text)
-    print(f"wrote {path}")
+    write_results(workdir, res, report.tables(res), fenced=False)
     if cfg.report:
         print(f"figure: {report.plot_attack(res, os.path.join(workdir, 'report'))}")
     return res
