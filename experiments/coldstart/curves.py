@@ -56,11 +56,13 @@ def adaptation_curves(fns: Compiled, spec, name: str, params, sd: SeedData, cfg,
     ``{"steps": {scenario: {k: mae}}, "support": {scenario: {n: {"mae", "n_users"}}}}``."""
     out: dict = {"steps": {s: {} for s in sd.test}, "support": {s: {} for s in sd.test}}
     for k in cfg.curve_steps:
-        kw = {} if int(k) == cfg.inner_steps else {"inner_steps": int(k)}
-        ev = fns.eval(spec, name, **kw)
+        # 0 steps is the initialisation, which the trained learner's own eval also predicts
+        # ("pred_init"): one compiled program fewer
+        kw = {} if int(k) in (0, cfg.inner_steps) else {"inner_steps": int(k)}
+        ev, key = fns.eval(spec, name, **kw), "pred_init" if int(k) == 0 else "pred"
         for s, t in sd.test.items():
             out["steps"][s][str(int(k))] = score(
-                predict_tasks(ev, params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k
+                predict_tasks(ev, params, t, cfg.eval_chunk)[key], t, scale, cfg.k
             )["mae"]
     ev = fns.eval(spec, name)
     for n in cfg.curve_support:

@@ -28,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 _INT32_MAX = np.iinfo(np.int32).max
+# make_predict(pad=True): tasks per compiled call, and support widths padded to a multiple of
+PAD_TASKS = 64
+SUPPORT_MULTIPLE = 32
 
 
 class Baseline(NamedTuple):
@@ -192,21 +195,50 @@ def _run_predict(core, hparams, clip, state, s_item, s_rat, s_mask, q_item, q_ma
 _run_predict_jit = jax.jit(_run_predict, static_argnums=(0, 1, 2))
 
 
-def make_predict(core: Callable, hparams: tuple, clip: bool) -> Callable:
+def _padded(arrays, n_tasks: int, width: int):
+    """``[T, ...]`` host arrays padded with zeros to ``n_tasks`` rows; the first three (the
+    support) also to ``width`` columns."""
+    out = []
+    for j, a in enumerate(arrays):
+        a = np.asarray(a)
+        widths = [(0, n_tasks - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
+        if j < 3:
+            widths[1] = (0, width - a.shape[1])
+        out.append(np.pad(a, widths))
+    return out
+
+
+def make_predict(core: Callable, hparams: tuple, clip: bool, pad: bool = False) -> Callable:
     """Build the public ``predict`` from a module-level, jittable
     ``core(hparams, state, s_item, s_rat, s_mask, q_item, q_mask) -> [T, Q]``: input validation,
     one jit (static ``core``, ``hparams``, ``clip``), clipping to the state's rating range and
-    0.0 at padded query slots."""
+    0.0 at padded query slots.
+
+    ``pad``: for a core whose per-task results depend neither on the other tasks nor on masked
+    support slots, the tasks go through in blocks of ``PAD_TASKS`` (the last padded) with the
+    support padded to a multiple of ``SUPPORT_MULTIPLE`` (masked), so that task sets of any size
+    and support widths share one compiled program (not under an outer trace)."""
     hash(hparams)  # must be hashable (static jit argument)
 
     def predict(
         state, support_item, support_rating, support_mask, query_item, query_mask, user_ids
     ):
-        s_item, s_rat, s_mask, q_item, q_mask, _ = check_predict_inputs(
+        args = check_predict_inputs(
             support_item, support_rating, support_mask, query_item, query_mask, user_ids
-        )
-        return _run_predict_jit(
-            core, hparams, bool(clip), state, s_item, s_rat, s_mask, q_item, q_mask
-        )
+        )[:5]
+        if not pad or any(isinstance(a, jax.core.Tracer) for a in args):
+            return _run_predict_jit(core, hparams, bool(clip), state, *args)
+        n = args[0].shape[0]
+        width = -(-args[0].shape[1] // SUPPORT_MULTIPLE) * SUPPORT_MULTIPLE
+        padded = _padded(args, max(-(-n // PAD_TASKS), 1) * PAD_TASKS, width)
+        blocks = [
+            np.asarray(
+                _run_predict_jit(
+                    core, hparams, bool(clip), state, *(a[i : i + PAD_TASKS] for a in padded)
+                )
+            )
+            for i in range(0, len(padded[0]), PAD_TASKS)
+        ]
+        return jnp.asarray(np.concatenate(blocks)[:n])  # joined on the host: no program per size
 
     return predict

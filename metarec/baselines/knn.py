@@ -160,6 +160,8 @@ def user_knn(
     k, shrink, min_sim, task_chunk = _check(k, shrink, min_sim, task_chunk)
 
     hp = (k, shrink, min_sim, task_chunk)
+    # not make_predict(pad=True): lax.map computes the last, partial batch of task_chunk tasks at
+    # its own size, and its values change (float rounding) when it is padded to a full batch
     return Baseline("user_knn", fit_user_knn, make_predict(_user_knn_core, hp, clip))
 
 

@@ -74,7 +74,7 @@ def global_mean(clip: bool = True) -> Baseline:
     def fit(user_ids, item_ids, ratings):
         return fit_means(user_ids, item_ids, ratings)
 
-    return Baseline("global_mean", fit, make_predict(_global_core, (), clip))
+    return Baseline("global_mean", fit, make_predict(_global_core, (), clip, pad=True))
 
 
 def user_mean(shrinkage: float = 0.0, clip: bool = True) -> Baseline:
@@ -85,7 +85,7 @@ def user_mean(shrinkage: float = 0.0, clip: bool = True) -> Baseline:
     def fit(user_ids, item_ids, ratings):
         return fit_means(user_ids, item_ids, ratings)
 
-    return Baseline("user_mean", fit, make_predict(_user_core, (shrinkage,), clip))
+    return Baseline("user_mean", fit, make_predict(_user_core, (shrinkage,), clip, pad=True))
 
 
 def item_mean(shrinkage: float = 5.0, clip: bool = True) -> Baseline:
@@ -96,4 +96,4 @@ def item_mean(shrinkage: float = 5.0, clip: bool = True) -> Baseline:
     def fit(user_ids, item_ids, ratings):
         return fit_means(user_ids, item_ids, ratings, shrinkage)
 
-    return Baseline("item_mean", fit, make_predict(_item_core, (), clip))
+    return Baseline("item_mean", fit, make_predict(_item_core, (), clip, pad=True))

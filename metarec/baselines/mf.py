@@ -244,4 +244,4 @@ def mf(
             loss_history=losses,
         )
 
-    return Baseline("mf", fit, make_predict(_mf_core, (f_reg,), clip))
+    return Baseline("mf", fit, make_predict(_mf_core, (f_reg,), clip, pad=True))

@@ -38,7 +38,8 @@ from metarec.baselines.knn import (
 )
 
 N_FEATURES = 2  # (user-kNN prediction, item-kNN prediction)
-PAD_TASKS = 128
+PAD_TASKS = 128  # tasks per compiled call
+PAD_ITEMS = 128  # the fitted item axis is padded to a multiple of this
 
 
 @flax.struct.dataclass
@@ -125,25 +126,62 @@ def neighbour_features(
     arrays = [np.asarray(a) for a in (user_ids, support_item, support_rating, support_mask)]
     arrays.append(np.asarray(target_item))
     n = len(arrays[0])
-    # the task count padded to a multiple of PAD_TASKS: draws of a few more or fewer users
-    # share one compiled program
+    # every call sees PAD_TASKS tasks (the last block padded) and an item axis padded to a
+    # multiple of PAD_ITEMS: task sets of any size and states fitted on a few more or fewer items
+    # (other seeds, other rating subsets) share one compiled program; a block is whole
+    # task_chunk batches, so a task's features do not depend on the block it is in
     pad = -n % PAD_TASKS
     arrays = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays]
-    users, s_item, s_rat, s_mask, t_item = arrays
-    idx, known = lookup(state.user_vocab, jnp.asarray(users))
-    own = jnp.where(known, idx, -1)  # the task user's row among the fitted users, -1 if none
-    out = _features(
-        state,
-        own,
-        jnp.asarray(s_item, jnp.int32),
-        jnp.asarray(s_rat, jnp.float32),
-        jnp.asarray(s_mask, jnp.float32),
-        jnp.asarray(t_item, jnp.int32),
-        k,
-        shrink,
-        task_chunk,
+    state = _pad_items(state, PAD_ITEMS)
+    out = []
+    for start in range(0, n + pad, PAD_TASKS):
+        users, s_item, s_rat, s_mask, t_item = (a[start : start + PAD_TASKS] for a in arrays)
+        idx, known = lookup(state.user_vocab, jnp.asarray(users))
+        own = jnp.where(known, idx, -1)  # the task user's row among the fitted users, -1 if none
+        f = _features(
+            state,
+            own,
+            jnp.asarray(s_item, jnp.int32),
+            jnp.asarray(s_rat, jnp.float32),
+            jnp.asarray(s_mask, jnp.float32),
+            jnp.asarray(t_item, jnp.int32),
+            k,
+            shrink,
+            task_chunk,
+        )
+        out.append(np.asarray(f))
+    return np.concatenate(out)[:n]
+
+
+def _pad_items(state: NeighbourState, multiple: int) -> NeighbourState:
+    """``state`` with its item axis padded to a multiple of ``multiple``: the padded items' ids sort
+    after every real id and match none (int32 max), they are observed by nobody and carry zeros, so
+    no lookup, similarity or neighbour changes."""
+    n_items = state.user.item_vocab.shape[0]
+    p = -n_items % multiple
+    if p == 0:
+        return state
+
+    def pad(a, axis):
+        widths = [(0, 0)] * np.ndim(a)
+        widths[axis] = (0, p)
+        return jnp.asarray(np.pad(np.asarray(a), widths))
+
+    vocab = np.concatenate(
+        [np.asarray(state.user.item_vocab), np.full(p, np.iinfo(np.int32).max, np.int32)]
     )
-    return np.asarray(out)[:n]
+    vocab = jnp.asarray(vocab)
+    user = state.user.replace(
+        item_vocab=vocab, centred=pad(state.user.centred, 1), observed=pad(state.user.observed, 1)
+    )
+    item = state.item.replace(
+        item_vocab=vocab,
+        item_mean=pad(state.item.item_mean, 0),
+        centred=pad(state.item.centred, 0),
+        observed=pad(state.item.observed, 0),
+        norm=pad(state.item.norm, 0),
+    )
+    return state.replace(user=user, item=item)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7, 8))

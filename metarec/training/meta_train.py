@@ -60,11 +60,33 @@ def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
 
+METRIC_CHUNK = 64  # tasks per per_task_metrics call
+
+
 def _metrics(pred, tasks: Task, scale, k: int):
+    # every call sees METRIC_CHUNK tasks (the last block padded with masked rows): one compiled
+    # program for every scenario, seed and subset; a task's values do not depend on the others
+    n = len(pred)
+    pad = ((0, -n % METRIC_CHUNK if n else METRIC_CHUNK), (0, 0))
     clipped = np.clip(pred, *scale)
-    return mmetrics.per_task_metrics(
-        clipped, tasks.query.y, tasks.query.mask, k=k, rank_scores=pred
+    arrays = [
+        np.pad(np.asarray(a, np.float32), pad)
+        for a in (clipped, tasks.query.y, tasks.query.mask, pred)
+    ]
+    blocks = [
+        jax.device_get(
+            mmetrics.per_task_metrics(
+                *(a[i : i + METRIC_CHUNK] for a in arrays[:3]),
+                k=k,
+                rank_scores=arrays[3][i : i + METRIC_CHUNK],
+            )
+        )
+        for i in range(0, n + pad[0][1], METRIC_CHUNK)
+    ]
+    values, valid = (
+        {m: np.concatenate([blk[j][m] for blk in blocks])[:n] for m in blocks[0][j]} for j in (0, 1)
     )
+    return values, valid
 
 
 def _summary(values, valid) -> dict[str, float]:
