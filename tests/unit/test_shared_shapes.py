@@ -70,7 +70,7 @@ def test_padded_baselines_equal_and_share_a_program(name, world):
         )
         np.testing.assert_array_equal(bits(pred), bits(ref))
     # three raw shapes for the references, one shared padded shape
-    assert _run_predict_jit._cache_size() - before == 3 + 1
+    assert _run_predict_jit._cache_size() - before <= 3 + 1
 
 
 def test_neighbour_features_pad_items_and_tasks(world):
@@ -111,7 +111,7 @@ def test_neighbour_features_pad_items_and_tasks(world):
             np.testing.assert_array_equal(bits(f), bits(np.concatenate(ref)))
     # both states (padded to one item width) and both task counts: one program (plus the
     # unpadded references above: one per state)
-    assert nb._features._cache_size() - before == 3
+    assert nb._features._cache_size() - before <= 3
 
 
 def test_padded_metrics_equal_the_unpadded_ones():
@@ -130,5 +130,6 @@ def test_padded_metrics_equal_the_unpadded_ones():
         for m in values:
             assert summary[m] == float(mmetrics.summarize(values[m], valid[m]))
         assert per_user["mae"] == [float(v) for v in np.asarray(values["mae"], np.float64)]
-    # the padded calls shared one program (the unpadded references compiled their own)
-    assert mmetrics.per_task_metrics._cache_size() - before == 1 + 3
+    # the padded calls shared one program (the unpadded references compiled their own); "at
+    # most": a test run earlier in the same process may have compiled a shape already
+    assert mmetrics.per_task_metrics._cache_size() - before <= 1 + 3
