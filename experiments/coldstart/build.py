@@ -15,7 +15,7 @@ from metarec.baselines import make_baseline
 from metarec.baselines.neighbours import fit_neighbours, neighbour_features
 from metarec.data.tasks import Task
 from metarec.meta import LEARNERS, make_learner
-from metarec.meta.inner import mse, scaled_sse, shrunk_mse
+from metarec.meta.inner import mse, scaled_sse, shrunk_mse, with_rank_term
 from metarec.meta.step import make_eval_fn, make_mesh, make_meta_step
 from metarec.models.registry import MODELS, get_model
 from metarec.training.encoder_checkpoint import load_pretrained, same_item_vocab
@@ -360,6 +360,13 @@ def build_learner(name: str, apply_fn: Callable, cfg, **overrides):
                 f"{', '.join(n for n, e in LEARNERS.items() if 'newton' in e.options)}"
             )
         opts["newton"] = cfg.inner_newton
+    if cfg.outer_rank_weight:
+        if "query_loss_fn" not in LEARNERS[name].options:
+            raise ValueError(
+                f"--config.outer_rank_weight: {name} has no separate query loss; learners that "
+                f"do: {', '.join(n for n, e in LEARNERS.items() if 'query_loss_fn' in e.options)}"
+            )
+        opts["query_loss_fn"] = with_rank_term(loss_fn, cfg.outer_rank_weight)
     return make_learner(
         name,
         apply_fn,
@@ -568,6 +575,8 @@ def _validate_numbers(cfg) -> None:
         raise ValueError(f"--config.loss_sum_scale must be >= 0, got {cfg.loss_sum_scale}")
     if not cfg.loss_prior >= 0:
         raise ValueError(f"--config.loss_prior must be >= 0, got {cfg.loss_prior}")
+    if not cfg.outer_rank_weight >= 0:
+        raise ValueError(f"--config.outer_rank_weight must be >= 0, got {cfg.outer_rank_weight}")
     if not cfg.cf_reg >= 0:
         raise ValueError(f"--config.cf_reg must be >= 0, got {cfg.cf_reg}")
     if not 0 <= cfg.feature_dropout < 1:

@@ -13,6 +13,7 @@ See :mod:`metarec.meta.step` for the jitted, vmapped meta step and evaluation.
 
 from metarec.meta.inner import (
     adapt,
+    listnet,
     mae,
     make_objective,
     masked_mean,
@@ -21,6 +22,7 @@ from metarec.meta.inner import (
     path_filter,
     path_to_str,
     resolve_mask,
+    with_rank_term,
 )
 from metarec.meta.learners import (
     MetaLearner,
@@ -37,6 +39,7 @@ from metarec.meta.tables import LookupTable
 
 __all__ = [
     "adapt",
+    "listnet",
     "mae",
     "make_objective",
     "masked_mean",
@@ -45,6 +48,7 @@ __all__ = [
     "path_filter",
     "path_to_str",
     "resolve_mask",
+    "with_rank_term",
     "LEARNERS",
     "LearnerEntry",
     "LookupTable",

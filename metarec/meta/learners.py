@@ -94,11 +94,15 @@ def _through_inner_loop(
     init: Callable[[PyTree], PyTree],
     split: Callable[[PyTree], tuple[PyTree, Any]],
     newton: float = 0.0,
+    query_loss_fn: Callable | None = None,
 ) -> MetaLearner:
     """The core MAML and Meta-SGD share: adapt with the inner loop, score the query set, and
     differentiate through the inner steps. ``split(meta_params) -> (params, inner_lr)`` is where
     they differ (a fixed rate, or learned per-parameter rates carried in the meta-parameters)."""
     objective = make_objective(apply_fn, loss_fn)
+    query_objective = (
+        objective if query_loss_fn is None else make_objective(apply_fn, query_loss_fn)
+    )
 
     def adapt(meta_params, support, key=None):
         params, lr = split(meta_params)
@@ -118,7 +122,7 @@ def _through_inner_loop(
     def meta_loss(meta_params, task, key=None):
         k_inner, k_query = _split(key)
         phi = adapt(meta_params, task.support, k_inner)
-        return objective(phi, task.query, k_query)
+        return query_objective(phi, task.query, k_query)
 
     def task_grad(meta_params, task, key=None):
         return jax.value_and_grad(meta_loss)(meta_params, task, key)
@@ -143,6 +147,7 @@ def maml(
     remat: bool = False,
     name: str | None = None,
     newton: float = 0.0,
+    query_loss_fn: Callable | None = None,
 ) -> MetaLearner:
     """MAML (Finn et al., 2017) with the exact second-order meta-gradient.
 
@@ -162,6 +167,9 @@ def maml(
       remat: rematerialise each inner step (memory independent of ``inner_steps``).
       newton: > 0: damped Newton inner steps with this damping instead of gradient steps (for a
         few adapted parameters; see :func:`metarec.meta.inner.adapt`).
+      query_loss_fn: the outer (query-set) loss; ``None`` = ``loss_fn``. E.g.
+        :func:`metarec.meta.inner.with_rank_term` to meta-learn for ranking while the inner loop
+        still fits ratings.
     """
     _check_common(inner_steps, inner_lr)
     return _through_inner_loop(
@@ -175,6 +183,7 @@ def maml(
         init=_identity,
         split=lambda params: (params, inner_lr),
         newton=newton,
+        query_loss_fn=query_loss_fn,
     )
 
 
@@ -199,6 +208,7 @@ def metasgd(
     remat: bool = False,
     name: str = "metasgd",
     newton: float = 0.0,
+    query_loss_fn: Callable | None = None,
 ) -> MetaLearner:
     """Meta-SGD (Li et al., 2017): MAML whose inner learning rates are learned per parameter.
 
@@ -206,7 +216,8 @@ def metasgd(
     ``task_grad`` differentiates the query loss w.r.t. both the initialisation and the rates
     (rates may become negative, as in the paper). The paper uses a single inner step
     (``inner_steps=1`` default here), but any K works. With ``newton > 0`` the learned rates scale
-    damped Newton steps per parameter (:func:`metarec.meta.inner.adapt`).
+    damped Newton steps per parameter (:func:`metarec.meta.inner.adapt`); ``query_loss_fn`` as
+    in :func:`maml`.
     """
     _check_common(inner_steps, inner_lr)
 
@@ -227,6 +238,7 @@ def metasgd(
         init=init,
         split=lambda mp: (mp.params, mp.lr),
         newton=newton,
+        query_loss_fn=query_loss_fn,
     )
 
 

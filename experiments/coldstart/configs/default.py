@@ -103,19 +103,27 @@ def base_config() -> ml_collections.ConfigDict:
     # named methods: a learner ("algo") with config fields overriding the base ones; list the
     # name in algos to run it, e.g. the CF-containing meta-learner on the hybrid model
     c.methods = {
+        # the search's starting point: the previous tune stage's choice (BUILD_NOTES, "Quality")
         "cf_metasgd": {
             "algo": "metasgd",
             "model": "hybrid",
             "adapt": "user",
-            "inner_lr": 0.2,
+            "inner_lr": 0.46,
             "inner_steps": 1,
             "loss_prior": 80.0,
-            "meta_lr": 0.001,
+            "meta_lr": 0.0018,
             "cf_freeze_tables": True,
             "train_tasks": "resample_support",
             "cf_knn": True,
-            "inner_newton": 1.0,
+            "inner_newton": 5.25,
             "loss_sum_scale": 10.0,
+            "cf_dim": 8,
+            "cf_reg": 16.8,
+            "id_dropout": 0.38,
+            "cf_knn_new_items": False,
+            "cf_melu": False,
+            "cf_user_fields": -1,
+            "outer_rank_weight": 0.0,
         },
     }
     c.recommended = ""  # the method the README names (its paired tests are reported)
@@ -132,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: damped Newton inner steps with this damping (few adapted parameters: the hybrid's user
     # vector); one step on the sum loss is MF's ridge fold-in with L2 = damping x loss_sum_scale / 2
     c.inner_newton = 0.0
+    # > 0: the outer (query) loss adds this weight x ListNet's cross-entropy between the query
+    # ratings and the predictions (metarec.meta.inner.with_rank_term): meta-training aims at the
+    # ranking too while the inner loop still fits ratings (maml, fomaml and metasgd only)
+    c.outer_rank_weight = 0.0
     # per-learner overrides of inner_lr / inner_steps and algorithm options (metarec.meta.LEARNERS)
     c.learner_options = {
         "reptile": {"inner_lr": 0.05},
