@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from experiments.meta_rl.settings import BANDIT_METHODS, META_METHODS, library_configs
+from experiments.meta_rl.validation import VAL_STREAM, validation_split  # noqa: F401 (re-exported)
 from metarec import data as mdata
 from metarec.rl import bandits, loop, networks, online
 from metarec.rl import dqn as dqnlib
@@ -36,6 +38,7 @@ from metarec.rl import evaluate as ev
 from metarec.rl import maml as mamllib
 from metarec.rl import meta_bandit as mblib
 from metarec.rl import ppo as ppolib
+from metarec.rl import rl2 as rl2lib
 from metarec.rl import simulator as simlib
 from metarec.training.checkpoint import Checkpointer, tree_digest
 from metarec.training.runlog import read_json, write_json_atomic
@@ -86,38 +89,9 @@ class Hooks:
     on_unit_read: Callable | None = None
 
 
-#: RNG stream of the validation users drawn from a seed's training users
-VAL_STREAM = 17
 #: where the synthetic simulator's validation users start (disjoint from train and test users)
 SYNTHETIC_VAL_FIRST = 1_000_000
 HELD_OUT = ("test", "val")
-
-
-def validation_split(train_ratings, n_val: int, seed: int, max_ratings: int):
-    """``(train_ratings without the validation users, items, ratings, mask [n_val, S])``: a seeded
-    draw of ``n_val`` training users held out of the simulator's and the agents' training; each
-    keeps at most ``max_ratings`` of their ratings (a seeded subset; the test users' width), which
-    are folded in as a test user's are."""
-    users = np.sort(train_ratings["user_id"].unique())
-    if len(users) <= n_val:
-        raise ValueError(
-            f"seed {seed}: only {len(users)} training users, --config.n_val_users={n_val}"
-        )
-    rng = np.random.default_rng([seed, VAL_STREAM])
-    val = np.sort(rng.choice(users, n_val, replace=False))
-    held = train_ratings["user_id"].isin(val).to_numpy()
-    frame = train_ratings[held]
-    width = int(min(max_ratings, frame.groupby("user_id").size().max()))
-    items = np.zeros((n_val, width), np.int64)
-    ratings = np.zeros((n_val, width), np.float32)
-    mask = np.zeros((n_val, width), np.float32)
-    for row, (_, g) in enumerate(frame.groupby("user_id", sort=True)):
-        pick = np.sort(rng.permutation(len(g))[:width])
-        n = len(pick)
-        items[row, :n] = g["item_id"].to_numpy(np.int64)[pick]
-        ratings[row, :n] = g["rating"].to_numpy(np.float32)[pick]
-        mask[row, :n] = 1.0
-    return train_ratings[~held], items, ratings, mask
 
 
 def build_simulator(spec, seed: int, held_out: str = "test") -> simlib.SimulatorData:
@@ -267,6 +241,15 @@ class _UnitStore:
         return ck
 
 
+#: in-context agents (state updated every step, meta-trained by REINFORCE): module, key stream
+IN_CONTEXT = {"metabandit": (mblib, 7), "rl2": (rl2lib, 8)}
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))  # the constants are arguments: one program
+def _eval_bandits(key, hp, items, envs, names, n_max, eval_episodes):
+    return ev.evaluate_bandits(key, names, items, envs, n_max, eval_episodes, hp)
+
+
 class _Runner:
     """Holds the jitted functions (built once, reused for all seeds)."""
 
@@ -284,6 +267,7 @@ class _Runner:
         for k, v in self.meta_cfg.items():
             self.trainers[k] = mamllib.make_meta_trainer(v, self.net)
         self.trainers["metabandit"] = mblib.make_trainer(lib.metabandit)
+        self.trainers["rl2"] = rl2lib.make_trainer(lib.rl2)
         self.init = {k: jax.jit(t.init) for k, t in self.trainers.items()}
         self.run = {k: jax.jit(t.run, static_argnames="length") for k, t in self.trainers.items()}
         self.learner = mamllib.make_meta_rl(self.net, lib.meta)
@@ -305,13 +289,19 @@ class _Runner:
         self.eval_scratch = jax.jit(
             lambda key, e: users(key, ev.ppo_scratch_agent(net, lib.ppo_scratch, k), e, n_max)
         )
-        self.eval_metabandit = jax.jit(
-            lambda key, p, e: users(key, ev.meta_bandit_agent(p, e.item_genres[0], k), e, n_max)
-        )
+        self.eval_in_context = {
+            name: jax.jit(
+                lambda key, p, e, fns=mod.make_agent_fns: users(
+                    key, ev.in_context_agent(fns, p, e.item_genres[0], k), e, n_max
+                )
+            )
+            for name, (mod, _) in IN_CONTEXT.items()
+        }
         self.oracle = jax.jit(lambda k, e: ev.oracle_metrics(k, e, ee))
-        self.bandit_names = [m for m in c.methods if m in BANDIT_METHODS]
-        self.eval_bandits = jax.jit(
-            lambda k, items, e: ev.evaluate_bandits(k, self.bandit_names, items, e, n_max, ee)
+        self.bandit_names = tuple(m for m in c.methods if m in BANDIT_METHODS)
+        hp = bandits.hyper_params(self.bandit_names, lib.bandits)
+        self.eval_bandits = lambda k, items, e: _eval_bandits(
+            k, hp, items, e, self.bandit_names, n_max, ee
         )
         self.online = jax.jit(
             lambda k, mp, e: online.run_online(k, net, self.learner, mp, e, c.online_rounds)
@@ -330,7 +320,6 @@ class _Runner:
         store = _UnitStore(ctx, seed, simulator_digest(sim))
         key = jax.random.PRNGKey(seed)
         ks = dict(zip(["ppo", "dqn", "maml", "eval", "oracle", "online"], jax.random.split(key, 6)))
-        k_metabandit = jax.random.fold_in(key, 7)  # (a 7th split would move every other key)
         curves, timings, train_logs, digests, resumed, loops = {}, {}, {}, {}, [], {}
         want = set(c.methods)
         metas = [m for m in META_METHODS if m in want]
@@ -396,9 +385,12 @@ class _Runner:
                     return self.init["ppo"](ks["ppo"])
                 if name == "dqn":
                     return self.init["dqn"](ks["dqn"], sim.train)
-                if name == "metabandit":  # starts from the LinUCB setting of the bandit family
-                    start = mblib.initial_params(bandit_items(), self.lib.metabandit)
-                    return self.init[name](k_metabandit, sim.train, start)
+                if name in IN_CONTEXT:  # start from the bandit family's features and prior
+                    mod, stream = IN_CONTEXT[name]
+                    k_ic = jax.random.fold_in(key, stream)  # (a split would move every other key)
+                    cfg = getattr(self.lib, name)
+                    start = mod.initial_params(bandit_items(), cfg, jax.random.fold_in(k_ic, 1))
+                    return self.init[name](k_ic, sim.train, start)
                 # meta-learners start from the PPO policy (trained, or restored, for a fresh start)
                 warm_params = train("ppo").state["params"] if warm else None
                 return self.init[name](ks["maml"], sim.train, warm_params)
@@ -443,8 +435,8 @@ class _Runner:
             def compute():
                 out = train(name)
                 # the training curve kept in the results
-                curve = {"metabandit": "ctr"}.get(
-                    name, "post_return" if name in metas else "return"
+                curve = (
+                    "ctr" if name in IN_CONTEXT else ("post_return" if name in metas else "return")
                 )
                 rec = {
                     "train_logs": {f"{name}_{curve}": out.metrics[curve].tolist()},
@@ -472,12 +464,12 @@ class _Runner:
                 return timed(f"eval_{name}", self.eval_meta, ks["eval"], p, sim.test)
 
             trained(name, eval_meta)
-        if "metabandit" in want:
+        for name in (m for m in IN_CONTEXT if m in want):
 
-            def eval_metabandit(p):
-                return timed("eval_metabandit", self.eval_metabandit, ks["eval"], p, sim.test)
+            def eval_in_context(p, name=name):
+                return timed(f"eval_{name}", self.eval_in_context[name], ks["eval"], p, sim.test)
 
-            trained("metabandit", eval_metabandit)
+            trained(name, eval_in_context)
         if "ppo_scratch" in want:
 
             def scratch():

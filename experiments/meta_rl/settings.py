@@ -15,6 +15,7 @@ from metarec.rl import env as envlib
 from metarec.rl import maml as mamllib
 from metarec.rl import meta_bandit as mblib
 from metarec.rl import ppo as ppolib
+from metarec.rl import rl2 as rl2lib
 
 #: every method the experiment can evaluate: name -> what it is
 METHODS: dict[str, str] = {
@@ -27,6 +28,8 @@ METHODS: dict[str, str] = {
     "metasgd": "Meta-SGD: MAML-RL with meta-learned per-parameter inner learning rates",
     "metabandit": "meta-learned linear bandit: prior, item representations, exploration and "
     "satiation learned across users (RL^2 with a bandit-shaped memory)",
+    "rl2": "RL^2: a GRU over the (item, click) history carried across episodes, meta-trained by "
+    "REINFORCE across training users",
 }
 BANDIT_METHODS = tuple(bandits.METHODS)
 META_METHODS = ("maml", "fomaml", "metasgd")
@@ -56,11 +59,13 @@ class LibraryConfigs(NamedTuple):
     dqn: dqnlib.DQNConfig
     meta: mamllib.MetaRLConfig
     metabandit: mblib.MetaBanditConfig
+    rl2: rl2lib.RL2Config
+    bandits: dict  # {bandit: {constant: value}}, the overrides of bandits.METHODS' classic values
 
 
 def library_configs(spec) -> LibraryConfigs:
-    """The library dataclasses of the ``env``, ``ppo``, ``ppo_scratch``, ``dqn``, ``meta`` and
-    ``metabandit`` sections of a config."""
+    """The library dataclasses of the ``env``, ``ppo``, ``ppo_scratch``, ``dqn``, ``meta``,
+    ``metabandit`` and ``rl2`` sections of a config, and the bandits' constants."""
     return LibraryConfigs(
         env=envlib.EnvConfig(**spec.env),
         ppo=ppolib.PPOConfig(**spec.ppo),
@@ -68,6 +73,16 @@ def library_configs(spec) -> LibraryConfigs:
         dqn=dqnlib.DQNConfig(**spec.dqn),
         meta=mamllib.MetaRLConfig(**spec.meta),
         metabandit=mblib.MetaBanditConfig(**spec.metabandit),
+        rl2=rl2lib.RL2Config(**spec.rl2),
+        bandits={m: dict(v) for m, v in dict(spec.get("bandits", {})).items()},
+    )
+
+
+def bandit_section() -> ml_collections.ConfigDict:
+    """The config section of the bandits' own constants (``--config.bandits.linucb.alpha``), at
+    the classic values of :data:`metarec.rl.bandits.METHODS`."""
+    return ml_collections.ConfigDict(
+        {m: {k: bandits.METHODS[m][k] for k in ks} for m, ks in bandits.TUNABLE.items()}
     )
 
 
@@ -101,8 +116,12 @@ def resolve(config) -> ml_collections.FrozenConfigDict:
     lib = library_configs(spec)
     lib.env.validate()
     _check_slates(spec, lib.env)
-    for part in (lib.ppo, lib.ppo_scratch, lib.dqn, lib.meta, lib.metabandit):
+    for part in (lib.ppo, lib.ppo_scratch, lib.dqn, lib.meta, lib.metabandit, lib.rl2):
         part.validate()
+    try:
+        bandits.settings(BANDIT_METHODS, lib.bandits)
+    except ValueError as e:
+        raise ValueError(f"--config.bandits: {e}") from None
     return spec
 
 

@@ -8,9 +8,11 @@ the remaining training users and scored by its CTR on the validation users after
 adaptation episodes in ``episodes``; the objective is minus their mean (the numbers of episodes the
 targets name). The search is the cold-start stage's (:func:`experiments.tune.pipeline.run_study`:
 seeded optuna TPE, or a grid for a space of choices only), the recommended method is the one with
-the lowest objective, and :func:`main` writes ``tune.json`` and the file the meta-RL default config
-reads (``experiments/meta_rl/configs/tuned.json``). The MAML family shares one ``meta`` section:
-the point tuned for one of them is the setting of all three.
+the lowest objective among the meta-learned methods, and :func:`main` writes ``tune.json`` and the
+file the meta-RL default config reads (``experiments/meta_rl/configs/tuned.json``). The bandits'
+own constants (``bandits/<method>/<constant>``) are searched the same way, by the same objective.
+The MAML family shares one ``meta`` section: the point tuned for one of them is the setting of all
+three.
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ def search(
 
 
 def references(base, sims: dict, names) -> dict:
-    """Validation CTR per number of episodes (mean over seeds) of untuned methods ``names`` (the
-    bandits) and of the oracle: what the tuned methods are read against."""
+    """Validation CTR per number of episodes (mean over seeds) of untuned methods ``names`` (e.g.
+    random, popular) and of the oracle: what the tuned methods are read against."""
     c = ml_collections.ConfigDict(base.to_dict())
     c.methods = tuple(names)
     spec = settings.resolve(c)
@@ -149,7 +151,11 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
             k: best[k] for k in ("objective", "val_ctr", "val_ctr_per_seed")
         }
         out["trials"][method] = rows
-    out["recommended"] = min(out["validation"], key=lambda m: out["validation"][m]["objective"])
+    # the recommended method is a meta-learned one; tuned bandits are what it is read against
+    learned = [m for m in out["validation"] if m not in settings.BANDIT_METHODS]
+    out["recommended"] = min(
+        learned or out["validation"], key=lambda m: out["validation"][m]["objective"]
+    )
     out["references_validation"] = references(base, sims, cfg.references)
     meta = run_metadata(cfg.to_dict(), argv)
     out["provenance"] = {

@@ -2,12 +2,12 @@
 simulators (MovieLens biased-MF, RecSim-style latent users), agents (REINFORCE, PPO, DQN),
 MAML / FOMAML / Meta-SGD across users with DiCE inner losses on :mod:`metarec.meta.inner`, bandit
 baselines, a meta-learned bandit (the bandits' per-user update with its prior, item
-representations, exploration and satiation learned across users), evaluation harness and an online
-serving loop.
+representations, exploration and satiation learned across users), an RL² policy (a GRU memory),
+evaluation harness and an online serving loop.
 
 Modules: env, rollout, simulator, networks, pg, reinforce, ppo, dqn, maml, bandits, meta_bandit,
-evaluate, online, loop (training in resumable, checkpointed pieces). The experiment that runs them
-all is ``experiments/meta_rl``.
+rl2, evaluate, online, loop (training in resumable, checkpointed pieces). The experiment that runs
+them all is ``experiments/meta_rl``.
 """
 
 from metarec.rl.env import EnvConfig, EnvParams, EnvState, make_env_params, reset, step

@@ -5,7 +5,8 @@ Every method scores item ``i`` as ``o_i + x_i . theta`` and recommends the best 
 * ``x_i = feat_scale * [1, z(q_i)]``: an intercept and the standardised item factors ``q_i`` of the
   *recommender-side* MF (fitted on training ratings, independent of the simulator's MF);
 * ``o_i = w_mf * 0.1 * z(mf score_i) + w_pop * 0.1 * z(log(1 + popularity_i))``: a prior score;
-* ``theta`` is the user's ridge estimate ``A^-1 b`` with ``A = lam I + sum x x^T`` and
+* ``theta`` is the user's ridge estimate ``A^-1 b`` with ``A = lam I + sum x x^T`` (``lam``: the
+  ridge, i.e. the prior's precision) and
   ``b = sum x (click - o)``, updated after **every** interaction (bandits learn online, also within
   an episode);
 * ``alpha > 0`` adds the LinUCB bonus ``alpha sqrt(x^T A^-1 x)``; ``ts > 0`` replaces ``theta`` by a
@@ -31,14 +32,22 @@ import numpy as np
 
 from metarec.rl import networks
 
-#: method -> hyper-parameters (w_mf, w_pop, feat_scale, alpha, ts, eps)
+#: method -> hyper-parameters (w_mf, w_pop, feat_scale, alpha, ts, eps, lam), the classic values
 METHODS = {
-    "random": dict(w_mf=0.0, w_pop=0.0, feat_scale=0.0, alpha=0.0, ts=0.0, eps=1.0),
-    "popular": dict(w_mf=0.0, w_pop=1.0, feat_scale=0.0, alpha=0.0, ts=0.0, eps=0.0),
-    "mf_greedy": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.0, eps=0.0),
-    "egreedy": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.0, eps=0.1),
-    "linucb": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.5, ts=0.0, eps=0.0),
-    "thompson": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.5, eps=0.0),
+    "random": dict(w_mf=0.0, w_pop=0.0, feat_scale=0.0, alpha=0.0, ts=0.0, eps=1.0, lam=1.0),
+    "popular": dict(w_mf=0.0, w_pop=1.0, feat_scale=0.0, alpha=0.0, ts=0.0, eps=0.0, lam=1.0),
+    "mf_greedy": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.0, eps=0.0, lam=1.0),
+    "egreedy": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.0, eps=0.1, lam=1.0),
+    "linucb": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.5, ts=0.0, eps=0.0, lam=1.0),
+    "thompson": dict(w_mf=1.0, w_pop=0.0, feat_scale=1.0, alpha=0.0, ts=0.5, eps=0.0, lam=1.0),
+}
+#: the constants a method's own setting may override (what distinguishes it: its exploration and
+#: its ridge), with the values allowed
+TUNABLE = {
+    "mf_greedy": ("lam",),
+    "egreedy": ("lam", "eps"),
+    "linucb": ("lam", "alpha"),
+    "thompson": ("lam", "ts"),
 }
 
 
@@ -59,18 +68,42 @@ def item_inputs(agent_item_factors, agent_item_score, popularity) -> dict:
     }
 
 
-def hyper_params(names) -> dict:
-    """Stack the hyper-parameters of methods ``names`` into arrays ``[len(names)]``."""
+def settings(names, overrides: dict | None = None) -> dict:
+    """``{name: hyper-parameters}`` of methods ``names``: :data:`METHODS` with ``overrides``
+    (``{name: {constant: value}}``, constants of :data:`TUNABLE`) applied. Raises ``ValueError``
+    naming a bad method, constant or value."""
+    overrides = overrides or {}
+    out = {}
     for n in names:
         if n not in METHODS:
             raise ValueError(f"unknown bandit method {n!r}; allowed: {sorted(METHODS)}")
-    return {k: jnp.asarray([METHODS[n][k] for n in names], jnp.float32) for k in METHODS["random"]}
+        out[n] = dict(METHODS[n])
+    for n, consts in overrides.items():
+        if n not in TUNABLE:
+            raise ValueError(f"bandit {n!r} has no tunable constants; tunable: {sorted(TUNABLE)}")
+        for k, v in consts.items():
+            if k not in TUNABLE[n]:
+                raise ValueError(f"bandit {n!r}: constant {k!r} not tunable; allowed: {TUNABLE[n]}")
+            ok = 0 <= v <= 1 if k == "eps" else (v > 0 if k == "lam" else v >= 0)
+            if not ok:
+                allowed = {"eps": "in [0, 1]", "lam": "> 0"}.get(k, ">= 0")
+                raise ValueError(f"bandit {n!r}: {k}={v!r} is invalid: must be {allowed}")
+            if n in out:
+                out[n][k] = float(v)
+    return out
 
 
-def init(items: dict, hp: dict, lam: float = 1.0) -> dict:
-    """A fresh per-user bandit state (``hp`` holds one method's scalars)."""
+def hyper_params(names, overrides: dict | None = None) -> dict:
+    """Stack the hyper-parameters of methods ``names`` (:func:`settings`) into arrays
+    ``[len(names)]``."""
+    per = settings(names, overrides)
+    return {k: jnp.asarray([per[n][k] for n in names], jnp.float32) for k in METHODS["random"]}
+
+
+def init(items: dict, hp: dict) -> dict:
+    """A fresh per-user bandit state (``hp`` holds one method's scalars; ``A = lam I``)."""
     d = items["feats"].shape[1]
-    return {"A": lam * jnp.eye(d), "b": jnp.zeros(d), "hp": hp, "items": items}
+    return {"A": hp["lam"] * jnp.eye(d), "b": jnp.zeros(d), "hp": hp, "items": items}
 
 
 def _scores(key, state):

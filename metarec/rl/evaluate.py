@@ -159,28 +159,40 @@ def ppo_scratch_agent(
     return EvalAgent(init=init, act=act, episode_update=episode_update)
 
 
-def bandit_agent(items: dict, hp: dict, lam: float = 1.0, slate_size: int = 1) -> EvalAgent:
+def bandit_agent(items: dict, hp: dict, slate_size: int = 1) -> EvalAgent:
     """One method of the linear-bandit family (``hp``: one method's scalars, may be traced)."""
     act = bandits.slate_act(slate_size) if slate_size > 1 else bandits.act
-    return EvalAgent(
-        init=lambda key: bandits.init(items, hp, lam), act=act, step_update=bandits.update
-    )
+    return EvalAgent(init=lambda key: bandits.init(items, hp), act=act, step_update=bandits.update)
 
 
 def meta_bandit_agent(params, genres, slate_size: int = 1) -> EvalAgent:
     """The meta-learned bandit (:mod:`metarec.rl.meta_bandit`) with meta-parameters ``params``:
     learns every step, its state carried across episodes like the bandits'."""
-    init, act, step_update = mblib.make_agent_fns(params, genres, slate_size)
+    return in_context_agent(mblib.make_agent_fns, params, genres, slate_size)
+
+
+def in_context_agent(agent_fns: Callable, params, genres, slate_size: int = 1) -> EvalAgent:
+    """An in-context agent (``agent_fns``: :func:`metarec.rl.meta_bandit.make_agent_fns`,
+    :func:`metarec.rl.rl2.make_agent_fns`) with meta-parameters ``params``: its state is updated
+    after every step and carried across episodes."""
+    init, act, step_update = agent_fns(params, genres, slate_size)
     return EvalAgent(init=init, act=act, step_update=step_update)
 
 
 def evaluate_bandits(
-    key, names, items: dict, env_params: envlib.EnvParams, n_max: int, eval_episodes: int
+    key,
+    names,
+    items: dict,
+    env_params: envlib.EnvParams,
+    n_max: int,
+    eval_episodes: int,
+    hp: dict | None = None,
 ):
     """All bandit methods ``names`` in one compiled program (vmap over the methods'
-    hyper-parameters).
+    hyper-parameters ``hp``, :func:`bandits.hyper_params`; default: the classic values; may be
+    traced, so one program serves every setting).
     Returns ``{name: {"ctr", "return", "regret": [U, n_max+1]}}``."""
-    hp = bandits.hyper_params(names)
+    hp = bandits.hyper_params(names) if hp is None else hp
     k = env_params.slate_size
     run = jax.vmap(
         lambda h: evaluate_users(

@@ -15,7 +15,8 @@ of :mod:`metarec.rl.bandits`, with the item and fatigue terms off, so meta-train
 the bandit):
 
 * ``feats [I, D]``: item representations ``x_i`` (init: intercept + standardised factors of the
-  recommender-side MF, the bandits' features);
+  recommender-side MF, the bandits' features, and ``extra_dims`` further learned directions drawn
+  small at random, so the user vector can live in a richer space than the MF's rank);
 * ``prior [I]``: population score of every item (init: the bandits' MF prior);
 * ``theta0 [D]``, ``log_prec [D]``: the prior over user vectors,
   ``N(theta0, diag(exp(log_prec))^-1)`` (the bandits' is ``N(0, I / lam)``): where a new user
@@ -74,6 +75,8 @@ class MetaBanditConfig:
     meta_lr: float = 3e-3
     num_iterations: int = 200
     max_grad_norm: float = 1.0
+    extra_dims: int = 0  # learned item/user directions beyond the recommender-side factors
+    extra_scale: float = 0.1  # the initial scale of those directions (random, seeded)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and what is allowed."""
@@ -90,6 +93,8 @@ class MetaBanditConfig:
             ("meta_lr", self.meta_lr > 0, "> 0"),
             ("num_iterations", self.num_iterations >= 1, ">= 1"),
             ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+            ("extra_dims", self.extra_dims >= 0, ">= 0"),
+            ("extra_scale", self.extra_scale > 0, "> 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -98,12 +103,18 @@ class MetaBanditConfig:
                 )
 
 
-def initial_params(items: dict, config: MetaBanditConfig) -> dict:
-    """Meta-parameters at the hand-made bandit setting. ``items``: :func:`bandits.item_inputs`."""
-    d = items["feats"].shape[1]
+def initial_params(items: dict, config: MetaBanditConfig, key=None) -> dict:
+    """Meta-parameters at the hand-made bandit setting. ``items``: :func:`bandits.item_inputs`;
+    ``key`` draws the ``extra_dims`` directions (default ``PRNGKey(0)``; unused without them)."""
+    feats = jnp.asarray(items["feats"], jnp.float32)
+    if config.extra_dims:
+        key = jax.random.PRNGKey(0) if key is None else key
+        extra = config.extra_scale * jax.random.normal(key, (feats.shape[0], config.extra_dims))
+        feats = jnp.concatenate([feats, extra], 1)
+    d = feats.shape[1]
     p = config.fatigue_decay
     return {
-        "feats": jnp.asarray(items["feats"], jnp.float32),
+        "feats": feats,
         "prior": jnp.asarray(items["mf"], jnp.float32),
         "theta0": jnp.zeros((d,), jnp.float32),
         "log_prec": jnp.full((d,), math.log(config.prior_precision), jnp.float32),
@@ -205,10 +216,18 @@ def make_agent_fns(
     return init, act, step_update
 
 
-def trial(key, params: dict, genres: jax.Array, env_params: envlib.EnvParams, episodes: int):
+def trial(
+    key,
+    params: dict,
+    genres: jax.Array,
+    env_params: envlib.EnvParams,
+    episodes: int,
+    agent_fns: Callable | None = None,
+):
     """``episodes`` consecutive episodes of one user, the state carried across them; returns
-    ``(logp, clicks, alive)`` each ``[episodes * T]`` (``logp`` differentiable in ``params``)."""
-    init, act, step_update = make_agent_fns(params, genres, env_params.slate_size)
+    ``(logp, clicks, alive)`` each ``[episodes * T]`` (``logp`` differentiable in ``params``).
+    ``agent_fns``: an in-context agent's :func:`make_agent_fns` (default: this module's)."""
+    init, act, step_update = (agent_fns or make_agent_fns)(params, genres, env_params.slate_size)
 
     def body(state, k):
         traj, state = rollout(k, env_params, act, state, step_update)
@@ -218,12 +237,14 @@ def trial(key, params: dict, genres: jax.Array, env_params: envlib.EnvParams, ep
     return logp.reshape(-1), clicks.reshape(-1), alive.reshape(-1)
 
 
-def trial_loss(params: dict, key, genres: jax.Array, env_params, config: MetaBanditConfig):
+def trial_loss(
+    params: dict, key, genres: jax.Array, env_params, config, agent_fns: Callable | None = None
+):
     """REINFORCE loss of ``config.trials`` trials of one user (leave-one-out baseline); aux: the
-    trials' CTR."""
+    trials' CTR. ``config``: a :class:`MetaBanditConfig` or any config with its loop fields."""
     keys = jax.random.split(key, config.trials)
     logp, clicks, alive = jax.vmap(
-        lambda k: trial(k, params, genres, env_params, config.trial_episodes)
+        lambda k: trial(k, params, genres, env_params, config.trial_episodes, agent_fns)
     )(keys)
     returns = pg.discounted_returns(clicks, alive, config.gamma)
     n = config.trials
@@ -234,8 +255,10 @@ def trial_loss(params: dict, key, genres: jax.Array, env_params, config: MetaBan
     return loss, ctr
 
 
-def make_trainer(config: MetaBanditConfig) -> Trainer:
-    """Meta-training in resumable pieces (:class:`metarec.rl.loop.Trainer`):
+def make_trainer(config, agent_fns: Callable | None = None) -> Trainer:
+    """Meta-training in resumable pieces (:class:`metarec.rl.loop.Trainer`) of an in-context agent
+    (``agent_fns``, default this module's :func:`make_agent_fns`; ``config`` has the loop fields of
+    :class:`MetaBanditConfig`):
     ``init(key, env_params, init_params) -> {"params", "opt_state", "key", "genres"}``
     (``init_params``: the starting meta-parameters, e.g. :func:`initial_params`; the catalogue's
     genres are read from ``env_params``: item content, the same for every user);
@@ -245,7 +268,9 @@ def make_trainer(config: MetaBanditConfig) -> Trainer:
 
     def batch_loss(params, key, genres, ep):
         keys = jax.random.split(key, config.meta_batch)
-        losses, ctr = jax.vmap(lambda k, e: trial_loss(params, k, genres, e, config))(keys, ep)
+        losses, ctr = jax.vmap(lambda k, e: trial_loss(params, k, genres, e, config, agent_fns))(
+            keys, ep
+        )
         return losses.mean(), ctr.mean()
 
     def init(key, env_params, init_params):

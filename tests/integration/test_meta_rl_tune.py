@@ -66,10 +66,15 @@ def test_tune_stage_writes_the_config_the_default_applies(tmp_path):
     b.env.horizon, b.env.history_len, b.adapt_episodes, b.eval_episodes = 3, 2, (0, 1, 2), 1
     b.metabandit.num_iterations, b.metabandit.meta_batch = 3, 2
     cfg.seeds, cfg.episodes, cfg.references = (0,), (1, 2), ("random",)
-    cfg.spaces = {"metabandit": {"metabandit/trial_episodes": "choice:1"}}  # one trial: compiles
+    cfg.spaces = {
+        "metabandit": {"metabandit/trial_episodes": "choice:1"},  # one trial: compiles
+        "linucb": {"bandits/linucb/alpha": "choice:0.05,3.0", "bandits/linucb/lam": "choice:2.0"},
+    }
     cfg.write_config = str(tmp_path / "tuned.json")
     out = tune_rl.main(cfg, str(tmp_path / "wd"))
+    # a bandit is tuned (every grid point) but never the recommended method
     assert out["recommended"] == "metabandit" and len(out["trials"]["metabandit"]) == 1
+    assert len(out["trials"]["linucb"]) == 2
     best = out["trials"]["metabandit"][0]
     assert best["objective"] == -np.mean([best["val_ctr"][1], best["val_ctr"][2]])
     assert set(out["references_validation"]) == {"random", "oracle"}
@@ -78,3 +83,19 @@ def test_tune_stage_writes_the_config_the_default_applies(tmp_path):
     c = default.apply_tuned(default.base_config(), str(tmp_path / "tuned.json"))
     assert c.metabandit.trial_episodes == best["point"]["metabandit/trial_episodes"]
     assert c.recommended == "metabandit"
+    # the main run uses the tuned bandit constants: they reach its bandit, and evaluating the
+    # applied config on the validation users gives the tuned trial's CTR
+    lin = out["trials"]["linucb"][0]
+    assert c.bandits.linucb.alpha == lin["point"]["bandits/linucb/alpha"]
+    assert c.bandits.linucb.lam == 2.0 != default.base_config().bandits.linucb.lam
+    c.update({k: v for k, v in b.items() if k not in ("bandits", "metabandit", "meta")})
+    c.methods = ("linucb",)
+    spec = settings.resolve(c)
+    assert settings.library_configs(spec).bandits["linucb"] == {
+        "alpha": c.bandits.linucb.alpha,
+        "lam": 2.0,
+    }
+    again = runner.run_on_simulators(spec, tune_rl.prepare(b, (0,)))[0]["curves"]["linucb"]["ctr"]
+    assert {n: again[n] for n in (1, 2)} == {n: lin["val_ctr"][n] for n in (1, 2)}
+    other = out["trials"]["linucb"][1]["val_ctr"]
+    assert other != lin["val_ctr"]  # the constants matter: the check can fail

@@ -13,7 +13,8 @@ import os
 import ml_collections
 
 from experiments.common import set_config_value
-from metarec.rl import dqn, env, maml, meta_bandit, ppo
+from experiments.meta_rl import settings
+from metarec.rl import dqn, env, maml, meta_bandit, ppo, rl2
 
 
 def _section(settings) -> ml_collections.ConfigDict:
@@ -63,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
         "fomaml",
         "metasgd",
         "metabandit",
+        "rl2",
     )
     c.n_train_users = 400  # training users (environments) per seed
     c.n_test_users = 64  # held-out users per seed
@@ -90,12 +92,27 @@ def base_config() -> ml_collections.ConfigDict:
             query_episodes=4,
             inner_lr=3.0,
             meta_lr=3e-3,
-            inner_params=("item_bias",),
+            inner_params="item_bias",  # names at commas (a string: a tune stage choice)
             inner_credit="myopic",
         )
     )
     # the meta-learned bandit (starts from the LinUCB setting; metarec.rl.meta_bandit)
-    c.metabandit = _section(meta_bandit.MetaBanditConfig(meta_lr=1e-2, num_iterations=400))
+    # (the trial length, discount, meta_lr and temperature are those the tune stage's first search
+    # chose on validation users; it now searches the user model's size and the training length)
+    c.metabandit = _section(
+        meta_bandit.MetaBanditConfig(
+            meta_lr=0.011314503870417528,
+            num_iterations=400,
+            temperature=0.015364092985079625,
+            trial_episodes=2,
+            gamma=0.5591372129344666,
+        )
+    )
+    # the bandits' own constants (ridge lam, LinUCB alpha, Thompson scale ts, epsilon), chosen by
+    # the tune stage on validation users like every other method's settings
+    c.bandits = settings.bandit_section()
+    # RL^2: a GRU memory over the click history (metarec.rl.rl2), meta-trained as the meta-bandit
+    c.rl2 = _section(rl2.RL2Config())
     c.recommended = "metabandit"  # the method the README names (set by the tune stage)
     c.online_rounds = 5  # online loop: rounds per streamed test user (0 = skip)
     # bookkeeping: training iterations between checkpoints (also the length of the jitted pieces;

@@ -26,5 +26,7 @@ def get_config():
     c.meta.meta_batch = 4
     c.metabandit.num_iterations = 10
     c.metabandit.meta_batch = 4
+    c.rl2.num_iterations = 10
+    c.rl2.meta_batch = 4
     c.online_rounds = 2
     return c

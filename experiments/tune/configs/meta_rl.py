@@ -6,8 +6,9 @@ writes ``experiments/meta_rl/configs/tuned.json``, which the meta-RL default con
 
 ``spaces`` maps each candidate method to its search space (the forms of
 :mod:`experiments.tune.pipeline`, a section's fields as ``section/field``); the objective is minus
-the mean validation CTR after ``episodes`` adaptation episodes; the recommended method has the
-lowest.
+the mean validation CTR after ``episodes`` adaptation episodes; the recommended method is the
+meta-learned one with the lowest. The bandits' own constants are tuned the same way (small grids),
+so every method of the main run uses validation-chosen settings.
 """
 
 import os
@@ -25,21 +26,39 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler_seed = 0
     c.episodes = (1, 2, 5, 10)  # the numbers of adaptation episodes the objective averages
     c.spaces = {
-        # the meta-learned bandit: its meta-training (the initial values are the bandit's)
+        # the meta-learned bandit: the size of its user model (learned directions beyond the
+        # recommender-side factors) and the length of meta-training; its trial length, discount,
+        # meta_lr and temperature are the base config's (chosen by this stage's first search)
         "metabandit": {
-            "metabandit/meta_lr": "log:0.002:0.03",
-            "metabandit/temperature": "log:0.01:0.2",
-            "metabandit/trial_episodes": "choice:2,4,8",
-            "metabandit/gamma": "float:0.5:1.0",
+            "metabandit/extra_dims": "choice:0,8",
+            "metabandit/num_iterations": "choice:400,800",
         },
-        # the MAML family's inner step (one shared section; tuned with Meta-SGD)
+        # RL^2 (a GRU memory): its meta step size
+        "rl2": {"rl2/meta_lr": "choice:0.003,0.01"},
+        # the MAML family's inner step (one shared section; tuned with Meta-SGD): which parameters
+        # adapt and the step size (the myopic inner credit is the base config's)
         "metasgd": {
-            "meta/inner_lr": "choice:1.0,3.0,10.0",
-            "meta/inner_credit": "choice:myopic,causal",
+            "meta/inner_params": "choice:item_bias,user,all",
+            "meta/inner_lr": "choice:0.3,1.0,3.0",
+        },
+        # the bandits' own constants, each tuned like the meta-learners (the classic values are
+        # in each grid): ridge lam and the exploration constant
+        "mf_greedy": {"bandits/mf_greedy/lam": "choice:0.25,0.5,1.0,2.0,4.0,8.0"},
+        "egreedy": {
+            "bandits/egreedy/lam": "choice:0.25,1.0,4.0",
+            "bandits/egreedy/eps": "choice:0.02,0.05,0.1,0.2",
+        },
+        "linucb": {
+            "bandits/linucb/lam": "choice:0.25,1.0,4.0",
+            "bandits/linucb/alpha": "choice:0.1,0.25,0.5,1.0",
+        },
+        "thompson": {
+            "bandits/thompson/lam": "choice:0.25,1.0,4.0",
+            "bandits/thompson/ts": "choice:0.1,0.25,0.5,1.0",
         },
     }
-    # read against (untuned): the bandits and the oracle
-    c.references = ("mf_greedy", "egreedy", "linucb", "thompson")
+    # read against: the bandits without constants of their own, and the oracle
+    c.references = ("random", "popular")
     c.write_config = os.path.join(os.path.dirname(meta_rl.__file__), "tuned.json")
     c.base = meta_rl.base_config()
     c.base.online_rounds = 0
