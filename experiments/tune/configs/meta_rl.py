@@ -42,19 +42,20 @@ def get_config() -> ml_collections.ConfigDict:
             "meta/inner_lr": "choice:0.3,1.0,3.0",
         },
         # the bandits' own constants, each tuned like the meta-learners (the classic values are
-        # in each grid): ridge lam and the exploration constant
-        "mf_greedy": {"bandits/mf_greedy/lam": "choice:0.25,0.5,1.0,2.0,4.0,8.0"},
+        # in each grid; the grids are wide because a bandit point costs seconds): ridge lam and
+        # the exploration constant
+        "mf_greedy": {"bandits/mf_greedy/lam": "choice:0.25,0.5,1.0,2.0,4.0,8.0,16.0,64.0"},
         "egreedy": {
-            "bandits/egreedy/lam": "choice:0.25,1.0,4.0",
-            "bandits/egreedy/eps": "choice:0.02,0.05,0.1,0.2",
+            "bandits/egreedy/lam": "choice:0.25,1.0,4.0,16.0,64.0",
+            "bandits/egreedy/eps": "choice:0.01,0.02,0.05,0.1,0.2",
         },
         "linucb": {
-            "bandits/linucb/lam": "choice:0.25,1.0,4.0",
-            "bandits/linucb/alpha": "choice:0.1,0.25,0.5,1.0",
+            "bandits/linucb/lam": "choice:0.25,1.0,4.0,16.0,64.0",
+            "bandits/linucb/alpha": "choice:0.03,0.1,0.25,0.5,1.0",
         },
         "thompson": {
-            "bandits/thompson/lam": "choice:0.25,1.0,4.0",
-            "bandits/thompson/ts": "choice:0.1,0.25,0.5,1.0",
+            "bandits/thompson/lam": "choice:0.25,1.0,4.0,16.0,64.0",
+            "bandits/thompson/ts": "choice:0.03,0.1,0.25,0.5,1.0",
         },
     }
     # read against: the bandits without constants of their own, and the oracle
