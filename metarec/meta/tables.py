@@ -19,7 +19,7 @@ So, once per meta-batch and outside the per-task ``vmap``:
 This is exact for every learner (second-order MAML included) as long as the inner loop leaves the
 table unchanged, because the rows are then plain inputs of each task's computation and the chain
 rule through the gather is the scatter-add. A table the inner loop adapts would be adapted per
-duplicate row instead of per id, so :func:`check_not_adapted` refuses it.
+duplicate row instead of per id, so :func:`check_not_adapted` refuses it (:class:`TablesRefused`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ import jax.numpy as jnp
 from metarec.meta.inner import path_to_str
 
 PyTree = Any
+
+
+class TablesRefused(ValueError):
+    """Raised (at trace time) when tables cannot be row-gathered exactly: a table the inner loop
+    adapts, a model that cannot run on gathered rows, a path that matches no ``[vocab, dim]``
+    parameter. A ``ValueError``, so callers may also catch that."""
 
 
 class LookupTable(NamedTuple):
@@ -63,14 +69,14 @@ def table_leaves(meta_params: PyTree, tables) -> list[int | None]:
     for k, t in enumerate(tables):
         hits = [i for i, p in enumerate(paths) if _matches(p, t.path)]
         if not hits:
-            raise ValueError(
+            raise TablesRefused(
                 f"sparse_tables: no meta-parameter at path {t.path!r} (leaves: {', '.join(paths)})"
             )
         for i in hits:
             if out[i] is not None:
-                raise ValueError(f"sparse_tables: leaf {paths[i]!r} matches two tables")
+                raise TablesRefused(f"sparse_tables: leaf {paths[i]!r} matches two tables")
             if jnp.ndim(leaves[i]) != 2 or jnp.shape(leaves[i])[0] != t.vocab:
-                raise ValueError(
+                raise TablesRefused(
                     f"sparse_tables: leaf {paths[i]!r} has shape {jnp.shape(leaves[i])}, "
                     f"expected [{t.vocab}, dim] for table {t.path!r}"
                 )
@@ -169,14 +175,14 @@ def check_not_adapted(learner, meta_params: PyTree, which: list, rows: list, tas
     try:
         closed = jax.make_jaxpr(probe)([theta_leaves[i] for i in idx])
     except Exception as e:  # the model could not run on an R-row table
-        raise ValueError(
+        raise TablesRefused(
             "sparse_tables: the model's apply_fn does not run on a row-gathered table (it must "
             f"read table sizes from the parameters, as metarec.models.melu does): {e}"
         ) from e
     jaxpr = closed.jaxpr
     for i, out_var, in_var in zip(idx, jaxpr.outvars, jaxpr.invars):
         if _source(jaxpr, out_var) is not in_var:
-            raise ValueError(
+            raise TablesRefused(
                 f"sparse_tables: table {theta_paths[i]!r} is adapted by the inner loop; only "
                 "tables the inner loop leaves unchanged can be row-gathered (use an adapt mask "
                 "that freezes it, e.g. MeLU's 'decision', or sparse_tables=None)"
@@ -213,6 +219,6 @@ def _with_model_leaves(learner, meta_params, theta, leaves):
         for f in meta_params._fields:
             if getattr(meta_params, f) is theta:
                 return meta_params._replace(**{f: new_theta})
-    raise ValueError(
+    raise TablesRefused(
         "sparse_tables: cannot locate the model parameters inside this learner's meta-parameters"
     )

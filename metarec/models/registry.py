@@ -27,7 +27,10 @@ class ModelEntry:
     """``build(spec, cfg, pretrained, max_len) -> (init_fn, apply_fn)``; ``adapt_filter(mode, cfg)``
     the inner-loop parameter filter of an adapt mode (one of ``adapt_modes``); ``prepare_tasks``
     maps encoded tasks to the model's inputs; ``pretrainable``: accepts a pretrained encoder;
-    ``with_item_tables``: fills the item side from a fitted MF (``cfg.cf_dim`` factors)."""
+    ``with_item_tables``: fills the item side from a fitted MF (``cfg.cf_dim`` factors);
+    ``lookup_tables(spec, cfg)``: the embedding tables the model reads only by index, as
+    :class:`metarec.meta.tables.LookupTable` (for a meta-step with row-gathered tables,
+    :func:`metarec.training.meta_train.make_step`); None: the model declares none."""
 
     build: Callable[..., tuple[Callable, Callable]]
     adapt_modes: tuple[str, ...]
@@ -37,6 +40,7 @@ class ModelEntry:
     # with_item_tables(params, rows, item_bias, item_factors, mu) -> params: the model starts from
     # the item side of an MF fitted on the training ratings (the pipeline fits it and hands it in)
     with_item_tables: Callable[..., Any] | None = None
+    lookup_tables: Callable[[Any, Any], tuple] | None = None
 
 
 def _build_melu(spec, cfg, pretrained=None, max_len=None):
@@ -107,6 +111,7 @@ MODELS: dict[str, ModelEntry] = {
         build=_build_melu,
         adapt_modes=("decision", "all", "head", "context", "decision+context"),
         adapt_filter=lambda mode, cfg: melu.adapt_filter(mode),
+        lookup_tables=lambda spec, cfg: melu.lookup_tables(spec, use_item_id=cfg.use_item_id),
     ),
     "hybrid": ModelEntry(
         build=_build_hybrid,

@@ -21,7 +21,8 @@ import optax
 from metarec import metrics as mmetrics
 from metarec.data.stream import ShardTasks
 from metarec.data.tasks import Task, index_tasks, pad_tasks
-from metarec.meta.step import shard_tasks
+from metarec.meta import tables as mtables
+from metarec.meta.step import make_meta_step, shard_tasks
 from metarec.training import trainer
 from metarec.training.checkpoint import Checkpointer, epoch_order, tree_digest
 from metarec.training.runlog import MetricsWriter, Progress
@@ -47,6 +48,58 @@ class TrainResult:
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW on the meta-parameters (gradient clipping happens inside the meta step)."""
     return optax.adamw(cfg.meta_lr, weight_decay=cfg.weight_decay)
+
+
+def make_step(learner, cfg, *, tables=(), mesh=None, log_fn: Callable | None = None) -> Callable:
+    """The meta-step of a training config: :func:`~metarec.meta.step.make_meta_step` with
+    :func:`make_optimizer`, ``cfg.clip_norm`` and ``cfg.chunk_size`` (0 = none) on ``mesh``.
+
+    With ``cfg.sparse_tables`` (default False) the model's lookup ``tables`` (its registry entry's
+    ``lookup_tables(spec, cfg)``) are row-gathered per task instead of differentiated densely:
+    the same parameters up to float summation order, and a step whose cost no longer grows with
+    the catalogue. Only tables larger than the rows a task reads (``1 + S + Q``, known at the first
+    call) are gathered. A learner whose inner loop adapts a table cannot use it: its step falls
+    back to the dense one (one ``log_fn`` line). No ``tables`` with ``cfg.sparse_tables`` is one
+    ``ValueError`` naming ``--config.sparse_tables``.
+    """
+    kw = dict(
+        clip_norm=cfg.get("clip_norm", 0) or None,
+        chunk_size=cfg.get("chunk_size", 0) or None,
+        mesh=mesh,
+    )
+    dense = make_meta_step(learner, make_optimizer(cfg), **kw)
+    if not cfg.get("sparse_tables", False):
+        return dense
+    if not tables:
+        raise ValueError(
+            f"--config.sparse_tables=True needs a model that declares lookup tables (model "
+            f"{cfg.get('model', '?')!r} declares none); allowed: a model with "
+            "ModelEntry.lookup_tables (melu), or --config.sparse_tables=False"
+        )
+    chosen: dict[tuple, Callable] = {}
+
+    def choose(args) -> Callable:
+        rows = jax.eval_shape(lambda t: mtables.row_indices(t, tables), args[2])
+        big = tuple(t for t, r in zip(tables, rows) if t.vocab > r.shape[1])
+        if not big:
+            return dense
+        sparse = make_meta_step(learner, make_optimizer(cfg), sparse_tables=big, **kw)
+        try:
+            jax.eval_shape(sparse, *args)  # traces the refusals of metarec.meta.tables
+        except mtables.TablesRefused as e:
+            if log_fn:
+                log_fn(f"  {learner.name}: --config.sparse_tables: dense tables instead ({e})")
+            return dense
+        return sparse
+
+    def step(meta_params, opt_state, tasks, task_weights, key=None):
+        args = (meta_params, opt_state, tasks, task_weights, key)
+        sig = tuple(jnp.shape(a) for a in jax.tree_util.tree_leaves(tasks))
+        if sig not in chosen:
+            chosen[sig] = choose(args)
+        return chosen[sig](*args)
+
+    return step
 
 
 def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np.ndarray]:
