@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from experiments.common import split_names
 from metarec import data as mdata
@@ -16,10 +17,10 @@ from metarec.baselines.neighbours import fit_neighbours, neighbour_features
 from metarec.data.tasks import Task
 from metarec.meta import LEARNERS, make_learner
 from metarec.meta.inner import mse, scaled_sse, shrunk_mse, with_rank_term
-from metarec.meta.step import make_eval_fn, make_mesh, make_meta_step
+from metarec.meta.step import make_eval_fn, make_mesh
 from metarec.models.registry import MODELS, get_model
 from metarec.training.encoder_checkpoint import load_pretrained, same_item_vocab
-from metarec.training.meta_train import make_optimizer
+from metarec.training.meta_train import make_step
 
 # baselines built from the meta-learning network rather than fitted on ratings
 NETWORK_BASELINES = ("no_adapt", "finetune")
@@ -436,16 +437,17 @@ class Compiled:
 
     def step(self, spec, name, **kw):
         key = ("step", spec, name, tuple(sorted(kw.items())))
-        clip = self.cfg.clip_norm or None
+        lookup = get_model(self.cfg.model).lookup_tables
 
         def make():
-            return make_meta_step(
-                self.learner(spec, name, **kw),
-                make_optimizer(self.cfg),
-                clip_norm=clip,
-                mesh=self.mesh,
-                chunk_size=self.cfg.chunk_size or None,
-            )
+            cfg, tables = self.cfg, ()
+            if cfg.sparse_tables and lookup is None:
+                logging.info("  %s: model %s has no lookup tables: dense step", name, cfg.model)
+                cfg = ml_collections.ConfigDict(cfg.to_dict() | {"sparse_tables": False})
+            elif cfg.sparse_tables:
+                tables = lookup(spec, cfg)
+            learner = self.learner(spec, name, **kw)
+            return make_step(learner, cfg, tables=tables, mesh=self.mesh, log_fn=logging.info)
 
         return self._get(key, make)
 

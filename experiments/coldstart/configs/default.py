@@ -155,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta_batch = 32
     c.chunk_size = 8  # tasks vmapped at once inside a meta-step; 0 = the whole meta-batch
     c.all_devices = False  # data-parallel meta-steps over every visible device
+    # row-gather the model's lookup tables per task instead of differentiating them densely
+    # (MeLU; same parameters up to float summation order, a step independent of the catalogue
+    # size); a learner whose inner loop adapts a table falls back to the dense step
+    c.sparse_tables = False
     c.epochs = 30
     c.patience = 8
     c.eval_chunk = 64
