@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
             inner_steps=2,
             inner_episodes=1,
             query_episodes=4,
-            inner_lr=3.0,
+            inner_lr=1.0,  # with inner_credit: the tune stage's first search (validation users)
             meta_lr=3e-3,
             inner_params="item_bias",  # names at commas (a string: a tune stage choice)
             inner_credit="myopic",
