@@ -122,6 +122,7 @@ SECTIONS = (
     "chunk",
     "dtype",
     "tables",
+    "ceiling",
 )
 #: the catalogue size of the large-catalogue comparison in section ``tables``
 LARGE_CATALOGUE = 100_000
@@ -143,6 +144,10 @@ class Settings:
     )
     profile: bool = True
     seed: int = 0
+    #: time the step's own matmul shapes (:mod:`benchmarks.meta_step.ceiling`) for the headline
+    #: MAML records (sections ``headline`` and ``ceiling``), each shape for about this long
+    ceiling: bool = True
+    ceiling_min_time: float = 0.2
 
 
 def _quick_settings() -> Settings:
@@ -153,6 +158,7 @@ def _quick_settings() -> Settings:
         matmul_min_time=0.2,
         memory_steps=(1, 4),
         memory_config=dict(meta_batch=8, support=32, query=8, width=64),
+        ceiling_min_time=0.06,
     )
 
 
@@ -193,6 +199,13 @@ def _default_sections(learners: Sequence[str], sections: Sequence[str]) -> list[
             b("tables", learner="maml", data="ml-100k", modes=sparse),
             b("tables", learner="maml", n_items=LARGE_CATALOGUE, modes=sparse),
         ]
+    if "ceiling" in sections:
+        # the headline MAML step in every library execution, each next to its matmul ceiling
+        grid += [
+            b("ceiling", learner="maml", modes=("vmap", "sparse", "map")),
+            b("ceiling", learner="maml", chunk=8, modes=("vmap", "sparse")),
+            b("ceiling", learner="maml", chunk=1, modes=("vmap", "sparse")),
+        ]
     return grid
 
 
@@ -211,10 +224,12 @@ def make_grid(
     ml-100k task batches), ``meta_batch`` (1..1024), ``inner_steps`` (timed with/without remat at
     20 steps), ``support``, ``width`` (including the large configuration used for the
     peak-fraction target), ``chunk`` (task chunking at meta-batch 256), ``dtype`` (bfloat16
-    compute). The quick preset keeps only the headline MAML comparison. ``devices`` > 1 adds a
-    ``devices`` section (sharded vmap step). ``custom`` (a dict of lists: ``meta_batch``,
-    ``support``, ``inner_steps``, ``width``, and scalars ``data``, ``modes``) adds the Cartesian
-    product for every learner as section ``custom``.
+    compute), ``tables`` (dense vs row-gathered embedding tables), ``ceiling`` (the headline MAML
+    step in every library execution, unchunked / chunks of 8 / chunks of 1, dense and sparse
+    tables, ``lax.map``, each with its matmul ceiling). The quick preset keeps only the headline
+    MAML comparison. ``devices`` > 1 adds a ``devices`` section (sharded vmap step). ``custom``
+    (a dict of lists: ``meta_batch``, ``support``, ``inner_steps``, ``width``, and scalars
+    ``data``, ``modes``) adds the Cartesian product for every learner as section ``custom``.
     """
     if preset not in ("quick", "default"):
         raise ValueError(f"preset={preset!r}; allowed: quick, default")
@@ -238,6 +253,13 @@ def make_grid(
             BenchConfig(**HEADLINE, learner="maml", devices=d, section="devices")
             for d in (1, devices)
         ]
+        if "ceiling" in sections and preset == "default":
+            # the same step on both cores at once: each device runs its slice of every chunk
+            grid += [
+                BenchConfig(**HEADLINE, learner="maml", chunk=c, devices=devices, section="ceiling")
+                for c in (8, 16)
+                if c % devices == 0
+            ]
     if custom:
         keys = ("meta_batch", "support", "inner_steps", "width")
         lists = [list(custom.get(k) or [HEADLINE[k]]) for k in keys]

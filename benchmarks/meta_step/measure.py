@@ -30,7 +30,8 @@ RECORD_KEYS = tuple(
     lower_s compile_s flops_per_step matmul_flops_per_step xla_flops xla_bytes_accessed
     achieved_flops_per_s peak_fraction temp_bytes argument_bytes output_bytes peak_rss_bytes
     device_peak_bytes input_wait_s_per_step input_wait_fraction minor_faults_per_step
-    user_cpu_ms_per_step sys_cpu_ms_per_step final_loss finite""".split()
+    user_cpu_ms_per_step sys_cpu_ms_per_step cpu_peak_fraction final_loss finite ceiling_flops_per_s
+    ceiling_peak_fraction ceiling_fraction""".split()
 )
 
 
@@ -86,8 +87,10 @@ def measure(
     steps have passed; the clock stops after ``block_until_ready`` on the final state. Input
     batches come from a :class:`Prefetcher`; the time spent waiting for it is reported separately.
     ``peak`` (from :func:`machine.matmul_peak` in the compute dtype) gives the ``peak_fraction``.
-    If ``keep`` is a dict, the compiled vmap executable and its arguments are stored in it (for
-    :func:`benchmarks.meta_step.profile.profile_ops`).
+    If ``keep`` is a dict, the step, its arguments and its compiled executable are stored in it
+    (``"step"``, ``"args"``, ``"compiled"`` for :func:`benchmarks.meta_step.profile.profile_ops`;
+    not for the loop mode). The ``ceiling_*`` fields are None here;
+    :func:`benchmarks.meta_step.harness.run_benchmark` fills them (:mod:`.ceiling`).
     """
     cfg = problem.cfg
     dtype = compute_dtype(cfg)
@@ -144,8 +147,9 @@ def measure(
     # steady state
     state = _block(run(mp, st, batch0, weights, key))  # warm-up
     mp_, st_ = state[0], state[1]
-    if keep is not None and mode == "vmap":
-        keep["compiled"], keep["args"] = compiled, (mp, st, batch0, weights, key)
+    if keep is not None and mode != "loop":
+        keep["step"], keep["args"] = step, (mp, st, batch0, weights, key)
+        keep["compiled"] = compiled
     pre = Prefetcher(source, prepare)
     try:
         pre.next()  # let the pipeline fill before the clock starts
@@ -206,9 +210,22 @@ def measure(
         # sys = kernel, mostly zeroing fresh pages of temporaries
         "user_cpu_ms_per_step": 1e3 * (cpu1.user - cpu0.user) / n,
         "sys_cpu_ms_per_step": 1e3 * (cpu1.system - cpu0.system) / n,
+        # FLOPs per CPU-second of the step over those of the big-square matmul: the fraction of
+        # peak if the step kept every core busy; it hardly moves with load from other jobs
+        "cpu_peak_fraction": _cpu_fraction(flops, cpu0, cpu1, n, peak),
         "final_loss": float(metrics["loss"]),
         "finite": bool(metrics["finite"]),
+        "ceiling_flops_per_s": None,
+        "ceiling_peak_fraction": None,
+        "ceiling_fraction": None,
     }
+
+
+def _cpu_fraction(flops, cpu0, cpu1, n, peak) -> float | None:
+    cpu_s = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / n
+    if not peak or not peak.get("flops_per_cpu_s") or cpu_s <= 0:
+        return None
+    return flops / cpu_s / peak["flops_per_cpu_s"]
 
 
 def compiled_temp_bytes(problem: Problem, chunk: int | None = None) -> dict:

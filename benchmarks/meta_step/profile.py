@@ -28,6 +28,19 @@ _DATA_OPS = frozenset(
     broadcast reshape bitcast iota copy-start copy-done""".split()
 )
 _STRUCTURE_OPS = frozenset({"parameter", "tuple", "get-tuple-element", "constant"})
+_OP_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*op_name=\"([^\"]*)\"")
+
+
+def _sources(hlo_text: str) -> dict[str, str]:
+    """Map instruction name -> the JAX primitive it comes from (the last part of its
+    ``op_name`` metadata), marked ``(bwd)`` inside a transpose (the backward pass)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _OP_NAME.match(line)
+        if m:
+            name = m.group(2)
+            out[m.group(1)] = name.split("/")[-1] + (" (bwd)" if "transpose(" in name else "")
+    return out
 
 
 def _parse_hlo(hlo_text: str) -> tuple[dict[str, set], dict[str, tuple[str, list[str]]]]:
@@ -85,15 +98,18 @@ def profile_ops(compiled, args: tuple, n_runs: int = 3, top: int = 12) -> dict:
     thunk events by HLO instruction (summed over XLA threads).
 
     Returns ``{"wall_s", "op_s": total op time, "by_category": {matmul|elementwise|data|other: s},
-    "fractions": {...}, "top_ops": [[name, category, seconds], ...], "n_events"}``. Container
-    events (while loops, executor wrappers) are excluded so nested ops are not counted twice. Where
-    the trace cannot be read (no ``jax.profiler.ProfileData``) returns ``{"error": ...}``.
+    "fractions": {...}, "top_ops": [[name, category, seconds], ...], "by_source": [["category:
+    primitive", seconds], ...], "n_events"}`` (a fusion counts under its root's primitive).
+    Container events (while loops, executor wrappers) are excluded so nested ops are not counted
+    twice. Where the trace cannot be read (no ``jax.profiler.ProfileData``) returns
+    ``{"error": ...}``.
     """
     try:
         from jax.profiler import ProfileData
     except ImportError as e:  # pragma: no cover
         return {"error": f"jax.profiler.ProfileData unavailable: {e}"}
-    cats = _hlo_categories(compiled.as_text())
+    text = compiled.as_text()
+    cats, sources = _hlo_categories(text), _sources(text)
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
@@ -119,8 +135,11 @@ def profile_ops(compiled, args: tuple, n_runs: int = 3, top: int = 12) -> dict:
                     per_op[name] += ev.duration_ns * 1e-9
                     n_events += 1
     by_cat: collections.Counter = collections.Counter()
+    by_source: collections.Counter = collections.Counter()
     for name, s in per_op.items():
-        by_cat[cats.get(name.split(":")[0], "other")] += s
+        base = name.split(":")[0]
+        by_cat[cats.get(base, "other")] += s
+        by_source[f"{cats.get(base, 'other')}: {sources.get(base, '?')}"] += s
     total = sum(by_cat.values())
     top_ops = [
         [k, cats.get(k.split(":")[0], "other"), v / n_runs] for k, v in per_op.most_common(top)
@@ -131,6 +150,8 @@ def profile_ops(compiled, args: tuple, n_runs: int = 3, top: int = 12) -> dict:
         "by_category": {k: v / n_runs for k, v in by_cat.items()},
         "fractions": {k: v / total for k, v in by_cat.items()} if total else {},
         "top_ops": top_ops,
+        # op time by category and the JAX primitive the (fused) op comes from
+        "by_source": [[k, v / n_runs] for k, v in by_source.most_common(top)],
         "n_events": n_events,
     }
 

@@ -104,6 +104,48 @@ def _profiles(result: dict) -> list[str]:
         ]
         for name, cat, s in p["top_ops"][:6]:
             lines.append(f"    {name:40s} {cat:12s} {1e3 * s:8.3f} ms")
+        if p.get("by_source"):
+            lines.append("    by source (category: JAX primitive of the fused op's root):")
+            for name, s in p["by_source"][:8]:
+                lines.append(f"      {name:42s} {1e3 * s:8.3f} ms {100 * s / p['op_s']:5.1f}%")
+    return lines
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ceilings(result: dict) -> list[str]:
+    c = result.get("ceilings") or {}
+    rows = [r for r in result["records"] if r.get("ceiling_flops_per_s")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "matmul ceiling at the step's own shapes (every dot of the step timed alone at its shape; "
+        "the step's FLOPs over that time):",
+    ]
+    if c.get("square"):
+        sq = c["square"]
+        lines.append(
+            f"  big square n={sq['n']} timed the same way: {sq['flops_per_s'] / 1e9:.1f} GFLOP/s"
+        )
+    by = {(s["label"], s["mode"]): s for s in c.get("steps", [])}
+    hdr = (
+        f"  {'configuration':46s} {'mode':6s} {'ms/step':>8s} {'matmul ms':>9s} {'%peak':>6s} "
+        f"{'ceiling %peak':>13s} {'% of ceiling':>12s} {'CPU ms':>7s} {'%peak per CPU-s':>15s}"
+    )
+    lines += [hdr, "  " + "-" * (len(hdr) - 2)]
+    for r in rows:
+        s = by.get((r["label"], r["mode"]), {})
+        mm = s.get("matmul_s")
+        lines.append(
+            f"  {r['label']:46s} {r['mode']:6s} {r['step_ms']:8.1f} "
+            f"{'-' if mm is None else f'{1e3 * mm:.1f}':>9s} {100 * r['peak_fraction']:6.1f} "
+            f"{100 * r['ceiling_peak_fraction']:13.1f} {100 * r['ceiling_fraction']:12.1f} "
+            f"{r['user_cpu_ms_per_step'] + r['sys_cpu_ms_per_step']:7.1f} "
+            f"{_pct(r.get('cpu_peak_fraction')):>15s}"
+        )
     return lines
 
 
@@ -113,6 +155,19 @@ def _targets(result: dict) -> list[str]:
         v = "not measured" if t["value"] is None else f"{t['value']:.3g}"
         met = {True: "MET", False: "NOT MET", None: "-"}[t["met"]]
         lines.append(f"  {name:28s} {v:>12s} (target >= {t['target']})  {met}  [{t['where']}]")
+        if name == "headline_peak_fraction":
+            if t.get("bound") is not None:
+                lines.append(
+                    f"  {'':28s} highest matmul ceiling at the step's own shapes: "
+                    f"{t['bound']:.3g} of peak"
+                    + ("  -> out of reach on this machine" if t["bound"] < t["target"] else "")
+                )
+            if t.get("cpu_value") is not None:
+                lines.append(
+                    f"  {'':28s} best FLOPs per CPU-second over the matmul's: "
+                    f"{t['cpu_value']:.3g} (the fraction of peak with every core kept busy)"
+                )
+            continue
         if t.get("bound") is not None:
             out_of_reach = t["bound"] < t["target"]
             lines.append(
@@ -132,7 +187,7 @@ def format_report(result: dict) -> str:
     """The benchmark as plain-text tables (records, mode ratios, memory vs inner steps, profiles,
     device check, targets)."""
     lines = _header(result) + _records(result) + _comparisons(result) + _memory(result)
-    lines += _profiles(result)
+    lines += _profiles(result) + _ceilings(result)
     if result["devices"]:
         d = result["devices"]
         match = "match" if d["grads_match"] else "MISMATCH"

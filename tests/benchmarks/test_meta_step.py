@@ -328,6 +328,7 @@ def test_tiny_run_has_documented_keys(tmp_path):
         memory_steps=(1,),
         memory_config=dict(meta_batch=2, support=4, query=2, width=8, embed_dim=4),
         profile=True,
+        ceiling_min_time=0.0,
     )
     res = harness.run_benchmark([cfg], settings, log_fn=lambda m: None, command="test")
     assert set(harness.TOP_KEYS) <= set(res)
@@ -352,6 +353,13 @@ def test_tiny_run_has_documented_keys(tmp_path):
     assert t["best_mode"].endswith("vmap")
     for r in res["records"]:
         assert r["sys_cpu_ms_per_step"] >= 0 and r["user_cpu_ms_per_step"] >= 0
+    # the vmap record gets its matmul ceiling (benchmarks.meta_step.ceiling), the loop none
+    (ceil,) = res["ceilings"]["steps"]
+    assert (ceil["label"], ceil["mode"]) == (vm["label"], "vmap")
+    # achieved over ceiling = the step's matmul seconds over its measured seconds
+    assert vm["ceiling_fraction"] == pytest.approx(ceil["matmul_s"] / (vm["step_ms"] / 1e3))
+    assert vm["ceiling_peak_fraction"] > 0 and loop["ceiling_flops_per_s"] is None
+    assert res["ceilings"]["square"]["flops_per_s"] > 0
     assert set(res["machine"]["malloc"]) == {"glibc", "tuned", "env"}
     prof = next(iter(res["profiles"].values()))
     assert "error" not in prof, prof.get("error")
