@@ -86,21 +86,34 @@ class MetaBanditConfig:
             ("prior_precision", self.prior_precision > 0, "> 0"),
             ("item_prior", self.item_prior > 0, "> 0"),
             ("fatigue_decay", 0 < self.fatigue_decay < 1, "in (0, 1)"),
-            ("trial_episodes", self.trial_episodes >= 1, ">= 1"),
-            ("trials", self.trials >= 2, ">= 2 (leave-one-out baseline)"),
-            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
-            ("meta_batch", self.meta_batch >= 1, ">= 1"),
-            ("meta_lr", self.meta_lr > 0, "> 0"),
-            ("num_iterations", self.num_iterations >= 1, ">= 1"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
             ("extra_dims", self.extra_dims >= 0, ">= 0"),
             ("extra_scale", self.extra_scale > 0, "> 0"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(
-                    f"MetaBanditConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed}"
-                )
+        check_fields(self, checks + loop_checks(self))
+
+
+def loop_checks(config) -> list[tuple[str, bool, str]]:
+    """``(field, ok, allowed)`` for the meta-training loop's fields of any agent config that
+    :func:`make_trainer` trains (the trial length, the leave-one-out baseline, the optimiser)."""
+    return [
+        ("trial_episodes", config.trial_episodes >= 1, ">= 1"),
+        ("trials", config.trials >= 2, ">= 2 (leave-one-out baseline)"),
+        ("gamma", 0 <= config.gamma <= 1, "in [0, 1]"),
+        ("meta_batch", config.meta_batch >= 1, ">= 1"),
+        ("meta_lr", config.meta_lr > 0, "> 0"),
+        ("num_iterations", config.num_iterations >= 1, ">= 1"),
+        ("max_grad_norm", config.max_grad_norm > 0, "> 0"),
+    ]
+
+
+def check_fields(config, checks) -> None:
+    """Raise ``ValueError`` naming the first failing field of ``checks`` and what is allowed."""
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ValueError(
+                f"{type(config).__name__}.{name}={getattr(config, name)!r} is invalid: "
+                f"must be {allowed}"
+            )
 
 
 def initial_params(items: dict, config: MetaBanditConfig, key=None) -> dict:

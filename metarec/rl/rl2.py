@@ -51,19 +51,8 @@ class RL2Config:
         checks = [
             ("hidden", self.hidden >= 1, ">= 1"),
             ("temperature", self.temperature > 0, "> 0"),
-            ("trial_episodes", self.trial_episodes >= 1, ">= 1"),
-            ("trials", self.trials >= 2, ">= 2 (leave-one-out baseline)"),
-            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
-            ("meta_batch", self.meta_batch >= 1, ">= 1"),
-            ("meta_lr", self.meta_lr > 0, "> 0"),
-            ("num_iterations", self.num_iterations >= 1, ">= 1"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(
-                    f"RL2Config.{name}={getattr(self, name)!r} is invalid: must be {allowed}"
-                )
+        meta_bandit.check_fields(self, checks + meta_bandit.loop_checks(self))
 
 
 def initial_params(items: dict, config: RL2Config, key=None) -> dict:
