@@ -263,6 +263,19 @@ def device_check(grid: Sequence[BenchConfig], pools: dict, settings: Settings) -
     }
 
 
+def _best_fraction(name: str, records: list) -> tuple[dict | None, dict]:
+    """The record of ``records`` with the highest ``peak_fraction`` and target ``name``'s entry
+    for it (value, target, met, where); ``(None, ...)`` with None values when there is none."""
+    best = max(records, key=lambda r: r["peak_fraction"]) if records else None
+    v = best["peak_fraction"] if best else None
+    return best, {
+        "value": v,
+        "target": TARGETS[name],
+        "met": None if v is None else bool(v >= TARGETS[name]),
+        "where": f"{best['label']} {best['mode']}" if best else None,
+    }
+
+
 def _speedup_target(result: dict, name: str) -> dict:
     head = [
         c
@@ -327,14 +340,7 @@ def check_targets(result: dict) -> dict:
         for r in result["records"]
         if r["section"] in ("large", "width", "dtype") and r["peak_fraction"] is not None
     ]
-    best = max(large, key=lambda r: r["peak_fraction"]) if large else None
-    v = best["peak_fraction"] if best else None
-    out[name] = {
-        "value": v,
-        "target": TARGETS[name],
-        "met": None if v is None else bool(v >= TARGETS[name]),
-        "where": f"{best['label']} {best['mode']}" if best else None,
-    }
+    _, out[name] = _best_fraction(name, large)
     name = "headline_peak_fraction"
     head = [
         r
@@ -345,15 +351,10 @@ def check_targets(result: dict) -> dict:
         and r["peak_fraction"] is not None
         and all(r["config"].get(k) == v for k, v in HEADLINE.items())
     ]
-    best = max(head, key=lambda r: r["peak_fraction"]) if head else None
+    best, out[name] = _best_fraction(name, head)
     ceils = [r["ceiling_peak_fraction"] for r in head if r.get("ceiling_peak_fraction")]
     cpu = [r["cpu_peak_fraction"] for r in head if r.get("cpu_peak_fraction")]
-    v = best["peak_fraction"] if best else None
-    out[name] = {
-        "value": v,
-        "target": TARGETS[name],
-        "met": None if v is None else bool(v >= TARGETS[name]),
-        "where": f"{best['label']} {best['mode']}" if best else None,
+    out[name] |= {
         # the highest matmul ceiling of any execution measured (see benchmarks.meta_step.ceiling)
         "bound": max(ceils) if ceils else None,
         "best_ceiling_fraction": best.get("ceiling_fraction") if best else None,
