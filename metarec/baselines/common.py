@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metarec.data.tasks import map_blocks
+
 _INT32_MAX = np.iinfo(np.int32).max
 # make_predict(pad=True): tasks per compiled call, and support widths padded to a multiple of
 PAD_TASKS = 64
@@ -195,19 +197,6 @@ def _run_predict(core, hparams, clip, state, s_item, s_rat, s_mask, q_item, q_ma
 _run_predict_jit = jax.jit(_run_predict, static_argnums=(0, 1, 2))
 
 
-def _padded(arrays, n_tasks: int, width: int):
-    """``[T, ...]`` host arrays padded with zeros to ``n_tasks`` rows; the first three (the
-    support) also to ``width`` columns."""
-    out = []
-    for j, a in enumerate(arrays):
-        a = np.asarray(a)
-        widths = [(0, n_tasks - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
-        if j < 3:
-            widths[1] = (0, width - a.shape[1])
-        out.append(np.pad(a, widths))
-    return out
-
-
 def make_predict(core: Callable, hparams: tuple, clip: bool, pad: bool = False) -> Callable:
     """Build the public ``predict`` from a module-level, jittable
     ``core(hparams, state, s_item, s_rat, s_mask, q_item, q_mask) -> [T, Q]``: input validation,
@@ -228,17 +217,16 @@ def make_predict(core: Callable, hparams: tuple, clip: bool, pad: bool = False) 
         )[:5]
         if not pad or any(isinstance(a, jax.core.Tracer) for a in args):
             return _run_predict_jit(core, hparams, bool(clip), state, *args)
-        n = args[0].shape[0]
-        width = -(-args[0].shape[1] // SUPPORT_MULTIPLE) * SUPPORT_MULTIPLE
-        padded = _padded(args, max(-(-n // PAD_TASKS), 1) * PAD_TASKS, width)
-        blocks = [
-            np.asarray(
-                _run_predict_jit(
-                    core, hparams, bool(clip), state, *(a[i : i + PAD_TASKS] for a in padded)
-                )
-            )
-            for i in range(0, len(padded[0]), PAD_TASKS)
+        wide = -args[0].shape[1] % SUPPORT_MULTIPLE  # the support (first three) padded, masked
+        args = [
+            np.pad(np.asarray(a), ((0, 0), (0, wide))) if j < 3 else a for j, a in enumerate(args)
         ]
-        return jnp.asarray(np.concatenate(blocks)[:n])  # joined on the host: no program per size
+        return jnp.asarray(
+            map_blocks(
+                lambda *a: _run_predict_jit(core, hparams, bool(clip), state, *a),
+                args,
+                PAD_TASKS,
+            )
+        )
 
     return predict

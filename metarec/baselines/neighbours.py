@@ -36,6 +36,7 @@ from metarec.baselines.knn import (
     fit_user_knn,
     item_knn_similarity,
 )
+from metarec.data.tasks import map_blocks
 
 N_FEATURES = 2  # (user-kNN prediction, item-kNN prediction)
 PAD_TASKS = 128  # tasks per compiled call
@@ -125,20 +126,16 @@ def neighbour_features(
     k, shrink, _, task_chunk = _check(k, shrink, 0.0, task_chunk)
     arrays = [np.asarray(a) for a in (user_ids, support_item, support_rating, support_mask)]
     arrays.append(np.asarray(target_item))
-    n = len(arrays[0])
     # every call sees PAD_TASKS tasks (the last block padded) and an item axis padded to a
     # multiple of PAD_ITEMS: task sets of any size and states fitted on a few more or fewer items
     # (other seeds, other rating subsets) share one compiled program; a block is whole
     # task_chunk batches, so a task's features do not depend on the block it is in
-    pad = -n % PAD_TASKS
-    arrays = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays]
     state = _pad_items(state, PAD_ITEMS)
-    out = []
-    for start in range(0, n + pad, PAD_TASKS):
-        users, s_item, s_rat, s_mask, t_item = (a[start : start + PAD_TASKS] for a in arrays)
+
+    def block(users, s_item, s_rat, s_mask, t_item):
         idx, known = lookup(state.user_vocab, jnp.asarray(users))
         own = jnp.where(known, idx, -1)  # the task user's row among the fitted users, -1 if none
-        f = _features(
+        return _features(
             state,
             own,
             jnp.asarray(s_item, jnp.int32),
@@ -149,8 +146,8 @@ def neighbour_features(
             shrink,
             task_chunk,
         )
-        out.append(np.asarray(f))
-    return np.concatenate(out)[:n]
+
+    return map_blocks(block, arrays, PAD_TASKS)
 
 
 def _pad_items(state: NeighbourState, multiple: int) -> NeighbourState:

@@ -71,6 +71,21 @@ def to_device(tasks: Task) -> Task:
     return jax.tree_util.tree_map(jnp.asarray, tasks)
 
 
+def map_blocks(fn, arrays, block: int):
+    """``fn(*blocks)`` over host ``arrays`` (a common leading axis) in blocks of ``block`` rows,
+    the last padded with zeros (an empty input is one all-padding block), so every call has one
+    shape and compiles once whatever the row count; ``fn`` must treat rows independently. The
+    outputs (a pytree of arrays with the same leading axis) are fetched, joined on the host (no
+    program per size) and trimmed to the real rows."""
+    n = len(arrays[0])
+    pad = -n % block if n else block
+    padded = [np.pad(np.asarray(a), [(0, pad)] + [(0, 0)] * (np.ndim(a) - 1)) for a in arrays]
+    outs = [
+        jax.device_get(fn(*(a[i : i + block] for a in padded))) for i in range(0, n + pad, block)
+    ]
+    return jax.tree_util.tree_map(lambda *o: np.concatenate(o)[:n], *outs)
+
+
 def pad_tasks(tasks: Task, multiple: int) -> tuple[Task, np.ndarray]:
     """Pad the task axis to a multiple of ``multiple`` with all-masked copies of task 0.
 

@@ -20,7 +20,7 @@ import optax
 
 from metarec import metrics as mmetrics
 from metarec.data.stream import ShardTasks
-from metarec.data.tasks import Task, index_tasks, pad_tasks
+from metarec.data.tasks import Task, index_tasks, map_blocks, pad_tasks
 from metarec.meta import tables as mtables
 from metarec.meta.step import make_meta_step, shard_tasks
 from metarec.training import trainer
@@ -117,29 +117,16 @@ METRIC_CHUNK = 64  # tasks per per_task_metrics call
 
 
 def _metrics(pred, tasks: Task, scale, k: int):
-    # every call sees METRIC_CHUNK tasks (the last block padded with masked rows): one compiled
-    # program for every scenario, seed and subset; a task's values do not depend on the others
-    n = len(pred)
-    pad = ((0, -n % METRIC_CHUNK if n else METRIC_CHUNK), (0, 0))
-    clipped = np.clip(pred, *scale)
+    # blocks of METRIC_CHUNK tasks: one compiled program for every scenario, seed and subset
     arrays = [
-        np.pad(np.asarray(a, np.float32), pad)
-        for a in (clipped, tasks.query.y, tasks.query.mask, pred)
+        np.asarray(a, np.float32)
+        for a in (np.clip(pred, *scale), tasks.query.y, tasks.query.mask, pred)
     ]
-    blocks = [
-        jax.device_get(
-            mmetrics.per_task_metrics(
-                *(a[i : i + METRIC_CHUNK] for a in arrays[:3]),
-                k=k,
-                rank_scores=arrays[3][i : i + METRIC_CHUNK],
-            )
-        )
-        for i in range(0, n + pad[0][1], METRIC_CHUNK)
-    ]
-    values, valid = (
-        {m: np.concatenate([blk[j][m] for blk in blocks])[:n] for m in blocks[0][j]} for j in (0, 1)
+    return map_blocks(
+        lambda c, y, m, r: mmetrics.per_task_metrics(c, y, m, k=k, rank_scores=r),
+        arrays,
+        METRIC_CHUNK,
     )
-    return values, valid
 
 
 def _summary(values, valid) -> dict[str, float]:
