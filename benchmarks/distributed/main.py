@@ -12,9 +12,14 @@ host (or per GPU), each feeding its rows of every meta-batch to the same jitted 
   # coordinator on the first node, the task's GPU SLURM_LOCALID); one task per node with all its
   # GPUs needs the three flags above instead (auto-detection would give each task GPU 0 only)
   srun python -m benchmarks.distributed.main --auto_detect --workdir=runs/dist
+  # the library's meta_train (epochs, validation, early stopping, checkpoints in --workdir/ckpt),
+  # the same flags on every process; --resume continues from the checkpoints
+  python -m benchmarks.distributed.main --loop=meta_train --epochs=2 --steps=2 \
+      --coordinator_address=localhost:12355 --num_processes=2 --process_id=0 --workdir=/tmp/mt
 
-Process 0 writes ``distributed.json`` (setup, losses, step seconds, processes and devices) and
-``params.npz`` (the final meta-parameters) to --workdir.
+Process 0 writes ``distributed.json`` (setup, losses, step seconds, processes and devices; with
+``--loop=meta_train`` the history, best epoch and validation MAE, steps, seconds) and
+``params.npz`` (the final meta-parameters; meta_train: the best ones) to --workdir.
 """
 
 import json
@@ -24,7 +29,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from benchmarks.distributed.run import Setup, train
+from benchmarks.distributed.run import Setup, Stopped, train, train_meta
 from experiments import common
 from metarec.meta.step import make_mesh
 from metarec.training import distributed
@@ -43,6 +48,10 @@ for _f in Setup.__dataclass_fields__.values():
     else:
         flags.DEFINE_integer(_f.name, _f.default, f"Setup.{_f.name}.")
 common.define_run_flags(None, resumable=False)
+flags.DEFINE_bool("resume", False, "--loop=meta_train: continue from the checkpoints in --workdir.")
+flags.DEFINE_integer(
+    "stop_after_steps", 0, "--loop=meta_train: stop before this meta-step + 1 (resume checks)."
+)
 
 
 def main() -> None:
@@ -51,6 +60,9 @@ def main() -> None:
         distributed.initialize(*explicit, cpu_collectives=FLAGS.cpu_collectives)
     setup = Setup(**{k: getattr(FLAGS, k) for k in Setup.__dataclass_fields__})
     mesh = make_mesh() if jax.process_count() > 1 else None
+    if setup.loop == "meta_train":
+        _meta_train(setup, mesh)
+        return
     res = train(setup, mesh)
     print(
         f"process {jax.process_index()}/{jax.process_count()}: {setup.steps} steps, "
@@ -60,6 +72,37 @@ def main() -> None:
     )
     if FLAGS.workdir and jax.process_index() == 0:
         os.makedirs(FLAGS.workdir, exist_ok=True)
+        np.savez(os.path.join(FLAGS.workdir, "params.npz"), **res.pop("params"))
+        info = res | {
+            "setup": vars(setup),
+            "process_count": jax.process_count(),
+            "devices": [str(d) for d in jax.devices()],
+        }
+        with open(os.path.join(FLAGS.workdir, "distributed.json"), "w") as f:
+            json.dump(info, f, indent=1)
+
+
+def _meta_train(setup: Setup, mesh) -> None:
+    who = f"process {jax.process_index()}/{jax.process_count()}"
+    try:
+        res = train_meta(
+            setup,
+            mesh,
+            workdir=FLAGS.workdir,
+            resume=FLAGS.resume,
+            stop_after_steps=FLAGS.stop_after_steps,
+            log_fn=lambda line: print(f"{who}: {line.strip()}", flush=True),
+        )
+    except Stopped as e:
+        print(f"{who}: {e}", flush=True)
+        return
+    print(
+        f"{who}: meta_train {res['steps']} steps, best epoch {res['best_epoch']}, val MAE "
+        f"{res['best_val_mae']:.4f}, {res['seconds']:.1f}s"
+        + ("" if res["rows_read"] is None else f", read {res['rows_read']} task rows"),
+        flush=True,
+    )
+    if FLAGS.workdir and jax.process_index() == 0:
         np.savez(os.path.join(FLAGS.workdir, "params.npz"), **res.pop("params"))
         info = res | {
             "setup": vars(setup),

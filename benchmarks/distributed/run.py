@@ -1,34 +1,55 @@
-"""The problem and the training loop of the multi-process launcher, shared with its test.
+"""The problem and the training loops of the multi-process launcher, shared with its test.
 
 A small MeLU on synthetic tasks (:func:`metarec.data.make_synthetic_tasks`, the same on every
-process for the same seed), one of the registry's meta-learners, Adam. Step ``s`` trains on the
-meta-batch of tasks ``s*B .. (s+1)*B - 1``; with a mesh every process loads only its own rows of
-it (:func:`metarec.training.distributed.process_rows`), without one the whole batch is used on
-this process: the reference that the multi-process run must reproduce.
+process for the same seed), one of the registry's meta-learners. Two loops:
+
+* :func:`train` (``loop="hand"``): Adam, step ``s`` trains on the meta-batch of tasks
+  ``s*B .. (s+1)*B - 1``; with a mesh every process loads only its own rows of it
+  (:func:`metarec.training.distributed.process_rows`), without one the whole batch is used on
+  this process: the reference that the multi-process run must reproduce.
+* :func:`train_meta` (``loop="meta_train"``): the library's
+  :func:`metarec.training.meta_train.meta_train` on ``B * steps`` training users (``steps``
+  meta-batches per epoch) and ``val_users`` validation users, with early stopping, checkpoints
+  and resume; with a mesh spanning processes it feeds each process its rows itself. With
+  ``source="reader"`` the training tasks are read on demand through the interface of tasks on
+  disk (:class:`~metarec.data.stream.ShardTasks`), counting the rows this process reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from metarec import meta
 from metarec.data import make_synthetic_tasks
+from metarec.data.stream import ShardTasks
 from metarec.data.tasks import index_tasks
-from metarec.meta.step import make_meta_step
+from metarec.meta.step import make_eval_fn, make_meta_step
 from metarec.models import melu
 from metarec.training import distributed
+from metarec.training.checkpoint import Checkpointer
+from metarec.training.meta_train import make_step, meta_train
+from metarec.training.runlog import MetricsWriter
+
+LOOPS = ("hand", "meta_train")
+SOURCES = ("memory", "reader")
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What one run trains: learner, meta-batch size, steps, task sizes, model width, seed."""
+    """What one run trains: the loop, learner, meta-batch size, steps (per epoch with
+    ``loop="meta_train"``), task sizes, model width, seed; epochs, patience, validation users and
+    the checkpoint interval (0: epoch ends only) and where training tasks are read from (in
+    memory, or ``reader``: on demand, see :class:`RowsRead`) of ``loop="meta_train"``."""
 
+    loop: str = "hand"
     learner: str = "maml"
     meta_batch: int = 8
     steps: int = 3
@@ -37,13 +58,41 @@ class Setup:
     inner_steps: int = 2
     width: int = 16
     seed: int = 0
+    epochs: int = 2
+    patience: int = 2
+    val_users: int = 8
+    ckpt_every: int = 0
+    source: str = "memory"
 
     def validate(self) -> None:
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop={self.loop!r}; allowed: {', '.join(LOOPS)}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source={self.source!r}; allowed: {', '.join(SOURCES)}")
         if self.learner not in meta.LEARNERS:
             raise ValueError(f"learner={self.learner!r}; allowed: {', '.join(meta.LEARNERS)}")
-        for name in ("meta_batch", "steps", "support", "query", "width"):
+        for name in ("meta_batch", "steps", "support", "query", "width", "epochs", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_users", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def problem(self, n_users: int):
+        """``(tasks, init_fn, apply_fn, learner)``: ``n_users`` synthetic tasks and the model."""
+        n_items = max(50, 2 * (self.support + self.query))
+        tasks, spec, _ = make_synthetic_tasks(
+            self.seed, n_users=n_users, n_items=n_items, n_support=self.support, n_query=self.query
+        )
+        init_fn, apply_fn = melu.make_melu(spec, embed_dim=8, hidden=(self.width, self.width))
+        learner = meta.make_learner(
+            self.learner,
+            apply_fn,
+            inner_steps=self.inner_steps,
+            inner_lr=0.05,
+            adapt_mask=melu.adapt_filter("decision"),
+        )
+        return tasks, init_fn, apply_fn, learner
 
 
 def train(setup: Setup, mesh=None) -> dict:
@@ -54,22 +103,7 @@ def train(setup: Setup, mesh=None) -> dict:
     setup.validate()
     b = setup.meta_batch
     rows = slice(0, b) if mesh is None else distributed.process_rows(b, mesh)
-    n_items = max(50, 2 * (setup.support + setup.query))
-    tasks, spec, _ = make_synthetic_tasks(
-        setup.seed,
-        n_users=setup.meta_batch * setup.steps,
-        n_items=n_items,
-        n_support=setup.support,
-        n_query=setup.query,
-    )
-    init_fn, apply_fn = melu.make_melu(spec, embed_dim=8, hidden=(setup.width, setup.width))
-    learner = meta.make_learner(
-        setup.learner,
-        apply_fn,
-        inner_steps=setup.inner_steps,
-        inner_lr=0.05,
-        adapt_mask=melu.adapt_filter("decision"),
-    )
+    tasks, init_fn, _, learner = setup.problem(setup.meta_batch * setup.steps)
     optimizer = optax.adam(1e-2)
     # one compiled program for the initialisation instead of hundreds of op-by-op dispatches
     init = jax.jit(lambda k: (lambda p: (p, optimizer.init(p)))(learner.init(init_fn(k))))
@@ -99,3 +133,128 @@ def train(setup: Setup, mesh=None) -> dict:
         "first_step_s": times[0],
         "other_steps_s": float(sum(times[1:])),
     }
+
+
+def _flat(params) -> dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    return {jax.tree_util.keystr(p): np.asarray(a) for p, a in flat}
+
+
+def train_meta(
+    setup: Setup,
+    mesh=None,
+    *,
+    workdir: str | None = None,
+    resume: bool = False,
+    stop_after_steps: int = 0,
+    log_fn: Callable | None = None,
+) -> dict:
+    """Run :func:`~metarec.training.meta_train.meta_train` on the setup's problem (AdamW at 1e-2,
+    no weight decay; validation MAE on ``setup.val_users`` users). With ``workdir``: checkpoints in
+    ``<workdir>/ckpt`` (every process takes part; ``resume`` continues from them) and metrics in
+    ``<workdir>`` (process 0). ``stop_after_steps`` > 0 raises :class:`Stopped` before that
+    meta-step + 1, as a killed run would stop (for the resume check).
+
+    Returns the best meta-parameters (host numpy, flattened to ``{path: array}``), the history,
+    best epoch and validation MAE, steps, the checkpoint step resumed from, seconds, digest and
+    (``source="reader"``) how many task rows this process read."""
+    setup.validate()
+    n_train = setup.meta_batch * setup.steps
+    tasks, init_fn, apply_fn, learner = setup.problem(n_train + setup.val_users)
+    train_tasks, val = (
+        index_tasks(tasks, slice(0, n_train)),
+        index_tasks(tasks, slice(n_train, None)),
+    )
+    cfg = ml_collections.ConfigDict(
+        dict(
+            meta_lr=1e-2,
+            weight_decay=0.0,
+            clip_norm=0.0,
+            chunk_size=0,
+            meta_batch=setup.meta_batch,
+            epochs=setup.epochs,
+            patience=setup.patience,
+            ckpt_every=setup.ckpt_every,
+            log_every=1,
+            eval_chunk=max(setup.val_users, 1),
+            k=3,
+        )
+    )
+    reader = RowsRead(train_tasks) if setup.source == "reader" else None
+    if reader is not None:
+        train_tasks = ShardTasks(reader, encode=lambda t: t)
+    step = make_step(learner, cfg, mesh=mesh)
+    if stop_after_steps:
+        step = _stopping(step, stop_after_steps)
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(setup.seed))
+    eval_fn = make_eval_fn(learner, apply_fn)
+    lead = jax.process_index() == 0
+    ck = Checkpointer(f"{workdir}/ckpt") if workdir else None
+    metrics = MetricsWriter(workdir, tensorboard=False) if workdir and lead else None
+    try:
+        res = meta_train(
+            learner,
+            step,
+            eval_fn,
+            init_fn(k_init),
+            train_tasks,
+            val,
+            cfg,
+            k_train,
+            (1.0, 5.0),
+            log_fn=log_fn,
+            mesh=mesh,
+            checkpointer=ck,
+            resume=resume,
+            metrics=metrics,
+            unit=setup.learner,
+        )
+    finally:
+        if ck is not None:
+            ck.close()
+        if metrics is not None:
+            metrics.close()
+    return {
+        "params": _flat(res.params),
+        "history": res.history,
+        "best_epoch": res.best_epoch,
+        "best_val_mae": res.best_val_mae,
+        "steps": res.steps,
+        "resumed_from": res.resumed_from,
+        "seconds": res.seconds,
+        "params_sha256": res.params_sha256,
+        "rows_read": None if reader is None else len(reader.rows),
+    }
+
+
+class RowsRead:
+    """In-memory tasks behind the shard-set interface of :class:`~metarec.data.stream.ShardTasks`
+    (``n_tasks``, ``take(rows)``) that records the rows read: meta_train reads it as it reads
+    shards on disk, one meta-batch (this process's rows of it) at a time."""
+
+    def __init__(self, tasks):
+        self.tasks, self.rows = tasks, []
+
+    @property
+    def n_tasks(self) -> int:
+        return self.tasks.num_tasks
+
+    def take(self, rows):
+        self.rows.extend(int(r) for r in rows)
+        return index_tasks(self.tasks, np.asarray(rows))
+
+
+class Stopped(Exception):
+    """Raised by ``train_meta(..., stop_after_steps=n)`` before meta-step ``n + 1``."""
+
+
+def _stopping(step: Callable, n: int) -> Callable:
+    count = [0]
+
+    def wrapped(*args):
+        if count[0] >= n:
+            raise Stopped(f"stopped before meta-step {n + 1} as asked (--stop_after_steps={n})")
+        count[0] += 1
+        return step(*args)
+
+    return wrapped

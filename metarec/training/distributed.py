@@ -101,12 +101,27 @@ def global_batch(local: PyTree, mesh: Mesh, axis: str = TASK_AXIS) -> PyTree:
     return jax.tree_util.tree_map(one, local)
 
 
+def spans_processes(mesh: Mesh | None) -> bool:
+    """Whether ``mesh`` holds devices of other processes (then arrays on it must be assembled with
+    :func:`global_batch` / :func:`replicate`, not ``device_put``)."""
+    if mesh is None:
+        return False
+    return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def _is_key(a) -> bool:
+    return isinstance(a, jax.Array) and jax.numpy.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Every leaf of ``tree`` (the same host values on every process: params, optimizer state, a
-    raw ``uint32`` PRNG key) as a global array fully replicated on ``mesh``."""
+    PRNG key, raw ``uint32`` or typed) as a global array fully replicated on ``mesh``."""
     sharding = NamedSharding(mesh, P())
 
     def one(a):
+        if _is_key(a):
+            impl = jax.random.key_impl(a)
+            return jax.random.wrap_key_data(one(jax.random.key_data(a)), impl=impl)
         a = np.asarray(a)
         return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
@@ -114,14 +129,20 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """Numpy copies of fully replicated global arrays (this process's copy; no communication)."""
+    """Numpy copies of fully replicated global arrays (this process's copy; no communication). A
+    typed PRNG key comes back as a typed key on this process's default device."""
 
     def one(a):
+        if not isinstance(a, jax.Array):
+            return np.asarray(a)
         if not a.is_fully_replicated:
             raise ValueError(
                 f"to_host: an array of shape {a.shape} is sharded ({a.sharding}); "
                 "only replicated results (params, metrics) can be read on one process"
             )
+        if _is_key(a):
+            data = np.asarray(jax.random.key_data(a.addressable_data(0)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
         return np.asarray(a.addressable_data(0))
 
     return jax.tree_util.tree_map(one, tree)

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from metarec import metrics as mmetrics
 from metarec.data.stream import ShardTasks
 from metarec.data.tasks import Task, index_tasks, map_blocks, pad_tasks
 from metarec.meta import tables as mtables
 from metarec.meta.step import make_meta_step, shard_tasks
-from metarec.training import trainer
+from metarec.training import distributed, trainer
 from metarec.training.checkpoint import Checkpointer, epoch_order, tree_digest
 from metarec.training.runlog import MetricsWriter, Progress
 
@@ -273,6 +274,16 @@ def meta_train(
     refused the update and nothing is saved after it. ``metrics`` gets a record every
     ``cfg.log_every`` steps and one per epoch (tagged ``unit``); ``progress`` draws a progress line
     on stderr with rate and ETA.
+
+    Several processes (``mesh`` spanning processes, after
+    :func:`metarec.training.distributed.initialize`; every process calls this with the same
+    arguments): each process reads only its rows of every meta-batch
+    (:func:`~metarec.training.distributed.process_rows`; from disk too) and the step all-reduces
+    the gradients; params, optimizer state and key are replicated, and between pieces they are
+    held as host copies, which are what is validated (on this process's default device, so every
+    process computes the same validation MAE, checked) and checkpointed (every process calls the
+    checkpointer: orbax writes them from process 0 only; every process reads on resume).
+    ``metrics`` and ``progress`` are used on process 0 only.
     """
     name = unit or learner.name
     epoch_tasks = _epoch_tasks(train, name)
@@ -283,15 +294,23 @@ def meta_train(
     n_tasks = epoch_tasks(1).num_tasks
     meta_batch = min(cfg.meta_batch, n_tasks)
     n_batches = n_tasks // meta_batch
+    multi = distributed.spans_processes(mesh)
+    # this process's rows of every meta-batch (all of them with one process)
+    mine = distributed.process_rows(meta_batch, mesh) if multi else slice(0, meta_batch)
+    if multi and jax.process_index() != 0:
+        metrics, progress = None, False
+    hold = distributed.to_host if multi else (lambda tree: tree)  # the arrays between pieces
     ident = {"sampler_seed": sampler_seed, "n_tasks": n_tasks, "meta_batch": meta_batch}
 
     def init() -> trainer.LoopState:
         meta_params = learner.init(init_params)
-        arrays = {
-            "params": meta_params,
-            "opt_state": make_optimizer(cfg).init(meta_params),
-            "key": key,
-        }
+        arrays = hold(
+            {
+                "params": meta_params,
+                "opt_state": make_optimizer(cfg).init(meta_params),
+                "key": key,
+            }
+        )
         host = {
             "epoch": 1,
             "batch": 0,
@@ -311,7 +330,7 @@ def meta_train(
     best_params = state.arrays["params"]
     if resumed_from is not None:
         if h["best_step"] is not None and h["best_step"] != resumed_from:
-            best = checkpointer.restore(h["best_step"], state.arrays)[0]
+            best = checkpointer.restore(h["best_step"], hold(state.arrays))[0]
             best_params = best["params"]
         if metrics is not None:
             metrics.truncate(name, state.step)
@@ -329,6 +348,8 @@ def meta_train(
         nonlocal best_params
         h = state.host
         params, opt_state, k = (state.arrays[n] for n in ("params", "opt_state", "key"))
+        if multi:
+            params, opt_state, k = distributed.replicate((params, opt_state, k), mesh)
         n_step, epoch = state.step, h["epoch"]
         order = epoch_order(sampler_seed, epoch, n_tasks)
         train_e = epoch_tasks(epoch)
@@ -336,7 +357,7 @@ def meta_train(
             raise ValueError(f"{name}: epoch {epoch} drew {train_e.num_tasks} tasks, not {n_tasks}")
         while h["batch"] < n_batches:
             b = h["batch"]
-            rows = order[b * meta_batch : (b + 1) * meta_batch]
+            rows = order[b * meta_batch : (b + 1) * meta_batch][mine]
             if isinstance(train_e, ShardTasks):  # read from disk now, one meta-batch at a time
                 tasks = train_e.take(rows)
                 check_finite_tasks(tasks, f"{name}: training tasks of epoch {epoch}")
@@ -344,11 +365,15 @@ def meta_train(
                 tasks = index_tasks(train_e, rows)
             k, sub = jax.random.split(k)
             weights = jnp.ones(meta_batch)
-            if mesh is not None:  # data parallel: tasks split over devices, params replicated
+            if multi:  # this process's rows of global arrays split over every process's devices
+                tasks, weights = distributed.global_batch((tasks, np.ones(len(rows), "f4")), mesh)
+            elif mesh is not None:  # data parallel: tasks split over devices, params replicated
                 tasks, weights = shard_tasks(tasks, mesh), shard_tasks(weights, mesh)
             else:
                 tasks = jax.tree_util.tree_map(jnp.asarray, tasks)
             new_params, new_opt_state, m = step(params, opt_state, tasks, weights, sub)
+            if multi:
+                m = distributed.to_host({n: m[n] for n in ("finite", "loss", "grad_norm")})
             if not bool(m["finite"]):
                 if bar is not None:
                     bar.close()
@@ -381,12 +406,16 @@ def meta_train(
                 bar.update(epoch=epoch, loss=loss)
             if ckpt_every and n_step % ckpt_every == 0 and h["batch"] < n_batches:
                 state.arrays, state.step = (
-                    {"params": params, "opt_state": opt_state, "key": k},
+                    hold({"params": params, "opt_state": opt_state, "key": k}),
                     n_step,
                 )
                 return state, None
+        state.arrays = hold({"params": params, "opt_state": opt_state, "key": k})
+        params = state.arrays["params"]
         out = predict_tasks(eval_fn, params, val, cfg.eval_chunk)
         val_mae = score(out["pred"], val, scale, cfg.k)["mae"]
+        if multi:  # early stopping must agree, or the processes would part ways
+            multihost_utils.assert_equal(val_mae, f"{name}: processes differ in validation MAE")
         train_loss = float(np.mean(h["losses"]))
         h["history"].append(
             {
@@ -417,7 +446,7 @@ def meta_train(
             best_params = params
         state.done = epoch - h["best_epoch"] >= cfg.patience or epoch >= cfg.epochs
         h["epoch"], h["batch"], h["losses"] = epoch + 1, 0, []
-        state.arrays, state.step = {"params": params, "opt_state": opt_state, "key": k}, n_step
+        state.step = n_step
         return state, val_mae
 
     state = trainer.run(piece, state, checkpointer=checkpointer, ident=ident)
@@ -425,6 +454,8 @@ def meta_train(
     best_val = np.inf if h["best_val"] is None else h["best_val"]
     if bar is not None:
         bar.close(best_val_mae=float(best_val))
+    if multi:
+        best_params = jax.tree_util.tree_map(jnp.asarray, best_params)
     return TrainResult(
         params=best_params,
         history=h["history"],

@@ -1,6 +1,7 @@
 """Multi-process meta-training on JAX's distributed runtime: two worker processes on localhost
 (CPU, gloo collectives), each feeding half of every meta-batch to the jitted meta-step, end with
-the parameters of one process over the whole meta-batch."""
+the parameters of one process over the whole meta-batch: with the launcher's hand-written loop and
+with the library's ``meta_train`` (validation, early stopping, checkpoints, resume)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.distributed.run import Setup, train
+from benchmarks.distributed.run import Setup, train, train_meta
 from metarec.training import distributed
 from tests.conftest import REPO
 
@@ -96,10 +97,74 @@ def test_initialize_wants_all_three_arguments_or_none():
         distributed.initialize("localhost:1234", 2, 2)
 
 
-def test_a_meta_batch_that_does_not_split_over_the_processes_is_one_error_line(tmp_path):
+@pytest.mark.parametrize("loop", ["hand", pytest.param("meta_train", marks=pytest.mark.slow)])
+def test_a_meta_batch_that_does_not_split_over_the_processes_is_one_error_line(tmp_path, loop):
     with pytest.raises(pytest.fail.Exception) as e:
-        _run_workers(tmp_path, 2, ["--meta_batch=7", "--steps=1"])
+        _run_workers(tmp_path, 2, [f"--loop={loop}", "--meta_batch=7", "--steps=1"])
     assert "distributed: error: process_rows: a batch of 7 rows does not split evenly" in str(
         e.value
     )
     assert "Traceback" not in str(e.value)
+
+
+# ---------------------------------------------------------------- the library's meta_train
+META = Setup(loop="meta_train", meta_batch=8, steps=2, epochs=2, patience=2, val_users=8)
+META_ARGS = ["--loop=meta_train", "--meta_batch=8", "--steps=2", "--epochs=2", "--patience=2"]
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """``meta_train`` in this process over the whole meta-batch: the reference."""
+    ref = train_meta(META)
+    assert ref["steps"] == 4 and len(ref["history"]) == 2
+    # validation moved: the equality below is not the trivial one of an untrained model
+    assert ref["history"][0]["val_mae"] != ref["history"][1]["val_mae"]
+    return ref
+
+
+def _assert_same_run(wd, ref):
+    info = json.loads((wd / "distributed.json").read_text())
+    got = np.load(wd / "params.npz")
+    assert sorted(got.files) == sorted(ref["params"])
+    for name, want in ref["params"].items():
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+        [h["val_mae"] for h in info["history"]], [h["val_mae"] for h in ref["history"]], rtol=1e-5
+    )
+    assert (info["best_epoch"], info["steps"]) == (ref["best_epoch"], ref["steps"])
+    return info
+
+
+def _epoch_lines(out: str) -> list[str]:
+    return [line.split(": ", 1)[1] for line in out.splitlines() if "val_mae" in line]
+
+
+def test_meta_train_on_two_processes_matches_one_process(tmp_path, one_process):
+    wd = tmp_path / "mt"
+    # the tasks read on demand (the interface of tasks on disk), against the in-memory reference
+    outs = _run_workers(tmp_path, 2, [*META_ARGS, "--source=reader", f"--workdir={wd}"])
+    info = _assert_same_run(wd, one_process)
+    assert info["process_count"] == 2 and info["resumed_from"] is None
+    # each process read only its half of every meta-batch: 2 epochs x 2 batches x 4 rows
+    assert all("read 16 task rows" in o for o in outs)
+    # both processes validated alike (meta_train also checks their val MAEs are equal)
+    assert _epoch_lines(outs[0]) == _epoch_lines(outs[1]) and len(_epoch_lines(outs[0])) == 2
+    # one checkpoint per epoch end, one metrics file (process 0's): 4 step + 2 epoch records
+    assert sorted(os.listdir(wd / "ckpt")) == ["2", "4"]
+    assert len((wd / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_meta_train_stopped_mid_epoch_and_resumed_on_two_processes_matches_one_process(
+    tmp_path, one_process
+):
+    wd = tmp_path / "mt"
+    # a checkpoint after every step; stopped after step 3 (mid epoch 2, the best so far: step 2)
+    args = [*META_ARGS, "--ckpt_every=1", f"--workdir={wd}"]
+    outs = _run_workers(tmp_path, 2, [*args, "--stop_after_steps=3"])
+    assert all("stopped before meta-step 4" in o for o in outs)
+    assert not (wd / "distributed.json").exists()
+    outs = _run_workers(tmp_path, 2, [*args, "--resume"])
+    assert all("resumed from checkpoint step 3 (epoch 2, batch 1/2)" in o for o in outs)
+    info = _assert_same_run(wd, one_process)
+    assert info["resumed_from"] == 3
