@@ -12,9 +12,10 @@ host (or per GPU), each feeding its rows of every meta-batch to the same jitted 
   # coordinator on the first node, the task's GPU SLURM_LOCALID); one task per node with all its
   # GPUs needs the three flags above instead (auto-detection would give each task GPU 0 only)
   srun python -m benchmarks.distributed.main --auto_detect --workdir=runs/dist
-  # the library's meta_train (epochs, validation, early stopping, checkpoints in --workdir/ckpt),
-  # the same flags on every process; --resume continues from the checkpoints
-  python -m benchmarks.distributed.main --loop=meta_train --epochs=2 --steps=2 \
+  # the library's meta_train (epochs, validation, early stopping, checkpoints in --workdir/ckpt,
+  # which every process needs): the same flags on every process but --process_id; --resume
+  # continues from the checkpoints; --dataset=ml-100k trains the cold-start experiment's model
+  python -m benchmarks.distributed.main --loop=meta_train --epochs=2 --steps=2 \\
       --coordinator_address=localhost:12355 --num_processes=2 --process_id=0 --workdir=/tmp/mt
 
 Process 0 writes ``distributed.json`` (setup, losses, step seconds, processes and devices; with

@@ -12,7 +12,10 @@ process for the same seed), one of the registry's meta-learners. Two loops:
   meta-batches per epoch) and ``val_users`` validation users, with early stopping, checkpoints
   and resume; with a mesh spanning processes it feeds each process its rows itself. With
   ``source="reader"`` the training tasks are read on demand through the interface of tasks on
-  disk (:class:`~metarec.data.stream.ShardTasks`), counting the rows this process reads.
+  disk (:class:`~metarec.data.stream.ShardTasks`), counting the rows this process reads. With
+  ``dataset="ml-100k"`` it trains the cold-start experiment's model and learner
+  (:mod:`experiments.coldstart`, default config) on MovieLens-100K training users, a fresh draw
+  of tasks every epoch, early-stopped on the validation users (no test scenario is built).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import optax
 
 from metarec import meta
-from metarec.data import make_synthetic_tasks
+from metarec.data import load_dataset, make_synthetic_tasks
 from metarec.data.stream import ShardTasks
 from metarec.data.tasks import index_tasks
 from metarec.meta.step import make_eval_fn, make_meta_step
@@ -40,6 +43,7 @@ from metarec.training.runlog import MetricsWriter
 
 LOOPS = ("hand", "meta_train")
 SOURCES = ("memory", "reader")
+DATASETS = ("synthetic", "ml-100k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +51,9 @@ class Setup:
     """What one run trains: the loop, learner, meta-batch size, steps (per epoch with
     ``loop="meta_train"``), task sizes, model width, seed; epochs, patience, validation users and
     the checkpoint interval (0: epoch ends only) and where training tasks are read from (in
-    memory, or ``reader``: on demand, see :class:`RowsRead`) of ``loop="meta_train"``."""
+    memory, or ``reader``: on demand, see :class:`RowsRead`) and the dataset (``synthetic``, or
+    ``ml-100k``: the cold-start experiment's tasks and model, from its default config, which then
+    sets the task sizes, model, inner loop and validation users) of ``loop="meta_train"``."""
 
     loop: str = "hand"
     learner: str = "maml"
@@ -63,12 +69,17 @@ class Setup:
     val_users: int = 8
     ckpt_every: int = 0
     source: str = "memory"
+    dataset: str = "synthetic"
 
     def validate(self) -> None:
         if self.loop not in LOOPS:
             raise ValueError(f"loop={self.loop!r}; allowed: {', '.join(LOOPS)}")
         if self.source not in SOURCES:
             raise ValueError(f"source={self.source!r}; allowed: {', '.join(SOURCES)}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset={self.dataset!r}; allowed: {', '.join(DATASETS)}")
+        if self.dataset != "synthetic" and (self.loop != "meta_train" or self.source != "memory"):
+            raise ValueError(f"dataset={self.dataset!r} needs loop=meta_train and source=memory")
         if self.learner not in meta.LEARNERS:
             raise ValueError(f"learner={self.learner!r}; allowed: {', '.join(meta.LEARNERS)}")
         for name in ("meta_batch", "steps", "support", "query", "width", "epochs", "patience"):
@@ -149,45 +160,23 @@ def train_meta(
     stop_after_steps: int = 0,
     log_fn: Callable | None = None,
 ) -> dict:
-    """Run :func:`~metarec.training.meta_train.meta_train` on the setup's problem (AdamW at 1e-2,
-    no weight decay; validation MAE on ``setup.val_users`` users). With ``workdir``: checkpoints in
-    ``<workdir>/ckpt`` (every process takes part; ``resume`` continues from them) and metrics in
-    ``<workdir>`` (process 0). ``stop_after_steps`` > 0 raises :class:`Stopped` before that
-    meta-step + 1, as a killed run would stop (for the resume check).
+    """Run :func:`~metarec.training.meta_train.meta_train` on the setup's problem (synthetic:
+    AdamW at 1e-2, no weight decay; validation MAE on ``setup.val_users`` users). With
+    ``workdir``: checkpoints in ``<workdir>/ckpt`` (every process takes part; ``resume`` continues
+    from them) and metrics in ``<workdir>`` (process 0). ``stop_after_steps`` > 0 raises
+    :class:`Stopped` before that meta-step + 1, as a killed run would stop (for the resume check).
 
     Returns the best meta-parameters (host numpy, flattened to ``{path: array}``), the history,
     best epoch and validation MAE, steps, the checkpoint step resumed from, seconds, digest and
     (``source="reader"``) how many task rows this process read."""
     setup.validate()
-    n_train = setup.meta_batch * setup.steps
-    tasks, init_fn, apply_fn, learner = setup.problem(n_train + setup.val_users)
-    train_tasks, val = (
-        index_tasks(tasks, slice(0, n_train)),
-        index_tasks(tasks, slice(n_train, None)),
-    )
-    cfg = ml_collections.ConfigDict(
-        dict(
-            meta_lr=1e-2,
-            weight_decay=0.0,
-            clip_norm=0.0,
-            chunk_size=0,
-            meta_batch=setup.meta_batch,
-            epochs=setup.epochs,
-            patience=setup.patience,
-            ckpt_every=setup.ckpt_every,
-            log_every=1,
-            eval_chunk=max(setup.val_users, 1),
-            k=3,
-        )
-    )
+    make = _ml100k if setup.dataset == "ml-100k" else _synthetic
+    learner, step, eval_fn, params0, train_tasks, val, cfg, key, scale = make(setup, mesh)
     reader = RowsRead(train_tasks) if setup.source == "reader" else None
     if reader is not None:
         train_tasks = ShardTasks(reader, encode=lambda t: t)
-    step = make_step(learner, cfg, mesh=mesh)
     if stop_after_steps:
         step = _stopping(step, stop_after_steps)
-    k_init, k_train = jax.random.split(jax.random.PRNGKey(setup.seed))
-    eval_fn = make_eval_fn(learner, apply_fn)
     lead = jax.process_index() == 0
     ck = Checkpointer(f"{workdir}/ckpt") if workdir else None
     metrics = MetricsWriter(workdir, tensorboard=False) if workdir and lead else None
@@ -196,12 +185,12 @@ def train_meta(
             learner,
             step,
             eval_fn,
-            init_fn(k_init),
+            params0,
             train_tasks,
             val,
             cfg,
-            k_train,
-            (1.0, 5.0),
+            key,
+            scale,
             log_fn=log_fn,
             mesh=mesh,
             checkpointer=ck,
@@ -225,6 +214,66 @@ def train_meta(
         "params_sha256": res.params_sha256,
         "rows_read": None if reader is None else len(reader.rows),
     }
+
+
+def _synthetic(setup: Setup, mesh) -> tuple:
+    n_train = setup.meta_batch * setup.steps
+    tasks, init_fn, apply_fn, learner = setup.problem(n_train + setup.val_users)
+    cfg = ml_collections.ConfigDict(
+        dict(
+            meta_lr=1e-2,
+            weight_decay=0.0,
+            clip_norm=0.0,
+            chunk_size=0,
+            meta_batch=setup.meta_batch,
+            epochs=setup.epochs,
+            patience=setup.patience,
+            ckpt_every=setup.ckpt_every,
+            log_every=1,
+            eval_chunk=max(setup.val_users, 1),
+            k=3,
+        )
+    )
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(setup.seed))
+    return (
+        learner,
+        make_step(learner, cfg, mesh=mesh),
+        make_eval_fn(learner, apply_fn),
+        jax.jit(init_fn)(k_init),  # one program instead of many op-by-op dispatches
+        index_tasks(tasks, slice(0, n_train)),
+        index_tasks(tasks, slice(n_train, None)),
+        cfg,
+        k_train,
+        (1.0, 5.0),
+    )
+
+
+def _ml100k(setup: Setup, mesh) -> tuple:
+    """The cold-start experiment's first meta-learning unit on MovieLens-100K, as its pipeline
+    builds it (default config; training users drawn afresh every epoch)."""
+    from experiments.coldstart import build  # the experiment's problem, only when asked for
+    from experiments.coldstart.configs import default as coldstart_config
+
+    cfg = coldstart_config.get_config()
+    cfg.meta_batch, cfg.epochs, cfg.patience = setup.meta_batch, setup.epochs, setup.patience
+    # all_devices: the mesh over every device of every process, as the launcher's
+    cfg.ckpt_every, cfg.all_devices = setup.ckpt_every, mesh is not None
+    data = load_dataset("ml-100k")
+    sd = build.prepare_seed(data, setup.seed, cfg, test=False)  # no test user is read
+    fns = build.Compiled(cfg)
+    spec = sd.encoder.spec
+    _, k_init, k_train = jax.random.split(jax.random.PRNGKey(setup.seed), 3)
+    learner = fns.learner(spec, setup.learner)
+    params0 = build.initial_params(fns.model(spec)[0], k_init, sd, cfg, setup.seed)
+    deploy = build.deployed(sd, cfg, setup.seed)
+    evaluate = fns.eval(spec, setup.learner)
+
+    def eval_fn(meta_params, tasks):
+        return evaluate(deploy(meta_params), tasks)
+
+    train = sd.train_tasks(cfg.train_tasks)
+    step = fns.step(spec, setup.learner)
+    return learner, step, eval_fn, params0, train, sd.val, cfg, k_train, data.rating_scale
 
 
 class RowsRead:

@@ -168,3 +168,12 @@ def test_meta_train_stopped_mid_epoch_and_resumed_on_two_processes_matches_one_p
     assert all("resumed from checkpoint step 3 (epoch 2, batch 1/2)" in o for o in outs)
     info = _assert_same_run(wd, one_process)
     assert info["resumed_from"] == 3
+
+
+def test_launcher_setup_refuses_unknown_choices():
+    with pytest.raises(ValueError, match="loop='x'; allowed: hand, meta_train"):
+        Setup(loop="x").validate()
+    with pytest.raises(ValueError, match="source='disk'; allowed: memory, reader"):
+        Setup(loop="meta_train", source="disk").validate()
+    with pytest.raises(ValueError, match="dataset='ml-100k' needs loop=meta_train"):
+        Setup(dataset="ml-100k").validate()
