@@ -411,7 +411,8 @@ def meta_train(
                 )
                 return state, None
         state.arrays = hold({"params": params, "opt_state": opt_state, "key": k})
-        params = state.arrays["params"]
+        if multi:  # this process's copy, on its default device, for the local evaluation
+            params = jax.tree_util.tree_map(jnp.asarray, state.arrays["params"])
         out = predict_tasks(eval_fn, params, val, cfg.eval_chunk)
         val_mae = score(out["pred"], val, scale, cfg.k)["mae"]
         if multi:  # early stopping must agree, or the processes would part ways
@@ -454,7 +455,7 @@ def meta_train(
     best_val = np.inf if h["best_val"] is None else h["best_val"]
     if bar is not None:
         bar.close(best_val_mae=float(best_val))
-    if multi:
+    if multi:  # a host copy (checkpointed or resumed state): on this process's default device
         best_params = jax.tree_util.tree_map(jnp.asarray, best_params)
     return TrainResult(
         params=best_params,
