@@ -26,11 +26,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler_seed = 0
     c.episodes = (1, 2, 5, 10)  # the numbers of adaptation episodes the objective averages
     c.spaces = {
-        # the meta-learned bandit: the length of meta-training; its trial length, discount,
-        # meta_lr and temperature are the base config's (chosen by this stage's first search).
-        # extra_dims (learned directions beyond the recommender-side factors) is a knob too; 8
-        # scored below the base point on these validation users (BUILD_NOTES) and is not searched
-        "metabandit": {"metabandit/num_iterations": "choice:400,800"},
+        # the meta-learned bandit: the initial precision of its user-vector prior (the
+        # bandits' ridge lam; it is learned in log space, and 400 iterations move it little from
+        # where it starts). Its trial length, discount, meta_lr, temperature and training
+        # length (400 iterations; 800 scored no better) are the base config's, chosen by this
+        # stage's earlier searches. extra_dims (learned directions beyond the recommender-side
+        # factors) is a knob too; 8 scored below the base point on these validation users
+        # (BUILD_NOTES) and is not searched
+        "metabandit": {"metabandit/prior_precision": "choice:1.0,8.0,64.0"},
         # RL^2 (a GRU memory): evaluated at its configured point (one point: a training costs
         # minutes on the shared 2 cores)
         "rl2": {"rl2/meta_lr": "choice:0.01"},
@@ -39,19 +42,21 @@ def get_config() -> ml_collections.ConfigDict:
         # search)
         "metasgd": {"meta/inner_params": "choice:item_bias,user,all"},
         # the bandits' own constants, each tuned like the meta-learners (the classic values are
-        # in each grid; the grids are wide because a bandit point costs seconds): ridge lam and
-        # the exploration constant
-        "mf_greedy": {"bandits/mf_greedy/lam": "choice:0.25,0.5,1.0,2.0,4.0,8.0,16.0,64.0"},
+        # in each grid; the grids are wide because a bandit point costs seconds, and reach past
+        # the largest ridge any bandit chose): ridge lam and the exploration constant
+        "mf_greedy": {
+            "bandits/mf_greedy/lam": "choice:0.25,0.5,1.0,2.0,4.0,8.0,16.0,64.0,256.0,1024.0"
+        },
         "egreedy": {
-            "bandits/egreedy/lam": "choice:0.25,1.0,4.0,16.0,64.0",
+            "bandits/egreedy/lam": "choice:0.25,1.0,4.0,16.0,64.0,256.0,1024.0",
             "bandits/egreedy/eps": "choice:0.01,0.02,0.05,0.1,0.2",
         },
         "linucb": {
-            "bandits/linucb/lam": "choice:0.25,1.0,4.0,16.0,64.0",
+            "bandits/linucb/lam": "choice:0.25,1.0,4.0,16.0,64.0,256.0,1024.0",
             "bandits/linucb/alpha": "choice:0.03,0.1,0.25,0.5,1.0",
         },
         "thompson": {
-            "bandits/thompson/lam": "choice:0.25,1.0,4.0,16.0,64.0",
+            "bandits/thompson/lam": "choice:0.25,1.0,4.0,16.0,64.0,256.0,1024.0",
             "bandits/thompson/ts": "choice:0.03,0.1,0.25,0.5,1.0",
         },
     }
