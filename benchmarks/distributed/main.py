@@ -71,6 +71,11 @@ def main() -> None:
         f"{res['first_step_s']:.1f}s, others {res['other_steps_s']:.2f}s",
         flush=True,
     )
+    _write(res, setup)
+
+
+def _write(res: dict, setup: Setup) -> None:
+    """Process 0 writes the best parameters (``params.npz``) and the rest (``distributed.json``)."""
     if FLAGS.workdir and jax.process_index() == 0:
         os.makedirs(FLAGS.workdir, exist_ok=True)
         np.savez(os.path.join(FLAGS.workdir, "params.npz"), **res.pop("params"))
@@ -103,15 +108,7 @@ def _meta_train(setup: Setup, mesh) -> None:
         + ("" if res["rows_read"] is None else f", read {res['rows_read']} task rows"),
         flush=True,
     )
-    if FLAGS.workdir and jax.process_index() == 0:
-        np.savez(os.path.join(FLAGS.workdir, "params.npz"), **res.pop("params"))
-        info = res | {
-            "setup": vars(setup),
-            "process_count": jax.process_count(),
-            "devices": [str(d) for d in jax.devices()],
-        }
-        with open(os.path.join(FLAGS.workdir, "distributed.json"), "w") as f:
-            json.dump(info, f, indent=1)
+    _write(res, setup)
 
 
 if __name__ == "__main__":
