@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from benchmarks.meta_step import ceiling as bceiling
 from benchmarks.meta_step import machine
 from benchmarks.meta_step.config import HEADLINE, BenchConfig, Settings
-from benchmarks.meta_step.measure import compiled_temp_bytes, measure
+from benchmarks.meta_step.measure import compiled_temp_bytes, compute_dtype, measure
 from benchmarks.meta_step.problems import CLIP_NORM, build_problem, sample_batches
 from benchmarks.meta_step.profile import profile_ops
 from benchmarks.meta_step.report import malloc_line
@@ -89,27 +89,51 @@ def _log_record(log_fn: Callable, cfg: BenchConfig, mode: str, r: dict) -> None:
 
 
 def _wants_ceiling(cfg: BenchConfig, mode: str) -> bool:
-    # a sharded step's jaxpr has the global shapes, not the per-device ones: no ceiling there
     head = cfg.learner == "maml" and cfg.section in ("headline", "ceiling")
-    return head and mode != "loop" and cfg.devices == 1
+    return head and mode != "loop"
 
 
-def _add_ceiling(record: dict, keep: dict, peak: dict, settings: Settings, log_fn) -> dict:
-    """Time the step's own matmul shapes (:func:`bceiling.shape_ceiling`) and fill the record's
-    ``ceiling_*`` fields: the step's FLOP rate if everything but its matmuls took no time, that
-    rate over the peak, and the achieved rate over it (= matmul seconds / step seconds)."""
+def _ceiling_program(problem, keep: dict) -> tuple:
+    """``(fn, args, mesh)`` whose dots bound the step: the step itself on one device; for a step
+    sharded over ``D`` devices (its jaxpr has the global shapes), one device's program, the same
+    step at ``T / D`` tasks in chunks of ``chunk / D``, with the mesh to time its dots on."""
+    cfg = problem.cfg
+    if cfg.devices == 1:
+        return keep["step"], keep["args"], None
+    d = cfg.devices
+    local = make_step(
+        problem.learner,
+        problem.optimizer,
+        "vmap",
+        chunk_size=None if cfg.chunk is None else cfg.chunk // d,
+        clip_norm=CLIP_NORM,
+        compute_dtype=compute_dtype(cfg),
+    )
+    mp, st, tasks, weights, key = keep["args"]
+    tasks, weights = bceiling.per_device_args(tasks, weights, d)
+    return local, (mp, st, tasks, weights, key), mstep.make_mesh(d)
+
+
+def _add_ceiling(record: dict, problem, keep: dict, peak: dict, settings: Settings, log_fn) -> dict:
+    """Time the step's own matmul shapes (:func:`bceiling.shape_ceiling`; a sharded step's on all
+    its devices at once, :func:`_ceiling_program`) and fill the record's ``ceiling_*`` fields:
+    the step's FLOP rate if everything but its matmuls took no time, that rate over the peak, and
+    the achieved rate over it (= matmul seconds / step seconds)."""
+    fn, args, mesh = _ceiling_program(problem, keep)
     c = bceiling.shape_ceiling(
-        keep["step"],
-        *keep["args"],
+        fn,
+        *args,
         peak_flops_per_s=peak["flops_per_s"],
         min_time=settings.ceiling_min_time,
+        mesh=mesh,
     )
     rate = record["flops_per_step"] / c["matmul_s"]
     record["ceiling_flops_per_s"] = rate
     record["ceiling_peak_fraction"] = rate / peak["flops_per_s"]
     record["ceiling_fraction"] = record["achieved_flops_per_s"] / rate
+    where = "" if mesh is None else f" (on {c['devices']} devices at once)"
     log_fn(
-        f"    ceiling: its matmuls alone {1e3 * c['matmul_s']:.1f} ms/step at "
+        f"    ceiling: its matmuls alone{where} {1e3 * c['matmul_s']:.1f} ms/step at "
         f"{c['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s -> step at most "
         f"{100 * record['ceiling_peak_fraction']:.1f}% of peak; measured "
         f"{100 * record['ceiling_fraction']:.1f}% of that ceiling"
@@ -164,19 +188,32 @@ def run_benchmark(
     log_fn(f"memory bandwidth: {bw['bytes_per_s'] / 1e9:.2f} GB/s")
     pools: dict = {}
     records, comparisons, profiles = [], [], {}
-    ceilings: dict = {"square": None, "steps": []}
-    if settings.ceiling and any(_wants_ceiling(c, m) for c in grid for m in c.modes):
+    ceilings: dict = {"square": None, "square_sharded": None, "steps": []}
+    wanted = [c for c in grid for m in c.modes if _wants_ceiling(c, m)]
+    if settings.ceiling and wanted:
         # the big-square peak timed by the ceiling's own loop, to compare the two timing methods
         n = peaks["float32"]["best_n"]
-        key = ((n, n), (n, n), "float32", "float32", (((1,), (0,)), ((), ())), None)
-        sec = bceiling.time_dot(key, min_time=settings.matmul_min_time)
+        sec = bceiling.time_dot(bceiling.square_key(n), min_time=settings.matmul_min_time)
         ceilings["square"] = {"n": n, "flops_per_s": 2.0 * n**3 / sec}
         log_fn(f"matmul n={n} timed like the ceiling's shapes: {2e-9 * n**3 / sec:.1f} GFLOP/s")
-        # both time the same big square: the faster is the better estimate of the peak (load
-        # from other jobs only slows a timing down), and every fraction below uses it
         p = peaks["float32"]
         p["peak_method_flops_per_s"] = p["flops_per_s"]
-        p["flops_per_s"] = max(p["flops_per_s"], ceilings["square"]["flops_per_s"])
+        rates = {"matmul_peak": p["flops_per_s"], "ceiling_loop": ceilings["square"]["flops_per_s"]}
+        d = max(c.devices for c in wanted)
+        if d > 1:
+            # the same square on every device at once: if the devices together beat one device's
+            # thread pool, that is the peak the sharded steps are measured against
+            sq = bceiling.sharded_square(n, mstep.make_mesh(d), settings.matmul_min_time)
+            ceilings["square_sharded"] = sq
+            rates[f"sharded_{d}"] = sq["flops_per_s"]
+            log_fn(
+                f"matmul n={n} on {d} devices at once: {sq['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                "(all devices together)"
+            )
+        # every timing is of the same big square: the fastest is the best estimate of the peak
+        # (load from other jobs only slows a timing down), and every fraction below uses it
+        p["peak_from"] = max(rates, key=rates.get)
+        p["flops_per_s"] = rates[p["peak_from"]]
     for cfg in grid:
         problem = build_problem(cfg, pools, settings.seed)
         by_mode = {}
@@ -195,7 +232,8 @@ def run_benchmark(
             by_mode[mode] = r
             _log_record(log_fn, cfg, mode, r)
             if settings.ceiling and _wants_ceiling(cfg, mode) and keep:
-                ceilings["steps"].append(_add_ceiling(r, keep, peaks[cfg.dtype], settings, log_fn))
+                c = _add_ceiling(r, problem, keep, peaks[cfg.dtype], settings, log_fn)
+                ceilings["steps"].append(c)
             profiled = (cfg.section == "headline" and cfg.learner == "maml") or (
                 cfg.section == "large"
             )

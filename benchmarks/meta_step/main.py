@@ -10,10 +10,12 @@ tables and writes ``benchmark.json`` (keys: ``harness.TOP_KEYS``) and ``benchmar
   python -m benchmarks.meta_step.main --quick --devices=4 --workdir=/tmp/b4  # 4 CPU devices
 
 --devices=N on CPU splits the host into N XLA devices (``jax_num_cpu_devices``, equivalent to
-XLA_FLAGS=--xla_force_host_platform_device_count=N): a correctness / overhead check of the sharded
-step, not a speed-up on 2 cores. On several hosts, run one process per host, each calling
-``jax.distributed.initialize(coordinator_address, num_processes, process_id)`` before anything
-else; ``jax.devices()`` then spans all hosts and the same mesh / sharded step applies.
+XLA_FLAGS=--xla_force_host_platform_device_count=N): the sharded step, checked against the
+single-device meta-gradient; on a 2-core CPU, 2 devices keep both cores busy on the small dots
+(section ``ceiling`` times and bounds them that way). On several hosts, run one process per
+host, each calling ``jax.distributed.initialize(coordinator_address, num_processes,
+process_id)`` before anything else; ``jax.devices()`` then spans all hosts and the same mesh /
+sharded step applies.
 """
 
 import json

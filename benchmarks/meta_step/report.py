@@ -130,6 +130,19 @@ def _ceilings(result: dict) -> list[str]:
         lines.append(
             f"  big square n={sq['n']} timed the same way: {sq['flops_per_s'] / 1e9:.1f} GFLOP/s"
         )
+    if c.get("square_sharded"):
+        sq = c["square_sharded"]
+        lines.append(
+            f"  big square n={sq['n']} on {sq['devices']} devices at once: "
+            f"{sq['flops_per_s'] / 1e9:.1f} GFLOP/s (all devices together)"
+        )
+    p = result["matmul_peak"].get("float32", {})
+    if p.get("peak_from"):
+        lines.append(
+            f"  peak used for every fraction: {p['flops_per_s'] / 1e9:.1f} GFLOP/s, the fastest "
+            f"timing of the square ({p['peak_from']}); a sharded step's dots are timed on all "
+            "its devices at once"
+        )
     by = {(s["label"], s["mode"]): s for s in c.get("steps", [])}
     hdr = (
         f"  {'configuration':46s} {'mode':6s} {'ms/step':>8s} {'matmul ms':>9s} {'%peak':>6s} "

@@ -1,9 +1,15 @@
 """The matmul ceiling of the meta-step benchmark (:mod:`benchmarks.meta_step.ceiling`): every dot
 of a step is found with its batch axes and loop count, the timed dots add up to the step's matmul
 FLOPs, the timing loop is not hoisted away, and the headline target reads its numbers as
-documented. No speed is asserted beyond physical plausibility."""
+documented; a step sharded over 2 devices is bounded by its per-device dots, each timed on both
+devices at once. No speed is asserted beyond physical plausibility."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +19,8 @@ import pytest
 from benchmarks.meta_step import ceiling, config, flops, harness
 from metarec.meta import step as mstep
 from tests.benchmarks.test_meta_step import LEARNERS, init_params, make_tasks
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_dot_shapes_keep_batch_axes_and_loop_counts():
@@ -91,3 +99,75 @@ def test_headline_target_takes_the_best_execution_and_highest_ceiling():
     assert h["value"] == 0.20 and h["met"] is False and h["target"] == 0.35
     assert h["where"].endswith("chunk=8 sparse") and h["bound"] == 0.33
     assert h["best_ceiling_fraction"] == pytest.approx(0.20 / 0.30)
+
+
+# the ceiling of a step sharded over 2 host devices: run in a fresh process that has them
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import re, types
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from benchmarks.meta_step import ceiling, config, flops, harness
+    from metarec.meta import step as mstep
+    from tests.benchmarks.test_meta_step import LEARNERS, init_params, make_tasks
+
+    assert jax.device_count() == 2, jax.devices()
+    learner, opt, mesh = LEARNERS["maml"](), optax.sgd(0.1), mstep.make_mesh(2)
+    params = learner.init(init_params(jax.random.PRNGKey(0)))
+    tasks = jax.tree_util.tree_map(jnp.asarray, make_tasks(0, 8))
+    args = (mstep.replicate(params, mesh), mstep.replicate(opt.init(params), mesh),
+            mstep.shard_tasks(tasks, mesh), mstep.shard_tasks(jnp.ones(8), mesh),
+            jax.random.PRNGKey(1))
+    step = mstep.make_meta_step(learner, opt, chunk_size=4, mesh=mesh)
+    cfg = config.BenchConfig(meta_batch=8, chunk=4, devices=2, section="ceiling")
+    problem = types.SimpleNamespace(cfg=cfg, learner=learner, optimizer=opt)
+    fn, local_args, m = harness._ceiling_program(problem, {"step": step, "args": args})
+    assert m.devices.size == 2
+    shapes = ceiling.dot_shapes(fn, *local_args)
+    per_device = sum(s["count"] * s["flops"] for s in shapes)
+    total = flops.count_flops(step, *args)["matmul_flops"]
+    assert 2 * per_device == total > 0, (per_device, total)
+    # each device vmaps its half of every chunk of 4: batch 2, as XLA's partitioned program does
+    assert {s["lhs"][0] for s in shapes if len(s["lhs"]) == 3} == {2}
+    hlo = step.lower(*args).compile().as_text()
+    batched = re.findall(r"f32\\[(\\d+),\\d+,\\d+\\]\\{2,1,0\\} dot\\(", hlo)
+    assert batched and set(batched) == {"2"}, batched
+
+    # one dot timed on both devices at once: a copy per device, the output sharded over both
+    key = ((8, 16), (16, 4), "float32", "float32", (((1,), (0,)), ((), ())), None)
+    loop, single, a, b = ceiling.dot_programs(key, mesh)
+    for out in (loop(a, b, jnp.int32(3)), single(a, b)):
+        assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(mstep.TASK_AXIS)), 3)
+        assert len(out.sharding.device_set) == 2 and out.shape[0] == 2
+        assert [s.data.shape for s in out.addressable_shards] == [(1,) + out.shape[1:]] * 2
+    want = np.einsum("dij,djk->dik", np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(single(a, b)), want, rtol=1e-5, atol=1e-5)
+    assert 0 < ceiling.time_dot(key, min_time=0.0, mesh=mesh)
+
+    w = jnp.ones((16, 4))
+    c = ceiling.shape_ceiling(lambda x: x @ w, jnp.ones((8, 16)), min_time=0.0, mesh=mesh)
+    assert c["devices"] == 2 and c["matmul_flops"] == 2 * (2 * 8 * 16 * 4)
+    assert abs(c["matmul_s"] - sum(s["count"] * s["seconds"] for s in c["shapes"])) < 1e-12
+    print("SHARDED_CEILING_OK")
+    """
+)
+
+
+def test_sharded_step_ceiling_uses_per_device_dots_timed_on_both_devices():
+    """The per-device dots of a step sharded over 2 devices carry half its matmul FLOPs at the
+    batch XLA's partitioned program has, and a dot is timed as one copy per device at once."""
+    env = dict(os.environ)
+    flag = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SHARDED_CEILING_OK" in res.stdout
