@@ -4,6 +4,8 @@ real data, whose licence forbids redistribution)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,6 +113,25 @@ def random_sequences(n_users=40, num_items=16, max_len=8, seed=0, min_len=3):
 
 # the repository root (scripts run as `python -m experiments...` from here)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_on_host_devices(script: str, n_devices: int, timeout: int = 300):
+    """Run ``script`` (``python -c``) from the repository root in a fresh process whose CPU backend
+    has ``n_devices`` devices (the flag must be set before JAX starts, so not in this process).
+    Returns the ``CompletedProcess`` (stdout and stderr captured as text)."""
+    env = dict(os.environ)
+    flag = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def bandit_env(p_click, horizon: int):

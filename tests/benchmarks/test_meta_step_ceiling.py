@@ -6,9 +6,6 @@ devices at once. No speed is asserted beyond physical plausibility."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,8 +16,7 @@ import pytest
 from benchmarks.meta_step import ceiling, config, flops, harness
 from metarec.meta import step as mstep
 from tests.benchmarks.test_meta_step import LEARNERS, init_params, make_tasks
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.conftest import run_on_host_devices
 
 
 def test_dot_shapes_keep_batch_axes_and_loop_counts():
@@ -156,18 +152,6 @@ _SHARDED_SCRIPT = textwrap.dedent(
 def test_sharded_step_ceiling_uses_per_device_dots_timed_on_both_devices():
     """The per-device dots of a step sharded over 2 devices carry half its matmul FLOPs at the
     batch XLA's partitioned program has, and a dot is timed as one copy per device at once."""
-    env = dict(os.environ)
-    flag = "--xla_force_host_platform_device_count=2"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_on_host_devices(_SHARDED_SCRIPT, 2)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SHARDED_CEILING_OK" in res.stdout

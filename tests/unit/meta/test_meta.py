@@ -8,9 +8,6 @@ wrong sign or wrong mask shows up.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -24,7 +21,7 @@ from metarec import meta
 from metarec.data.tasks import Examples, Task, pad_tasks
 from metarec.meta import step as train
 from metarec.training.meta_train import meta_fit
-from tests.conftest import REPO
+from tests.conftest import run_on_host_devices
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -670,21 +667,7 @@ _SHARDING_SCRIPT = textwrap.dedent(
 
 
 def test_data_parallel_step_on_8_host_devices_matches_single_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = REPO
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run(
-        [sys.executable, "-c", _SHARDING_SCRIPT],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_on_host_devices(_SHARDING_SCRIPT, 8)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SHARDING_OK" in res.stdout
 
