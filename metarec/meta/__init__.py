@@ -27,6 +27,7 @@ from metarec.meta.inner import (
 from metarec.meta.learners import (
     MetaLearner,
     MetaSGDParams,
+    Staged,
     cg_solve,
     fomaml,
     imaml,
@@ -54,6 +55,7 @@ __all__ = [
     "LookupTable",
     "MetaLearner",
     "MetaSGDParams",
+    "Staged",
     "cg_solve",
     "fomaml",
     "imaml",
