@@ -26,8 +26,7 @@ class BenchConfig:
     ``dropout`` is MeLU's feature dropout during meta-training (0.1 as in the cold-start
     experiment; 0 runs the step without a PRNG key, which also compiles about twice as fast).
     ``n_items``: synthetic catalogue size (None: 400); mode ``sparse`` is the step with
-    row-gathered embedding tables. ``staged``: the learner computes MeLU's embedding features
-    once per task instead of once per inner step (:func:`metarec.models.melu.make_stages`).
+    row-gathered embedding tables.
     """
 
     learner: str = "maml"
@@ -45,7 +44,6 @@ class BenchConfig:
     devices: int = 1
     dropout: float = 0.1
     n_items: int | None = None
-    staged: bool = False
     section: str = "custom"
 
     def validate(self) -> None:
@@ -82,9 +80,6 @@ class BenchConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_items is not None and (self.data != "synthetic" or self.n_items < 2):
             raise ValueError(f"n_items={self.n_items} needs data='synthetic' and >= 2 items")
-        if self.staged and "staged" not in meta.LEARNERS[self.learner].options:
-            allowed = ", ".join(n for n, e in meta.LEARNERS.items() if "staged" in e.options)
-            raise ValueError(f"staged=True needs a learner with that option: {allowed}")
         if self.remat and not meta.LEARNERS[self.learner].remat:
             raise ValueError(
                 f"remat does not apply to {self.learner} (it never back-propagates through the "
@@ -107,8 +102,6 @@ class BenchConfig:
             s += f" dev={self.devices}"
         if self.n_items:
             s += f" items={self.n_items}"
-        if self.staged:
-            s += " staged"
         return s
 
     def as_dict(self) -> dict:
@@ -212,8 +205,6 @@ def _default_sections(learners: Sequence[str], sections: Sequence[str]) -> list[
             b("ceiling", learner="maml", modes=("vmap", "sparse", "map")),
             b("ceiling", learner="maml", chunk=8, modes=("vmap", "sparse")),
             b("ceiling", learner="maml", chunk=1, modes=("vmap", "sparse")),
-            # MeLU's embedding work once per task instead of once per inner step
-            b("ceiling", learner="maml", chunk=8, staged=True, modes=("vmap", "sparse")),
         ]
     return grid
 
@@ -265,15 +256,7 @@ def make_grid(
         if "ceiling" in sections and preset == "default":
             # the same step on both cores at once: each device runs its slice of every chunk
             grid += [
-                BenchConfig(
-                    **HEADLINE,
-                    learner="maml",
-                    chunk=c,
-                    devices=devices,
-                    staged=staged,
-                    section="ceiling",
-                )
-                for staged in (False, True)
+                BenchConfig(**HEADLINE, learner="maml", chunk=c, devices=devices, section="ceiling")
                 for c in (8, 16)
                 if c % devices == 0
             ]

@@ -70,11 +70,9 @@ def synthetic_pool(
     return tasks, spec
 
 
-def build_learner(cfg: BenchConfig, apply_fn: Callable, spec=None) -> meta.MetaLearner:
+def build_learner(cfg: BenchConfig, apply_fn: Callable) -> meta.MetaLearner:
     """The learner of ``cfg`` as the cold-start experiment builds it: the decision layers adapted,
-    every other rule (which parameters, algorithm options, remat) the registry's. ``cfg.staged``
-    needs ``spec`` (the model's feature spec)."""
-    options = {"staged": melu.make_stages(spec, **model_kwargs(cfg))} if cfg.staged else {}
+    every other rule (which parameters, algorithm options, remat) the registry's."""
     return meta.make_learner(
         cfg.learner,
         apply_fn,
@@ -82,13 +80,7 @@ def build_learner(cfg: BenchConfig, apply_fn: Callable, spec=None) -> meta.MetaL
         inner_lr=INNER_LR,
         adapt_mask=melu.adapt_filter("decision"),
         remat=cfg.remat,
-        **options,
     )
-
-
-def model_kwargs(cfg: BenchConfig) -> dict:
-    """The MeLU settings of ``cfg`` (for :func:`metarec.models.melu.make_melu`)."""
-    return dict(embed_dim=cfg.embed_dim, hidden=(cfg.width, cfg.width), feature_dropout=cfg.dropout)
 
 
 def build_problem(
@@ -108,8 +100,10 @@ def build_problem(
         if key not in pools or pools[key][0].num_tasks < n:
             pools[key] = synthetic_pool(n, cfg.support, cfg.query, seed, cfg.n_items)
     pool, spec = pools[key]
-    init_fn, apply_fn = melu.make_melu(spec, **model_kwargs(cfg))
-    learner = build_learner(cfg, apply_fn, spec)
+    init_fn, apply_fn = melu.make_melu(
+        spec, embed_dim=cfg.embed_dim, hidden=(cfg.width, cfg.width), feature_dropout=cfg.dropout
+    )
+    learner = build_learner(cfg, apply_fn)
     meta_params = learner.init(init_fn(jax.random.PRNGKey(seed)))
     optimizer = optimizer or optax.adamw(META_LR, weight_decay=1e-4)
     opt_state = optimizer.init(meta_params)

@@ -27,7 +27,6 @@ from metarec.meta.inner import (
 from metarec.meta.learners import (
     MetaLearner,
     MetaSGDParams,
-    Staged,
     cg_solve,
     fomaml,
     imaml,
@@ -55,7 +54,6 @@ __all__ = [
     "LookupTable",
     "MetaLearner",
     "MetaSGDParams",
-    "Staged",
     "cg_solve",
     "fomaml",
     "imaml",

@@ -53,23 +53,6 @@ class MetaLearner(NamedTuple):
     name: str
 
 
-class Staged(NamedTuple):
-    """A model split at the parameters its inner loop does not adapt, so their work runs once per
-    task instead of once per inner step (e.g. MeLU's embedding lookups under ``"decision"``).
-
-    ``features(params, x) -> z`` reads only the parameters ``reads`` selects (a mask-like, see
-    :mod:`metarec.meta.inner`); ``head(params, z, *, key=None, train=False) -> preds`` reads the
-    rest. ``head(params, features(params, x))`` must equal ``apply_fn(params, x)`` (same keys, same
-    dropout draws); the learners then compute ``features`` once per task and set, outside the inner
-    loop, so the outer gradient reaches the ``reads`` parameters once per set instead of once per
-    inner step. Where the adapt mask selects a ``reads`` parameter the plain ``apply_fn`` is used.
-    """
-
-    features: Callable[[PyTree, Any], Any]
-    head: Callable[..., jax.Array]
-    reads: MaskLike
-
-
 class MetaSGDParams(NamedTuple):
     """Meta-parameters of Meta-SGD: the initialisation ``params`` and per-parameter inner learning
     rates ``lr`` (same structure and shapes as ``params``; rates of frozen leaves are unused)."""
@@ -96,13 +79,6 @@ def _identity(p):
     return p
 
 
-def _overlaps(adapt_mask: MaskLike, reads: MaskLike, params: PyTree) -> bool:
-    """Whether the inner loop adapts a parameter that ``reads`` selects (resolved at trace time)."""
-    adapted = _inner.resolve_mask(adapt_mask, params)
-    read = _inner.resolve_mask(reads, params)
-    return any(a and r for a, r in zip(adapted, read))
-
-
 # ----------------------------------------------------------------------------------------------
 # MAML / FOMAML
 # ----------------------------------------------------------------------------------------------
@@ -119,33 +95,17 @@ def _through_inner_loop(
     split: Callable[[PyTree], tuple[PyTree, Any]],
     newton: float = 0.0,
     query_loss_fn: Callable | None = None,
-    staged: Staged | None = None,
 ) -> MetaLearner:
     """The core MAML and Meta-SGD share: adapt with the inner loop, score the query set, and
     differentiate through the inner steps. ``split(meta_params) -> (params, inner_lr)`` is where
     they differ (a fixed rate, or learned per-parameter rates carried in the meta-parameters)."""
-
-    def objectives(fn):
-        obj = make_objective(fn, loss_fn)
-        return obj, (obj if query_loss_fn is None else make_objective(fn, query_loss_fn))
-
-    plain = objectives(apply_fn)
-    by_head = None if staged is None else objectives(staged.head)
-
-    def stage(params, examples):
-        """``(examples, objectives)`` for these parameters: the features of ``staged`` computed
-        once (outside the inner loop) when the inner loop adapts none of the parameters they
-        read, else the examples as they are and the plain objectives."""
-        if staged is None or _overlaps(adapt_mask, staged.reads, params):
-            return examples, plain
-        return examples.replace(x=staged.features(params, examples.x)), by_head
+    objective = make_objective(apply_fn, loss_fn)
+    query_objective = (
+        objective if query_loss_fn is None else make_objective(apply_fn, query_loss_fn)
+    )
 
     def adapt(meta_params, support, key=None):
         params, lr = split(meta_params)
-        support, (objective, _) = stage(params, support)
-        return _adapt_staged(params, support, objective, lr, key)
-
-    def _adapt_staged(params, support, objective, lr, key):
         return _inner.adapt(
             params,
             support,
@@ -161,11 +121,8 @@ def _through_inner_loop(
 
     def meta_loss(meta_params, task, key=None):
         k_inner, k_query = _split(key)
-        params, lr = split(meta_params)
-        support, (objective, _) = stage(params, task.support)
-        query, (_, query_objective) = stage(params, task.query)
-        phi = _adapt_staged(params, support, objective, lr, k_inner)
-        return query_objective(phi, query, k_query)
+        phi = adapt(meta_params, task.support, k_inner)
+        return query_objective(phi, task.query, k_query)
 
     def task_grad(meta_params, task, key=None):
         return jax.value_and_grad(meta_loss)(meta_params, task, key)
@@ -191,7 +148,6 @@ def maml(
     name: str | None = None,
     newton: float = 0.0,
     query_loss_fn: Callable | None = None,
-    staged: Staged | None = None,
 ) -> MetaLearner:
     """MAML (Finn et al., 2017) with the exact second-order meta-gradient.
 
@@ -214,9 +170,6 @@ def maml(
       query_loss_fn: the outer (query-set) loss; ``None`` = ``loss_fn``. E.g.
         :func:`metarec.meta.inner.with_rank_term` to meta-learn for ranking while the inner loop
         still fits ratings.
-      staged: optional :class:`Staged` split of ``apply_fn``: the part that reads no adapted
-        parameter runs once per task and set instead of once per inner step (same values; the
-        float summation order of the gradient differs).
     """
     _check_common(inner_steps, inner_lr)
     return _through_inner_loop(
@@ -231,7 +184,6 @@ def maml(
         split=lambda params: (params, inner_lr),
         newton=newton,
         query_loss_fn=query_loss_fn,
-        staged=staged,
     )
 
 
@@ -257,7 +209,6 @@ def metasgd(
     name: str = "metasgd",
     newton: float = 0.0,
     query_loss_fn: Callable | None = None,
-    staged: Staged | None = None,
 ) -> MetaLearner:
     """Meta-SGD (Li et al., 2017): MAML whose inner learning rates are learned per parameter.
 
@@ -265,8 +216,8 @@ def metasgd(
     ``task_grad`` differentiates the query loss w.r.t. both the initialisation and the rates
     (rates may become negative, as in the paper). The paper uses a single inner step
     (``inner_steps=1`` default here), but any K works. With ``newton > 0`` the learned rates scale
-    damped Newton steps per parameter (:func:`metarec.meta.inner.adapt`); ``query_loss_fn`` and
-    ``staged`` as in :func:`maml`.
+    damped Newton steps per parameter (:func:`metarec.meta.inner.adapt`); ``query_loss_fn`` as
+    in :func:`maml`.
     """
     _check_common(inner_steps, inner_lr)
 
@@ -288,7 +239,6 @@ def metasgd(
         split=lambda mp: (mp.params, mp.lr),
         newton=newton,
         query_loss_fn=query_loss_fn,
-        staged=staged,
     )
 
 

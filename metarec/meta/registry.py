@@ -22,9 +22,8 @@ class LearnerEntry:
     (Reptile's meta-gradient θ − φ is zero on leaves the inner loop does not adapt, so a partial
     mask would leave them untrained). ``options``: algorithm-only hyper-parameters with their
     defaults (iMAML's proximal strength ``lam`` and conjugate-gradient steps; a separate outer
-    loss ``query_loss_fn`` and a :class:`~metarec.meta.learners.Staged` model split ``staged`` for
-    the learners that differentiate a query loss through the inner loop); ``remat``: the factory
-    takes the ``remat`` option of the shared inner loop.
+    loss ``query_loss_fn`` for the learners that differentiate a query loss through the inner
+    loop); ``remat``: the factory takes the ``remat`` option of the shared inner loop.
     """
 
     factory: Callable[..., MetaLearner]
@@ -34,12 +33,10 @@ class LearnerEntry:
 
 
 LEARNERS = {
-    "maml": LearnerEntry(maml, options={"newton": 0.0, "query_loss_fn": None, "staged": None}),
-    "fomaml": LearnerEntry(fomaml, options={"newton": 0.0, "query_loss_fn": None, "staged": None}),
+    "maml": LearnerEntry(maml, options={"newton": 0.0, "query_loss_fn": None}),
+    "fomaml": LearnerEntry(fomaml, options={"newton": 0.0, "query_loss_fn": None}),
     "reptile": LearnerEntry(reptile, adapts_all=True),
-    "metasgd": LearnerEntry(
-        metasgd, options={"newton": 0.0, "query_loss_fn": None, "staged": None}
-    ),
+    "metasgd": LearnerEntry(metasgd, options={"newton": 0.0, "query_loss_fn": None}),
     "imaml": LearnerEntry(imaml, options={"lam": 1.0, "cg_steps": 5}, remat=False),
 }
 

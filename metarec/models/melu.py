@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 
 from metarec.meta.inner import path_filter
-from metarec.meta.learners import Staged
 from metarec.meta.tables import LookupTable
 
 PyTree = Any
@@ -182,40 +181,6 @@ def make_melu(
       (leaves ``[N, ...]``); pure, jittable and vmappable. Feature dropout is applied only when
       ``train=True`` *and* a ``key`` is given.
     """
-    module = _module(
-        spec,
-        embed_dim=embed_dim,
-        hidden=hidden,
-        residual=residual,
-        use_item_id=use_item_id,
-        feature_dropout=feature_dropout,
-        context_dim=context_dim,
-        residual_bound=residual_bound,
-    )
-
-    def init_fn(key: jax.Array) -> PyTree:
-        return module.init(key, dummy_inputs(spec))["params"]
-
-    def apply_fn(
-        params: PyTree, x: dict, *, key: jax.Array | None = None, train: bool = False
-    ) -> jax.Array:
-        return _sized(module, params).apply({"params": params}, x, key=key, train=train)
-
-    return init_fn, apply_fn
-
-
-def _module(
-    spec,
-    *,
-    embed_dim: int = 32,
-    hidden: Sequence[int] = (64, 64),
-    residual: bool = True,
-    use_item_id: bool = True,
-    feature_dropout: float | Sequence[float] = 0.0,
-    context_dim: int = 0,
-    residual_bound: float = 0.0,
-) -> MeLU:
-    """The module :func:`make_melu` wraps (same arguments and defaults), validated."""
     uv, iv, ng = _spec_fields(spec)
     if use_item_id and len(iv) < 2:
         raise ValueError("use_item_id=True needs an item-id field (item_vocab of length 2)")
@@ -234,68 +199,16 @@ def _module(
         residual_bound=float(residual_bound),
     )
     module._dropout_probs()  # validate early, with a clear message
-    return module
 
+    def init_fn(key: jax.Array) -> PyTree:
+        return module.init(key, dummy_inputs(spec))["params"]
 
-def make_stages(spec, **kwargs) -> Staged:
-    """MeLU split for the learners' ``staged`` option (:class:`metarec.meta.Staged`), for the
-    model :func:`make_melu` builds with the same arguments: ``features`` gathers the embeddings
-    (and row 0, the OOV row each dropped field falls back to) and projects the genres, once per
-    task and set; ``head`` applies feature dropout by selecting row 0 per field with the same
-    draws as ``apply_fn``, then the MLP. Under ``"decision"`` or ``"head"`` adaptation the
-    embedding work then runs once per task instead of once per inner step. Not for
-    ``context_dim > 0`` (the context vector's term reads the item features after dropout)."""
-    m = _module(spec, **kwargs)
-    if m.context_dim:
-        raise ValueError("make_stages does not support context_dim > 0; use make_melu's apply_fn")
-    probs = m._dropout_probs()
-    n_user, d = len(m.user_vocab), m.embed_dim
-    names = [(f"user_emb_{j}", j) for j in range(n_user)]
-    names += [
-        (f"item_emb_{j}", n_user + j) for j in range(len(m.item_vocab)) if j != 1 or m.use_item_id
-    ]
-    used = [col for _, col in names]  # the id columns whose embedding enters the features
-    dropout = any(q > 0 for q in probs)
+    def apply_fn(
+        params: PyTree, x: dict, *, key: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        return _sized(module, params).apply({"params": params}, x, key=key, train=train)
 
-    def features(params: PyTree, x: dict) -> dict:
-        ids = jnp.concatenate([x["user"], x["item"]], axis=-1).astype(jnp.int32)
-        sized = _sized(m, params)
-        vocab = jnp.asarray(sized.user_vocab + sized.item_vocab, jnp.int32)
-        ids = jnp.where((ids >= 0) & (ids < vocab), ids, 0)
-        tables = [params[name]["embedding"] for name, _ in names]
-        genres = x["genres"].astype(jnp.float32)
-        count = jnp.sum(genres, axis=-1, keepdims=True)
-        g = (genres @ params["genre_proj"]["kernel"]) / jnp.maximum(count, 1.0)
-        # [..., fields + 1, dim]: each field's embedding, then the genre vector
-        e = jnp.stack(
-            [jnp.take(t, ids[..., col], axis=0) for t, (_, col) in zip(tables, names)] + [g], -2
-        )
-        z = {"e": e, "offset": x["offset"]}
-        if dropout:  # each field's OOV row (the genre row is never dropped)
-            z["e0"] = jnp.stack([t[0] for t in tables] + [jnp.zeros((d,), e.dtype)])
-        return z
-
-    def head(params: PyTree, z: dict, *, key=None, train: bool = False) -> jax.Array:
-        e = z["e"]
-        if train and key is not None and dropout:
-            drop = jax.random.bernoulli(
-                key, jnp.asarray(probs, jnp.float32), e.shape[:-2] + (len(probs),)
-            )
-            # static slices, not a gather: nothing indexes a table inside the inner loop
-            rows = [drop[..., c : c + 1] for c in used] + [jnp.zeros_like(drop[..., :1])]
-            e = jnp.where(jnp.concatenate(rows, -1)[..., None], z["e0"], e)
-        h = e.reshape(e.shape[:-2] + (-1,))
-        for i in range(len(m.hidden)):
-            layer = params[f"mlp_{i}"]
-            h = nn.relu(h @ layer["kernel"] + layer["bias"])
-        out = (h @ params["out"]["kernel"] + params["out"]["bias"])[..., 0]
-        if m.residual_bound:
-            out = m.residual_bound * jnp.tanh(out / m.residual_bound)
-        if m.residual:
-            out = out + z["offset"].astype(out.dtype)
-        return out
-
-    return Staged(features, head, adapt_filter("embeddings"))
+    return init_fn, apply_fn
 
 
 def _sized(module: MeLU, params: PyTree) -> MeLU:
