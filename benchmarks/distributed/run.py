@@ -30,12 +30,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from benchmarks.meta_step.problems import melu_learner
 from metarec import meta
 from metarec.data import load_dataset, make_synthetic_tasks
 from metarec.data.stream import ShardTasks
 from metarec.data.tasks import index_tasks
 from metarec.meta.step import make_eval_fn, make_meta_step
-from metarec.models import melu
 from metarec.training import distributed
 from metarec.training.checkpoint import Checkpointer
 from metarec.training.meta_train import make_step, meta_train
@@ -95,13 +95,8 @@ class Setup:
         tasks, spec, _ = make_synthetic_tasks(
             self.seed, n_users=n_users, n_items=n_items, n_support=self.support, n_query=self.query
         )
-        init_fn, apply_fn = melu.make_melu(spec, embed_dim=8, hidden=(self.width, self.width))
-        learner = meta.make_learner(
-            self.learner,
-            apply_fn,
-            inner_steps=self.inner_steps,
-            inner_lr=0.05,
-            adapt_mask=melu.adapt_filter("decision"),
+        init_fn, apply_fn, learner = melu_learner(
+            spec, self.learner, inner_steps=self.inner_steps, width=self.width, embed_dim=8
         )
         return tasks, init_fn, apply_fn, learner
 

@@ -70,17 +70,32 @@ def synthetic_pool(
     return tasks, spec
 
 
-def build_learner(cfg: BenchConfig, apply_fn: Callable) -> meta.MetaLearner:
-    """The learner of ``cfg`` as the cold-start experiment builds it: the decision layers adapted,
-    every other rule (which parameters, algorithm options, remat) the registry's."""
-    return meta.make_learner(
-        cfg.learner,
+def melu_learner(
+    spec,
+    learner: str,
+    *,
+    inner_steps: int,
+    width: int,
+    embed_dim: int,
+    feature_dropout: float = 0.0,
+    remat: bool = False,
+) -> tuple[Callable, Callable, meta.MetaLearner]:
+    """``(init_fn, apply_fn, learner)``: MeLU over ``spec`` with two hidden layers of ``width``,
+    its decision layers adapted by the registered ``learner`` as the cold-start experiment does
+    (inner lr :data:`INNER_LR`; every other rule, which parameters, options, remat, the
+    registry's)."""
+    init_fn, apply_fn = melu.make_melu(
+        spec, embed_dim=embed_dim, hidden=(width, width), feature_dropout=feature_dropout
+    )
+    lrn = meta.make_learner(
+        learner,
         apply_fn,
-        inner_steps=cfg.inner_steps,
+        inner_steps=inner_steps,
         inner_lr=INNER_LR,
         adapt_mask=melu.adapt_filter("decision"),
-        remat=cfg.remat,
+        remat=remat,
     )
+    return init_fn, apply_fn, lrn
 
 
 def build_problem(
@@ -100,10 +115,15 @@ def build_problem(
         if key not in pools or pools[key][0].num_tasks < n:
             pools[key] = synthetic_pool(n, cfg.support, cfg.query, seed, cfg.n_items)
     pool, spec = pools[key]
-    init_fn, apply_fn = melu.make_melu(
-        spec, embed_dim=cfg.embed_dim, hidden=(cfg.width, cfg.width), feature_dropout=cfg.dropout
+    init_fn, apply_fn, learner = melu_learner(
+        spec,
+        cfg.learner,
+        inner_steps=cfg.inner_steps,
+        width=cfg.width,
+        embed_dim=cfg.embed_dim,
+        feature_dropout=cfg.dropout,
+        remat=cfg.remat,
     )
-    learner = build_learner(cfg, apply_fn)
     meta_params = learner.init(init_fn(jax.random.PRNGKey(seed)))
     optimizer = optimizer or optax.adamw(META_LR, weight_decay=1e-4)
     opt_state = optimizer.init(meta_params)

@@ -21,12 +21,11 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks.meta_step.machine import reset_peak_rss
-from metarec import meta
+from benchmarks.meta_step.problems import melu_learner
 from metarec.data import shards as mshards
 from metarec.data import stream as mstream
 from metarec.data import synthetic_scale as ss
 from metarec.meta.step import make_meta_step
-from metarec.models import melu
 
 MB = 1 << 20
 
@@ -63,13 +62,8 @@ def disk_mb(directory: str) -> float:
 def build_step(spec, s):
     """MeLU with its decision layers adapted by ``s.learner`` (the cold-start experiment's rule),
     AdamW, the jitted vmapped meta-step; returns ``(step, params, opt_state)``."""
-    init_fn, apply_fn = melu.make_melu(spec, embed_dim=s.embed_dim, hidden=(s.width, s.width))
-    learner = meta.make_learner(
-        s.learner,
-        apply_fn,
-        inner_steps=s.inner_steps,
-        inner_lr=0.05,
-        adapt_mask=melu.adapt_filter("decision"),
+    init_fn, _, learner = melu_learner(
+        spec, s.learner, inner_steps=s.inner_steps, width=s.width, embed_dim=s.embed_dim
     )
     opt = optax.adamw(3e-3, weight_decay=1e-4)
     params = learner.init(init_fn(jax.random.PRNGKey(s.seed)))

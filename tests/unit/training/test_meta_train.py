@@ -197,26 +197,14 @@ def test_non_finite_loss_stops_naming_step_and_keeps_last_good_checkpoint(setup,
 
 
 def test_resume_refuses_checkpoint_of_another_split(setup, tmp_path):
-    learner, step, eval_fn, init, train, val, cfg, key, scale = setup
+    learner, _, _, init, _, _, cfg, key, _ = setup
     mp = learner.init(init)
     with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
         arrays = {"params": mp, "opt_state": make_optimizer(cfg).init(mp), "key": key}
         ident = {"sampler_seed": 1, "n_tasks": 999, "meta_batch": 8}
         trainer.save(trainer.LoopState(arrays, {}, step=3), ck, ident)
         with pytest.raises(ValueError, match="written for another data split or seed"):
-            meta_train(
-                learner,
-                step,
-                eval_fn,
-                init,
-                train,
-                val,
-                cfg,
-                key,
-                scale,
-                checkpointer=ck,
-                resume=True,
-            )
+            meta_train(*setup, checkpointer=ck, resume=True)
 
 
 def test_score_clips_for_errors_and_ranks_by_raw_predictions():
