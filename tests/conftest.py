@@ -7,10 +7,17 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
+# Most of the suite's time is XLA compiling many small programs that then run for milliseconds, and
+# most of that is optimisation passes: the suite (and every script a test starts, through the
+# environment) compiles with them off. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs it fully optimised;
+# tests that pin the bits of an optimised program request the `xla_optimized` fixture.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-from experiments.common import enable_compilation_cache
+import jax  # noqa: E402  (after the environment above, which jax reads on import)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from experiments.common import enable_compilation_cache  # noqa: E402
 
 # One persistent compilation cache for the whole suite: every xdist worker, and every script a test
 # starts, uses the entry points' folder (~/.cache/metarec/jax); $METAREC_COMPILATION_CACHE=0 turns
@@ -18,6 +25,19 @@ from experiments.common import enable_compilation_cache
 enable_compilation_cache()
 
 GENRES_100K = 19
+
+
+@pytest.fixture
+def xla_optimized():
+    """Compile with XLA's optimisation passes on (what users run) for one test; the in-memory
+    executables of the other mode are dropped on the way in and out."""
+    flag = "jax_disable_most_optimizations"
+    before = jax.config.read(flag)
+    jax.clear_caches()
+    jax.config.update(flag, False)
+    yield
+    jax.config.update(flag, before)
+    jax.clear_caches()
 
 
 def write_ml100k(

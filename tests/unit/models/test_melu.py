@@ -259,7 +259,7 @@ def test_context_vector_is_an_adaptable_user_factor():
         seed=0, n_users=4, n_items=60, n_support=20, n_query=5, noise=0.0
     )
     init_fn, apply_fn = make_melu(spec, embed_dim=8, hidden=(16,), context_dim=6)
-    params = init_fn(jax.random.PRNGKey(0))
+    params = jax.jit(init_fn)(jax.random.PRNGKey(0))
     assert params["context"].shape == (6,) and not np.any(params["context"])
     mask = adapt_mask(params, "context")
     flat = jax.tree_util.tree_leaves_with_path(mask)
@@ -271,16 +271,19 @@ def test_context_vector_is_an_adaptable_user_factor():
 
     task = jax.tree_util.tree_map(lambda a: jnp.asarray(a[1]), tasks)
     objective = meta.make_objective(apply_fn)
-    g = jax.grad(objective)(params, task.support)
+    g = jax.jit(jax.grad(objective))(params, task.support)
     assert float(jnp.abs(g["context"]).sum()) > 0
-    adapted = meta.adapt(params, task.support, objective, steps=20, lr=0.5, mask=mask)
+    adapted = jax.jit(lambda p, s: meta.adapt(p, s, objective, steps=20, lr=0.5, mask=mask))(
+        params, task.support
+    )
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), params, adapted)
     assert (
         changed["context"]
         and not changed["out"]["kernel"]
         and not changed["context_proj"]["kernel"]
     )
-    assert float(objective(adapted, task.support)) < 0.9 * float(objective(params, task.support))
+    loss = jax.jit(objective)
+    assert float(loss(adapted, task.support)) < 0.9 * float(loss(params, task.support))
 
 
 def test_residual_bound_keeps_predictions_within_offset_plus_minus_b():

@@ -21,7 +21,9 @@ ENC = EncoderConfig(num_items=V, max_len=L, width=32, depth=1, heads=2, dropout_
 
 
 def test_checkpoint_round_trip(tmp_path):
-    params = init_encoder(jax.random.PRNGKey(0), ENC)
+    # jitted: one program each instead of compiling every op of the model eagerly
+    params = jax.jit(init_encoder, static_argnums=1)(jax.random.PRNGKey(0), ENC)
+    logits = jax.jit(next_item_logits, static_argnums=1)
     val = random_sequences(n_users=16, num_items=V, max_len=L, seed=1)
     last = {"epoch": 3, "loss": 1.5}
     ids = np.arange(V) * 10
@@ -33,7 +35,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert cfg == ENC
     x = (jnp.asarray(val.items), jnp.asarray(val.ratings), jnp.asarray(val.mask))
     np.testing.assert_array_equal(
-        np.asarray(next_item_logits(params, ENC, *x)), np.asarray(next_item_logits(loaded, cfg, *x))
+        np.asarray(logits(params, ENC, *x)), np.asarray(logits(loaded, cfg, *x))
     )
     _, _, info = load_pretrained(path, with_metadata=True)
     np.testing.assert_array_equal(info["item_ids"], ids)
@@ -41,7 +43,7 @@ def test_checkpoint_round_trip(tmp_path):
     # the rater takes the loaded encoder weights
     rc = RaterConfig(encoder=ENC, n_years=3, n_genres=2, item_dim=4, head_hidden=(8,))
     init_fn, _ = make_transformer_rater(rc, pretrained=loaded)
-    rp = init_fn(jax.random.PRNGKey(0))
+    rp = jax.jit(init_fn)(jax.random.PRNGKey(0))
     same = jax.tree_util.tree_map(
         lambda a, b: bool(jnp.all(a == b)), rp["params"]["encoder"], loaded["params"]
     )

@@ -28,8 +28,7 @@ def _cfg():
     return cfg
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _setup():
     tasks, spec, _ = mdata.make_synthetic_tasks(
         seed=3, n_users=44, n_items=40, n_support=6, n_query=4
     )
@@ -50,6 +49,11 @@ def setup():
         (1.0, 5.0),
     )
     return args
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _setup()
 
 
 class Crash(Exception):
@@ -134,9 +138,10 @@ PINNED_SHA256 = "50a0e2148c0872eb8745cb09a5dc34d508cd6f650c58d0f9191c4456cfdd81d
 PINNED_VAL_MAE = [1.1303929090499878, 1.1274895668029785, 1.131317138671875]
 
 
-def test_single_process_meta_train_is_pinned(setup):
+def test_single_process_meta_train_is_pinned(xla_optimized):
     if jax.__version__ != PINNED_JAX or jax.default_backend() != "cpu":
         pytest.skip(f"bits pinned for jax {PINNED_JAX} on CPU")
+    setup = _setup()  # built (data, initial parameters) with the optimised programs too
     learner, step, eval_fn, init, train, val, cfg, key, scale = setup
     res = meta_train(*setup)
     assert res.params_sha256 == PINNED_SHA256
