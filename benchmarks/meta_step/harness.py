@@ -172,7 +172,9 @@ def run_benchmark(
     log_fn(f"command: {command}")
     info = machine.machine_info()
     log_fn(
-        f"machine: {info['cpu_model']} x{info['cpu_count']} cores, jax {info['jax']}, backend "
+        f"machine: {info['cpu_model']} x{info['cpu_count']} cores "
+        f"({' '.join(info['cpu_vector_flags']) or 'vector extensions unknown'}), "
+        f"jax {info['jax']}, backend "
         f"{info['backend']}, {len(info['devices'])} device(s), load average {load_before}; "
         f"allocator: {malloc_line(info['malloc'])}"
     )

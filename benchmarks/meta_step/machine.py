@@ -37,6 +37,36 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: the vector extensions that set a CPU's f32 matmul peak (AVX-512 doubles AVX2's width)
+VECTOR_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "amx_tile",
+    "asimd",
+    "sve",
+)
+
+
+def cpu_vector_flags(cpuinfo: str | None = None) -> list[str]:
+    """Which of :data:`VECTOR_FLAGS` the CPU reports (the ``flags`` / ``Features`` line of
+    ``/proc/cpuinfo``, or the text given); empty where that is unavailable."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[1].split())
+            return [v for v in VECTOR_FLAGS if v in have]
+    return []
+
+
 def malloc_status() -> dict:
     """The allocator settings in effect: ``{"glibc": bool, "tuned": bool, "env": {var: value}}``
     (``tuned``: every variable of :data:`TUNED_MALLOC_ENV` has its tuned value)."""
@@ -47,7 +77,8 @@ def malloc_status() -> dict:
 
 
 def machine_info() -> dict:
-    """CPU model, cores, memory, jax/jaxlib versions, backend, devices and allocator settings."""
+    """CPU model and vector extensions, cores, memory, jax/jaxlib versions, backend, devices and
+    allocator settings."""
     try:
         import jaxlib
 
@@ -63,6 +94,7 @@ def machine_info() -> dict:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
         "cpu_model": cpu_model(),
+        "cpu_vector_flags": cpu_vector_flags(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "memory_bytes": mem,

@@ -28,7 +28,8 @@ def _header(result: dict) -> list[str]:
     load = result["load_average"]
     lines = [
         f"command: {result['command']}",
-        f"machine: {m['cpu_model']} ({m['cpu_count']} cores), jax {m['jax']} / jaxlib "
+        f"machine: {m['cpu_model']} ({m['cpu_count']} cores; "
+        f"{' '.join(m.get('cpu_vector_flags') or ['?'])}), jax {m['jax']} / jaxlib "
         f"{m['jaxlib']}, backend {m['backend']}, devices {len(m['devices'])}; load average before "
         f"{load['before']} after {load['after']}",
         f"allocator: {malloc_line(m.get('malloc'))}",

@@ -235,6 +235,21 @@ def test_matmul_peak_and_memory_helpers_positive():
     assert isinstance(rss, int) and rss > 0
 
 
+def test_cpu_vector_flags_read_from_cpuinfo_text():
+    intel = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw amx_tile\n"
+    assert machine.cpu_vector_flags(intel) == [
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "avx512f",
+        "amx_tile",
+    ]
+    assert machine.cpu_vector_flags("Features\t: fp asimd sve\n") == ["asimd", "sve"]
+    assert machine.cpu_vector_flags("model name\t: ?\n") == []
+    assert isinstance(machine.machine_info()["cpu_vector_flags"], list)
+
+
 def test_bench_config_validation_names_field():
     with pytest.raises(ValueError, match="learner"):
         config.BenchConfig(learner="sgd").validate()
