@@ -80,6 +80,10 @@ def _jaxpr_flops(jaxpr) -> tuple[float, float]:
             else:  # scan body x length; while body/cond once per (unknown) trip; calls once
                 m, o = sum(c[0] for c in counts), sum(c[1] for c in counts)
             mult = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
+            if name == "shard_map":  # the body runs once per device of its manual axes
+                mesh = eqn.params["mesh"]
+                axes = eqn.params.get("manual_axes", mesh.axis_names)
+                mult = float(np.prod([mesh.shape[a] for a in axes]))
             mm, other = mm + mult * m, other + mult * o
             continue
         if name in _ELEMENTWISE:
@@ -94,8 +98,9 @@ def count_flops(fn: Callable, *args, **kwargs) -> dict:
 
     ``dot_general``/convolutions count exactly (2 x output size x contracted size), element-wise
     ops one FLOP per output element, reductions one per input element (XLA's conventions);
-    ``lax.scan`` bodies are multiplied by the scan length, ``cond`` counts its most expensive
-    branch, a ``while_loop`` body once per call (its trip count is not static). Returns
+    ``lax.scan`` bodies are multiplied by the scan length, ``shard_map`` bodies by their number of
+    devices, ``cond`` counts its most expensive branch, a ``while_loop`` body once per call (its
+    trip count is not static). Returns
     ``{"flops", "matmul_flops", "other_flops"}``. Unlike ``compiled.cost_analysis()`` this is the
     work of the algorithm before XLA's simplifications and with loop trip counts applied.
     """

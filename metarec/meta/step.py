@@ -7,7 +7,8 @@
 * :func:`make_eval_fn` — adapt every task on its support set (vmapped) and predict its query set,
   before and after adaptation.
 * :func:`make_mesh`, :func:`shard_tasks`, :func:`replicate` — data parallelism over the task axis
-  with ``jax.sharding`` (params replicated, tasks split across devices; XLA inserts the all-reduce).
+  with ``jax.sharding`` (params replicated, tasks split across devices; with a mesh the step is a
+  ``shard_map``: each device sums its own tasks' gradients, then one ``psum``).
 
 Everything is a pure function of explicit state; nothing here reads flags or touches the host inside
 a step.
@@ -181,16 +182,18 @@ def make_meta_step(
       chunk_size: if set, ``task_grad`` is vmapped over chunks of this many tasks and the chunks are
         processed sequentially by ``lax.scan`` with a running float32 sum — same result (up to float
         summation order), peak memory of one chunk. ``T`` must be divisible by it. Chunk ``j`` holds
-        tasks ``j, j + T/c, j + 2T/c, ...`` so that, under data parallelism, every device keeps
-        working on its own slice of each chunk. On CPU it is also faster: chunks of 8 tasks keep the
-        temporaries in cache (measured in BUILD_NOTES.md, "Performance").
+        tasks ``j, j + T/c, j + 2T/c, ...``. With a mesh of ``D`` devices, each device runs chunks
+        of ``c / D`` of its own tasks (``c`` must be a multiple of ``D``). On CPU it is also faster:
+        chunks of 8 tasks keep the temporaries in cache (measured in BUILD_NOTES.md,
+        "Performance").
       clip_norm: clip the averaged meta-gradient to this global norm before the optimizer.
       compute_dtype: e.g. ``jnp.bfloat16``: the per-task computation (inner loop, query loss,
         meta-gradient) runs in this dtype; meta-parameters, gradient accumulation and the optimizer
         stay float32.
-      mesh: optional device mesh: the task axis (and weights) are constrained to be sharded along
-        ``axis`` and the parameters replicated (see :func:`shard_tasks`). Results equal the
-        single-device ones up to float summation order.
+      mesh: optional device mesh: the task axis (tasks, weights, per-task keys) is split along
+        ``axis`` and the parameters replicated (see :func:`shard_tasks`); each device sums its
+        own tasks in a ``shard_map``, then one ``psum``. Every task gets the same key as without a
+        mesh; results equal the single-device ones up to float summation order.
       jit: wrap the step in ``jax.jit`` (default).
       sparse_tables: optional sequence of :class:`metarec.meta.tables.LookupTable` (e.g.
         :func:`metarec.models.melu.lookup_tables`): embedding tables the inner loop does not adapt
@@ -215,59 +218,90 @@ def make_meta_step(
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
 
+    n_devices = 1 if mesh is None else int(mesh.shape[axis])
+    if chunk_size is not None and chunk_size % n_devices:
+        raise ValueError(
+            f"chunk_size={chunk_size} must be a multiple of the {n_devices} devices along mesh "
+            f"axis {axis!r} (each device runs chunk_size / {n_devices} tasks of every chunk)"
+        )
+
+    def chunked_sums(meta_params, tasks, weights, keys, rows, chunk, which):
+        """Sums over the tasks given, vmapped in chunks of ``chunk`` scanned one after another."""
+        if which is not None:
+
+            def sums(t, w, k, r):
+                return _sparse_task_sums(learner, meta_params, which, r, t, w, k, compute_dtype)
+        else:
+
+            def sums(t, w, k, r):
+                return _weighted_task_sums(learner, meta_params, t, w, k, compute_dtype)
+
+        n = jax.tree_util.tree_leaves(tasks)[0].shape[0]
+        if chunk is None or chunk >= n:
+            return sums(tasks, weights, keys, rows)
+        n_chunks = n // chunk
+
+        def to_chunks(a):
+            a = a.reshape((chunk, n_chunks) + a.shape[1:])
+            return jnp.swapaxes(a, 0, 1)
+
+        xs = (
+            jax.tree_util.tree_map(to_chunks, tasks),
+            to_chunks(weights),
+            None if keys is None else to_chunks(keys),
+            None if rows is None else [to_chunks(r) for r in rows],
+        )
+        zero = (
+            jnp.zeros((), jnp.float32),
+            jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), meta_params),
+        )
+
+        def body(carry, chunk_xs):
+            l, g = sums(*chunk_xs)
+            return (carry[0] + l, jax.tree_util.tree_map(jnp.add, carry[1], g)), None
+
+        (loss_sum, grad_sum), _ = jax.lax.scan(body, zero, xs)
+        return loss_sum, grad_sum
+
     def step(meta_params, opt_state, tasks, task_weights, key=None):
         n_tasks = jax.tree_util.tree_leaves(tasks)[0].shape[0]
         weights = jnp.asarray(task_weights, jnp.float32)
         if weights.shape != (n_tasks,):
             raise ValueError(f"task_weights must have shape [{n_tasks}], got {weights.shape}")
-        if mesh is not None:
-            tasks = jax.lax.with_sharding_constraint(tasks, NamedSharding(mesh, P(axis)))
-            weights = jax.lax.with_sharding_constraint(weights, NamedSharding(mesh, P(axis)))
+        if chunk_size is not None and chunk_size < n_tasks and n_tasks % chunk_size:
+            raise ValueError(
+                f"chunk_size={chunk_size} must divide the number of tasks in the meta-batch "
+                f"({n_tasks}); pad the batch with metarec.data.tasks.pad_tasks"
+            )
         keys = None if key is None else jax.random.split(key, n_tasks)
+        which = rows = None
         if sparse_tables:
             which = _tables.table_leaves(meta_params, sparse_tables)
             rows = _tables.row_indices(tasks, sparse_tables)
             tasks = _tables.localize_tasks(tasks, sparse_tables)
             _tables.check_not_adapted(learner, meta_params, which, rows, tasks, sparse_tables)
-
-            def sums(t, w, k, r):
-                return _sparse_task_sums(learner, meta_params, which, r, t, w, k, compute_dtype)
-        else:
-            rows = None
-
-            def sums(t, w, k, r):
-                return _weighted_task_sums(learner, meta_params, t, w, k, compute_dtype)
-
-        if chunk_size is None or chunk_size >= n_tasks:
-            loss_sum, grad_sum = sums(tasks, weights, keys, rows)
-        else:
-            if n_tasks % chunk_size:
-                raise ValueError(
-                    f"chunk_size={chunk_size} must divide the number of tasks in the meta-batch "
-                    f"({n_tasks}); pad the batch with metarec.data.tasks.pad_tasks"
-                )
-            n_chunks = n_tasks // chunk_size
-
-            def to_chunks(a):
-                a = a.reshape((chunk_size, n_chunks) + a.shape[1:])
-                return jnp.swapaxes(a, 0, 1)
-
-            xs = (
-                jax.tree_util.tree_map(to_chunks, tasks),
-                to_chunks(weights),
-                None if keys is None else to_chunks(keys),
-                None if rows is None else [to_chunks(r) for r in rows],
+        if mesh is None:
+            loss_sum, grad_sum = chunked_sums(
+                meta_params, tasks, weights, keys, rows, chunk_size, which
             )
-            zero = (
-                jnp.zeros((), jnp.float32),
-                jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), meta_params),
-            )
+        else:
+            # each device sums its own slice of the tasks (in chunks of chunk_size / devices), then
+            # one all-reduce; written as a shard_map, which XLA:CPU ran faster than the same step
+            # partitioned from sharding constraints (BUILD_NOTES.md, issue 14)
+            local_chunk = None if chunk_size is None else chunk_size // n_devices
 
-            def body(carry, chunk):
-                l, g = sums(*chunk)
-                return (carry[0] + l, jax.tree_util.tree_map(jnp.add, carry[1], g)), None
+            def per_device(mp, t, w, k, r):
+                sums = chunked_sums(mp, t, w, k, r, local_chunk, which)
+                return jax.lax.psum(sums, axis)
 
-            (loss_sum, grad_sum), _ = jax.lax.scan(body, zero, xs)
+            part = P(axis)
+            loss_sum, grad_sum = jax.shard_map(
+                per_device,
+                mesh=mesh,
+                in_specs=(P(), part, part, part, part),
+                out_specs=P(),
+                check_vma=False,
+            )(meta_params, tasks, weights, keys, rows)
 
         new_params, new_opt_state, metrics = finish_meta_step(
             meta_params, opt_state, loss_sum, grad_sum, jnp.sum(weights), optimizer, clip_norm

@@ -654,6 +654,11 @@ _SHARDING_SCRIPT = textwrap.dedent(
             assert all(l.sharding.is_fully_replicated for l in leaves)
             for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    try:  # each device runs chunk_size / 8 of its own tasks per chunk
+        train.make_meta_step(learner, opt, mesh=mesh, chunk_size=4)
+        raise SystemExit("expected ValueError")
+    except ValueError as e:
+        assert "multiple of the 8 devices" in str(e)
     sharded = train.shard_tasks(tasks, mesh)
     assert len(sharded.query.y.sharding.device_set) == 8
     try:
