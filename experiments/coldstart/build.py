@@ -588,6 +588,11 @@ def _validate_numbers(cfg) -> None:
             f"--config.meta_batch={cfg.meta_batch} must be divisible by the "
             f"{jax.device_count()} devices used by --config.all_devices"
         )
+    if cfg.all_devices and cfg.chunk_size and cfg.chunk_size % jax.device_count():
+        raise ValueError(
+            f"--config.chunk_size={cfg.chunk_size} must be a multiple of the "
+            f"{jax.device_count()} devices used by --config.all_devices (0 = no chunks)"
+        )
     if cfg.chunk_size and cfg.meta_batch % cfg.chunk_size:
         raise ValueError(
             f"--config.meta_batch={cfg.meta_batch} must be a multiple of "

@@ -106,6 +106,18 @@ def test_bad_config_values(field, value, message):
         build.validate_config(cfg)
 
 
+def test_all_devices_needs_chunks_that_split_over_the_devices(monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    cfg = coldstart_config.get_config()
+    cfg.all_devices, cfg.meta_batch, cfg.chunk_size = True, 32, 6
+    with pytest.raises(ValueError, match=r"chunk_size=6 must be a multiple of the 4 devices"):
+        build.validate_config(cfg)
+    cfg.chunk_size = 8
+    build.validate_config(cfg)
+
+
 def test_unknown_algorithm_lists_valid_ones():
     cfg = coldstart_config.get_config()
     with pytest.raises(ValueError, match=r"unknown meta-learner 'mamal'; allowed: maml, fomaml"):
