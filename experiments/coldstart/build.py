@@ -583,16 +583,12 @@ def _validate_numbers(cfg) -> None:
         raise ValueError(f"--config.cf_reg must be >= 0, got {cfg.cf_reg}")
     if not 0 <= cfg.feature_dropout < 1:
         raise ValueError(f"--config.feature_dropout must be in [0, 1), got {cfg.feature_dropout}")
-    if cfg.all_devices and cfg.meta_batch % jax.device_count():
-        raise ValueError(
-            f"--config.meta_batch={cfg.meta_batch} must be divisible by the "
-            f"{jax.device_count()} devices used by --config.all_devices"
-        )
-    if cfg.all_devices and cfg.chunk_size and cfg.chunk_size % jax.device_count():
-        raise ValueError(
-            f"--config.chunk_size={cfg.chunk_size} must be a multiple of the "
-            f"{jax.device_count()} devices used by --config.all_devices (0 = no chunks)"
-        )
+    for name in ("meta_batch", "chunk_size") if cfg.all_devices else ():
+        if cfg[name] % jax.device_count():  # chunk_size 0 (no chunks) passes
+            raise ValueError(
+                f"--config.{name}={cfg[name]} must be a multiple of the "
+                f"{jax.device_count()} devices used by --config.all_devices"
+            )
     if cfg.chunk_size and cfg.meta_batch % cfg.chunk_size:
         raise ValueError(
             f"--config.meta_batch={cfg.meta_batch} must be a multiple of "

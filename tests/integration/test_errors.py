@@ -114,7 +114,10 @@ def test_all_devices_needs_chunks_that_split_over_the_devices(monkeypatch):
     cfg.all_devices, cfg.meta_batch, cfg.chunk_size = True, 32, 6
     with pytest.raises(ValueError, match=r"chunk_size=6 must be a multiple of the 4 devices"):
         build.validate_config(cfg)
-    cfg.chunk_size = 8
+    cfg.chunk_size, cfg.meta_batch = 8, 30
+    with pytest.raises(ValueError, match=r"meta_batch=30 must be a multiple of the 4 devices"):
+        build.validate_config(cfg)
+    cfg.meta_batch = 32
     build.validate_config(cfg)
 
 
