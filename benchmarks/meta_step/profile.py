@@ -39,7 +39,9 @@ def _sources(hlo_text: str) -> dict[str, str]:
         m = _OP_NAME.match(line)
         if m:
             name = m.group(2)
-            out[m.group(1)] = name.split("/")[-1] + (" (bwd)" if "transpose(" in name else "")
+            # a combined op is named "(a/x:b/y)": its last primitive, without the ")"
+            prim = name.split("/")[-1].rstrip(")")
+            out[m.group(1)] = prim + (" (bwd)" if "transpose(" in name else "")
     return out
 
 

@@ -235,6 +235,18 @@ def test_matmul_peak_and_memory_helpers_positive():
     assert isinstance(rss, int) and rss > 0
 
 
+def test_profile_names_each_op_by_its_primitive():
+    from benchmarks.meta_step import profile
+
+    bwd = 'op_name="jit(step)/transpose(jvp(f))/dot_general"'
+    combined = 'op_name="jit(s)/(shard_map/psum:sm/psum)"'  # XLA's name for a combined op
+    hlo = (
+        f"  %d.1 = f32[2] dot(%a, %b), metadata={{{bwd}}}\n"
+        f"  ROOT %ar = f32[] all-reduce(%x), metadata={{{combined}}}"
+    )
+    assert profile._sources(hlo) == {"d.1": "dot_general (bwd)", "ar": "psum"}
+
+
 def test_cpu_vector_flags_read_from_cpuinfo_text():
     intel = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw amx_tile\n"
     assert machine.cpu_vector_flags(intel) == [
