@@ -72,9 +72,10 @@ class BenchConfig:
             raise ValueError(
                 f"meta_batch={self.meta_batch} must be divisible by devices={self.devices}"
             )
-        if self.devices > 1 and self.modes != ("vmap",):
+        if self.devices > 1 and not set(self.modes) <= {"vmap", "sparse"}:
             raise ValueError(
-                "devices > 1 is only benchmarked for mode 'vmap' (the sharded library step)"
+                "devices > 1 is only benchmarked for modes 'vmap' and 'sparse' (the sharded "
+                "library step, dense or with row-gathered tables)"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -254,9 +255,17 @@ def make_grid(
             for d in (1, devices)
         ]
         if "ceiling" in sections and preset == "default":
-            # the same step on both cores at once: each device runs its slice of every chunk
+            # the same step on both cores at once: each device runs its slice of every chunk, with
+            # dense and with row-gathered tables like the one-device rows
             grid += [
-                BenchConfig(**HEADLINE, learner="maml", chunk=c, devices=devices, section="ceiling")
+                BenchConfig(
+                    **HEADLINE,
+                    learner="maml",
+                    chunk=c,
+                    devices=devices,
+                    modes=("vmap", "sparse"),
+                    section="ceiling",
+                )
                 for c in (8, 16)
                 if c % devices == 0
             ]

@@ -93,10 +93,11 @@ def _wants_ceiling(cfg: BenchConfig, mode: str) -> bool:
     return head and mode != "loop"
 
 
-def _ceiling_program(problem, keep: dict) -> tuple:
+def _ceiling_program(problem, keep: dict, mode: str = "vmap") -> tuple:
     """``(fn, args, mesh)`` whose dots bound the step: the step itself on one device; for a step
     sharded over ``D`` devices (its jaxpr has the global shapes), one device's program, the same
-    step at ``T / D`` tasks in chunks of ``chunk / D``, with the mesh to time its dots on."""
+    step (in ``mode``: dense or row-gathered tables) at ``T / D`` tasks in chunks of
+    ``chunk / D``, with the mesh to time its dots on."""
     cfg = problem.cfg
     if cfg.devices == 1:
         return keep["step"], keep["args"], None
@@ -104,22 +105,25 @@ def _ceiling_program(problem, keep: dict) -> tuple:
     local = make_step(
         problem.learner,
         problem.optimizer,
-        "vmap",
+        mode,
         chunk_size=None if cfg.chunk is None else cfg.chunk // d,
         clip_norm=CLIP_NORM,
         compute_dtype=compute_dtype(cfg),
+        sparse_tables=problem.tables if mode == "sparse" else None,
     )
     mp, st, tasks, weights, key = keep["args"]
     tasks, weights = bceiling.per_device_args(tasks, weights, d)
     return local, (mp, st, tasks, weights, key), mstep.make_mesh(d)
 
 
-def _add_ceiling(record: dict, problem, keep: dict, peak: dict, settings: Settings, log_fn) -> dict:
+def _add_ceiling(
+    record: dict, problem, keep: dict, peak: dict, settings: Settings, log_fn, mode: str = "vmap"
+) -> dict:
     """Time the step's own matmul shapes (:func:`bceiling.shape_ceiling`; a sharded step's on all
     its devices at once, :func:`_ceiling_program`) and fill the record's ``ceiling_*`` fields:
     the step's FLOP rate if everything but its matmuls took no time, that rate over the peak, and
     the achieved rate over it (= matmul seconds / step seconds)."""
-    fn, args, mesh = _ceiling_program(problem, keep)
+    fn, args, mesh = _ceiling_program(problem, keep, mode)
     c = bceiling.shape_ceiling(
         fn,
         *args,
@@ -234,7 +238,7 @@ def run_benchmark(
             by_mode[mode] = r
             _log_record(log_fn, cfg, mode, r)
             if settings.ceiling and _wants_ceiling(cfg, mode) and keep:
-                c = _add_ceiling(r, problem, keep, peaks[cfg.dtype], settings, log_fn)
+                c = _add_ceiling(r, problem, keep, peaks[cfg.dtype], settings, log_fn, mode)
                 ceilings["steps"].append(c)
             profiled = (cfg.section == "headline" and cfg.learner == "maml") or (
                 cfg.section == "large"

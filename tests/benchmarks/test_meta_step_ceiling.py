@@ -155,3 +155,12 @@ def test_sharded_step_ceiling_uses_per_device_dots_timed_on_both_devices():
     res = run_on_host_devices(_SHARDED_SCRIPT, 2)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SHARDED_CEILING_OK" in res.stdout
+
+
+def test_sharded_ceiling_rows_time_dense_and_row_gathered_tables():
+    grid, _ = config.make_grid("default", learners=["maml"], sections=["ceiling"], devices=2)
+    sharded = [c for c in grid if c.section == "ceiling" and c.devices == 2]
+    assert [c.chunk for c in sharded] == [8, 16]
+    assert {c.modes for c in sharded} == {("vmap", "sparse")}
+    # like the one-device rows, which time both
+    assert all("sparse" in c.modes for c in grid if c.section == "ceiling" and c.chunk)

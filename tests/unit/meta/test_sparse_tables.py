@@ -21,11 +21,15 @@ from metarec.models import melu
 T, S, Q = 8, 6, 4
 
 
-@pytest.fixture(scope="module")
-def problem():
+def make_problem():
     tasks, spec, _ = make_synthetic_tasks(0, n_users=T, n_items=60, n_support=S, n_query=Q)
     init_fn, apply_fn = melu.make_melu(spec, embed_dim=4, hidden=(8,), feature_dropout=0.1)
     return tasks, spec, init_fn(jax.random.PRNGKey(0)), apply_fn
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem()
 
 
 def grad_capture() -> optax.GradientTransformation:
@@ -172,3 +176,32 @@ def test_no_dense_per_task_table_gradient():
     sparse = temp_bytes(sparse_tables=melu.lookup_tables(spec, min_vocab=100))
     assert dense >= T * 20_000 * 8 * 4  # the per-task table gradients
     assert sparse < dense / 4
+
+
+_SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp
+from metarec.meta import step as mstep
+from metarec.models import melu
+from tests.unit.meta import test_sparse_tables as t
+
+assert jax.device_count() == 2, jax.devices()
+tasks, spec, params, apply_fn = t.make_problem()
+lrn, opt, mesh = t.learner("maml", apply_fn), t.grad_capture(), mstep.make_mesh(2)
+mp, w, key = lrn.init(params), jnp.asarray([1.0] * (t.T - 1) + [0.0]), jax.random.PRNGKey(3)
+dense = mstep.make_meta_step(lrn, opt, chunk_size=4)(mp, opt.init(mp), tasks, w, key)
+sharded = mstep.make_meta_step(lrn, opt, chunk_size=4, mesh=mesh,
+                               sparse_tables=melu.lookup_tables(spec))
+out = sharded(mstep.replicate(mp, mesh), mstep.replicate(opt.init(mp), mesh),
+              mstep.shard_tasks(tasks, mesh), mstep.shard_tasks(w, mesh), key)
+t.assert_close(dense[1], out[1])
+assert all(g.sharding.is_fully_replicated for g in jax.tree_util.tree_leaves(out[1]))
+print("SHARDED_SPARSE_OK")
+"""
+
+
+def test_sharded_step_with_gathered_tables_equals_dense_single_device():
+    from tests.conftest import run_on_host_devices
+
+    res = run_on_host_devices(_SHARDED_SCRIPT, 2)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SHARDED_SPARSE_OK" in res.stdout
