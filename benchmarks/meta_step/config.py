@@ -228,7 +228,9 @@ def make_grid(
     compute), ``tables`` (dense vs row-gathered embedding tables), ``ceiling`` (the headline MAML
     step in every library execution, unchunked / chunks of 8 / chunks of 1, dense and sparse
     tables, ``lax.map``, each with its matmul ceiling). The quick preset keeps only the headline
-    MAML comparison. ``devices`` > 1 adds a ``devices`` section (sharded vmap step). ``custom``
+    MAML comparison. ``devices`` > 1 adds a ``devices`` section (sharded vmap step) and, with the
+    ``ceiling`` section, the step sharded over the devices in chunks of 8 and 16, dense and
+    sparse. ``custom``
     (a dict of lists: ``meta_batch``, ``support``, ``inner_steps``, ``width``, and scalars
     ``data``, ``modes``) adds the Cartesian product for every learner as section ``custom``.
     """
