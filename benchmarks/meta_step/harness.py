@@ -279,7 +279,8 @@ def run_benchmark(
 
 def device_check(grid: Sequence[BenchConfig], pools: dict, settings: Settings) -> dict:
     """Correctness of the sharded step: the meta-gradient with the task axis sharded over N devices
-    (:func:`grad_capture`) equals the single-device one; plus the measured steps/s of both."""
+    (:func:`grad_capture`) equals the single-device one, with dense tables and with row-gathered
+    ones (``*_sparse``: the sharded step of mode ``sparse`` against the dense single-device one)."""
     n = max(c.devices for c in grid)
     cfg = BenchConfig(**HEADLINE, learner="maml", dropout=0.0, section="devices")
     problem = build_problem(cfg, pools, settings.seed, optimizer=grad_capture())
@@ -287,24 +288,30 @@ def device_check(grid: Sequence[BenchConfig], pools: dict, settings: Settings) -
     w = jnp.ones((cfg.meta_batch,), jnp.float32)
     single = make_step(problem.learner, problem.optimizer, "vmap", clip_norm=CLIP_NORM)
     g1 = single(problem.meta_params, problem.opt_state, jax.device_put(batch), w)[1]
-    mesh = mstep.make_mesh(n)
-    sharded = make_step(problem.learner, problem.optimizer, "vmap", clip_norm=CLIP_NORM, mesh=mesh)
-    gn = sharded(
-        mstep.replicate(problem.meta_params, mesh),
-        mstep.replicate(problem.opt_state, mesh),
-        mstep.shard_tasks(batch, mesh),
-        mstep.shard_tasks(w, mesh),
-    )[1]
-    leaves1, leavesn = jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(gn)
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves1, leavesn, strict=True))
+    leaves1 = jax.tree_util.tree_leaves(g1)
     scale = max(float(jnp.max(jnp.abs(a))) for a in leaves1)
-    return {
-        "n_devices": n,
-        "device_count": jax.device_count(),
-        "max_abs_grad_diff": diff,
-        "max_abs_grad": scale,
-        "grads_match": bool(diff <= 1e-5 * max(scale, 1.0)),
-    }
+    mesh = mstep.make_mesh(n)
+    out = {"n_devices": n, "device_count": jax.device_count(), "max_abs_grad": scale}
+    for mode, suffix in (("vmap", ""), ("sparse", "_sparse")):
+        sharded = make_step(
+            problem.learner,
+            problem.optimizer,
+            mode,
+            clip_norm=CLIP_NORM,
+            mesh=mesh,
+            sparse_tables=problem.tables if mode == "sparse" else None,
+        )
+        gn = sharded(
+            mstep.replicate(problem.meta_params, mesh),
+            mstep.replicate(problem.opt_state, mesh),
+            mstep.shard_tasks(batch, mesh),
+            mstep.shard_tasks(w, mesh),
+        )[1]
+        leavesn = jax.tree_util.tree_leaves(gn)
+        diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves1, leavesn, strict=True))
+        out[f"max_abs_grad_diff{suffix}"] = diff
+        out[f"grads_match{suffix}"] = bool(diff <= 1e-5 * max(scale, 1.0))
+    return out
 
 
 def _best_fraction(name: str, records: list) -> tuple[dict | None, dict]:

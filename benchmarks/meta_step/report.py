@@ -211,6 +211,12 @@ def format_report(result: dict) -> str:
             f"meta-gradient max |diff| {d['max_abs_grad_diff']:.2e} (max |g| "
             f"{d['max_abs_grad']:.2e}) -> {match}",
         ]
+        if "grads_match_sparse" in d:  # older benchmark.json files have no sparse check
+            match = "match" if d["grads_match_sparse"] else "MISMATCH"
+            lines.append(
+                f"  with row-gathered tables: max |diff| {d['max_abs_grad_diff_sparse']:.2e} "
+                f"-> {match}"
+            )
     lines += _targets(result)
     timing = f"wall time {result['wall_s']:.0f} s"
     if "compile_s" in result:  # older benchmark.json files have no split

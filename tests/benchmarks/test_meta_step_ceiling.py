@@ -164,3 +164,27 @@ def test_sharded_ceiling_rows_time_dense_and_row_gathered_tables():
     assert {c.modes for c in sharded} == {("vmap", "sparse")}
     # like the one-device rows, which time both
     assert all("sparse" in c.modes for c in grid if c.section == "ceiling" and c.chunk)
+
+
+_DEVICE_CHECK_SCRIPT = textwrap.dedent(
+    """
+    import jax
+    from benchmarks.meta_step import config, harness
+
+    assert jax.device_count() == 2, jax.devices()
+    harness.HEADLINE = dict(
+        data="synthetic", meta_batch=4, support=6, query=4, inner_steps=2, width=8, embed_dim=4
+    )
+    grid = [config.BenchConfig(**harness.HEADLINE, learner="maml", devices=2, section="devices")]
+    d = harness.device_check(grid, {}, config.Settings())
+    assert d["n_devices"] == 2 and d["grads_match"] and d["grads_match_sparse"], d
+    assert 0 < d["max_abs_grad"] and d["max_abs_grad_diff_sparse"] < 1e-5 * d["max_abs_grad"]
+    print("DEVICE_CHECK_OK")
+    """
+)
+
+
+def test_device_check_compares_dense_and_gathered_sharded_gradients():
+    res = run_on_host_devices(_DEVICE_CHECK_SCRIPT, 2)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "DEVICE_CHECK_OK" in res.stdout
