@@ -569,8 +569,6 @@ def _validate_numbers(cfg) -> None:
         raise ValueError(f"--config.val_fraction must be in (0, 1), got {cfg.val_fraction}")
     if not 0 <= cfg.val_new_items < 1:
         raise ValueError(f"--config.val_new_items must be in [0, 1), got {cfg.val_new_items}")
-    if not 0 <= cfg.id_dropout < 1:
-        raise ValueError(f"--config.id_dropout must be in [0, 1), got {cfg.id_dropout}")
     if not cfg.inner_newton >= 0:
         raise ValueError(f"--config.inner_newton must be >= 0, got {cfg.inner_newton}")
     if not cfg.loss_sum_scale >= 0:
@@ -581,8 +579,11 @@ def _validate_numbers(cfg) -> None:
         raise ValueError(f"--config.outer_rank_weight must be >= 0, got {cfg.outer_rank_weight}")
     if not cfg.cf_reg >= 0:
         raise ValueError(f"--config.cf_reg must be >= 0, got {cfg.cf_reg}")
-    if not 0 <= cfg.feature_dropout < 1:
-        raise ValueError(f"--config.feature_dropout must be in [0, 1), got {cfg.feature_dropout}")
+    for name in ("id_dropout", "feature_dropout"):
+        if not 0 <= cfg[name] < 1:
+            raise ValueError(f"--config.{name} must be in [0, 1), got {cfg[name]}")
+    if not 0 <= cfg.cf_new_item_mean <= 1:
+        raise ValueError(f"--config.cf_new_item_mean must be in [0, 1], got {cfg.cf_new_item_mean}")
     for name in ("meta_batch", "chunk_size") if cfg.all_devices else ():
         if cfg[name] % jax.device_count():  # chunk_size 0 (no chunks) passes
             raise ValueError(

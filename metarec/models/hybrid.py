@@ -30,6 +30,10 @@ Prediction for user ``u`` and item ``i``::
   ``x["offset"]`` already gives the model), and an id dropped by ``id_dropout`` is treated the
   same way, so meta-training simulates new items as they are met (the content path alone);
   ``nbr_new_items=True`` blends every item instead.
+* ``new_item_mean`` (``lam`` in [0, 1]): the prediction for an item with an out-of-vocabulary id
+  is ``(1 - lam) r^ + lam x["offset"]``, shrunk toward the user's support mean by a fixed weight
+  (0 = off). For a new item the model has only its content; the support mean is what the user
+  mean baseline predicts.
 * ``f`` (``hidden`` non-empty): a ReLU MLP with a zero-initialised output layer, so it starts as
   no correction (``"user+head"`` also adapts its output layer).
 * ``melu`` (a dict of :class:`metarec.models.melu.MeLU` settings): the prediction is a MeLU
@@ -75,6 +79,7 @@ class HybridCF(nn.Module):
     n_nbr: int = 0  # > 0: x["nbr"] [..., n_nbr] neighbourhood predictions, a learned blend
     nbr_init: float = 1 / 3  # the blend weights' initial value
     nbr_new_items: bool = False  # True: out-of-vocabulary ids are blended too
+    new_item_mean: float = 0.0  # > 0: out-of-vocabulary ids shrink toward the support mean
     # > 0: item factors start N(0, table_init^2) instead of zero, for tables learned in the outer
     # loop rather than filled from an MF (zero user and item vectors would be a saddle of p . q)
     table_init: float = 0.0
@@ -129,11 +134,14 @@ class HybridCF(nn.Module):
         nbr = x["nbr"].astype(jnp.float32) if self.n_nbr else None
 
         def blend(out):  # (1 - sum w) x the model + sum_f w_f x neighbour prediction f
-            if not self.n_nbr:
-                return out
-            w = self.param("nbr_weight", nn.initializers.constant(self.nbr_init), (self.n_nbr,))
-            mix = (nbr - out[..., None]) @ w
-            return out + (mix if self.nbr_new_items else jnp.where(known[..., 0], mix, 0.0))
+            if self.n_nbr:
+                w = self.param("nbr_weight", nn.initializers.constant(self.nbr_init), (self.n_nbr,))
+                mix = (nbr - out[..., None]) @ w
+                out = out + (mix if self.nbr_new_items else jnp.where(known[..., 0], mix, 0.0))
+            if self.new_item_mean > 0:  # new items: toward the user's support mean
+                lam, mean = self.new_item_mean, x["offset"].astype(jnp.float32)
+                out = jnp.where(known[..., 0], out, (1.0 - lam) * out + lam * mean)
+            return out
 
         if self.melu is not None:
             # a MeLU network (its own residual on x["offset"]) plus the CF term on top
@@ -169,6 +177,7 @@ def make_hybrid(
     user_fields: int = -1,
     nbr_new_items: bool = False,
     table_init: float = 0.0,
+    new_item_mean: float = 0.0,
 ) -> tuple[Callable, Callable]:
     """``(init_fn, apply_fn)`` of :class:`HybridCF` over ``spec`` (a
     :class:`~metarec.data.encode.FeatureSpec`); the same calling convention as
@@ -179,6 +188,8 @@ def make_hybrid(
         raise ValueError(f"the hybrid model needs item fields (year, item id), got vocab {iv}")
     if not 0.0 <= float(id_dropout) < 1.0:
         raise ValueError(f"id_dropout must be in [0, 1), got {id_dropout}")
+    if not 0.0 <= float(new_item_mean) <= 1.0:
+        raise ValueError(f"new_item_mean must be in [0, 1], got {new_item_mean}")
     module = HybridCF(
         user_vocab=uv,
         item_vocab=iv,
@@ -194,6 +205,7 @@ def make_hybrid(
         nbr_init=float(nbr_init),
         nbr_new_items=bool(nbr_new_items),
         table_init=float(table_init),
+        new_item_mean=float(new_item_mean),
     )
 
     def init_fn(key: jax.Array) -> PyTree:

@@ -93,6 +93,7 @@ def _build_hybrid(spec, cfg, pretrained=None, max_len=None):
         user_fields=cfg.get("cf_user_fields", -1),
         nbr_new_items=cfg.get("cf_knn_new_items", False),
         table_init=cfg.get("cf_table_init", 0.0),
+        new_item_mean=cfg.get("cf_new_item_mean", 0.0),
         melu=None
         if not cfg.cf_melu
         else {

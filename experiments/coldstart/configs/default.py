@@ -92,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     # True: new (out-of-vocabulary) items are blended too, though their neighbour predictions are
     # only the support mean; False: new items (and ids dropped by id_dropout) use the model alone
     c.cf_knn_new_items = False
+    # > 0: a new item's prediction is shrunk toward the user's support mean by this weight
+    c.cf_new_item_mean = 0.0
     # the user prior reads the first n demographic fields (age, gender, occupation, zip3); -1 = all
     c.cf_user_fields = -1
     # Transformer rater (model "transformer"); init_from: a pretraining run ("{seed}": per seed)

@@ -254,3 +254,24 @@ def test_learned_tables_start_random_so_user_and_item_vectors_both_learn():
     p1 = dict(params, user_factors=params["user_factors"] - 0.1 * g["user_factors"])
     g1 = jax.grad(lambda p: jnp.sum((apply(p, x) - 5.0) ** 2))(p1)
     assert float(jnp.abs(g1["item_factors"]["embedding"]).sum()) > 0
+
+
+def test_new_items_shrink_toward_the_support_mean_by_a_fixed_weight():
+    params, apply, *_ = filled(seed=2)
+    _, shrunk = hybrid.make_hybrid(SPEC, dim=DIM, embed_dim=4, new_item_mean=0.25)
+    # a content path that predicts something other than the support mean
+    params = dict(params, user_bias=jnp.float32(0.4))
+    items = np.array([1, 9, 0, 17, 99, -3])  # ids in the vocabulary, and three outside it
+    x = make_x(3, items, offset=2.8)
+    plain, got = apply(params, x), shrunk(params, x)
+    known = np.array([True, True, False, True, False, False])
+    np.testing.assert_array_equal(got[known], plain[known])
+    np.testing.assert_allclose(got[~known], 0.75 * plain[~known] + 0.25 * 2.8, rtol=1e-6)
+    assert not np.allclose(got[~known], plain[~known])
+    # ids dropped in meta-training are new items too
+    drop = dict(x, item=x["item"].at[:, 1].set(0))
+    np.testing.assert_allclose(
+        shrunk(params, drop, key=None), 0.75 * apply(params, drop) + 0.25 * 2.8, rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="new_item_mean"):
+        hybrid.make_hybrid(SPEC, new_item_mean=1.5)
