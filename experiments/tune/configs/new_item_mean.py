@@ -1,11 +1,16 @@
-"""A validation-only grid: the recommended hybrid method (``cf_metasgd`` at the tune stage's
-starting point) with its new-item predictions shrunk toward the user's support mean by
-``cf_new_item_mean`` (0 = the committed method). Writes ``tune.json`` (rows with the validation
-MAE and nDCG@3 on known and on held-out items) and no config file; the tune stage proper
-(``default.py``) is what chooses defaults.
+"""Validation-only probes of ``cf_new_item_mean`` (new items shrunk toward the user's support
+mean) for the recommended hybrid method ``cf_metasgd``. Both write ``tune.json`` in the workdir
+and no config file; the tune stage proper (``default.py``) is what chooses the defaults.
+
+* ``grid`` (default): the method at the tune stage's starting point with ``cf_new_item_mean`` in
+  0 (the committed method), 0.25, 0.5, 0.75.
+* ``search``: the tune stage itself with ``cf_new_item_mean`` added to the ``cf_metasgd`` space
+  (``float:0:1``), starting from the grid's best, 0.5.
 
   python -m experiments.tune.main --config=experiments/tune/configs/new_item_mean.py \\
       --workdir=runs/tune_new_item_mean
+  python -m experiments.tune.main --config=experiments/tune/configs/new_item_mean.py:search \\
+      --workdir=runs/tune_new_item_mean_search
 """
 
 import ml_collections
@@ -13,10 +18,16 @@ import ml_collections
 from experiments.tune.configs import default
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(mode: str = "grid") -> ml_collections.ConfigDict:
     c = default.get_config()
-    c.spaces = {}
-    c.algo = "cf_metasgd"
-    c.grid = {"cf_new_item_mean": (0.0, 0.25, 0.5, 0.75)}
     c.write_config = ""
+    if mode == "search":
+        c.spaces["cf_metasgd"]["cf_new_item_mean"] = "float:0.0:1.0"
+        c.base.methods["cf_metasgd"]["cf_new_item_mean"] = 0.5
+    elif mode == "grid":
+        c.spaces = {}
+        c.algo = "cf_metasgd"
+        c.grid = {"cf_new_item_mean": (0.0, 0.25, 0.5, 0.75)}
+    else:
+        raise ValueError(f"--config=...new_item_mean.py:{mode}; allowed: grid, search")
     return c
