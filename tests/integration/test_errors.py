@@ -297,3 +297,19 @@ def test_coldstart_rejects_bad_flags(tmp_path, flags, message):
     out = _script("experiments.coldstart.main", *flags, f"--workdir={tmp_path}")
     line = _one_line_error(out, "coldstart")
     assert message in line, line
+
+
+def test_new_item_mean_probe_configs_write_no_defaults():
+    from experiments.tune.configs import default as tune_default
+    from experiments.tune.configs import new_item_mean
+
+    grid, search = new_item_mean.get_config(), new_item_mean.get_config("search")
+    assert grid.write_config == "" == search.write_config  # tuned.json is the tune stage's alone
+    assert not grid.spaces and dict(grid.grid) == {"cf_new_item_mean": (0.0, 0.25, 0.5, 0.75)}
+    base = tune_default.get_config()
+    assert dict(search.spaces.cf_metasgd) == dict(base.spaces.cf_metasgd) | {
+        "cf_new_item_mean": "float:0.0:1.0"
+    }
+    assert search.base.methods.cf_metasgd.cf_new_item_mean == 0.5
+    with pytest.raises(ValueError, match="allowed: grid, search"):
+        new_item_mean.get_config("bogus")
