@@ -109,7 +109,7 @@ def _ceiling_program(problem, keep: dict, mode: str = "vmap") -> tuple:
         chunk_size=None if cfg.chunk is None else cfg.chunk // d,
         clip_norm=CLIP_NORM,
         compute_dtype=compute_dtype(cfg),
-        sparse_tables=problem.tables if mode == "sparse" else None,
+        sparse_tables=problem.tables,  # used by mode "sparse" only
     )
     mp, st, tasks, weights, key = keep["args"]
     tasks, weights = bceiling.per_device_args(tasks, weights, d)
@@ -291,22 +291,16 @@ def device_check(grid: Sequence[BenchConfig], pools: dict, settings: Settings) -
     leaves1 = jax.tree_util.tree_leaves(g1)
     scale = max(float(jnp.max(jnp.abs(a))) for a in leaves1)
     mesh = mstep.make_mesh(n)
+    args = (
+        mstep.replicate(problem.meta_params, mesh),
+        mstep.replicate(problem.opt_state, mesh),
+        mstep.shard_tasks(batch, mesh),
+        mstep.shard_tasks(w, mesh),
+    )
     out = {"n_devices": n, "device_count": jax.device_count(), "max_abs_grad": scale}
     for mode, suffix in (("vmap", ""), ("sparse", "_sparse")):
-        sharded = make_step(
-            problem.learner,
-            problem.optimizer,
-            mode,
-            clip_norm=CLIP_NORM,
-            mesh=mesh,
-            sparse_tables=problem.tables if mode == "sparse" else None,
-        )
-        gn = sharded(
-            mstep.replicate(problem.meta_params, mesh),
-            mstep.replicate(problem.opt_state, mesh),
-            mstep.shard_tasks(batch, mesh),
-            mstep.shard_tasks(w, mesh),
-        )[1]
+        kw = dict(clip_norm=CLIP_NORM, mesh=mesh, sparse_tables=problem.tables)
+        gn = make_step(problem.learner, problem.optimizer, mode, **kw)(*args)[1]
         leavesn = jax.tree_util.tree_leaves(gn)
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves1, leavesn, strict=True))
         out[f"max_abs_grad_diff{suffix}"] = diff

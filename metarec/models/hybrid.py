@@ -133,8 +133,8 @@ class HybridCF(nn.Module):
         mu = self.param("global_bias", _zeros, ())
         nbr = x["nbr"].astype(jnp.float32) if self.n_nbr else None
 
-        def blend(out):  # (1 - sum w) x the model + sum_f w_f x neighbour prediction f
-            if self.n_nbr:
+        def blend(out):  # the neighbourhood blend, then new items toward the support mean
+            if self.n_nbr:  # (1 - sum w) x the model + sum_f w_f x neighbour prediction f
                 w = self.param("nbr_weight", nn.initializers.constant(self.nbr_init), (self.n_nbr,))
                 mix = (nbr - out[..., None]) @ w
                 out = out + (mix if self.nbr_new_items else jnp.where(known[..., 0], mix, 0.0))

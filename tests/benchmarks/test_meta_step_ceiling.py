@@ -116,7 +116,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
             jax.random.PRNGKey(1))
     step = mstep.make_meta_step(learner, opt, chunk_size=4, mesh=mesh)
     cfg = config.BenchConfig(meta_batch=8, chunk=4, devices=2, section="ceiling")
-    problem = types.SimpleNamespace(cfg=cfg, learner=learner, optimizer=opt)
+    problem = types.SimpleNamespace(cfg=cfg, learner=learner, optimizer=opt, tables=None)
     fn, local_args, m = harness._ceiling_program(problem, {"step": step, "args": args})
     assert m.devices.size == 2
     shapes = ceiling.dot_shapes(fn, *local_args)
