@@ -126,6 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
             "cf_melu": False,
             "cf_user_fields": -1,
             "outer_rank_weight": 0.0,
+            # the best of a validation grid over 0, 0.25, 0.5, 0.75 (tune/configs/new_item_mean.py)
+            "cf_new_item_mean": 0.5,
         },
     }
     c.recommended = ""  # the method the README names (its paired tests are reported)

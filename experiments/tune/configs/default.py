@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
             "cf_melu": "choice:False,True",  # MeLU's network as the non-linear part
             # ListNet ranking term in the outer loss (0 = squared error only)
             "outer_rank_weight": "float:0.0:1.0",
+            # new items shrunk toward the user's support mean (0 = the model alone)
+            "cf_new_item_mean": "float:0.0:1.0",
         },
         # the MeLU reference learners: their inner step size, on a grid
         "maml": {"inner_lr": "choice:0.01,0.05,0.3"},

@@ -3,9 +3,10 @@ mean) for the recommended hybrid method ``cf_metasgd``. Both write ``tune.json``
 and no config file; the tune stage proper (``default.py``) is what chooses the defaults.
 
 * ``grid`` (default): the method at the tune stage's starting point with ``cf_new_item_mean`` in
-  0 (the committed method), 0.25, 0.5, 0.75.
-* ``search``: the tune stage itself with ``cf_new_item_mean`` added to the ``cf_metasgd`` space
-  (``float:0:1``), starting from the grid's best, 0.5.
+  0 (off), 0.25, 0.5, 0.75.
+* ``search``: the probe that led the tune stage to search ``cf_new_item_mean`` (``float:0:1``,
+  starting from the grid's best, 0.5); now the same search as ``default.py``, without writing
+  ``tuned.json``.
 
   python -m experiments.tune.main --config=experiments/tune/configs/new_item_mean.py \\
       --workdir=runs/tune_new_item_mean
