@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from experiments.coldstart.tuning_sets import tuning_sets
 from experiments.common import split_names
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
@@ -34,7 +35,6 @@ TASK_SIZES = {
 }
 TRAIN_TASKS = ("resample", "resample_support", "fixed")
 HELD_OUT_STREAM = 10**6  # the PRNG stream of the held-out query sets (epochs use 1, 2, ...)
-NEW_ITEM_STREAM = 10**6 + 1  # the PRNG stream of the new-item validation's items
 NAME_FIELDS = ("algos", "baselines")
 
 
@@ -65,6 +65,9 @@ class SeedData:
     # scored on items held out of training, selection's stand-in for the item-cold scenarios
     val_new: Task | None = None
     val_new_sets: mdata.UserSets | None = None
+    # tuning path only (``cfg.val_cold_users``): the user-cold stand-in (tuning_sets.py)
+    val_cold: Task | None = None
+    val_cold_sets: mdata.UserSets | None = None
     _views: dict = dataclasses.field(default_factory=dict)
 
     def train_tasks(self, mode: str = "resample"):
@@ -91,6 +94,7 @@ class SeedData:
                 train=train_enc(self.train_sets),
                 val=enc(self.val_sets),
                 val_new=None if self.val_new_sets is None else enc(self.val_new_sets),
+                val_cold=None if self.val_cold_sets is None else enc(self.val_cold_sets),
                 test={k: enc(v) for k, v in self.test_sets.items()},
                 encode=enc,
                 samplers={m: (lambda e, d=d: train_enc(d(e))) for m, d in draws.items()},
@@ -160,19 +164,12 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         )
     train_sets, val_sets = validation_split(split, cfg.val_fraction, seed)
     fit_ratings = mdata.drop_query_ratings(split.train_ratings, val_sets)
-    val_new_sets = None
-    if not test and cfg.val_new_items > 0:
-        # new-item validation: some items lose every training rating (so they are out of the
-        # vocabulary below, as a new item is); the warm training users (training and validation
-        # users, as in item_cold) adapt on their other ratings and are scored on those items
-        new_items = mdata.hold_out_items(
-            fit_ratings, cfg.val_new_items, np.random.default_rng([seed, NEW_ITEM_STREAM])
-        )
-        fit_ratings = fit_ratings[~fit_ratings["item_id"].isin(new_items)].reset_index(drop=True)
+    val_new_sets = val_cold_sets = None
+    if not test:  # the tuning path's stand-ins for the cold scenarios (tuning_sets.py)
         n_query = TASK_SIZES[cfg.protocol]["n_query"]
-        train_sets, train_new = mdata.split_new_items(train_sets, new_items, n_query=n_query)
-        val_sets, val_new_sets = mdata.split_new_items(val_sets, new_items, n_query=n_query)
-        val_new_sets = train_new.concat(val_new_sets)
+        fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets = tuning_sets(
+            fit_ratings, train_sets, val_sets, cfg, seed, n_query
+        )
     # vocabularies from the training ratings only: an item rated nowhere else is out of
     # vocabulary (the learned fallback), not a row that no gradient ever reaches
     encoder = mdata.FeatureEncoder.fit(
@@ -220,6 +217,8 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         val=enc(val_sets),
         val_new=None if val_new_sets is None else enc(val_new_sets),
         val_new_sets=val_new_sets,
+        val_cold=None if val_cold_sets is None else enc(val_cold_sets),
+        val_cold_sets=val_cold_sets,
         test={k: enc(v) for k, v in test_sets.items()},
         test_sets=test_sets,
         encode=enc,
@@ -567,8 +566,9 @@ def _validate_numbers(cfg) -> None:
             raise ValueError(f"--config.{name} must be > 0, got {cfg[name]}")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--config.val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    if not 0 <= cfg.val_new_items < 1:
-        raise ValueError(f"--config.val_new_items must be in [0, 1), got {cfg.val_new_items}")
+    for name in ("val_new_items", "val_cold_users"):
+        if not 0 <= cfg.get(name, 0.0) < 1:
+            raise ValueError(f"--config.{name} must be in [0, 1), got {cfg[name]}")
     if not cfg.inner_newton >= 0:
         raise ValueError(f"--config.inner_newton must be >= 0, got {cfg.inner_newton}")
     if not cfg.loss_sum_scale >= 0:

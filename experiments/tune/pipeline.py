@@ -5,9 +5,11 @@ seeds' validation users (adapt on their support sets, predict their query sets),
 stopping does, and once more on new items (``SeedData.val_new``: a random ``val_new_items``
 fraction of the items loses every training rating, so they are out of vocabulary as a new item
 is, and the warm training users adapt on their other ratings and are scored on their ratings of
-those items), the stand-in for the item-cold scenarios. The tuning path cannot see a test
-scenario: it builds its data with ``prepare_seed(..., test=False)``, which encodes no test task
-(the split knows which users are test users only to leave them out).
+those items), the stand-in for the item-cold scenarios, and on new users (``SeedData.val_cold``: a
+random ``val_cold_users`` fraction of the other training users loses every training rating and
+is scored as user_cold's users are; see ``experiments/coldstart/tuning_sets.py``). The tuning
+path cannot see a test scenario: it builds its data with ``prepare_seed(..., test=False)``, which
+encodes no test task (the split knows which users are test users only to leave them out).
 
 * :func:`search` — optuna's TPE sampler (seeded, so a rerun proposes the same points) over a
   space of config fields for one method; :func:`grid_search` — every point of a small grid.
@@ -116,14 +118,19 @@ def prepare(cfg, seeds, data: mdata.RatingsData | None = None) -> tuple[mdata.Ra
 def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
     the mean best validation MAE and nDCG@k over seeds (also on the new-item validation,
-    ``val_new_*``; NaN without one) and the best epochs."""
+    ``val_new_*``, NaN without one; and on the cold-user validation, ``val_cold_*``, where there
+    is one) and the best epochs."""
     algo, mcfg = method_config(cfg, method)
     c = ml_collections.ConfigDict(mcfg.to_dict())
     for k, v in point.items():
         c[k] = v
     validate_config(c)
     fns = Compiled(c)
-    maes, ndcgs, new_maes, new_ndcgs, epochs = [], [], [], [], []
+    maes, ndcgs, epochs = [], [], []
+    # the stand-ins: new items (NaN without one), new users (only where there is one)
+    extra = {"val_new": ([], [])}
+    if any(sd.val_cold is not None for sd in prepared.values()):
+        extra["val_cold"] = ([], [])
     for seed, sd in prepared.items():
         sd = sd.view(c)
         spec = sd.encoder.spec
@@ -150,21 +157,19 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
         scores = score(out["pred"], sd.val, data.rating_scale, c.k)
         maes.append(scores["mae"])
         ndcgs.append(scores[f"ndcg@{c.k}"])
-        scores = {"mae": np.nan, f"ndcg@{c.k}": np.nan}  # no new-item validation
-        if sd.val_new is not None:
-            out = predict_tasks(eval_fn, tr.params, sd.val_new, c.eval_chunk)
-            scores = score(out["pred"], sd.val_new, data.rating_scale, c.k)
-        new_maes.append(scores["mae"])
-        new_ndcgs.append(scores[f"ndcg@{c.k}"])
+        for name, (e_mae, e_ndcg) in extra.items():
+            tasks, scores = getattr(sd, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}
+            if tasks is not None:
+                out = predict_tasks(eval_fn, tr.params, tasks, c.eval_chunk)
+                scores = score(out["pred"], tasks, data.rating_scale, c.k)
+            e_mae.append(scores["mae"])
+            e_ndcg.append(scores[f"ndcg@{c.k}"])
         epochs.append(tr.best_epoch)
-    return {
-        "val_mae": float(np.mean(maes)),
-        f"val_ndcg@{cfg.k}": float(np.mean(ndcgs)),
-        "val_new_mae": float(np.mean(new_maes)),
-        f"val_new_ndcg@{cfg.k}": float(np.mean(new_ndcgs)),
-        "val_mae_per_seed": maes,
-        "best_epochs": epochs,
-    }
+    row = {"val_mae": float(np.mean(maes)), f"val_ndcg@{cfg.k}": float(np.mean(ndcgs))}
+    for name, (e_mae, e_ndcg) in extra.items():
+        row[f"{name}_mae"] = float(np.mean(e_mae))
+        row[f"{name}_ndcg@{cfg.k}"] = float(np.mean(e_ndcg))
+    return row | {"val_mae_per_seed": maes, "best_epochs": epochs}
 
 
 def grid_search(
@@ -209,6 +214,7 @@ def search(
     sampler_seed: int = 0,
     ndcg_weight: float = 1.0,
     new_item_weight: float = 0.0,
+    cold_user_weight: float = 0.0,
     data: mdata.RatingsData | None = None,
     prepared: dict | None = None,
     log_fn: Callable = print,
@@ -225,11 +231,14 @@ def search(
         row = {}
         try:
             row |= evaluate_point(cfg, method, point, data, prepared)
-            row["objective"] = selection_objective(row, cfg.k, ndcg_weight, new_item_weight)
+            row["objective"] = selection_objective(
+                row, cfg.k, ndcg_weight, new_item_weight, cold_user_weight
+            )
         except NonFiniteLossError as e:  # a diverging point is a bad point, not a failed search
             nan = float("nan")
             row |= {"val_mae": nan, f"val_ndcg@{cfg.k}": nan, "diverged": str(e).split(";")[0]}
-            row |= {"val_new_mae": nan, f"val_new_ndcg@{cfg.k}": nan}
+            for name in ("val_new",) + (("val_cold",) if cold_user_weight else ()):
+                row |= {f"{name}_mae": nan, f"{name}_ndcg@{cfg.k}": nan}
             row |= {"objective": DIVERGED, "val_mae_per_seed": [], "best_epochs": []}
         return row
 
@@ -238,7 +247,13 @@ def search(
             f"{method} trial {row['trial']}: objective {row['objective']:.4f} val MAE "
             f"{row['val_mae']:.4f} nDCG@{cfg.k} {row[f'val_ndcg@{cfg.k}']:.4f} new items: MAE "
             f"{row['val_new_mae']:.4f} nDCG@{cfg.k} {row[f'val_new_ndcg@{cfg.k}']:.4f} "
-            f"{row['point']} (epochs {row['best_epochs']})"
+            + (
+                f"cold users: MAE {row['val_cold_mae']:.4f} "
+                f"nDCG@{cfg.k} {row[f'val_cold_ndcg@{cfg.k}']:.4f} "
+                if "val_cold_mae" in row
+                else ""
+            )
+            + f"{row['point']} (epochs {row['best_epochs']})"
         )
 
     start = start_point(cfg, method, parsed)
@@ -328,43 +343,52 @@ def start_values(parsed: dict, value_of: Callable) -> dict:
 
 
 def selection_objective(
-    row: dict, k: int, ndcg_weight: float, new_item_weight: float = 0.0
+    row: dict,
+    k: int,
+    ndcg_weight: float,
+    new_item_weight: float = 0.0,
+    cold_user_weight: float = 0.0,
 ) -> float:
     """What selection minimises: validation MAE minus ``ndcg_weight`` x validation nDCG@k (both
     target metrics of the protocol; weight 0 = MAE alone), averaged with weight
-    ``new_item_weight`` with the same on the new-item validation (``val_new_*``)."""
-    known = row["val_mae"] - ndcg_weight * row[f"val_ndcg@{k}"]
-    if not new_item_weight:
-        return float(known)
-    new = row["val_new_mae"] - ndcg_weight * row[f"val_new_ndcg@{k}"]
-    return float((1 - new_item_weight) * known + new_item_weight * new)
+    ``new_item_weight`` with the same on the new-item validation (``val_new_*``) and with weight
+    ``cold_user_weight`` with the same on the cold-user validation (``val_cold_*``)."""
+
+    def term(prefix):
+        return row[f"{prefix}_mae"] - ndcg_weight * row[f"{prefix}_ndcg@{k}"]
+
+    if not new_item_weight and not cold_user_weight:
+        return float(term("val"))
+    total = (1 - new_item_weight - cold_user_weight) * term("val")
+    if new_item_weight:
+        total += new_item_weight * term("val_new")
+    if cold_user_weight:
+        total += cold_user_weight * term("val_cold")
+    return float(total)
 
 
 def baselines_on_validation(cfg, data, prepared: dict) -> dict:
     """Mean validation MAE and nDCG@k over seeds of every fitted baseline of ``cfg.baselines``
-    (fitted on the same training ratings): the reference the tuned methods are read against."""
-    rows: dict[str, list] = {}
+    (fitted on the same training ratings), on the validation users and on the stand-ins that
+    exist (``val_new_*``, NaN without one; ``val_cold_*`` only with a cold-user validation): the
+    reference the tuned methods are read against."""
+    rows: dict[str, dict[str, list]] = {}
     k = cfg.k
     for seed, sd in prepared.items():
+        names = [n for n in ("val", "val_new", "val_cold") if getattr(sd, f"{n}_sets") is not None]
         for name in cfg.baselines:
             if name in NETWORK_BASELINES:
                 continue
-            sets = {"val": sd.val_sets}
-            if sd.val_new_sets is not None:
-                sets["val_new"] = sd.val_new_sets
+            sets = {n: getattr(sd, f"{n}_sets") for n in names}
             pred = baseline_predictions(name, seed, sd.fit_ratings, sets)
-            sc = score(pred["val"], sd.val, data.rating_scale, k)
-            sc_new = {"mae": np.nan, f"ndcg@{k}": np.nan}
-            if sd.val_new is not None:
-                sc_new = score(pred["val_new"], sd.val_new, data.rating_scale, k)
-            rows.setdefault(name, []).append(
-                (sc["mae"], sc[f"ndcg@{k}"], sc_new["mae"], sc_new[f"ndcg@{k}"])
-            )
-    keys = ("val_mae", f"val_ndcg@{k}", "val_new_mae", f"val_new_ndcg@{k}")
-    return {
-        name: {key: float(np.mean([r[j] for r in v])) for j, key in enumerate(keys)}
-        for name, v in rows.items()
-    }
+            row = rows.setdefault(name, {})
+            for n in ("val", "val_new") + (("val_cold",) if "val_cold" in names else ()):
+                sc = {"mae": np.nan, f"ndcg@{k}": np.nan}
+                if n in names:
+                    sc = score(pred[n], getattr(sd, n), data.rating_scale, k)
+                row.setdefault(f"{n}_mae", []).append(sc["mae"])
+                row.setdefault(f"{n}_ndcg@{k}", []).append(sc[f"ndcg@{k}"])
+    return {name: {key: float(np.mean(v)) for key, v in row.items()} for name, row in rows.items()}
 
 
 def method_entry(cfg, method: str, point: dict) -> dict:
@@ -383,6 +407,7 @@ def select(
     sampler_seed: int = 0,
     ndcg_weight: float = 1.0,
     new_item_weight: float = 0.0,
+    cold_user_weight: float = 0.0,
     data: mdata.RatingsData | None = None,
     log_fn: Callable = print,
 ) -> dict:
@@ -400,6 +425,7 @@ def select(
             sampler_seed=sampler_seed,
             ndcg_weight=ndcg_weight,
             new_item_weight=new_item_weight,
+            cold_user_weight=cold_user_weight,
             data=data,
             prepared=prepared,
             log_fn=log_fn,
@@ -414,6 +440,7 @@ def select(
                 f"val_ndcg@{cfg.k}",
                 "val_new_mae",
                 f"val_new_ndcg@{cfg.k}",
+                *(("val_cold_mae", f"val_cold_ndcg@{cfg.k}") if cold_user_weight else ()),
                 "val_mae_per_seed",
                 "best_epochs",
             )
@@ -455,6 +482,17 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
             f"--config.new_item_weight={cfg.new_item_weight} needs a new-item validation: set "
             "--config.base.val_new_items in (0, 1) or --config.new_item_weight=0"
         )
+    cold_w = cfg.get("cold_user_weight", 0.0)
+    if cold_w and not cfg.base.get("val_cold_users", 0.0):
+        raise ValueError(
+            f"--config.cold_user_weight={cold_w} needs a cold-user validation: set "
+            "--config.base.val_cold_users in (0, 1) or --config.cold_user_weight=0"
+        )
+    if not 0 <= cfg.new_item_weight + cold_w <= 1:
+        raise ValueError(
+            f"--config.new_item_weight + --config.cold_user_weight = {cfg.new_item_weight + cold_w}"
+            "; allowed: 0 to 1 (the rest weighs the warm validation users)"
+        )
     spaces = {m: dict(s) for m, s in cfg.spaces.items()}
     res = select(
         cfg.base,
@@ -464,6 +502,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         sampler_seed=cfg.sampler_seed,
         ndcg_weight=cfg.ndcg_weight,
         new_item_weight=cfg.new_item_weight,
+        cold_user_weight=cold_w,
     )
     meta = run_metadata(cfg.to_dict(), argv)
     res["provenance"] = {
@@ -472,9 +511,16 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         "n_trials": cfg.n_trials,
         "sampler_seed": cfg.sampler_seed,
         "objective": (
-            f"{1 - cfg.new_item_weight} x (val MAE - {cfg.ndcg_weight} x val nDCG@{cfg.base.k})"
+            f"{1 - cfg.new_item_weight - cold_w} x "
+            f"(val MAE - {cfg.ndcg_weight} x val nDCG@{cfg.base.k})"
             f" + {cfg.new_item_weight} x the same on items held out of training "
             f"({cfg.base.val_new_items} of the items)"
+            + (
+                f" + {cold_w} x the same on users held out of training "
+                f"({cfg.base.val_cold_users} of the other training users)"
+                if cold_w
+                else ""
+            )
         ),
         "spaces": spaces,
         "selected_on": "validation users of the warm training users; no test task encoded",

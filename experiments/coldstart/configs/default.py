@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     # rating of them) and the validation users' ratings of them are the new-item validation, the
     # stand-in for the item-cold scenarios; evaluation (test scenarios) trains on every item
     c.val_new_items = 0.1
+    # tuning stage only: this fraction of the other warm training users is held out of training
+    # (every rating of them) and scored as new users, the stand-in for user_cold (0 = none)
+    c.val_cold_users = 0.0
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
     # every training rating (metarec.data.sampling); "resample_support" = the same with each
     # user's query set held out once (a model's MF item tables are fitted without them, so the

@@ -3,8 +3,9 @@
 
 ``spaces`` maps each candidate method (a learner name or a key of the cold-start ``methods``) to
 its search space (see :mod:`experiments.tune.pipeline`); the recommended method is the one with
-the lowest selection objective (validation MAE - nDCG@3, on known and on new items). Without
-``spaces`` (``--config.spaces={}``) the stage is a grid search of ``grid`` for ``algo`` instead.
+the lowest selection objective (validation MAE - nDCG@3 on known items, new items and new
+users). Without ``spaces`` (``--config.spaces={}``) the stage is a grid search of ``grid`` for
+``algo`` instead.
 The search starts from the cold-start config *before* the tuned values are applied, so a rerun
 reproduces the file.
 """
@@ -22,9 +23,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.n_trials = 18  # per method (a space of choices only is searched as a grid)
     c.sampler_seed = 0
     c.ndcg_weight = 1.0  # objective: val MAE - ndcg_weight x val nDCG@k
-    # ... averaged with this weight with the same on the new-item validation (items held out of
-    # training: base.val_new_items); the item-cold scenarios are half of the test scenarios
+    # ... averaged over a stand-in per test scenario, each weighing as much as the scenarios it
+    # stands for: the warm validation users (warm_test) 0.25, the new-item validation (items held
+    # out of training, base.val_new_items: item_cold and user_item_cold) 0.5 and the cold-user
+    # validation (users held out of training, base.val_cold_users: user_cold) 0.25
     c.new_item_weight = 0.5
+    c.cold_user_weight = 0.25
     c.spaces = {
         "cf_metasgd": {
             # Newton inner steps (ridge fold-in around the learned prior; with the sum loss only
@@ -53,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.algo = "maml"
     c.grid = {"inner_lr": (0.01, 0.05, 0.1), "meta_lr": (0.001, 0.003)}
     c.base = coldstart.base_config()
+    c.base.val_cold_users = 0.15  # about as many users as the validation users (val_fraction)
     # shorter runs per trial than the final training (epochs 30, patience 8)
     c.base.epochs = 20
     c.base.patience = 4

@@ -1,0 +1,71 @@
+"""The tuning path's stand-ins for the cold scenarios, built from training users only.
+
+The tune stage scores a candidate on the validation users (warm: their support ratings are
+training ratings, like warm_test's users) and, optionally, on two more sets that mirror the
+other test scenarios:
+
+* new items (``cfg.val_new_items``): a seeded fraction of the items loses every training rating,
+  so they are out of vocabulary as a new item is; warm training users adapt on their other
+  ratings and are scored on their ratings of those items (item_cold, user_item_cold);
+* cold users (``cfg.val_cold_users``): a seeded fraction of the non-validation training users
+  loses every training rating, so no item table, kNN feature or baseline has seen them; they
+  adapt on their support set and are scored on their query set, as user_cold's users are.
+
+Evaluation (``prepare_seed(..., test=True)``) builds neither: it trains on every training rating.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from metarec import data as mdata
+
+NEW_ITEM_STREAM = 10**6 + 1  # the PRNG stream of the new-item validation's items
+COLD_USER_STREAM = 10**6 + 2  # the PRNG stream of the cold-user validation's users
+
+
+def hold_out_users(train_sets: mdata.UserSets, fraction: float, seed: int):
+    """``(kept, cold)``: a seeded ``fraction`` of ``train_sets``' users (at least one, and at
+    least one kept) moved to ``cold``."""
+    n = train_sets.n_users
+    n_cold = min(n - 1, max(1, int(round(fraction * n))))
+    perm = np.random.default_rng([seed, COLD_USER_STREAM]).permutation(n)
+    cold = np.zeros(n, bool)
+    cold[perm[:n_cold]] = True
+    return train_sets.select(~cold), train_sets.select(cold)
+
+
+def tuning_sets(
+    fit_ratings: pd.DataFrame,
+    train_sets: mdata.UserSets,
+    val_sets: mdata.UserSets,
+    cfg,
+    seed: int,
+    n_query: int,
+):
+    """``(fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets)`` of the tuning path:
+    the training ratings without the held-out items' and the cold users' ratings, and the two
+    stand-in sets (``None`` where ``cfg`` turns them off). The held-out items leave the cold
+    users' sets as they leave the validation users' (``split_new_items``): a cold user with
+    enough ratings of them is scored on them in the new-item set, as in user_item_cold."""
+    val_cold_sets = None
+    if cfg.get("val_cold_users", 0.0) > 0:
+        train_sets, val_cold_sets = hold_out_users(train_sets, cfg.val_cold_users, seed)
+        cold_users = np.asarray(val_cold_sets.user_id)
+        fit_ratings = fit_ratings[~fit_ratings["user_id"].isin(cold_users)].reset_index(drop=True)
+    val_new_sets = None
+    if cfg.val_new_items > 0:
+        new_items = mdata.hold_out_items(
+            fit_ratings, cfg.val_new_items, np.random.default_rng([seed, NEW_ITEM_STREAM])
+        )
+        fit_ratings = fit_ratings[~fit_ratings["item_id"].isin(new_items)].reset_index(drop=True)
+        train_sets, train_new = mdata.split_new_items(train_sets, new_items, n_query=n_query)
+        val_sets, val_new_sets = mdata.split_new_items(val_sets, new_items, n_query=n_query)
+        val_new_sets = train_new.concat(val_new_sets)
+        if val_cold_sets is not None:
+            val_cold_sets, cold_new = mdata.split_new_items(
+                val_cold_sets, new_items, n_query=n_query
+            )
+            val_new_sets = val_new_sets.concat(cold_new)
+    return fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets

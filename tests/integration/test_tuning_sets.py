@@ -1,0 +1,126 @@
+"""The tuning path's cold-user validation (experiments/coldstart/tuning_sets.py) and the selection
+objective that weighs it."""
+
+import numpy as np
+import pytest
+
+from experiments.coldstart import build
+from experiments.coldstart.configs import default as default_config
+from experiments.tune import pipeline as tune
+from experiments.tune.configs import default as tune_config
+from metarec import data as mdata
+from metarec.data import readers
+from metarec.data.movielens import clean
+from tests.conftest import write_ml100k
+from tests.integration.test_coldstart import _poison
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = write_ml100k(
+        tmp_path_factory.mktemp("ts") / "ml-100k",
+        n_users=150,
+        n_items=120,
+        min_per_user=14,
+        max_per_user=60,
+        seed=11,
+    )
+    return clean(readers.read_any(d), "ml-100k")
+
+
+def _pairs(sets, prefix):
+    m = getattr(sets, f"{prefix}_mask") > 0
+    users = np.repeat(sets.user_id, m.sum(1))
+    return set(zip(users.tolist(), getattr(sets, f"{prefix}_item")[m].tolist()))
+
+
+def test_cold_users_lose_every_training_rating_and_no_rating_is_dropped(data):
+    cfg = default_config.base_config()
+    cfg.val_new_items, cfg.val_cold_users = 0.2, 0.3
+    sd = build.prepare_seed(data, 0, cfg, test=False)
+    cold = sd.val_cold_sets
+    assert cold.n_users > 0 and sd.val_cold.query.y.shape[0] == cold.n_users
+    cold_ids = set(cold.user_id.tolist())
+    # nobody has trained on them: not in the training ratings, the task pool or the other sets
+    assert not sd.fit_ratings["user_id"].isin(cold_ids).any()
+    assert not cold_ids & set(sd.draws["resample"](1).user_id.tolist())
+    assert not cold_ids & set(sd.val_sets.user_id.tolist())
+    assert not cold_ids & set(sd.train_sets.user_id.tolist())
+    # the cold users are a seeded 0.3 of the non-validation training users
+    plain = default_config.base_config()
+    plain.val_new_items = 0.0
+    before = build.prepare_seed(data, 0, plain, test=False)
+    assert cold.n_users == round(0.3 * before.train_sets.n_users)
+    assert cold_ids < set(before.train_sets.user_id.tolist())
+    again = build.prepare_seed(data, 0, cfg, test=False)
+    assert set(again.val_cold_sets.user_id.tolist()) == cold_ids
+    # only their ratings of held-out items left their query sets, and those users with enough
+    # of them are scored in the new-item set (the validation users' rule)
+    by_user = dict(enumerate(before.train_sets.user_id.tolist()))
+    orig = before.train_sets.select([k for k, u in by_user.items() if u in cold_ids])
+    want, got = _pairs(orig, "query"), _pairs(cold, "query")
+    trained_items = set(sd.fit_ratings["item_id"].tolist())
+    assert got <= want and got and all(i not in trained_items for _, i in want - got)
+    assert cold_ids & set(sd.val_new_sets.user_id.tolist())
+    # the test path builds no stand-in and trains on them
+    full = build.prepare_seed(data, 0, cfg)
+    assert full.val_cold is None and full.val_cold_sets is None
+    assert full.fit_ratings["user_id"].isin(cold_ids).any()
+    # off (the default): no cold-user set
+    assert default_config.base_config().val_cold_users == 0.0
+    assert before.val_cold is None and before.val_cold_sets is None
+
+
+def test_selection_objective_weighs_the_cold_user_validation():
+    row = {"val_mae": 0.8, "val_ndcg@3": 0.7, "val_new_mae": 0.9, "val_new_ndcg@3": 0.6}
+    row |= {"val_cold_mae": 0.75, "val_cold_ndcg@3": 0.65}
+    got = tune.selection_objective(row, 3, 1.0, 0.5, 0.25)
+    assert got == pytest.approx(0.25 * 0.1 + 0.5 * 0.3 + 0.25 * 0.1)
+    assert tune.selection_objective(row, 3, 0.0, 0.0, 1.0) == pytest.approx(0.75)
+    # weight 0: the cold-user entries are not read (a run without them has NaN there)
+    nan_row = row | {"val_cold_mae": float("nan")}
+    assert tune.selection_objective(nan_row, 3, 1.0, 0.5) == pytest.approx(0.5 * 0.1 + 0.5 * 0.3)
+
+
+@pytest.mark.parametrize(
+    "cold_users,new_w,cold_w,message",
+    [
+        (0.0, 0.5, 0.25, "--config.cold_user_weight=0.25 needs a cold-user validation"),
+        (0.15, 0.5, 0.75, "--config.new_item_weight + --config.cold_user_weight = 1.25"),
+    ],
+)
+def test_the_tune_stage_refuses_weights_it_cannot_score(
+    tmp_path, cold_users, new_w, cold_w, message
+):
+    cfg = tune_config.get_config()
+    cfg.write_config = ""
+    cfg.base.val_cold_users, cfg.new_item_weight, cfg.cold_user_weight = cold_users, new_w, cold_w
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        tune.main(cfg, str(tmp_path / "w"))
+
+
+def test_val_cold_users_out_of_range_is_named():
+    cfg = default_config.get_config()
+    cfg.val_cold_users = 1.0
+    with pytest.raises(ValueError, match=r"--config.val_cold_users must be in \[0, 1\), got 1.0"):
+        build.validate_config(cfg)
+
+
+def test_the_cold_user_validation_reads_no_test_rating(data):
+    """Every rating outside the split's training ratings poisoned: the tuning path's sets with
+    the cold-user validation on are the same."""
+    cfg = default_config.base_config()
+    cfg.val_cold_users = 0.3
+    split = mdata.make_split(data, 0, cfg.protocol)
+    train_pairs = set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
+    in_train = np.array(
+        [p in train_pairs for p in zip(data.ratings["user_id"], data.ratings["item_id"])]
+    )
+    a = build.prepare_seed(data, 0, cfg, test=False)
+    b = build.prepare_seed(_poison(data, in_train), 0, cfg, test=False)
+    for name in ("val_cold_sets", "val_new_sets", "val_sets", "train_sets"):
+        for f in ("user_id", "support_item", "support_rating", "query_item", "query_rating"):
+            np.testing.assert_array_equal(
+                getattr(getattr(a, name), f), getattr(getattr(b, name), f)
+            )
+    assert a.fit_ratings.equals(b.fit_ratings)
