@@ -17,22 +17,6 @@ from experiments.coldstart.configs import default as default_config
 from experiments.tune import pipeline as tune
 from experiments.tune.pipeline import grid_search
 from metarec import data as mdata
-from metarec.data import readers
-from metarec.data.movielens import clean
-from tests.conftest import write_ml100k
-
-
-@pytest.fixture(scope="module")
-def fixture_data(tmp_path_factory):
-    d = write_ml100k(
-        tmp_path_factory.mktemp("cs") / "ml-100k",
-        n_users=150,
-        n_items=120,
-        min_per_user=14,
-        max_per_user=60,
-        seed=11,
-    )
-    return clean(readers.read_any(d), "ml-100k"), d
 
 
 def tiny_config():

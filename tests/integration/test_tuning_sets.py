@@ -9,23 +9,7 @@ from experiments.coldstart.configs import default as default_config
 from experiments.tune import pipeline as tune
 from experiments.tune.configs import default as tune_config
 from metarec import data as mdata
-from metarec.data import readers
-from metarec.data.movielens import clean
-from tests.conftest import write_ml100k
 from tests.integration.test_coldstart import _poison
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = write_ml100k(
-        tmp_path_factory.mktemp("ts") / "ml-100k",
-        n_users=150,
-        n_items=120,
-        min_per_user=14,
-        max_per_user=60,
-        seed=11,
-    )
-    return clean(readers.read_any(d), "ml-100k")
 
 
 def _pairs(sets, prefix):
@@ -34,7 +18,8 @@ def _pairs(sets, prefix):
     return set(zip(users.tolist(), getattr(sets, f"{prefix}_item")[m].tolist()))
 
 
-def test_cold_users_lose_every_training_rating_and_no_rating_is_dropped(data):
+def test_cold_users_lose_every_training_rating_and_no_rating_is_dropped(fixture_data):
+    data, _ = fixture_data
     cfg = default_config.base_config()
     cfg.val_new_items, cfg.val_cold_users = 0.2, 0.3
     sd = build.prepare_seed(data, 0, cfg, test=False)
@@ -106,9 +91,10 @@ def test_val_cold_users_out_of_range_is_named():
         build.validate_config(cfg)
 
 
-def test_the_cold_user_validation_reads_no_test_rating(data):
+def test_the_cold_user_validation_reads_no_test_rating(fixture_data):
     """Every rating outside the split's training ratings poisoned: the tuning path's sets with
     the cold-user validation on are the same."""
+    data, _ = fixture_data
     cfg = default_config.base_config()
     cfg.val_cold_users = 0.3
     split = mdata.make_split(data, 0, cfg.protocol)

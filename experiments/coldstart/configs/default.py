@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_tasks = "resample"
     c.task_min_support = 3  # a drawn task keeps at least this many support ratings
     # methods
-    # the recommended CF-containing meta-learner first (no_adapt and the adaptation curves use the
+    # the CF-containing meta-learner first (no_adapt and the adaptation curves use the
     # first), then the MeLU reference learners; fomaml, reptile, imaml run with --config.algos
     c.algos = ("cf_metasgd", "maml", "metasgd")
     c.baselines = (
