@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from absl import logging
 
 from metarec import data as mdata
 
@@ -52,8 +53,13 @@ def tuning_sets(
     val_cold_sets = None
     if cfg.get("val_cold_users", 0.0) > 0:
         train_sets, val_cold_sets = hold_out_users(train_sets, cfg.val_cold_users, seed)
-        cold_users = np.asarray(val_cold_sets.user_id)
-        fit_ratings = fit_ratings[~fit_ratings["user_id"].isin(cold_users)].reset_index(drop=True)
+        cold = fit_ratings["user_id"].isin(np.asarray(val_cold_sets.user_id))
+        logging.info(
+            "cold-user validation: %d users (%d training ratings) held out of training",
+            val_cold_sets.n_users,
+            int(cold.sum()),
+        )
+        fit_ratings = fit_ratings[~cold].reset_index(drop=True)
     val_new_sets = None
     if cfg.val_new_items > 0:
         new_items = mdata.hold_out_items(
