@@ -115,6 +115,13 @@ def prepare(cfg, seeds, data: mdata.RatingsData | None = None) -> tuple[mdata.Ra
     return data, {seed: prepare_seed(data, seed, cfg, test=False) for seed in seeds}
 
 
+def stand_ins(prepared: dict) -> tuple[str, ...]:
+    """The stand-in sets every row scores besides the validation users: ``val_new`` (NaN where a
+    seed has none) and ``val_cold`` where the seeds have one."""
+    cold = any(sd.val_cold is not None for sd in prepared.values())
+    return ("val_new", "val_cold") if cold else ("val_new",)
+
+
 def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
     the mean best validation MAE and nDCG@k over seeds (also on the new-item validation,
@@ -127,10 +134,7 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     validate_config(c)
     fns = Compiled(c)
     maes, ndcgs, epochs = [], [], []
-    # the stand-ins: new items (NaN without one), new users (only where there is one)
-    extra = {"val_new": ([], [])}
-    if any(sd.val_cold is not None for sd in prepared.values()):
-        extra["val_cold"] = ([], [])
+    extra = {name: ([], []) for name in stand_ins(prepared)}
     for seed, sd in prepared.items():
         sd = sd.view(c)
         spec = sd.encoder.spec
@@ -237,7 +241,7 @@ def search(
         except NonFiniteLossError as e:  # a diverging point is a bad point, not a failed search
             nan = float("nan")
             row |= {"val_mae": nan, f"val_ndcg@{cfg.k}": nan, "diverged": str(e).split(";")[0]}
-            for name in ("val_new",) + (("val_cold",) if cold_user_weight else ()):
+            for name in stand_ins(prepared):
                 row |= {f"{name}_mae": nan, f"{name}_ndcg@{cfg.k}": nan}
             row |= {"objective": DIVERGED, "val_mae_per_seed": [], "best_epochs": []}
         return row
@@ -374,17 +378,18 @@ def baselines_on_validation(cfg, data, prepared: dict) -> dict:
     reference the tuned methods are read against."""
     rows: dict[str, dict[str, list]] = {}
     k = cfg.k
+    names = ("val", *stand_ins(prepared))
     for seed, sd in prepared.items():
-        names = [n for n in ("val", "val_new", "val_cold") if getattr(sd, f"{n}_sets") is not None]
+        sets = {n: getattr(sd, f"{n}_sets") for n in names}
+        sets = {n: v for n, v in sets.items() if v is not None}
         for name in cfg.baselines:
             if name in NETWORK_BASELINES:
                 continue
-            sets = {n: getattr(sd, f"{n}_sets") for n in names}
             pred = baseline_predictions(name, seed, sd.fit_ratings, sets)
             row = rows.setdefault(name, {})
-            for n in ("val", "val_new") + (("val_cold",) if "val_cold" in names else ()):
+            for n in names:
                 sc = {"mae": np.nan, f"ndcg@{k}": np.nan}
-                if n in names:
+                if n in sets:
                     sc = score(pred[n], getattr(sd, n), data.rating_scale, k)
                 row.setdefault(f"{n}_mae", []).append(sc["mae"])
                 row.setdefault(f"{n}_ndcg@{k}", []).append(sc[f"ndcg@{k}"])
@@ -440,10 +445,12 @@ def select(
                 f"val_ndcg@{cfg.k}",
                 "val_new_mae",
                 f"val_new_ndcg@{cfg.k}",
-                *(("val_cold_mae", f"val_cold_ndcg@{cfg.k}") if cold_user_weight else ()),
+                "val_cold_mae",
+                f"val_cold_ndcg@{cfg.k}",
                 "val_mae_per_seed",
                 "best_epochs",
             )
+            if k in best
         }
         out["trials"][method] = rows
     out["recommended"] = min(out["validation"], key=lambda m: out["validation"][m]["objective"])
