@@ -83,7 +83,11 @@ def _user_dev(st: UserKNNState, own, s_item, s_rat, s_mask, t_item, k, shrink):
     other = (jnp.arange(sim.shape[0]) != own)[:, None]
     cand = jnp.where(rated & other & (sim > 0), sim, -jnp.inf)
     off, _ = _weighted_deviation(cand.T, st.centred[:, t_idx].T, k)
-    return _loo_mean(s_rat, w, eq, st.mu) + off
+    # the base is the mean of every support rating, as user_knn's: an unfitted support item
+    # counts there though it has no neighbours
+    m = s_mask > 0
+    eq_all = ((t_item[:, None] == s_item[None, :]) & m[None, :]).astype(jnp.float32)
+    return _loo_mean(s_rat, m, eq_all, st.mu) + off
 
 
 def _loo_mean(s_rat, w, eq, mu):

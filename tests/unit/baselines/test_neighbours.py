@@ -72,6 +72,26 @@ def test_new_items_fall_back_to_the_support_mean(world):
     np.testing.assert_allclose(feats[:, 0, 1], mean, atol=1e-5)
 
 
+def test_unfitted_support_items_count_in_the_base_as_in_the_baselines(world):
+    """A support of items no fitted rating has (item_cold's tasks: only new items) or of some:
+    query targets still get exactly the baselines' predictions (user-kNN's base is the mean of
+    every support rating, not only of the fitted items')."""
+    train, si, sr, sm, qi, users = world
+    st = fit_neighbours(*train)
+    qm = np.ones(qi.shape, np.float32)
+    for n_new in (2, si.shape[1]):
+        si2 = si.copy()
+        si2[:, :n_new] = 10**6 + np.arange(n_new)  # unfitted ids
+        feats = neighbour_features(st, si2, sr, sm, qi, users)
+        for j, name in enumerate(("user_knn", "item_knn")):
+            b = make_baseline(name, clip=False)
+            pred = np.asarray(b.predict(b.fit(*train), si2, sr, sm, qi, qm, users))
+            np.testing.assert_allclose(feats[..., j], pred, atol=1e-5)
+    # all unfitted: no neighbour anywhere, so the user-kNN feature is the support mean
+    mean = (sr * sm).sum(1) / sm.sum(1)
+    np.testing.assert_allclose(feats[..., 0], np.repeat(mean[:, None], qi.shape[1], 1), atol=1e-5)
+
+
 def test_own_user_is_not_a_neighbour(world):
     (tu, ti, tr), si, sr, sm, _, _ = world
     # a fitted user's own ratings as support: without the exclusion its own row (similarity 1)
