@@ -34,6 +34,7 @@ TASK_SIZES = {
     "time": {"max_ratings": 20, "n_query": 5},
 }
 TRAIN_TASKS = ("resample", "resample_support", "fixed")
+VAL_NEW_SUPPORT = ("new", "known")  # the new-item stand-in's support sets (tuning_sets.py)
 HELD_OUT_STREAM = 10**6  # the PRNG stream of the held-out query sets (epochs use 1, 2, ...)
 NAME_FIELDS = ("algos", "baselines")
 
@@ -511,6 +512,11 @@ def _validate_fields(cfg) -> None:
         )
     if cfg.model not in MODELS:
         raise ValueError(f"--config.model={cfg.model!r}; allowed: {', '.join(MODELS)}")
+    if cfg.get("val_new_support", "known") not in VAL_NEW_SUPPORT:
+        raise ValueError(
+            f"--config.val_new_support={cfg.val_new_support!r}; allowed: "
+            f"{', '.join(VAL_NEW_SUPPORT)}"
+        )
     entry = MODELS[cfg.model]
     if cfg.adapt not in entry.adapt_modes:
         raise ValueError(

@@ -5,8 +5,11 @@ training ratings, like warm_test's users) and, optionally, on two more sets that
 other test scenarios:
 
 * new items (``cfg.val_new_items``): a seeded fraction of the items loses every training rating,
-  so they are out of vocabulary as a new item is; warm training users adapt on their other
-  ratings and are scored on their ratings of those items (item_cold, user_item_cold);
+  so they are out of vocabulary as a new item is. The stand-in for item_cold and user_item_cold
+  is built from the training users' ratings of those items by the protocol's own rule, as those
+  scenarios are built from the ratings of new items (``cfg.val_new_support = "new"``): support
+  and query are both ratings of held-out items. ``"known"`` builds the earlier stand-in instead:
+  the users adapt on their other (known) ratings and are scored on the held-out items;
 * cold users (``cfg.val_cold_users``): a seeded fraction of the non-validation training users
   loses every training rating, so no item table, kNN feature or baseline has seen them; they
   adapt on their support set and are scored on their query set, as user_cold's users are.
@@ -48,8 +51,9 @@ def tuning_sets(
     """``(fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets)`` of the tuning path:
     the training ratings without the held-out items' and the cold users' ratings, and the two
     stand-in sets (``None`` where ``cfg`` turns them off). The held-out items leave the cold
-    users' sets as they leave the validation users' (``split_new_items``): a cold user with
-    enough ratings of them is scored on them in the new-item set, as in user_item_cold."""
+    users' sets as they leave the validation users'; their ratings of held-out items count in
+    the new-item set (as user_item_cold's users count in the test scenarios)."""
+    rated = fit_ratings  # every rating the stand-ins may be built from
     val_cold_sets = None
     if cfg.get("val_cold_users", 0.0) > 0:
         train_sets, val_cold_sets = hold_out_users(train_sets, cfg.val_cold_users, seed)
@@ -74,4 +78,23 @@ def tuning_sets(
                 val_cold_sets, new_items, n_query=n_query
             )
             val_new_sets = val_new_sets.concat(cold_new)
+        if cfg.get("val_new_support", "known") == "new":
+            frame = rated[rated["item_id"].isin(new_items)]
+            val_new_sets = mdata.protocol_sets(frame, cfg.protocol, seed, n_query=n_query)
+            logging.info(
+                "new-item validation built as item_cold is: %d users, %d support and %d query "
+                "ratings of the %d held-out items (of %d ratings of them)",
+                val_new_sets.n_users,
+                int(val_new_sets.support_mask.sum()),
+                int(val_new_sets.query_mask.sum()),
+                len(new_items),
+                len(frame),
+            )
+            if val_new_sets.n_users == 0:
+                raise ValueError(
+                    f"the new-item validation of seed {seed} is empty: no training user has "
+                    f"enough ratings of the {len(new_items)} held-out items for a "
+                    f"{cfg.protocol} task; raise --config.val_new_items or set "
+                    "--config.val_new_support=known"
+                )
     return fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets

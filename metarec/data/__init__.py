@@ -28,7 +28,14 @@ from metarec.data.sampling import (
     sample_user_sets,
     split_new_items,
 )
-from metarec.data.scenarios import SCENARIOS, Split, UserSets, make_split, split_validation
+from metarec.data.scenarios import (
+    SCENARIOS,
+    Split,
+    UserSets,
+    make_split,
+    protocol_sets,
+    split_validation,
+)
 from metarec.data.shards import ShardError, ShardSet, ShardWriter, open_shards, write_shards
 from metarec.data.stream import LoaderState, MetaBatchStream, ShardTasks
 from metarec.data.synthetic import make_synthetic_tasks
@@ -89,6 +96,7 @@ __all__ = [
     "melu_scenarios",
     "open_shards",
     "pad_tasks",
+    "protocol_sets",
     "rating_pool",
     "read_any",
     "register_dataset",

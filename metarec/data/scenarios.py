@@ -184,6 +184,25 @@ class Split:
         )
 
 
+def protocol_sets(
+    frame: pd.DataFrame,
+    protocol: str,
+    seed: int,
+    *,
+    min_ratings: int = 13,
+    max_ratings: int = 100,
+    n_query: int | None = None,
+    n_support: int = 15,
+) -> UserSets:
+    """One scenario's support/query sets from ``frame`` (its ratings), built by ``protocol``'s
+    rule (see :func:`make_split`); for stand-ins that must be built as a scenario is."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    if protocol == "melu":
+        return _melu_sets(frame, seed, min_ratings, max_ratings, 10 if n_query is None else n_query)
+    return _time_sets(frame, n_support, 5 if n_query is None else n_query)
+
+
 def make_split(
     data: RatingsData,
     seed: int,
@@ -212,11 +231,6 @@ def make_split(
     n_new = int(new_user_fraction * len(user_ids))
     if protocol == "melu":
         new_users = np.random.default_rng(seed).choice(user_ids, n_new, replace=False)
-        n_query = 10 if n_query is None else n_query
-
-        def build(f):
-            return _melu_sets(f, seed, min_ratings, max_ratings, n_query)
-
     else:
         first = data.ratings.groupby("user_id")["timestamp"].min()
         order = (
@@ -225,10 +239,17 @@ def make_split(
             .to_numpy()
         )
         new_users = order[len(order) - n_new :]
-        n_query = 5 if n_query is None else n_query
 
-        def build(f):
-            return _time_sets(f, n_support, n_query)
+    def build(f):
+        return protocol_sets(
+            f,
+            protocol,
+            seed,
+            min_ratings=min_ratings,
+            max_ratings=max_ratings,
+            n_query=n_query,
+            n_support=n_support,
+        )
 
     new_users = np.sort(new_users)
     new_item_ids = new_items(data, year_cutoff)

@@ -33,6 +33,9 @@ def tiny_config():
     cfg.inner_steps = 2
     cfg.eval_chunk = 32
     cfg.adaptation_curves = False  # covered by the report tests; saves four eval compilations here
+    # the fixture's users rate 14-60 items: the new-item stand-in (users with 13 ratings of the
+    # held-out items, tuning path only) needs half the items held out
+    cfg.val_new_items = 0.5
     return cfg
 
 
@@ -311,14 +314,16 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     assert build.deployed(sd, mcfg, 0)(p0) is p0
 
 
-def test_new_item_validation_scores_items_held_out_of_training(fixture_data):
+@pytest.mark.parametrize("support", ["new", "known"])
+def test_new_item_validation_scores_items_held_out_of_training(fixture_data, support):
     """Selection's stand-in for the item-cold scenarios (tuning path only): a seeded fraction of
-    the items loses every training rating, so they are out of vocabulary for every method; warm
-    training users adapt on their other ratings and are scored on those items; the kNN
-    features are the baselines' own predictions for them."""
+    the items loses every training rating, so they are out of vocabulary for every method;
+    training users are scored on their ratings of those items, after adapting on other ratings
+    of held-out items ("new", built by the protocol's rule as item_cold is) or on their known
+    items ("known"); the kNN features are the baselines' own predictions for them."""
     data, _ = fixture_data
     cfg = tiny_config()
-    cfg.val_new_items = 0.2
+    cfg.val_new_support = support
     sd = build.prepare_seed(data, 0, cfg, test=False)
     new_sets = sd.val_new_sets
     held = np.unique(new_sets.query_item[new_sets.query_mask > 0])
@@ -329,6 +334,22 @@ def test_new_item_validation_scores_items_held_out_of_training(fixture_data):
         for prefix in ("support", "query"):
             m = getattr(sets, f"{prefix}_mask") > 0
             assert not np.isin(getattr(sets, f"{prefix}_item")[m], held).any()
+    sup = new_sets.support_item[new_sets.support_mask > 0]
+    if support == "new":  # support and query alike: ratings of held-out items, as in item_cold
+        trained = sd.fit_ratings["item_id"].unique()
+        assert not np.isin(sup, trained).any()
+        n = new_sets.support_mask.sum(1) + new_sets.query_mask.sum(1)
+        assert (n >= 13).all() and (new_sets.query_mask.sum(1) == 10).all()
+        truth = {(u, i): r for u, i, r in data.ratings[["user_id", "item_id", "rating"]].values}
+        for prefix in ("support", "query"):
+            m = getattr(new_sets, f"{prefix}_mask") > 0
+            users = np.repeat(new_sets.user_id, m.sum(1))
+            got = zip(users, getattr(new_sets, f"{prefix}_item")[m])
+            np.testing.assert_array_equal(
+                [truth[p] for p in got], getattr(new_sets, f"{prefix}_rating")[m]
+            )
+    else:  # adapt on known items
+        assert np.isin(sup, sd.fit_ratings["item_id"].unique()).all()
     # the held items are out of vocabulary (row 0), their content kept
     real = new_sets.query_mask > 0
     np.testing.assert_array_equal(sd.val_new.query.x["item"][..., 1][real], 0)

@@ -21,7 +21,7 @@ def _pairs(sets, prefix):
 def test_cold_users_lose_every_training_rating_and_no_rating_is_dropped(fixture_data):
     data, _ = fixture_data
     cfg = default_config.base_config()
-    cfg.val_new_items, cfg.val_cold_users = 0.2, 0.3
+    cfg.val_new_items, cfg.val_cold_users = 0.5, 0.3
     sd = build.prepare_seed(data, 0, cfg, test=False)
     cold = sd.val_cold_sets
     assert cold.n_users > 0 and sd.val_cold.query.y.shape[0] == cold.n_users
@@ -96,7 +96,7 @@ def test_the_cold_user_validation_reads_no_test_rating(fixture_data):
     the cold-user validation on are the same."""
     data, _ = fixture_data
     cfg = default_config.base_config()
-    cfg.val_cold_users = 0.3
+    cfg.val_new_items, cfg.val_cold_users = 0.5, 0.3
     split = mdata.make_split(data, 0, cfg.protocol)
     train_pairs = set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
     in_train = np.array(
@@ -110,3 +110,18 @@ def test_the_cold_user_validation_reads_no_test_rating(fixture_data):
                 getattr(getattr(a, name), f), getattr(getattr(b, name), f)
             )
     assert a.fit_ratings.equals(b.fit_ratings)
+
+
+def test_val_new_support_is_named_and_an_empty_stand_in_is_refused(fixture_data):
+    cfg = default_config.get_config()
+    cfg.val_new_support = "query"
+    with pytest.raises(ValueError, match=r"--config.val_new_support='query'; allowed: new, known"):
+        build.validate_config(cfg)
+    # the fixture's users rate at most 60 items: with a tenth of the items held out nobody has the
+    # 13 ratings of them a melu task needs
+    data, _ = fixture_data
+    cfg = default_config.base_config()
+    with pytest.raises(ValueError, match="new-item validation of seed 0 is empty.*val_new_items"):
+        build.prepare_seed(data, 0, cfg, test=False)
+    cfg.val_new_support = "known"
+    assert build.prepare_seed(data, 0, cfg, test=False).val_new_sets.n_users > 0

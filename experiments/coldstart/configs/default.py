@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     # rating of them) and the validation users' ratings of them are the new-item validation, the
     # stand-in for the item-cold scenarios; evaluation (test scenarios) trains on every item
     c.val_new_items = 0.1
+    # how that stand-in is built: "new" = support and query from the ratings of the held-out
+    # items, by the protocol's rule (as item_cold and user_item_cold are built from new items'
+    # ratings); "known" = the users adapt on their known items and are scored on held-out ones
+    c.val_new_support = "new"
     # tuning stage only: this fraction of the other warm training users is held out of training
     # (every rating of them) and scored as new users, the stand-in for user_cold (0 = none)
     c.val_cold_users = 0.0
