@@ -62,8 +62,8 @@ class SeedData:
     # train_tasks mode -> (epoch -> the UserSets its sampler encodes)
     draws: dict = dataclasses.field(default_factory=dict)
     width: int = 0  # the support width every task is padded to
-    # tuning path only (``cfg.val_new_items``): warm training users adapting on known items and
-    # scored on items held out of training, selection's stand-in for the item-cold scenarios
+    # tuning path only (``cfg.val_new_items``): tasks of ratings of items held out of training,
+    # selection's stand-in for the item-cold scenarios (tuning_sets.py)
     val_new: Task | None = None
     val_new_sets: mdata.UserSets | None = None
     # tuning path only (``cfg.val_cold_users``): the user-cold stand-in (tuning_sets.py)

@@ -4,8 +4,8 @@ Every candidate is meta-trained on the training ratings of the given seeds and s
 seeds' validation users (adapt on their support sets, predict their query sets), exactly as early
 stopping does, and once more on new items (``SeedData.val_new``: a random ``val_new_items``
 fraction of the items loses every training rating, so they are out of vocabulary as a new item
-is, and the warm training users adapt on their other ratings and are scored on their ratings of
-those items), the stand-in for the item-cold scenarios, and on new users (``SeedData.val_cold``: a
+is, and the training users' ratings of them make tasks as new items' ratings make item_cold's),
+the stand-in for the item-cold scenarios, and on new users (``SeedData.val_cold``: a
 random ``val_cold_users`` fraction of the other training users loses every training rating and
 is scored as user_cold's users are; see ``experiments/coldstart/tuning_sets.py``). The tuning
 path cannot see a test scenario: it builds its data with ``prepare_seed(..., test=False)``, which
