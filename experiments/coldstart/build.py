@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments.coldstart.tuning_sets import tuning_sets
+from experiments.coldstart.tuning_sets import tuning_sets, validate_stand_ins
 from experiments.common import split_names
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
@@ -34,7 +34,6 @@ TASK_SIZES = {
     "time": {"max_ratings": 20, "n_query": 5},
 }
 TRAIN_TASKS = ("resample", "resample_support", "fixed")
-VAL_NEW_SUPPORT = ("new", "known")  # the new-item stand-in's support sets (tuning_sets.py)
 HELD_OUT_STREAM = 10**6  # the PRNG stream of the held-out query sets (epochs use 1, 2, ...)
 NAME_FIELDS = ("algos", "baselines")
 
@@ -512,11 +511,7 @@ def _validate_fields(cfg) -> None:
         )
     if cfg.model not in MODELS:
         raise ValueError(f"--config.model={cfg.model!r}; allowed: {', '.join(MODELS)}")
-    if cfg.get("val_new_support", "known") not in VAL_NEW_SUPPORT:
-        raise ValueError(
-            f"--config.val_new_support={cfg.val_new_support!r}; allowed: "
-            f"{', '.join(VAL_NEW_SUPPORT)}"
-        )
+    validate_stand_ins(cfg)
     entry = MODELS[cfg.model]
     if cfg.adapt not in entry.adapt_modes:
         raise ValueError(
@@ -572,9 +567,6 @@ def _validate_numbers(cfg) -> None:
             raise ValueError(f"--config.{name} must be > 0, got {cfg[name]}")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"--config.val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    for name in ("val_new_items", "val_cold_users"):
-        if not 0 <= cfg.get(name, 0.0) < 1:
-            raise ValueError(f"--config.{name} must be in [0, 1), got {cfg[name]}")
     if not cfg.inner_newton >= 0:
         raise ValueError(f"--config.inner_newton must be >= 0, got {cfg.inner_newton}")
     if not cfg.loss_sum_scale >= 0:

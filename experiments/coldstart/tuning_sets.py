@@ -29,6 +29,21 @@ NEW_ITEM_STREAM = 10**6 + 1  # the PRNG stream of the new-item validation's item
 COLD_USER_STREAM = 10**6 + 2  # the PRNG stream of the cold-user validation's users
 
 
+VAL_NEW_SUPPORT = ("new", "known")  # how the new-item stand-in's support sets are built
+
+
+def validate_stand_ins(cfg) -> None:
+    """One error line for a stand-in setting the tuning path cannot build."""
+    for name in ("val_new_items", "val_cold_users"):
+        if not 0 <= cfg.get(name, 0.0) < 1:
+            raise ValueError(f"--config.{name} must be in [0, 1), got {cfg[name]}")
+    if cfg.get("val_new_support", "known") not in VAL_NEW_SUPPORT:
+        raise ValueError(
+            f"--config.val_new_support={cfg.val_new_support!r}; allowed: "
+            f"{', '.join(VAL_NEW_SUPPORT)}"
+        )
+
+
 def hold_out_users(train_sets: mdata.UserSets, fraction: float, seed: int):
     """``(kept, cold)``: a seeded ``fraction`` of ``train_sets``' users (at least one, and at
     least one kept) moved to ``cold``."""
