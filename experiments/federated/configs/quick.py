@@ -6,7 +6,7 @@ from experiments.federated.configs import default
 def get_config():
     c = default.get_config()
     c.seeds = (0,)
-    c.overrides = {"progress": False, "epochs": 2, "patience": 1, "meta_batch": 32}
+    c.overrides = dict(c.overrides) | {"epochs": 2, "patience": 1, "meta_batch": 32}
     c.settings = ("central", "fed_iid", "fed_noniid", "fed_iid_p10")
     c.fed.n_clients = 20
     c.fed.rounds = 4
