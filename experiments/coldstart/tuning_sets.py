@@ -98,7 +98,8 @@ def tuning_sets(
             val_new_sets = mdata.protocol_sets(frame, cfg.protocol, seed, n_query=n_query)
             logging.info(
                 "new-item validation built as item_cold is: %d users, %d support and %d query "
-                "ratings of the %d held-out items (of %d ratings of them)",
+                "ratings of the %d held-out items (of %d ratings of them); it replaces the "
+                "known-support sets logged above",
                 val_new_sets.n_users,
                 int(val_new_sets.support_mask.sum()),
                 int(val_new_sets.query_mask.sum()),
