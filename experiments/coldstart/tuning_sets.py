@@ -19,6 +19,8 @@ Evaluation (``prepare_seed(..., test=True)``) builds neither: it trains on every
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 from absl import logging
@@ -85,15 +87,18 @@ def tuning_sets(
             fit_ratings, cfg.val_new_items, np.random.default_rng([seed, NEW_ITEM_STREAM])
         )
         fit_ratings = fit_ratings[~fit_ratings["item_id"].isin(new_items)].reset_index(drop=True)
+        # every set loses its held-out-item ratings; "known" scores them after the rest
         train_sets, train_new = mdata.split_new_items(train_sets, new_items, n_query=n_query)
-        val_sets, val_new_sets = mdata.split_new_items(val_sets, new_items, n_query=n_query)
-        val_new_sets = train_new.concat(val_new_sets)
+        val_sets, val_new = mdata.split_new_items(val_sets, new_items, n_query=n_query)
+        parts = [train_new, val_new]
         if val_cold_sets is not None:
             val_cold_sets, cold_new = mdata.split_new_items(
                 val_cold_sets, new_items, n_query=n_query
             )
-            val_new_sets = val_new_sets.concat(cold_new)
-        if cfg.get("val_new_support", "known") == "new":
+            parts.append(cold_new)
+        if cfg.get("val_new_support", "known") == "known":
+            val_new_sets = functools.reduce(mdata.UserSets.concat, parts)
+        else:
             frame = rated[rated["item_id"].isin(new_items)]
             val_new_sets = mdata.protocol_sets(frame, cfg.protocol, seed, n_query=n_query)
             logging.info(
