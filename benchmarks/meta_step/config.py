@@ -12,6 +12,7 @@ from benchmarks.meta_step.steps import MODES
 from metarec import meta
 
 LEARNER_NAMES = tuple(meta.LEARNERS)
+PRESETS = ("quick", "default", "gpu")
 DATA_SOURCES = ("synthetic", "ml-100k")
 
 
@@ -149,6 +150,9 @@ class Settings:
     #: MAML records (sections ``headline`` and ``ceiling``), each shape for about this long
     ceiling: bool = True
     ceiling_min_time: float = 0.2
+    #: record a configuration that runs out of device memory under ``failures`` and go on
+    #: (the GPU preset's meta-batch scaling runs up to the memory limit); otherwise raise
+    skip_out_of_memory: bool = False
 
 
 def _quick_settings() -> Settings:
@@ -161,6 +165,52 @@ def _quick_settings() -> Settings:
         memory_config=dict(meta_batch=8, support=32, query=8, width=64),
         ceiling_min_time=0.06,
     )
+
+
+#: meta-batch sizes of the GPU preset's scaling section: about 1.2 MiB of temporaries per headline
+#: task (no remat), so 65,536 tasks take ~80 GiB of an H200's 141 GB and 131,072 run out of it
+#: unless rematerialised
+GPU_META_BATCHES = (512, 4096, 32768, 65536, 131072)
+
+
+def _gpu_settings() -> Settings:
+    return Settings(
+        min_time=0.5,
+        min_steps=3,
+        matmul_sizes=(2048, 4096, 8192),
+        matmul_min_time=0.3,
+        memory_steps=(1, 5, 20),
+        # the ceiling times the step's own dot shapes on the CPU thread pool; the profile parser
+        # reads CPU traces
+        ceiling=False,
+        profile=False,
+        skip_out_of_memory=True,
+    )
+
+
+def _gpu_sections(learners: Sequence[str], sections: Sequence[str]) -> list[BenchConfig]:
+    """The GPU preset, most wanted first: the headline MAML in all three executions, meta-batch
+    scaling to the memory limit (the largest also with remat), the large configuration in f32 and
+    bf16, the other learners at the headline configuration, 20 inner steps with/without remat."""
+
+    def b(section, **kw):
+        return BenchConfig(**(HEADLINE | kw), section=section)
+
+    grid: list[BenchConfig] = []
+    if "headline" in sections and "maml" in learners:
+        grid.append(b("headline", learner="maml", modes=("vmap", "map", "loop")))
+    if "meta_batch" in sections:
+        grid += [b("meta_batch", learner="maml", meta_batch=t) for t in GPU_META_BATCHES]
+        grid.append(b("meta_batch", learner="maml", meta_batch=GPU_META_BATCHES[-1], remat=True))
+    if "width" in sections:
+        grid.append(b("large", learner="maml", **LARGE))
+    if "dtype" in sections:
+        grid.append(b("dtype", learner="maml", **LARGE, dtype="bfloat16"))
+    if "headline" in sections:
+        grid += [b("headline", learner=name) for name in learners if name != "maml"]
+    if "inner_steps" in sections:
+        grid += [b("inner_steps", learner="maml", inner_steps=20, remat=r) for r in (False, True)]
+    return grid
 
 
 def _default_sections(learners: Sequence[str], sections: Sequence[str]) -> list[BenchConfig]:
@@ -217,8 +267,8 @@ def make_grid(
     devices: int = 1,
     custom: dict | None = None,
 ) -> tuple[list[BenchConfig], Settings]:
-    """The configurations of a preset (``quick`` ~1-2 min or ``default`` ~10 min on 2 CPU cores)
-    and its :class:`Settings`.
+    """The configurations of a preset (``quick`` ~1-2 min or ``default`` ~10 min on 2 CPU cores;
+    ``gpu``: :func:`_gpu_sections`, about 5 min on one H200) and its :class:`Settings`.
 
     Sections: ``headline`` (every learner in ``learners`` at the headline configuration: MeLU,
     meta-batch 32, support 64, query 16, 5 inner steps; in all three modes), ``data`` (real
@@ -234,8 +284,8 @@ def make_grid(
     (a dict of lists: ``meta_batch``, ``support``, ``inner_steps``, ``width``, and scalars
     ``data``, ``modes``) adds the Cartesian product for every learner as section ``custom``.
     """
-    if preset not in ("quick", "default"):
-        raise ValueError(f"preset={preset!r}; allowed: quick, default")
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}; allowed: {', '.join(PRESETS)}")
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise ValueError(f"unknown sections {bad}; allowed: {', '.join(SECTIONS)}")
@@ -248,6 +298,9 @@ def make_grid(
         if "headline" in sections:
             modes = ("vmap", "map", "loop")
             grid.append(BenchConfig(**HEADLINE, learner="maml", modes=modes, section="headline"))
+    elif preset == "gpu":
+        settings = _gpu_settings()
+        grid = _gpu_sections(learners, sections)
     else:
         settings = Settings()
         grid = _default_sections(learners, sections)

@@ -26,7 +26,7 @@ from metarec.training.compile_time import compile_seconds, split_seconds
 TOP_KEYS = tuple(
     """command preset machine settings load_average matmul_peak memory_bandwidth records
     comparisons memory_vs_inner_steps profiles ceilings devices targets wall_s compile_s
-    compute_s""".split()
+    compute_s failures""".split()
 )
 
 TARGETS = {
@@ -145,6 +145,19 @@ def _add_ceiling(
     return {"label": record["label"], "mode": record["mode"]} | c
 
 
+def _failure(cfg: BenchConfig, mode: str, error: Exception) -> dict:
+    """A configuration that ran out of device memory: where, and the first line of the error."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return {
+        "section": cfg.section,
+        "label": cfg.short(),
+        "mode": mode,
+        "config": cfg.as_dict(),
+        "error": first[:300],
+        "device_peak_bytes": machine.device_peak_bytes(),
+    }
+
+
 def _comparison(cfg: BenchConfig, by_mode: dict) -> dict:
     rate = {m: r["steps_per_s"] for m, r in by_mode.items()}
     return {
@@ -193,7 +206,7 @@ def run_benchmark(
     bw = machine.memory_bandwidth(min_time=settings.matmul_min_time)
     log_fn(f"memory bandwidth: {bw['bytes_per_s'] / 1e9:.2f} GB/s")
     pools: dict = {}
-    records, comparisons, profiles = [], [], {}
+    records, comparisons, profiles, failures = [], [], {}, []
     ceilings: dict = {"square": None, "square_sharded": None, "steps": []}
     wanted = [c for c in grid for m in c.modes if _wants_ceiling(c, m)]
     if settings.ceiling and wanted:
@@ -225,15 +238,22 @@ def run_benchmark(
         by_mode = {}
         for mode in cfg.modes:
             keep: dict = {}
-            r = measure(
-                problem,
-                mode,
-                min_time=settings.min_time,
-                min_steps=settings.min_steps,
-                peak=peaks[cfg.dtype],
-                seed=settings.seed,
-                keep=keep,
-            )
+            try:
+                r = measure(
+                    problem,
+                    mode,
+                    min_time=settings.min_time,
+                    min_steps=settings.min_steps,
+                    peak=peaks[cfg.dtype],
+                    seed=settings.seed,
+                    keep=keep,
+                )
+            except Exception as e:
+                if not (settings.skip_out_of_memory and machine.is_out_of_memory(e)):
+                    raise
+                failures.append(_failure(cfg, mode, e))
+                log_fn(f"  {cfg.section:11s} {cfg.short():46s} {mode:4s} out of memory: skipped")
+                continue
             records.append(r)
             by_mode[mode] = r
             _log_record(log_fn, cfg, mode, r)
@@ -268,6 +288,7 @@ def run_benchmark(
         "devices": devices,
         "targets": {},
         "wall_s": 0.0,
+        "failures": failures,
     }
     result["targets"] = check_targets(result)
     timing = split_seconds(time.perf_counter() - t_start, compiled_before)

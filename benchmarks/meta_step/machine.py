@@ -106,6 +106,8 @@ def machine_info() -> dict:
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # None = the backend's default (on NVIDIA GPUs XLA runs f32 dots on TF32 tensor cores)
+        "matmul_precision": jax.config.jax_default_matmul_precision,
         "malloc": malloc_status(),
     }
 
@@ -228,6 +230,12 @@ def device_peak_bytes() -> int | None:
     except Exception:  # pragma: no cover
         stats = None
     return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's out-of-memory error (status ``RESOURCE_EXHAUSTED``)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
 def minor_faults() -> int:

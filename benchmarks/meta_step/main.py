@@ -8,6 +8,7 @@ tables and writes ``benchmark.json`` (keys: ``harness.TOP_KEYS``) and ``benchmar
   python -m benchmarks.meta_step.main --sections= --meta_batch=32,128 --inner_steps=1,5 \\
       --modes=vmap,loop
   python -m benchmarks.meta_step.main --quick --devices=4 --workdir=/tmp/b4  # 4 CPU devices
+  python -m benchmarks.meta_step.main --preset=gpu --workdir=runs/bench_gpu   # ~5 min, one H200
 
 --devices=N on CPU splits the host into N XLA devices (``jax_num_cpu_devices``, equivalent to
 XLA_FLAGS=--xla_force_host_platform_device_count=N): the sharded step, checked against the
@@ -32,6 +33,13 @@ from metarec import meta
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Quick preset (~1-2 min on 2 cores): the headline MAML only.")
+flags.DEFINE_enum(
+    "preset",
+    None,
+    list(bconfig.PRESETS),
+    "Preset (default: 'quick' with --quick, else 'default'); 'gpu': the headline in all three "
+    "executions, meta-batch scaling to the memory limit, remat, bf16 (~5 min on one H200).",
+)
 flags.DEFINE_list(
     "sections",
     None,
@@ -86,7 +94,9 @@ def main() -> None:
     xla_flags = os.environ.get("XLA_FLAGS", "")
     if FLAGS.devices > 1 and "xla_force_host_platform_device_count" not in xla_flags:
         jax.config.update("jax_num_cpu_devices", FLAGS.devices)  # before the backend starts
-    preset = "quick" if FLAGS.quick else "default"
+    preset = FLAGS.preset or ("quick" if FLAGS.quick else "default")
+    if FLAGS.quick and preset != "quick":
+        raise ValueError(f"--quick and --preset={preset} disagree; pass one of them")
     sections = bconfig.SECTIONS if FLAGS.sections is None else [s for s in FLAGS.sections if s]
     custom = {k: _ints(k) for k in ("meta_batch", "support", "inner_steps", "width")}
     if all(v is None for v in custom.values()):

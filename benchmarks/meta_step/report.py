@@ -34,6 +34,9 @@ def _header(result: dict) -> list[str]:
         f"{load['before']} after {load['after']}",
         f"allocator: {malloc_line(m.get('malloc'))}",
     ]
+    if m["backend"] != "cpu":
+        precision = m.get("matmul_precision") or "backend default"
+        lines.append(f"device: {m.get('device_kind')}; f32 matmul precision: {precision}")
     for dt, p in result["matmul_peak"].items():
         lines.append(
             f"measured matmul peak ({dt}): {p['flops_per_s'] / 1e9:.1f} GFLOP/s at n={p['best_n']}"
@@ -49,6 +52,10 @@ def _records(result: dict) -> list[str]:
         f"{'compile s':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'%peak':>6s} {'temp MiB':>9s} "
         f"{'RSS MiB':>8s} {'wait %':>6s} {'faults':>7s} {'sys ms':>6s}"
     )
+    # device memory (GPU/TPU): the allocator's peak so far in the process, so a running maximum
+    device = any(r.get("device_peak_bytes") for r in result["records"])
+    if device:
+        hdr += f" {'dev MiB':>8s}"
     lines = ["", hdr, "-" * len(hdr)]
     for r in result["records"]:
         lines.append(
@@ -58,7 +65,10 @@ def _records(result: dict) -> list[str]:
             f"{_mib(r['temp_bytes']):>9s} {_mib(r['peak_rss_bytes']):>8s} "
             f"{100 * r['input_wait_fraction']:6.2f} {r['minor_faults_per_step']:7.0f} "
             f"{r.get('sys_cpu_ms_per_step', float('nan')):6.1f}"
+            + (f" {_mib(r.get('device_peak_bytes')):>8s}" if device else "")
         )
+    for f in result.get("failures") or []:  # older benchmark.json files have none
+        lines.append(f"{f['section']:11s} {f['label']:46s} {f['mode']:4s} {f['error'][:80]}")
     return lines
 
 

@@ -282,6 +282,70 @@ def test_bench_config_validation_names_field():
     assert max(c.meta_batch for c in full) == 1024
 
 
+def test_gpu_preset_grid():
+    grid, settings = config.make_grid("gpu")
+    head = [c for c in grid if c.section == "headline"]
+    assert head[0] == grid[0] and head[0].learner == "maml"
+    assert head[0].modes == ("vmap", "map", "loop")
+    assert {c.learner for c in head} == set(config.LEARNER_NAMES)
+    scaling = [c for c in grid if c.section == "meta_batch"]
+    assert [c.meta_batch for c in scaling if not c.remat] == list(config.GPU_META_BATCHES)
+    (remat,) = [c for c in scaling if c.remat]
+    assert remat.meta_batch == max(config.GPU_META_BATCHES)
+    assert {c.dtype for c in grid if c.section == "dtype"} == {"bfloat16"}
+    assert settings.skip_out_of_memory and not settings.ceiling and not settings.profile
+    # the CPU presets still raise on out of memory
+    assert not config.make_grid("default")[1].skip_out_of_memory
+    only, _ = config.make_grid("gpu", learners=["maml"], sections=["headline"])
+    assert [(c.learner, c.section) for c in only] == [("maml", "headline")]
+
+
+def _tiny_settings(**kw):
+    fields = dict(
+        min_time=0.0,
+        min_steps=2,
+        matmul_sizes=(64,),
+        matmul_min_time=0.01,
+        memory_steps=(),
+        profile=False,
+        ceiling=False,
+    )
+    return config.Settings(**(fields | kw))
+
+
+def test_out_of_memory_is_recorded_and_skipped(monkeypatch):
+    """A configuration that runs out of device memory is listed under ``failures`` and the run goes
+    on (GPU preset); any other error, or out of memory without the setting, still raises."""
+    sizes = dict(support=6, query=4, inner_steps=1, width=8, embed_dim=4, dropout=0.0)
+    small = config.BenchConfig(learner="maml", meta_batch=2, section="meta_batch", **sizes)
+    big = config.BenchConfig(learner="maml", meta_batch=4, section="meta_batch", **sizes)
+    real = harness.measure
+
+    def fake(problem, mode, **kw):
+        if problem.cfg.meta_batch == 4:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB.")
+        return real(problem, mode, **kw)
+
+    monkeypatch.setattr(harness, "measure", fake)
+    settings = _tiny_settings(skip_out_of_memory=True)
+    res = harness.run_benchmark([big, small], settings, log_fn=lambda m: None)
+    assert [r["n_tasks"] for r in res["records"]] == [2]
+    (fail,) = res["failures"]
+    assert fail["label"] == big.short() and fail["mode"] == "vmap"
+    assert fail["error"].startswith("RESOURCE_EXHAUSTED")
+    text = report.format_report(res)
+    assert big.short() in text and "RESOURCE_EXHAUSTED" in text
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        harness.run_benchmark([big], _tiny_settings(), log_fn=lambda m: None)
+
+    def broken(problem, mode, **kw):
+        raise RuntimeError("INVALID_ARGUMENT: shapes differ")
+
+    monkeypatch.setattr(harness, "measure", broken)
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        harness.run_benchmark([small], settings, log_fn=lambda m: None)
+
+
 # ----------------------------------------------------------------------------------------------
 # targets, on a hand-made result
 # ----------------------------------------------------------------------------------------------
