@@ -153,6 +153,11 @@ class Settings:
     #: record a configuration that runs out of device memory under ``failures`` and go on
     #: (the GPU preset's meta-batch scaling runs up to the memory limit); otherwise raise
     skip_out_of_memory: bool = False
+    #: gather meta-batches on the device from a copy of the task pool there (an accelerator
+    #: outruns the host's gather and copy at large meta-batches); the loop mode keeps host input
+    device_input: bool = False
+    #: seconds of warm-up steps after the first, before timing
+    warmup_s: float = 0.0
 
 
 def _quick_settings() -> Settings:
@@ -185,6 +190,8 @@ def _gpu_settings() -> Settings:
         ceiling=False,
         profile=False,
         skip_out_of_memory=True,
+        device_input=True,
+        warmup_s=1.0,
     )
 
 
@@ -204,6 +211,8 @@ def _gpu_sections(learners: Sequence[str], sections: Sequence[str]) -> list[Benc
         grid.append(b("meta_batch", learner="maml", meta_batch=GPU_META_BATCHES[-1], remat=True))
     if "width" in sections:
         grid.append(b("large", learner="maml", **LARGE))
+        # the large configuration at a meta-batch that fills more of the GPU
+        grid.append(b("large", learner="maml", **(LARGE | dict(meta_batch=256))))
     if "dtype" in sections:
         grid.append(b("dtype", learner="maml", **LARGE, dtype="bfloat16"))
     if "headline" in sections:

@@ -247,6 +247,8 @@ def run_benchmark(
                     peak=peaks[cfg.dtype],
                     seed=settings.seed,
                     keep=keep,
+                    device_input=settings.device_input,
+                    warmup_s=settings.warmup_s,
                 )
             except Exception as e:
                 if not (settings.skip_out_of_memory and machine.is_out_of_memory(e)):

@@ -65,7 +65,12 @@ flags.DEFINE_float(
     "Seconds of steady-state timing per measurement (preset default).",
     lower_bound=0.0,
 )
-flags.DEFINE_bool("profile", True, "Profile the headline and large vmapped steps.")
+flags.DEFINE_bool(
+    "profile",
+    None,
+    "Profile the headline and large vmapped steps (default: the preset's; the CPU presets do, "
+    "the gpu preset does not: the profile reads CPU traces).",
+)
 flags.DEFINE_list(
     "memory_steps",
     None,
@@ -106,7 +111,8 @@ def main() -> None:
     grid, settings = bconfig.make_grid(preset, FLAGS.learners, sections, FLAGS.devices, custom)
     if FLAGS.min_time is not None:
         settings.min_time = FLAGS.min_time
-    settings.profile = FLAGS.profile
+    if FLAGS.profile is not None:
+        settings.profile = FLAGS.profile
     if FLAGS.memory_steps is not None:
         settings.memory_steps = tuple(_ints("memory_steps") or ())
     settings.seed = FLAGS.seed

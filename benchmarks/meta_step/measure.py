@@ -20,7 +20,13 @@ import numpy as np
 from benchmarks.meta_step import machine
 from benchmarks.meta_step.flops import count_flops, xla_cost
 from benchmarks.meta_step.machine import DTYPES
-from benchmarks.meta_step.problems import CLIP_NORM, Prefetcher, Problem, sample_batches
+from benchmarks.meta_step.problems import (
+    CLIP_NORM,
+    Prefetcher,
+    Problem,
+    device_batches,
+    sample_batches,
+)
 from benchmarks.meta_step.steps import LoopStep, make_step
 from metarec.meta import step as mstep
 
@@ -31,8 +37,12 @@ RECORD_KEYS = tuple(
     achieved_flops_per_s peak_fraction temp_bytes argument_bytes output_bytes peak_rss_bytes
     device_peak_bytes input_wait_s_per_step input_wait_fraction minor_faults_per_step
     user_cpu_ms_per_step sys_cpu_ms_per_step cpu_peak_fraction final_loss finite ceiling_flops_per_s
-    ceiling_peak_fraction ceiling_fraction""".split()
+    ceiling_peak_fraction ceiling_fraction device_input""".split()
 )
+
+
+def _gathered_on_device(batch):
+    return batch
 
 
 def _block(tree):
@@ -79,6 +89,8 @@ def measure(
     seed: int = 0,
     section: str | None = None,
     keep: dict | None = None,
+    device_input: bool = False,
+    warmup_s: float = 0.0,
 ) -> dict:
     """Compile and time one configuration in one mode; returns a record with :data:`RECORD_KEYS`.
 
@@ -86,6 +98,10 @@ def measure(
     dispatch, parameters threaded from step to step) until ``min_time`` seconds and ``min_steps``
     steps have passed; the clock stops after ``block_until_ready`` on the final state. Input
     batches come from a :class:`Prefetcher`; the time spent waiting for it is reported separately.
+    ``device_input``: the batches are gathered on the device from a copy of the task pool there
+    (:func:`device_batches`; not for the loop mode or a sharded step), else on the host and then
+    copied. ``warmup_s``: warm-up steps for at least this long after the first (an accelerator
+    ramps its clocks and records its command buffers over the first executions).
     ``peak`` (from :func:`machine.matmul_peak` in the compute dtype) gives the ``peak_fraction``.
     If ``keep`` is a dict, the step, its arguments and its compiled executable are stored in it
     (``"step"``, ``"args"``, ``"compiled"`` for :func:`benchmarks.meta_step.profile.profile_ops`;
@@ -117,9 +133,12 @@ def measure(
 
     elif mode == "loop":
         prepare = LoopStep.prepare
+    elif device_input:
+        prepare = _gathered_on_device
     else:
         prepare = jax.device_put
-    source = sample_batches(problem.pool, T, seed)
+    device_input = device_input and mesh is None and mode != "loop"
+    source = (device_batches if device_input else sample_batches)(problem.pool, T, seed)
     first = next(source)
     support, query = int(first.support.size), int(first.query.size)
     key = jax.random.PRNGKey(seed + 1) if cfg.dropout > 0 else None
@@ -147,6 +166,9 @@ def measure(
     # steady state
     state = _block(run(mp, st, batch0, weights, key))  # warm-up
     mp_, st_ = state[0], state[1]
+    t_warm = time.perf_counter()
+    while time.perf_counter() - t_warm < warmup_s:
+        mp_, st_ = _block(run(mp_, st_, batch0, weights, key))[:2]
     if keep is not None and mode != "loop":
         keep["step"], keep["args"] = step, (mp, st, batch0, weights, key)
         keep["compiled"] = compiled
@@ -218,6 +240,7 @@ def measure(
         "ceiling_flops_per_s": None,
         "ceiling_peak_fraction": None,
         "ceiling_fraction": None,
+        "device_input": device_input,
     }
 
 

@@ -132,18 +132,32 @@ def build_problem(
     return Problem(cfg, learner, apply_fn, meta_params, optimizer, opt_state, pool, spec, tables)
 
 
-def sample_batches(pool: Task, meta_batch: int, seed: int = 0) -> Iterator[Task]:
-    """Endless seeded meta-batches from a host task pool (epochs of permutations; sampling with
-    replacement when the pool is smaller than the meta-batch)."""
+def sample_indices(n: int, meta_batch: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Endless seeded task indices of meta-batches from a pool of ``n`` tasks (epochs of
+    permutations; sampling with replacement when the pool is smaller than the meta-batch)."""
     rng = np.random.default_rng(seed)
-    n = pool.num_tasks
     while True:
         if meta_batch > n:
-            yield index_tasks(pool, rng.integers(0, n, meta_batch))
+            yield rng.integers(0, n, meta_batch)
             continue
         order = rng.permutation(n)
         for start in range(0, n - meta_batch + 1, meta_batch):
-            yield index_tasks(pool, order[start : start + meta_batch])
+            yield order[start : start + meta_batch]
+
+
+def sample_batches(pool: Task, meta_batch: int, seed: int = 0) -> Iterator[Task]:
+    """Endless seeded meta-batches (:func:`sample_indices`) gathered from a host task pool."""
+    for idx in sample_indices(pool.num_tasks, meta_batch, seed):
+        yield index_tasks(pool, idx)
+
+
+def device_batches(pool: Task, meta_batch: int, seed: int = 0) -> Iterator[Task]:
+    """The meta-batches of :func:`sample_batches`, in the same order, gathered on the device from
+    a copy of the pool placed there once: the host sends only the indices."""
+    on_device = jax.device_put(pool)
+    gather = jax.jit(index_tasks)
+    for idx in sample_indices(pool.num_tasks, meta_batch, seed):
+        yield gather(on_device, idx)
 
 
 class Prefetcher:

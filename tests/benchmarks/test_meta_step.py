@@ -313,6 +313,41 @@ def _tiny_settings(**kw):
     return config.Settings(**(fields | kw))
 
 
+def test_device_batches_equal_host_batches():
+    pool, _ = problems.synthetic_pool(10, 6, 4, seed=3)
+    host = problems.sample_batches(pool, 4, seed=5)
+    dev = problems.device_batches(pool, 4, seed=5)
+    for _ in range(4):  # past the end of the first epoch (10 tasks, batches of 4)
+        h, d = next(host), next(dev)
+        assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(d))
+        for a, b in zip(jax.tree_util.tree_leaves(h), jax.tree_util.tree_leaves(d), strict=True):
+            np.testing.assert_array_equal(np.asarray(b), a)
+
+
+def test_device_input_gives_the_same_steps():
+    """Device-side input feeds the step the same batches as host input: after the same number of
+    steps from the same start, the parameters are equal."""
+    cfg = config.BenchConfig(
+        learner="maml", meta_batch=4, support=6, query=4, inner_steps=1, width=8, embed_dim=4,
+        dropout=0.0, section="headline",
+    )  # fmt: skip
+    out = {}
+    for device_input in (False, True):
+        problem = problems.build_problem(cfg, {}, seed=0)
+        r = measure.measure(
+            problem, "vmap", min_time=0.0, min_steps=3, max_steps=3, device_input=device_input
+        )  # fmt: skip
+        assert r["device_input"] is device_input and r["finite"] and r["n_steps"] == 3
+        out[device_input] = r["final_loss"]
+    assert out[True] == pytest.approx(out[False], rel=1e-6)
+    loop = measure.measure(
+        problems.build_problem(cfg, {}, seed=0), "loop", min_time=0.0, min_steps=1, max_steps=1,
+        device_input=True, warmup_s=0.05,
+    )  # fmt: skip
+    assert loop["device_input"] is False  # the per-task loop keeps host input
+    assert loop["finite"] and loop["n_steps"] == 1
+
+
 def test_out_of_memory_is_recorded_and_skipped(monkeypatch):
     """A configuration that runs out of device memory is listed under ``failures`` and the run goes
     on (GPU preset); any other error, or out of memory without the setting, still raises."""
