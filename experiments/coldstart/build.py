@@ -21,7 +21,7 @@ from metarec.meta.inner import mse, scaled_sse, shrunk_mse, with_rank_term
 from metarec.meta.step import make_eval_fn, make_mesh
 from metarec.models.registry import MODELS, get_model
 from metarec.training.encoder_checkpoint import load_pretrained, same_item_vocab
-from metarec.training.meta_train import make_step
+from metarec.training.meta_train import check_step_scales, make_step
 
 # baselines built from the meta-learning network rather than fitted on ratings
 NETWORK_BASELINES = ("no_adapt", "finetune")
@@ -512,6 +512,7 @@ def _validate_fields(cfg) -> None:
     if cfg.model not in MODELS:
         raise ValueError(f"--config.model={cfg.model!r}; allowed: {', '.join(MODELS)}")
     validate_stand_ins(cfg)
+    check_step_scales(cfg.get("step_scales", ()))
     entry = MODELS[cfg.model]
     if cfg.adapt not in entry.adapt_modes:
         raise ValueError(

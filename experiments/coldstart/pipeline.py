@@ -56,6 +56,7 @@ from metarec import metrics as mmetrics
 from metarec.training.checkpoint import Checkpointer
 from metarec.training.meta_train import (
     TrainResult,
+    calibrate_inner_rates,
     evaluate,
     meta_train,
     pooled_tasks,
@@ -211,6 +212,8 @@ def run_seed(
         info["seconds"][unit] = rec["seconds"]
         info["params_sha256"][unit] = rec["params_sha256"]
         info["best_epoch"][unit] = rec["best_epoch"]
+        if rec.get("step_scale") is not None:  # calibrate_inner_rates on the validation users
+            info.setdefault("step_scale", {})[unit] = rec["step_scale"]
         if "adaptation" in rec:
             info["adaptation"] = rec["adaptation"]
         if "finetune_lr" in rec:
@@ -270,10 +273,19 @@ def run_seed(
             f"{tr.seconds:.1f}s"
             + (f" (resumed from step {tr.resumed_from})" if tr.resumed_from is not None else "")
         )
+        params, step_scale, calibration = calibrate_inner_rates(
+            eval_fn, tr.params, msd.val, mcfg.get("step_scales", ()), scale, cfg.k, cfg.eval_chunk
+        )
+        if step_scale is not None:
+            v = calibration[step_scale]
+            log_fn(
+                f"seed {seed} {name}: learned inner rates x {step_scale:g} (validation users: "
+                f"MAE {v['mae']:.4f}, nDCG@{cfg.k} {v[f'ndcg@{cfg.k}']:.4f})"
+            )
         scores = {s: {} for s in TEST_SCENARIOS}
         users = {s: {} for s in TEST_SCENARIOS}
         for s, t in msd.test.items():
-            out = predict_tasks(eval_fn, tr.params, t, cfg.eval_chunk)
+            out = predict_tasks(eval_fn, params, t, cfg.eval_chunk)
             scores[s][name], users[s][name] = evaluate(out["pred"], t, scale, cfg.k)
             if name == cfg.algos[0] and "no_adapt" in cfg.baselines:
                 # the first meta-learner's initialisation, not adapted
@@ -289,11 +301,13 @@ def run_seed(
             "best_epoch": tr.best_epoch,
             "best_val_mae": tr.best_val_mae,
             "steps": tr.steps,
+            "step_scale": step_scale,
+            "step_calibration": {str(k): v for k, v in calibration.items()},
         }
         if name == cfg.algos[0] and cfg.get("adaptation_curves", False):
             rec["adaptation"] = {
                 "algo": name,
-                **adaptation_curves(mfns, spec, algo, deploy(tr.params), msd, mcfg, scale),
+                **adaptation_curves(mfns, spec, algo, deploy(params), msd, mcfg, scale),
             }
         save_unit(ctx, seed, name, rec)
         record(name, rec)

@@ -45,7 +45,7 @@ from experiments.coldstart.build import (
 from experiments.common import config_value
 from metarec import data as mdata
 from metarec.meta import LEARNERS
-from metarec.training.meta_train import meta_train, predict_tasks, score
+from metarec.training.meta_train import calibrate_inner_rates, meta_train, predict_tasks, score
 from metarec.training.runlog import write_json_atomic
 from metarec.training.trainer import NonFiniteLossError
 
@@ -126,14 +126,16 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
     the mean best validation MAE and nDCG@k over seeds (also on the new-item validation,
     ``val_new_*``, NaN without one; and on the cold-user validation, ``val_cold_*``, where there
-    is one) and the best epochs."""
+    is one) and the best epochs. A Meta-SGD method is scored as the cold-start experiment runs
+    it: its learned rates calibrated on the validation users (``cfg.step_scales``; the chosen
+    scale per seed as ``step_scales``)."""
     algo, mcfg = method_config(cfg, method)
     c = ml_collections.ConfigDict(mcfg.to_dict())
     for k, v in point.items():
         c[k] = v
     validate_config(c)
     fns = Compiled(c)
-    maes, ndcgs, epochs = [], [], []
+    maes, ndcgs, epochs, scales = [], [], [], []
     extra = {name: ([], []) for name in stand_ins(prepared)}
     for seed, sd in prepared.items():
         sd = sd.view(c)
@@ -157,14 +159,21 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
             k_train,
             data.rating_scale,
         )
-        out = predict_tasks(eval_fn, tr.params, sd.val, c.eval_chunk)
+        # as the cold-start experiment does after early stopping: Meta-SGD's learned rates scaled
+        # by the validation users' choice
+        params, step_scale, _ = calibrate_inner_rates(
+            eval_fn, tr.params, sd.val, c.get("step_scales", ()), data.rating_scale, c.k,
+            c.eval_chunk,
+        )  # fmt: skip
+        scales.append(step_scale)
+        out = predict_tasks(eval_fn, params, sd.val, c.eval_chunk)
         scores = score(out["pred"], sd.val, data.rating_scale, c.k)
         maes.append(scores["mae"])
         ndcgs.append(scores[f"ndcg@{c.k}"])
         for name, (e_mae, e_ndcg) in extra.items():
             tasks, scores = getattr(sd, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}
             if tasks is not None:
-                out = predict_tasks(eval_fn, tr.params, tasks, c.eval_chunk)
+                out = predict_tasks(eval_fn, params, tasks, c.eval_chunk)
                 scores = score(out["pred"], tasks, data.rating_scale, c.k)
             e_mae.append(scores["mae"])
             e_ndcg.append(scores[f"ndcg@{c.k}"])
@@ -173,7 +182,8 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     for name, (e_mae, e_ndcg) in extra.items():
         row[f"{name}_mae"] = float(np.mean(e_mae))
         row[f"{name}_ndcg@{cfg.k}"] = float(np.mean(e_ndcg))
-    return row | {"val_mae_per_seed": maes, "best_epochs": epochs}
+    row |= {"val_mae_per_seed": maes, "best_epochs": epochs}
+    return row | ({"step_scales": scales} if any(x is not None for x in scales) else {})
 
 
 def grid_search(

@@ -33,6 +33,7 @@ from metarec.meta.learners import (
     maml,
     metasgd,
     reptile,
+    scale_inner_rates,
 )
 from metarec.meta.registry import LEARNERS, LearnerEntry, make_learner
 from metarec.meta.tables import LookupTable
@@ -54,6 +55,7 @@ __all__ = [
     "LookupTable",
     "MetaLearner",
     "MetaSGDParams",
+    "scale_inner_rates",
     "cg_solve",
     "fomaml",
     "imaml",

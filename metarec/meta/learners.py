@@ -197,6 +197,14 @@ def fomaml(apply_fn: Callable, loss_fn: Callable = mse, **kwargs) -> MetaLearner
 # ----------------------------------------------------------------------------------------------
 # Meta-SGD
 # ----------------------------------------------------------------------------------------------
+def scale_inner_rates(meta_params: MetaSGDParams, scale: float) -> MetaSGDParams:
+    """Meta-SGD meta-parameters with every learned inner rate times ``scale`` (0: the
+    initialisation, not adapted); the initialisation itself is unchanged."""
+    if not isinstance(meta_params, MetaSGDParams):
+        raise TypeError(f"learned inner rates need MetaSGDParams, got {type(meta_params).__name__}")
+    return meta_params._replace(lr=jax.tree_util.tree_map(lambda a: a * scale, meta_params.lr))
+
+
 def metasgd(
     apply_fn: Callable,
     loss_fn: Callable = mse,

@@ -23,6 +23,7 @@ from metarec import metrics as mmetrics
 from metarec.data.stream import ShardTasks
 from metarec.data.tasks import Task, index_tasks, map_blocks, pad_tasks
 from metarec.meta import tables as mtables
+from metarec.meta.learners import MetaSGDParams, scale_inner_rates
 from metarec.meta.step import make_meta_step, shard_tasks
 from metarec.training import distributed, trainer
 from metarec.training.checkpoint import Checkpointer, epoch_order, tree_digest
@@ -112,6 +113,51 @@ def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np
         batch = jax.tree_util.tree_map(lambda a, s=start: jnp.asarray(a[s : s + chunk]), padded)
         outs.append(jax.device_get(eval_fn(meta_params, batch)))
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+
+
+def check_step_scales(scales) -> None:
+    """Raise ``ValueError`` naming ``--config.step_scales`` unless every scale is a number >= 0."""
+    try:
+        bad = [s for s in scales if not float(s) >= 0.0]
+    except (TypeError, ValueError):
+        bad = [scales]
+    if bad:
+        raise ValueError(
+            f"--config.step_scales={scales!r}; allowed: numbers >= 0 (multipliers of the "
+            "learned inner rates; empty: no calibration)"
+        )
+
+
+def calibrate_inner_rates(
+    eval_fn, meta_params, tasks: Task, scales, rating_scale, k: int, chunk: int,
+    ndcg_weight: float = 1.0,
+) -> tuple[Any, float | None, dict]:  # fmt: skip
+    """Choose a multiplier of Meta-SGD's learned inner rates on ``tasks`` (validation users, after
+    early stopping): the scale in ``scales`` with the lowest ``MAE - ndcg_weight x nDCG@k`` (ties:
+    the scale nearest 1). Rates are meta-learned slowly next to the initialisation, and a
+    training run stopped early can end with steps larger than its own validation users want.
+
+    Returns ``(scaled meta-parameters, scale, {scale: {"mae", "ndcg@k", "objective"}})``;
+    meta-parameters without learned rates, or no ``scales``, come back unchanged with scale None.
+    """
+    check_step_scales(scales)
+    if not scales or not isinstance(meta_params, MetaSGDParams):
+        return meta_params, None, {}
+    table = {}
+    for s in dict.fromkeys(float(x) for x in scales):
+        out = predict_tasks(eval_fn, scale_inner_rates(meta_params, s), tasks, chunk)
+        m = score(out["pred"], tasks, rating_scale, k)
+        table[s] = {
+            "mae": m["mae"],
+            f"ndcg@{k}": m[f"ndcg@{k}"],
+            "objective": m["mae"] - ndcg_weight * m[f"ndcg@{k}"],
+        }
+
+    def rank(s):  # an undefined objective (no scorable user) never wins
+        return (np.nan_to_num(table[s]["objective"], nan=np.inf), abs(s - 1.0))
+
+    best = min(table, key=rank)
+    return scale_inner_rates(meta_params, best), best, table
 
 
 METRIC_CHUNK = 64  # tasks per per_task_metrics call
