@@ -511,6 +511,15 @@ def format_table(res: dict, metrics=TABLE_METRICS) -> str:
         f"{cfg['inner_lr']}"
         + (f"; recommended method: {cfg['recommended']}" if cfg.get("recommended") else ""),
     ]
+    scaled: dict[str, list[str]] = {}
+    for seed in seeds:
+        for m, x in (res["training"][str(seed)].get("step_scale") or {}).items():
+            scaled.setdefault(m, []).append(f"{x:g}")
+    if scaled:
+        lines.append(
+            "learned inner rates scaled by the validation users' choice (per seed): "
+            + "; ".join(f"{m} x {'/'.join(v)}" for m, v in scaled.items())
+        )
     header = f"{'scenario':15s} {'method':12s}" + "".join(f"{m:>18s}" for m in metrics)
     lines += [header, "-" * len(header)]
     for s in TEST_SCENARIOS:

@@ -77,6 +77,7 @@ def test_run_writes_protocol_format(tiny_run):
     json.dumps(res)  # serialisable
     table = pipeline.format_table(res)
     assert "user_item_cold" in table and "± " in table
+    assert "step_scale" not in res["training"]["0"]  # MAML learns no rates: nothing to calibrate
     one_seed = res | {"seeds": [0]}
     assert "± " not in pipeline.format_table(one_seed).split("\n", 1)[1]  # no spread for one seed
 
@@ -202,6 +203,12 @@ def test_cf_method_runs_with_paired_tests_against_the_best_baseline(fixture_data
         lo, hi = c["ci95"]
         assert lo <= c["mean_diff"] <= hi and 0 <= c["wilcoxon_p"] <= 1
     assert "paired per-user comparison" in pipeline.format_table(res)
+    # the learned rates scaled by a scale of the grid, chosen on the validation users, per seed
+    for seed in ("0", "1"):
+        assert res["training"][seed]["step_scale"]["cf_metasgd"] in cfg.step_scales
+    assert "learned inner rates scaled by the validation users' choice" in pipeline.format_table(
+        res
+    )
     # the same training ratings for every method, and more training tasks than fixed splits
     info = res["training"]["0"]
     assert info["n_train_task_users"] > info["n_train_users"]
