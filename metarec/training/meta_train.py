@@ -134,8 +134,8 @@ def calibrate_inner_rates(
 ) -> tuple[Any, float | None, dict]:  # fmt: skip
     """Choose a multiplier of Meta-SGD's learned inner rates on ``tasks`` (validation users, after
     early stopping): the scale in ``scales`` with the lowest ``MAE - ndcg_weight x nDCG@k`` (ties:
-    the scale nearest 1). Rates are meta-learned slowly next to the initialisation, and a
-    training run stopped early can end with steps larger than its own validation users want.
+    the scale nearest 1). Early stopping picks the epoch by the rates as learned; this picks how
+    far those rates step, on the same users (scale 0 is the initialisation, not adapted).
 
     Returns ``(scaled meta-parameters, scale, {scale: {"mae", "ndcg@k", "objective"}})``;
     meta-parameters without learned rates, or no ``scales``, come back unchanged with scale None.
