@@ -172,9 +172,8 @@ def _quick_settings() -> Settings:
     )
 
 
-#: meta-batch sizes of the GPU preset's scaling section: about 1.2 MiB of temporaries per headline
-#: task (no remat), so 65,536 tasks take ~80 GiB of an H200's 141 GB and 131,072 run out of it
-#: unless rematerialised
+#: meta-batch sizes of the GPU preset's scaling section, up to one that runs out of an H200's
+#: memory without remat and fits with it (BUILD_NOTES, "On a GPU")
 GPU_META_BATCHES = (512, 4096, 32768, 65536, 131072)
 
 
@@ -277,7 +276,7 @@ def make_grid(
     custom: dict | None = None,
 ) -> tuple[list[BenchConfig], Settings]:
     """The configurations of a preset (``quick`` ~1-2 min or ``default`` ~10 min on 2 CPU cores;
-    ``gpu``: :func:`_gpu_sections`, about 5 min on one H200) and its :class:`Settings`.
+    ``gpu``: :func:`_gpu_sections`, about 3 min on one H200) and its :class:`Settings`.
 
     Sections: ``headline`` (every learner in ``learners`` at the headline configuration: MeLU,
     meta-batch 32, support 64, query 16, 5 inner steps; in all three modes), ``data`` (real

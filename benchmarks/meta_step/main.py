@@ -8,7 +8,7 @@ tables and writes ``benchmark.json`` (keys: ``harness.TOP_KEYS``) and ``benchmar
   python -m benchmarks.meta_step.main --sections= --meta_batch=32,128 --inner_steps=1,5 \\
       --modes=vmap,loop
   python -m benchmarks.meta_step.main --quick --devices=4 --workdir=/tmp/b4  # 4 CPU devices
-  python -m benchmarks.meta_step.main --preset=gpu --workdir=runs/bench_gpu   # ~5 min, one H200
+  python -m benchmarks.meta_step.main --preset=gpu --workdir=runs/bench_gpu   # ~3 min, one H200
 
 --devices=N on CPU splits the host into N XLA devices (``jax_num_cpu_devices``, equivalent to
 XLA_FLAGS=--xla_force_host_platform_device_count=N): the sharded step, checked against the
@@ -38,7 +38,7 @@ flags.DEFINE_enum(
     None,
     list(bconfig.PRESETS),
     "Preset (default: 'quick' with --quick, else 'default'); 'gpu': the headline in all three "
-    "executions, meta-batch scaling to the memory limit, remat, bf16 (~5 min on one H200).",
+    "executions, meta-batch scaling to the memory limit, remat, bf16 (~3 min on one H200).",
 )
 flags.DEFINE_list(
     "sections",

@@ -124,6 +124,7 @@ def measure(
     T = cfg.meta_batch
     weights = jnp.ones((T,), jnp.float32)
     mp, st = problem.meta_params, problem.opt_state
+    device_input = device_input and mesh is None and mode != "loop"
     if mesh is not None:
         weights = mstep.shard_tasks(weights, mesh)
         mp, st = mstep.replicate(mp, mesh), mstep.replicate(st, mesh)
@@ -137,7 +138,6 @@ def measure(
         prepare = _gathered_on_device
     else:
         prepare = jax.device_put
-    device_input = device_input and mesh is None and mode != "loop"
     source = (device_batches if device_input else sample_batches)(problem.pool, T, seed)
     first = next(source)
     support, query = int(first.support.size), int(first.query.size)
