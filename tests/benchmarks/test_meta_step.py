@@ -495,3 +495,39 @@ def test_tiny_run_has_documented_keys(tmp_path):
     assert set(json.loads(path.read_text())) >= set(harness.TOP_KEYS)
     assert "targets:" in report.format_report(res)
     assert f"(compile {res['compile_s']:.0f} s, compute" in report.format_report(res)
+
+
+def test_trace_summary_on_a_hand_made_timeline():
+    """Busy time is the union of the events (overlaps counted once); per-step figures divide by
+    the steps traced; only device planes are summarised when there is one."""
+    from types import SimpleNamespace as NS
+
+    from benchmarks.meta_step import trace
+
+    assert trace._union_ns([(0, 10), (5, 15), (20, 30)]) == 25
+    ev = [NS(name="gemm", start_ns=0, duration_ns=10), NS(name="gemm", start_ns=5, duration_ns=10)]
+    ev.append(NS(name="copy", start_ns=40, duration_ns=10))
+    ev.append(NS(name="marker", start_ns=45, duration_ns=0))  # instant events are skipped
+    gpu = NS(name="/device:GPU:0", lines=[NS(name="Stream #1(Compute)", events=ev)])
+    host = NS(name="/host:CPU", lines=[NS(name="worker", events=ev)])
+    (line,) = trace.summarise_planes([host, gpu], n_steps=2)
+    assert line["plane"] == "/device:GPU:0" and line["events_per_step"] == 1.5
+    assert line["busy_ms_per_step"] == pytest.approx(25 / 2 * 1e-6)
+    assert line["busy_fraction"] == pytest.approx(25 / 50)
+    assert line["top"][0] == ["gemm", pytest.approx(20 / 2 * 1e-6)]
+    # without a device plane (a CPU trace) the host's non-Python lines are summarised
+    (line,) = trace.summarise_planes([host], n_steps=1)
+    assert line["line"] == "worker" and line["events_per_step"] == 3
+
+
+def test_trace_step_runs_on_this_backend(tmp_path):
+    from benchmarks.meta_step import trace
+
+    cfg = config.BenchConfig(
+        learner="maml", meta_batch=4, support=6, query=4, inner_steps=1, width=8, embed_dim=4,
+        section="trace",
+    )  # fmt: skip
+    r = trace.trace_step(cfg, n_steps=2, keep_dir=str(tmp_path))
+    assert r["meta_batch"] == 4 and r["flops_per_step"] > 0 and r["wall_ms_per_step_traced"] > 0
+    assert r["lines"] and all(ln["busy_ms_per_step"] > 0 for ln in r["lines"])
+    assert (tmp_path / "T4.xplane.pb").exists()
