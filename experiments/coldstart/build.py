@@ -14,7 +14,8 @@ from experiments.common import split_names
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
 from metarec.baselines import make_baseline
-from metarec.baselines.neighbours import fit_neighbours, neighbour_features
+from metarec.baselines.mf import DEFAULT_REG as MF_DEFAULT_REG
+from metarec.baselines.neighbours import fit_neighbours, with_neighbours
 from metarec.data.tasks import Task
 from metarec.meta import LEARNERS, make_learner
 from metarec.meta.inner import mse, scaled_sse, shrunk_mse, with_rank_term
@@ -58,6 +59,7 @@ class SeedData:
     # held-out query sets in "resample_support")
     table_ratings: dict = dataclasses.field(default_factory=dict)
     n_task_users: int = 0  # tasks per epoch of a sampler (users with enough training ratings)
+    seed: int = 0  # the seed the data was prepared with (the MF feature's fit is seeded by it)
     # train_tasks mode -> (epoch -> the UserSets its sampler encodes)
     draws: dict = dataclasses.field(default_factory=dict)
     width: int = 0  # the support width every task is padded to
@@ -79,17 +81,19 @@ class SeedData:
         ``cf_knn`` every task's examples carry ``x["nbr"]``, the neighbourhood predictions from its
         support set (:mod:`metarec.baselines.neighbours`): over the ratings the method's item
         tables are fitted on (``table_ratings[cfg.train_tasks]``) for the training tasks, over
-        every training rating for validation and test tasks. Cached per mode."""
+        every training rating for validation and test tasks; with ``cf_knn_mf`` also the ``mf``
+        baseline's fold-in prediction (its defaults, seeded as the baseline is) as a third
+        feature. Cached per mode and feature set."""
         if not cfg.get("cf_knn", False):
             return self
-        mode = cfg.train_tasks
-        if mode not in self._views:
+        mode, with_mf = cfg.train_tasks, bool(cfg.get("cf_knn_mf", False))
+        if (mode, with_mf) not in self._views:
             # training tasks: the ratings the method's item tables are fitted on; validation and
             # test tasks: every training rating (what the deployed model reads, see `deployed`)
-            train_enc = self._neighbour_encoder(self.table_ratings[mode])
-            enc = self._neighbour_encoder(self.fit_ratings)
+            train_enc = self._neighbour_encoder(self.table_ratings[mode], with_mf)
+            enc = self._neighbour_encoder(self.fit_ratings, with_mf)
             draws = {m: d for m, d in self.draws.items() if m == mode}
-            self._views[mode] = dataclasses.replace(
+            self._views[(mode, with_mf)] = dataclasses.replace(
                 self,
                 train=train_enc(self.train_sets),
                 val=enc(self.val_sets),
@@ -101,33 +105,20 @@ class SeedData:
                 draws=draws,
                 _views={},
             )
-        return self._views[mode]
+        return self._views[(mode, with_mf)]
 
-    def _neighbour_encoder(self, ratings) -> Callable[[mdata.UserSets], Task]:
-        state = fit_neighbours(
-            ratings["user_id"].to_numpy(),
-            ratings["item_id"].to_numpy(),
-            ratings["rating"].to_numpy(),
-        )
+    def _neighbour_encoder(self, ratings, with_mf: bool = False) -> Callable:
+        triples = [ratings[c].to_numpy() for c in ("user_id", "item_id", "rating")]
+        state = fit_neighbours(*triples)
+        mf = None
+        if with_mf:  # the mf baseline as the pipeline fits it (baseline_predictions)
+            model = make_baseline("mf", seed=self.seed)
+            mf = (model.fit(*triples), MF_DEFAULT_REG)  # fold_in_reg defaults to reg
 
         def enc(sets: mdata.UserSets) -> Task:
-            return with_neighbours(self.encode(sets), sets.pad_support(self.width), state)
+            return with_neighbours(self.encode(sets), sets.pad_support(self.width), state, mf)
 
         return enc
-
-
-def with_neighbours(task: Task, sets: mdata.UserSets, state) -> Task:
-    """``task`` (encoded from ``sets``) with ``x["nbr"]`` on its support and query examples."""
-
-    def add(ex, items):
-        f = neighbour_features(
-            state, sets.support_item, sets.support_rating, sets.support_mask, items, sets.user_id
-        )
-        return ex.replace(x=ex.x | {"nbr": f})
-
-    return task.replace(
-        support=add(task.support, sets.support_item), query=add(task.query, sets.query_item)
-    )
 
 
 def validation_split(split: mdata.Split, val_fraction: float, seed: int):
@@ -226,6 +217,7 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         samplers={m: (lambda e, d=d: enc(d(e))) for m, d in draws.items()},
         draws=draws,
         width=width,
+        seed=seed,
         table_ratings={
             "resample": fit_ratings,
             "fixed": fit_ratings,
@@ -532,6 +524,8 @@ def _validate_fields(cfg) -> None:
         )
     if cfg.get("cf_knn", False) and cfg.model != "hybrid":
         raise ValueError(f"--config.cf_knn needs --config.model=hybrid, got {cfg.model!r}")
+    if cfg.get("cf_knn_mf", False) and not cfg.get("cf_knn", False):
+        raise ValueError("--config.cf_knn_mf adds a feature to cf_knn's: set --config.cf_knn=True")
     if "context" in cfg.adapt and cfg.context_dim < 1:
         raise ValueError(f"--config.adapt={cfg.adapt} needs --config.context_dim >= 1")
     _validate_numbers(cfg)

@@ -192,9 +192,13 @@ def _mf_core(hp, state, s_item, s_rat, s_mask, q_item, q_mask):
     return state.mu + b_u[:, None] + b_i + jnp.einsum("td,tqd->tq", p_u, q_f)
 
 
+#: the ``mf`` baseline's default L2 strength (also its default fold-in ridge)
+DEFAULT_REG = 5.0
+
+
 def mf(
     dim: int = 8,
-    reg: float = 5.0,
+    reg: float = DEFAULT_REG,
     lr: float = 0.05,
     steps: int = 500,
     init_scale: float = 0.1,

@@ -14,6 +14,10 @@ user is never its own neighbour (its support ratings may be among the fitted rat
 inner loop fitting the support set sees features that do not contain the rating it is fitting.
 Query targets (not in the support) get exactly ``user_knn``'s and ``item_knn``'s unclipped
 predictions.
+
+:func:`mf_features` does the same for the ``mf`` baseline (ridge fold-in of ``(b_u, p_u)`` on the
+support with the fitted item side fixed): a support target's fold-in leaves its own entries out,
+a query target gets ``mf``'s unclipped prediction.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from metarec.baselines.knn import (
     fit_user_knn,
     item_knn_similarity,
 )
-from metarec.data.tasks import map_blocks
+from metarec.baselines.mf import MFState
+from metarec.data.tasks import Task, map_blocks
 
 N_FEATURES = 2  # (user-kNN prediction, item-kNN prediction)
 PAD_TASKS = 128  # tasks per compiled call
@@ -194,3 +199,80 @@ def _features(state, own, s_item, s_rat, s_mask, t_item, k, shrink, task_chunk):
         return jnp.stack([fu, fi], axis=-1)
 
     return jax.lax.map(one, (own, s_item, s_rat, s_mask, t_item), batch_size=task_chunk)
+
+
+def _mf_loo(st: MFState, reg, s_item, s_rat, s_mask, t_item):
+    """``[R]`` MF fold-in predictions for one task's targets, each target's own support entries
+    left out of its ridge solve (one ``(d+1)``-square solve per target)."""
+    s_idx, s_known = lookup(st.item_vocab, s_item)
+    w = (s_mask > 0) & s_known
+    q = st.item_factors[s_idx]
+    x = jnp.concatenate([jnp.ones_like(q[:, :1]), q], axis=1)  # [S, d+1]
+    y = s_rat - st.mu - st.item_bias[s_idx]
+    keep = w[None, :] & (t_item[:, None] != s_item[None, :])  # [R, S]
+    xw = x[None] * keep[..., None].astype(jnp.float32)  # [R, S, d+1]
+    a = jnp.einsum("rsi,sj->rij", xw, x) + reg * jnp.eye(x.shape[1], dtype=x.dtype)
+    theta = jnp.linalg.solve(a, jnp.einsum("rsi,s->ri", xw, y)[..., None])[..., 0]  # [R, d+1]
+    t_idx, t_known = lookup(st.item_vocab, t_item)
+    b_t = jnp.where(t_known, st.item_bias[t_idx], 0.0)
+    x_t = jnp.where(t_known[:, None], st.item_factors[t_idx], 0.0)
+    return st.mu + b_t + theta[:, 0] + jnp.sum(theta[:, 1:] * x_t, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(6,))
+def _mf_block(state, reg, s_item, s_rat, s_mask, t_item, task_chunk):
+    def one(xs):
+        return _mf_loo(state, reg, *xs)
+
+    return jax.lax.map(one, (s_item, s_rat, s_mask, t_item), batch_size=task_chunk)
+
+
+def mf_features(
+    state: MFState,
+    reg: float,
+    support_item,
+    support_rating,
+    support_mask,
+    target_item,
+    *,
+    task_chunk: int = 32,
+) -> np.ndarray:
+    """``[T, R]`` float32: the ``mf`` baseline's fold-in prediction (ridge ``reg`` > 0 on
+    ``(b_u, p_u)``, the baseline's ``fold_in_reg``) for targets ``target_item [T, R]`` of ``T``
+    tasks with supports ``[T, S]`` (raw ids, ratings, 0/1 mask), leave-one-out on support targets
+    (module docstring). An item outside the fitted vocabulary gets ``mu + b_u``."""
+    if not reg > 0:
+        raise ValueError(f"mf_features needs a ridge reg > 0, got {reg}")
+    arrays = [np.asarray(a) for a in (support_item, support_rating, support_mask, target_item)]
+
+    def block(s_item, s_rat, s_mask, t_item):
+        return _mf_block(
+            state,
+            jnp.float32(reg),
+            jnp.asarray(s_item, jnp.int32),
+            jnp.asarray(s_rat, jnp.float32),
+            jnp.asarray(s_mask, jnp.float32),
+            jnp.asarray(t_item, jnp.int32),
+            int(task_chunk),
+        )
+
+    return map_blocks(block, arrays, PAD_TASKS)
+
+
+def with_neighbours(task: Task, sets, state: NeighbourState, mf=None) -> Task:
+    """``task`` (encoded from ``sets``, a :class:`metarec.data.UserSets` padded as the task is)
+    with ``x["nbr"]`` on its support and query examples: :func:`neighbour_features`, and with
+    ``mf = (MFState, fold-in reg)`` :func:`mf_features` as a third feature."""
+
+    def add(ex, items):
+        f = neighbour_features(
+            state, sets.support_item, sets.support_rating, sets.support_mask, items, sets.user_id
+        )
+        if mf is not None:
+            m = mf_features(*mf, sets.support_item, sets.support_rating, sets.support_mask, items)
+            f = np.concatenate([f, m[..., None]], axis=-1)
+        return ex.replace(x=ex.x | {"nbr": f})
+
+    return task.replace(
+        support=add(task.support, sets.support_item), query=add(task.query, sets.query_item)
+    )

@@ -319,6 +319,25 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     assert dp["global_bias"] == p0["global_bias"]
     mcfg.train_tasks = "resample"  # tables already fitted on every training rating
     assert build.deployed(sd, mcfg, 0)(p0) is p0
+    # cf_knn_mf: a third column, the mf baseline's prediction as the pipeline fits it (seeded by
+    # the seed), for validation users over every training rating; the model blends 3 features
+    mcfg.cf_knn_mf = True
+    w = sd.view(mcfg)
+    assert w is not v and w is sd.view(mcfg)
+    (want,) = build.baseline_predictions("mf", 0, sd.fit_ratings, {"val": vs}).values()
+    got = w.val.query.x["nbr"][..., 2]
+    # the baseline clips to the rating scale; the feature is unclipped
+    np.testing.assert_allclose(np.clip(got, 1, 5) * vs.query_mask, want * vs.query_mask, atol=1e-4)
+    np.testing.assert_array_equal(w.val.query.x["nbr"][..., :2], v.val.query.x["nbr"])
+    assert w.train_tasks("resample")(1).support.x["nbr"].shape[-1] == 3
+    init_fn, apply_fn = build.Compiled(mcfg).model(sd.encoder.spec)
+    p3 = init_fn(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(p3["nbr_weight"], [0.25] * 3)
+    out = apply_fn(p3, jax.tree_util.tree_map(lambda a: a[0], w.val.query.x))
+    assert np.isfinite(np.asarray(out)).all()
+    mcfg.cf_knn = False
+    with pytest.raises(ValueError, match="cf_knn_mf adds a feature"):
+        build.validate_config(mcfg)
 
 
 @pytest.mark.parametrize("support", ["new", "known"])

@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
             "cf_reg": "log:2.0:20.0",
             "id_dropout": "float:0.0:0.8",
             "cf_knn": "choice:True,False",
+            # with cf_knn: the mf baseline's fold-in prediction as a third blended feature
+            "cf_knn_mf": "choice:False,True",
             "cf_knn_new_items": "choice:False,True",
             "cf_user_fields": "choice:-1,3",
             "cf_melu": "choice:False,True",  # MeLU's network as the non-linear part

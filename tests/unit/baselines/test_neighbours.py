@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from metarec.baselines import make_baseline
-from metarec.baselines.neighbours import fit_neighbours, neighbour_features
+from metarec.baselines.neighbours import fit_neighbours, mf_features, neighbour_features
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,36 @@ def test_own_user_is_not_a_neighbour(world):
     # the other users' rows are identical in both fits except their centring; user-kNN of the
     # fit with the user equals the fit without it
     np.testing.assert_allclose(own[..., 0], without[..., 0], atol=1e-5)
+
+
+def test_mf_feature_is_the_mf_baselines_fold_in_leave_one_out(world):
+    """Query targets: the mf baseline's unclipped prediction. Support targets: the baseline's
+    prediction from the support with that entry masked out. Unfitted items: mu + b_u."""
+    train, si, sr, sm, qi, users = world
+    b = make_baseline("mf", seed=0, clip=False, steps=200)
+    st = b.fit(*train)
+    reg = 5.0  # the baseline's default fold-in ridge
+    q = mf_features(st, reg, si, sr, sm, qi)
+    pred = np.asarray(b.predict(st, si, sr, sm, qi, np.ones(qi.shape, np.float32), users))
+    np.testing.assert_allclose(q, pred, atol=1e-4)
+    assert q.std() > 0.05  # not vacuous
+    s_feat = mf_features(st, reg, si, sr, sm, si)
+    for t in range(si.shape[0]):
+        for s in np.flatnonzero(sm[t]):
+            m = sm[t : t + 1].copy()
+            m[0, s] = 0.0
+            one = b.predict(st, si[t : t + 1], sr[t : t + 1], m, si[t : t + 1, s : s + 1],
+                            np.ones((1, 1), np.float32), users[t : t + 1])  # fmt: skip
+            np.testing.assert_allclose(s_feat[t, s], np.asarray(one)[0, 0], atol=1e-4)
+    # a support entry's feature does not move with its own rating
+    sr2 = sr.copy()
+    sr2[1, 2] += 2.0
+    assert mf_features(st, reg, si, sr2, sm, si)[1, 2] == pytest.approx(s_feat[1, 2], abs=1e-5)
+    # an item outside the fitted vocabulary: the folded-in mu + b_u (the query's first target)
+    new = qi.copy()
+    new[:, 0] = 99_999
+    f_new = mf_features(st, reg, si, sr, sm, new)
+    with_new = np.asarray(b.predict(st, si, sr, sm, new, np.ones(qi.shape, np.float32), users))
+    np.testing.assert_allclose(f_new[:, 0], with_new[:, 0], atol=1e-4)
+    with pytest.raises(ValueError, match="reg > 0"):
+        mf_features(st, 0.0, si, sr, sm, qi)
