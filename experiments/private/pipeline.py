@@ -66,9 +66,10 @@ from metarec.training.runlog import MetricsWriter, read_json, write_json_atomic
 from metarec.training.workdir import open_run
 
 # the recommended method's architecture without anything that reads training ratings outside
-# the private computation (kNN features, MF item tables)
+# the private computation (kNN and MF features, MF item tables)
 PRIVATE_VARIANT = {
     "cf_knn": False,
+    "cf_knn_mf": False,
     "cf_mf_tables": False,
     "cf_table_init": 0.1,
     "cf_freeze_tables": False,

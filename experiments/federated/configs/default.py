@@ -9,9 +9,10 @@ any field, e.g. ``--config.seeds=0 --config.fed.rounds=100 --config.settings=cen
 import ml_collections
 
 # the private variant (common to the DP and federated experiments): no rating is read outside the
-# private / on-device computation, so no MF item tables and no kNN features
+# private / on-device computation, so no MF item tables and no kNN or MF features
 PRIVATE = {
     "cf_knn": False,
+    "cf_knn_mf": False,
     "cf_mf_tables": False,
     "cf_table_init": 0.1,
     "cf_freeze_tables": False,
