@@ -524,8 +524,6 @@ def _validate_fields(cfg) -> None:
         )
     if cfg.get("cf_knn", False) and cfg.model != "hybrid":
         raise ValueError(f"--config.cf_knn needs --config.model=hybrid, got {cfg.model!r}")
-    if cfg.get("cf_knn_mf", False) and not cfg.get("cf_knn", False):
-        raise ValueError("--config.cf_knn_mf adds a feature to cf_knn's: set --config.cf_knn=True")
     if "context" in cfg.adapt and cfg.context_dim < 1:
         raise ValueError(f"--config.adapt={cfg.adapt} needs --config.context_dim >= 1")
     _validate_numbers(cfg)

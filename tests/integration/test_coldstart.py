@@ -335,9 +335,10 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     np.testing.assert_allclose(p3["nbr_weight"], [0.25] * 3)
     out = apply_fn(p3, jax.tree_util.tree_map(lambda a: a[0], w.val.query.x))
     assert np.isfinite(np.asarray(out)).all()
-    mcfg.cf_knn = False
-    with pytest.raises(ValueError, match="cf_knn_mf adds a feature"):
-        build.validate_config(mcfg)
+    mcfg.cf_knn = False  # cf_knn_mf alone changes nothing (as cf_knn_new_items)
+    build.validate_config(mcfg)
+    assert sd.view(mcfg) is sd
+    assert "nbr_weight" not in build.Compiled(mcfg).model(sd.encoder.spec)[0](jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("support", ["new", "known"])

@@ -96,8 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     # True: neighbourhood CF too: each example's user-kNN and item-kNN predictions from its task's
     # support set (leave-one-out on support examples), blended by meta-learned weights
     c.cf_knn = False
-    # True (with cf_knn): the mf baseline's fold-in prediction as a third neighbour feature (leave-
-    # one-out on support examples), blended like the kNN predictions
+    # True: the mf baseline's fold-in prediction as a third neighbour feature (leave-one-out on
+    # support examples), blended like the kNN predictions; no effect without cf_knn (as
+    # cf_knn_new_items)
     c.cf_knn_mf = False
     # True: new (out-of-vocabulary) items are blended too, though their neighbour predictions are
     # only the support mean; False: new items (and ids dropped by id_dropout) use the model alone
