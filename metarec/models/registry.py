@@ -82,7 +82,8 @@ def _build_transformer(spec, cfg, pretrained=None, max_len=None):
 
 def _build_hybrid(spec, cfg, pretrained=None, max_len=None):
     del pretrained, max_len
-    with_mf = int(cfg.get("cf_knn_mf", False))  # the mf baseline's fold-in as a third feature
+    # the kNN predictions, plus the mf baseline's fold-in as a third feature with cf_knn_mf
+    n_nbr = N_NBR_FEATURES + int(cfg.get("cf_knn_mf", False)) if cfg.get("cf_knn", False) else 0
     return hybrid.make_hybrid(
         spec,
         dim=cfg.cf_dim,
@@ -90,9 +91,8 @@ def _build_hybrid(spec, cfg, pretrained=None, max_len=None):
         hidden=tuple(cfg.cf_hidden),
         id_dropout=cfg.id_dropout,
         freeze_tables=cfg.cf_freeze_tables,
-        n_nbr=(N_NBR_FEATURES + with_mf) if cfg.get("cf_knn", False) else 0,
-        # with the MF column every blend weight starts at 1/4, leaving the model a quarter
-        nbr_init=1 / 4 if with_mf else 1 / 3,
+        n_nbr=n_nbr,
+        nbr_init=1 / (n_nbr + 1),  # the model and each blended prediction start with equal weight
         user_fields=cfg.get("cf_user_fields", -1),
         nbr_new_items=cfg.get("cf_knn_new_items", False),
         table_init=cfg.get("cf_table_init", 0.0),

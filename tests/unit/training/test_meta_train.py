@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from benchmarks.meta_step.machine import cpu_vector_flags
 from experiments.coldstart import build
 from experiments.coldstart.configs import default as default_config
 from metarec import data as mdata
@@ -143,12 +144,8 @@ PINNED_SHA256 = {  # by whether the host has AVX-512
 
 
 def _has_avx512() -> bool | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return None
-    return "avx512f" in flags
+    flags = cpu_vector_flags()  # empty where the CPU's flags cannot be read
+    return "avx512f" in flags if flags else None
 
 
 PINNED_VAL_MAE = [1.1303929090499878, 1.1274895668029785, 1.131317138671875]
