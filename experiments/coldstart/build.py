@@ -83,17 +83,19 @@ class SeedData:
         tables are fitted on (``table_ratings[cfg.train_tasks]``) for the training tasks, over
         every training rating for validation and test tasks; with ``cf_knn_mf`` also the ``mf``
         baseline's fold-in prediction (its defaults, seeded as the baseline is) as a third
-        feature. Cached per mode and feature set."""
+        feature; with ``cf_knn_new_own`` also ``x["nbr_new"]``, the features as if each item
+        were new. Cached per mode and feature set."""
         if not cfg.get("cf_knn", False):
             return self
         mode, with_mf = cfg.train_tasks, bool(cfg.get("cf_knn_mf", False))
-        if (mode, with_mf) not in self._views:
+        with_new = bool(cfg.get("cf_knn_new_own", False))
+        if (mode, with_mf, with_new) not in self._views:
             # training tasks: the ratings the method's item tables are fitted on; validation and
             # test tasks: every training rating (what the deployed model reads, see `deployed`)
-            train_enc = self._neighbour_encoder(self.table_ratings[mode], with_mf)
-            enc = self._neighbour_encoder(self.fit_ratings, with_mf)
+            train_enc = self._neighbour_encoder(self.table_ratings[mode], with_mf, with_new)
+            enc = self._neighbour_encoder(self.fit_ratings, with_mf, with_new)
             draws = {m: d for m, d in self.draws.items() if m == mode}
-            self._views[(mode, with_mf)] = dataclasses.replace(
+            self._views[(mode, with_mf, with_new)] = dataclasses.replace(
                 self,
                 train=train_enc(self.train_sets),
                 val=enc(self.val_sets),
@@ -105,9 +107,9 @@ class SeedData:
                 draws=draws,
                 _views={},
             )
-        return self._views[(mode, with_mf)]
+        return self._views[(mode, with_mf, with_new)]
 
-    def _neighbour_encoder(self, ratings, with_mf: bool = False) -> Callable:
+    def _neighbour_encoder(self, ratings, with_mf: bool = False, with_new=False) -> Callable:
         triples = [ratings[c].to_numpy() for c in ("user_id", "item_id", "rating")]
         state = fit_neighbours(*triples)
         mf = None
@@ -116,7 +118,8 @@ class SeedData:
             mf = (model.fit(*triples), MF_DEFAULT_REG)  # fold_in_reg defaults to reg
 
         def enc(sets: mdata.UserSets) -> Task:
-            return with_neighbours(self.encode(sets), sets.pad_support(self.width), state, mf)
+            padded = sets.pad_support(self.width)
+            return with_neighbours(self.encode(sets), padded, state, mf, with_new)
 
         return enc
 

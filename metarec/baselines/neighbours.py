@@ -201,9 +201,10 @@ def _features(state, own, s_item, s_rat, s_mask, t_item, k, shrink, task_chunk):
     return jax.lax.map(one, (own, s_item, s_rat, s_mask, t_item), batch_size=task_chunk)
 
 
-def _mf_loo(st: MFState, reg, s_item, s_rat, s_mask, t_item):
+def _mf_loo(st: MFState, reg, s_item, s_rat, s_mask, t_item, as_new=False):
     """``[R]`` MF fold-in predictions for one task's targets, each target's own support entries
-    left out of its ridge solve (one ``(d+1)``-square solve per target)."""
+    left out of its ridge solve (one ``(d+1)``-square solve per target); ``as_new``: every target
+    as an unfitted item (``mu + b_u``)."""
     s_idx, s_known = lookup(st.item_vocab, s_item)
     w = (s_mask > 0) & s_known
     q = st.item_factors[s_idx]
@@ -214,6 +215,7 @@ def _mf_loo(st: MFState, reg, s_item, s_rat, s_mask, t_item):
     a = jnp.einsum("rsi,sj->rij", xw, x) + reg * jnp.eye(x.shape[1], dtype=x.dtype)
     theta = jnp.linalg.solve(a, jnp.einsum("rsi,s->ri", xw, y)[..., None])[..., 0]  # [R, d+1]
     t_idx, t_known = lookup(st.item_vocab, t_item)
+    t_known = t_known & (not as_new)
     b_t = jnp.where(t_known, st.item_bias[t_idx], 0.0)
     x_t = jnp.where(t_known[:, None], st.item_factors[t_idx], 0.0)
     return st.mu + b_t + theta[:, 0] + jnp.sum(theta[:, 1:] * x_t, axis=1)
@@ -259,10 +261,61 @@ def mf_features(
     return map_blocks(block, arrays, PAD_TASKS)
 
 
-def with_neighbours(task: Task, sets, state: NeighbourState, mf=None) -> Task:
+@functools.partial(jax.jit, static_argnums=(6,))
+def _new_block(state, mf, s_item, s_rat, s_mask, t_item, task_chunk):
+    def one(xs):
+        s_item, s_rat, s_mask, t_item = xs
+        m = s_mask > 0
+        eq = ((t_item[:, None] == s_item[None, :]) & m[None, :]).astype(jnp.float32)
+        cols = [_loo_mean(s_rat, m, eq, state.user.mu), _loo_mean(s_rat, m, eq, state.item.mu)]
+        if mf is not None:
+            cols.append(_mf_loo(mf[0], mf[1], s_item, s_rat, s_mask, t_item, as_new=True))
+        return jnp.stack(cols, axis=-1)
+
+    return jax.lax.map(one, (s_item, s_rat, s_mask, t_item), batch_size=task_chunk)
+
+
+def new_item_features(
+    state: NeighbourState,
+    support_item,
+    support_rating,
+    support_mask,
+    target_item,
+    mf=None,
+    *,
+    task_chunk: int = 32,
+) -> np.ndarray:
+    """``[T, R, 2]`` (``[T, R, 3]`` with ``mf = (MFState, fold-in reg)``) float32: what
+    :func:`neighbour_features` (and :func:`mf_features`) give each target if its item had no
+    fitted rating, leave-one-out on support targets as there: both kNN fallbacks are the support
+    mean without the target's own entry, the MF fold-in is ``mu + b_u``. For an item that really
+    is unfitted this equals those functions' output; for a fitted one it is what a model that
+    drops the item's id (a simulated new item) should be given."""
+    arrays = [np.asarray(a) for a in (support_item, support_rating, support_mask, target_item)]
+    mf_arg = None if mf is None else (mf[0], jnp.float32(mf[1]))
+
+    def block(s_item, s_rat, s_mask, t_item):
+        return _new_block(
+            state,
+            mf_arg,
+            jnp.asarray(s_item, jnp.int32),
+            jnp.asarray(s_rat, jnp.float32),
+            jnp.asarray(s_mask, jnp.float32),
+            jnp.asarray(t_item, jnp.int32),
+            int(task_chunk),
+        )
+
+    return map_blocks(block, arrays, PAD_TASKS)
+
+
+def with_neighbours(
+    task: Task, sets, state: NeighbourState, mf=None, new_items: bool = False
+) -> Task:
     """``task`` (encoded from ``sets``, a :class:`metarec.data.UserSets` padded as the task is)
     with ``x["nbr"]`` on its support and query examples: :func:`neighbour_features`, and with
-    ``mf = (MFState, fold-in reg)`` :func:`mf_features` as a third feature."""
+    ``mf = (MFState, fold-in reg)`` :func:`mf_features` as a third feature; with ``new_items``
+    also ``x["nbr_new"]``, the same features as if each example's item were new
+    (:func:`new_item_features`)."""
 
     def add(ex, items):
         f = neighbour_features(
@@ -271,7 +324,12 @@ def with_neighbours(task: Task, sets, state: NeighbourState, mf=None) -> Task:
         if mf is not None:
             m = mf_features(*mf, sets.support_item, sets.support_rating, sets.support_mask, items)
             f = np.concatenate([f, m[..., None]], axis=-1)
-        return ex.replace(x=ex.x | {"nbr": f})
+        x = {"nbr": f}
+        if new_items:
+            x["nbr_new"] = new_item_features(
+                state, sets.support_item, sets.support_rating, sets.support_mask, items, mf
+            )
+        return ex.replace(x=ex.x | x)
 
     return task.replace(
         support=add(task.support, sets.support_item), query=add(task.query, sets.query_item)

@@ -29,7 +29,11 @@ Prediction for user ``u`` and item ``i``::
   were fitted, so their neighbour "predictions" are only the user's support mean (which
   ``x["offset"]`` already gives the model), and an id dropped by ``id_dropout`` is treated the
   same way, so meta-training simulates new items as they are met (the content path alone);
-  ``nbr_new_items=True`` blends every item instead.
+  ``nbr_new_items=True`` blends every item instead. ``nbr_new_own=True`` gives those items
+  (new ones and dropped ids) a blend of their own: separate meta-learned weights
+  ``nbr_weight_new`` over ``x["nbr_new"]``, the features each example would have if its item
+  were new (:func:`metarec.baselines.neighbours.new_item_features`: the support mean and
+  ``mu + b_u``), so meta-training meets a dropped id with what a real new item gets.
 * ``new_item_mean`` (``lam`` in [0, 1]): the prediction for an item with an out-of-vocabulary id
   is ``(1 - lam) r^ + lam x["offset"]``, shrunk toward the user's support mean by a fixed weight
   (0 = off). For a new item the model has only its content; the support mean is what the user
@@ -79,6 +83,7 @@ class HybridCF(nn.Module):
     n_nbr: int = 0  # > 0: x["nbr"] [..., n_nbr] neighbourhood predictions, a learned blend
     nbr_init: float = 1 / 3  # the blend weights' initial value
     nbr_new_items: bool = False  # True: out-of-vocabulary ids are blended too
+    nbr_new_own: bool = False  # True: ... by their own weights over x["nbr_new"]
     new_item_mean: float = 0.0  # > 0: out-of-vocabulary ids shrink toward the support mean
     # > 0: item factors start N(0, table_init^2) instead of zero, for tables learned in the outer
     # loop rather than filled from an MF (zero user and item vectors would be a saddle of p . q)
@@ -132,12 +137,21 @@ class HybridCF(nn.Module):
             )
         mu = self.param("global_bias", _zeros, ())
         nbr = x["nbr"].astype(jnp.float32) if self.n_nbr else None
+        own = bool(self.n_nbr) and self.nbr_new_own
+        if own:  # an out-of-vocabulary id reads the features a new item has
+            nbr = jnp.where(known, nbr, x["nbr_new"].astype(jnp.float32))
 
         def blend(out):  # the neighbourhood blend, then new items toward the support mean
             if self.n_nbr:  # (1 - sum w) x the model + sum_f w_f x neighbour prediction f
-                w = self.param("nbr_weight", nn.initializers.constant(self.nbr_init), (self.n_nbr,))
-                mix = (nbr - out[..., None]) @ w
-                out = out + (mix if self.nbr_new_items else jnp.where(known[..., 0], mix, 0.0))
+                init = nn.initializers.constant(self.nbr_init)
+                w = self.param("nbr_weight", init, (self.n_nbr,))
+                if own:  # per example: the known items' weights or the new items'
+                    w = jnp.where(known, w, self.param("nbr_weight_new", init, (self.n_nbr,)))
+                    mix = jnp.sum((nbr - out[..., None]) * w, axis=-1)
+                else:
+                    mix = (nbr - out[..., None]) @ w
+                blend_all = self.nbr_new_items or own
+                out = out + (mix if blend_all else jnp.where(known[..., 0], mix, 0.0))
             if self.new_item_mean > 0:  # new items: toward the user's support mean
                 lam, mean = self.new_item_mean, x["offset"].astype(jnp.float32)
                 out = jnp.where(known[..., 0], out, (1.0 - lam) * out + lam * mean)
@@ -176,6 +190,7 @@ def make_hybrid(
     nbr_init: float = 1 / 3,
     user_fields: int = -1,
     nbr_new_items: bool = False,
+    nbr_new_own: bool = False,
     table_init: float = 0.0,
     new_item_mean: float = 0.0,
 ) -> tuple[Callable, Callable]:
@@ -204,6 +219,7 @@ def make_hybrid(
         user_fields=int(user_fields),
         nbr_init=float(nbr_init),
         nbr_new_items=bool(nbr_new_items),
+        nbr_new_own=bool(nbr_new_own),
         table_init=float(table_init),
         new_item_mean=float(new_item_mean),
     )
@@ -211,7 +227,8 @@ def make_hybrid(
     def init_fn(key: jax.Array) -> PyTree:
         x = dummy_inputs(spec)
         if n_nbr:
-            x = x | {"nbr": jnp.zeros(x["offset"].shape + (int(n_nbr),), jnp.float32)}
+            f = jnp.zeros(x["offset"].shape + (int(n_nbr),), jnp.float32)
+            x = x | {"nbr": f} | ({"nbr_new": f} if nbr_new_own else {})
         return module.init(key, x)["params"]
 
     def apply_fn(params, x, *, key=None, train=False):

@@ -95,6 +95,7 @@ def _build_hybrid(spec, cfg, pretrained=None, max_len=None):
         nbr_init=1 / (n_nbr + 1),  # the model and each blended prediction start with equal weight
         user_fields=cfg.get("cf_user_fields", -1),
         nbr_new_items=cfg.get("cf_knn_new_items", False),
+        nbr_new_own=cfg.get("cf_knn_new_own", False),
         table_init=cfg.get("cf_table_init", 0.0),
         new_item_mean=cfg.get("cf_new_item_mean", 0.0),
         melu=None

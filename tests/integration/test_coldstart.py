@@ -17,6 +17,8 @@ from experiments.coldstart.configs import default as default_config
 from experiments.tune import pipeline as tune
 from experiments.tune.pipeline import grid_search
 from metarec import data as mdata
+from metarec.baselines.mf import DEFAULT_REG
+from metarec.baselines.neighbours import new_item_features
 
 
 def tiny_config():
@@ -335,6 +337,31 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     np.testing.assert_allclose(p3["nbr_weight"], [0.25] * 3)
     out = apply_fn(p3, jax.tree_util.tree_map(lambda a: a[0], w.val.query.x))
     assert np.isfinite(np.asarray(out)).all()
+    # cf_knn_new_own: every example also carries its features as if its item were new, over the
+    # same ratings; the known features are unchanged and new items get their own weights
+    mcfg.cf_knn_new_own = True
+    n = sd.view(mcfg)
+    assert n is not w and n is sd.view(mcfg)
+    np.testing.assert_array_equal(n.val.query.x["nbr"], w.val.query.x["nbr"])
+    triples = [sd.fit_ratings[c].to_numpy() for c in ("user_id", "item_id", "rating")]
+    mf = (build.make_baseline("mf", seed=0).fit(*triples), DEFAULT_REG)
+    want = new_item_features(
+        build.fit_neighbours(*triples),
+        vs.support_item,
+        vs.support_rating,
+        vs.support_mask,
+        vs.query_item,
+        mf,
+    )
+    m = vs.query_mask[..., None]
+    np.testing.assert_allclose(n.val.query.x["nbr_new"] * m, want * m, atol=1e-5)
+    assert n.train_tasks("resample")(1).support.x["nbr_new"].shape[-1] == 3
+    init_fn, apply_fn = build.Compiled(mcfg).model(sd.encoder.spec)
+    p4 = init_fn(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(p4["nbr_weight_new"], [0.25] * 3)
+    out = apply_fn(p4, jax.tree_util.tree_map(lambda a: a[0], n.val.query.x))
+    assert np.isfinite(np.asarray(out)).all()
+    mcfg.cf_knn_new_own = False
     mcfg.cf_knn = False  # cf_knn_mf alone changes nothing (as cf_knn_new_items)
     build.validate_config(mcfg)
     assert sd.view(mcfg) is sd

@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     # True: new (out-of-vocabulary) items are blended too, though their neighbour predictions are
     # only the support mean; False: new items (and ids dropped by id_dropout) use the model alone
     c.cf_knn_new_items = False
+    # True: new items (and ids dropped by id_dropout) are blended by weights of their own over
+    # the features a new item has (the support mean, mu + b_u), whatever cf_knn_new_items says
+    c.cf_knn_new_own = False
     # > 0: a new item's prediction is shrunk toward the user's support mean by this weight
     c.cf_new_item_mean = 0.0
     # the user prior reads the first n demographic fields (age, gender, occupation, zip3); -1 = all

@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
             # with cf_knn: the mf baseline's fold-in prediction as a third blended feature
             "cf_knn_mf": "choice:False,True",
             "cf_knn_new_items": "choice:False,True",
+            # with cf_knn: new items (and dropped ids) blended by their own weights over the
+            # features a new item has
+            "cf_knn_new_own": "choice:False,True",
             "cf_user_fields": "choice:-1,3",
             "cf_melu": "choice:False,True",  # MeLU's network as the non-linear part
             # ListNet ranking term in the outer loss (0 = squared error only)

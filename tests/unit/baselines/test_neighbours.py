@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 
 from metarec.baselines import make_baseline
-from metarec.baselines.neighbours import fit_neighbours, mf_features, neighbour_features
+from metarec.baselines.neighbours import (
+    fit_neighbours,
+    mf_features,
+    neighbour_features,
+    new_item_features,
+)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +144,37 @@ def test_mf_feature_is_the_mf_baselines_fold_in_leave_one_out(world):
     np.testing.assert_allclose(f_new[:, 0], with_new[:, 0], atol=1e-4)
     with pytest.raises(ValueError, match="reg > 0"):
         mf_features(st, 0.0, si, sr, sm, qi)
+
+
+def test_new_item_features_are_the_features_of_the_item_renamed_unseen(world):
+    """Every target's as-new features equal what neighbour_features and mf_features give once its
+    item (the target and its own support entry) is renamed to an id no fitted rating has."""
+    train, si, sr, sm, qi, users = world
+    st = fit_neighbours(*train)
+    b = make_baseline("mf", seed=0, clip=False, steps=200)
+    mf = (b.fit(*train), 5.0)
+
+    def features(s_item, t_item, rows=slice(None)):
+        f = neighbour_features(st, s_item, sr[rows], sm[rows], t_item, users[rows])
+        m = mf_features(*mf, s_item, sr[rows], sm[rows], t_item)
+        return np.concatenate([f, m[..., None]], axis=-1)
+
+    new_q = new_item_features(st, si, sr, sm, qi, mf)
+    assert new_q.shape == qi.shape + (3,)
+    fresh = 10**6 + np.arange(qi.size).reshape(qi.shape)  # unseen ids, none in a support
+    np.testing.assert_allclose(new_q, features(si, fresh), atol=1e-4)
+    # without mf: the two kNN columns only
+    np.testing.assert_allclose(new_item_features(st, si, sr, sm, qi), new_q[..., :2], atol=1e-6)
+    new_s = new_item_features(st, si, sr, sm, si, mf)
+    for t in range(si.shape[0]):
+        for s in np.flatnonzero(sm[t]):
+            renamed = si[t : t + 1].copy()
+            renamed[0, s] = 10**7
+            one = features(renamed, renamed[:, s : s + 1], slice(t, t + 1))
+            np.testing.assert_allclose(new_s[t, s], one[0, 0], atol=1e-4)
+    # not vacuous: a fitted item's real features differ from its as-new ones
+    assert np.abs(features(si, qi) - new_q).max() > 0.1
+    # an item really unfitted: as-new equals the real features
+    np.testing.assert_allclose(
+        new_item_features(st, si, sr, sm, fresh, mf), features(si, fresh), atol=1e-4
+    )

@@ -239,6 +239,50 @@ def test_ids_dropped_in_meta_training_are_not_blended_either():
     np.testing.assert_allclose(np.asarray(got)[kept], want[kept], atol=1e-5)
 
 
+def test_new_items_blend_by_their_own_weights_over_the_as_new_features():
+    """nbr_new_own: an out-of-vocabulary id (new, or dropped in meta-training) is blended by
+    nbr_weight_new over x["nbr_new"]; a known id as before, by nbr_weight over x["nbr"]."""
+    params, apply, *_ = filled(n_nbr=2, nbr_new_own=True, id_dropout=0.5)
+    plain, apply_plain, *_ = filled(n_nbr=2, id_dropout=0.5)
+    base, apply0, *_ = filled(id_dropout=0.5)
+    np.testing.assert_allclose(params["nbr_weight_new"], params["nbr_weight"])
+    rng = np.random.default_rng(2)
+    # ids 1-14 have table rows (so a dropped one predicts differently), 20-25 are out of vocabulary
+    items = np.tile(np.r_[1:15, 20:26], 3)
+    x = make_x(4, items, 3.7)
+    nbr = jnp.asarray(3.5 + rng.normal(size=(len(items), 2)), jnp.float32)
+    nbr_new = jnp.asarray(3.5 + rng.normal(size=(len(items), 2)), jnp.float32)
+    w, w_new = jnp.array([0.5, 0.2]), jnp.array([0.1, 0.6])
+    params = dict(params, nbr_weight=w, nbr_weight_new=w_new)
+    xs = x | {"nbr": nbr, "nbr_new": nbr_new}
+    known = np.asarray(items < 20)
+    cf = np.asarray(apply0(base, x))
+    got = np.asarray(apply(params, xs))
+    want_known = cf + np.asarray(nbr @ w) - 0.7 * cf
+    want_new = cf + np.asarray(nbr_new @ w_new) - 0.7 * cf
+    np.testing.assert_allclose(got[known], want_known[known], atol=1e-5)
+    np.testing.assert_allclose(got[~known], want_new[~known], atol=1e-5)
+    # known items: the same prediction as the model without the option
+    plain = dict(plain, nbr_weight=w)
+    np.testing.assert_allclose(got[known], np.asarray(apply_plain(plain, xs))[known], atol=1e-6)
+    # meta-training: a dropped id is met as a new item is (its as-new features, its weights)
+    key = jax.random.PRNGKey(5)
+    cf_t = np.asarray(apply0(base, x, key=key, train=True))
+    got_t = np.asarray(apply(params, xs, key=key, train=True))
+    dropped = cf_t == np.asarray(apply0(base, x | {"item": x["item"].at[:, 1].set(0)}))
+    assert (dropped & known).sum() > 0 and (~dropped & known).sum() > 0
+    np.testing.assert_allclose(got_t[dropped], (cf_t + nbr_new @ w_new - 0.7 * cf_t)[dropped],
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(got_t[~dropped], (cf_t + nbr @ w - 0.7 * cf_t)[~dropped], atol=1e-5)
+    # each weight vector gets the meta-gradient of its own items only
+    g = jax.grad(lambda p: jnp.sum(apply(p, xs)))(params)
+    k = known[:, None]
+    np.testing.assert_allclose(g["nbr_weight"], (k * (nbr - cf[:, None])).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(
+        g["nbr_weight_new"], (~k * (nbr_new - cf[:, None])).sum(0), rtol=1e-4
+    )
+
+
 def test_learned_tables_start_random_so_user_and_item_vectors_both_learn():
     """With zero item factors and a zero user vector, p . q has zero gradient in both: tables
     learned in the outer loop (no MF fill) start N(0, table_init^2)."""
