@@ -245,12 +245,18 @@ def mf_features(
     (module docstring). An item outside the fitted vocabulary gets ``mu + b_u``."""
     if not reg > 0:
         raise ValueError(f"mf_features needs a ridge reg > 0, got {reg}")
-    arrays = [np.asarray(a) for a in (support_item, support_rating, support_mask, target_item)]
+    arrays = (support_item, support_rating, support_mask, target_item)
+    return _task_blocks(_mf_block, (state, jnp.float32(reg)), arrays, task_chunk)
+
+
+def _task_blocks(fn, head, arrays, task_chunk):
+    """``fn(*head, s_item, s_rat, s_mask, t_item, task_chunk)`` (jitted, ``lax.map`` over tasks)
+    run over blocks of ``PAD_TASKS`` tasks of the numpy ``arrays`` (support ids, ratings, mask,
+    target ids), so task sets of any size share one compiled program."""
 
     def block(s_item, s_rat, s_mask, t_item):
-        return _mf_block(
-            state,
-            jnp.float32(reg),
+        return fn(
+            *head,
             jnp.asarray(s_item, jnp.int32),
             jnp.asarray(s_rat, jnp.float32),
             jnp.asarray(s_mask, jnp.float32),
@@ -258,7 +264,7 @@ def mf_features(
             int(task_chunk),
         )
 
-    return map_blocks(block, arrays, PAD_TASKS)
+    return map_blocks(block, [np.asarray(a) for a in arrays], PAD_TASKS)
 
 
 @functools.partial(jax.jit, static_argnums=(6,))
@@ -291,21 +297,9 @@ def new_item_features(
     mean without the target's own entry, the MF fold-in is ``mu + b_u``. For an item that really
     is unfitted this equals those functions' output; for a fitted one it is what a model that
     drops the item's id (a simulated new item) should be given."""
-    arrays = [np.asarray(a) for a in (support_item, support_rating, support_mask, target_item)]
     mf_arg = None if mf is None else (mf[0], jnp.float32(mf[1]))
-
-    def block(s_item, s_rat, s_mask, t_item):
-        return _new_block(
-            state,
-            mf_arg,
-            jnp.asarray(s_item, jnp.int32),
-            jnp.asarray(s_rat, jnp.float32),
-            jnp.asarray(s_mask, jnp.float32),
-            jnp.asarray(t_item, jnp.int32),
-            int(task_chunk),
-        )
-
-    return map_blocks(block, arrays, PAD_TASKS)
+    arrays = (support_item, support_rating, support_mask, target_item)
+    return _task_blocks(_new_block, (state, mf_arg), arrays, task_chunk)
 
 
 def with_neighbours(

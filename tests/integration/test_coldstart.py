@@ -332,11 +332,15 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     np.testing.assert_allclose(np.clip(got, 1, 5) * vs.query_mask, want * vs.query_mask, atol=1e-4)
     np.testing.assert_array_equal(w.val.query.x["nbr"][..., :2], v.val.query.x["nbr"])
     assert w.train_tasks("resample")(1).support.x["nbr"].shape[-1] == 3
-    init_fn, apply_fn = build.Compiled(mcfg).model(sd.encoder.spec)
-    p3 = init_fn(jax.random.PRNGKey(0))
-    np.testing.assert_allclose(p3["nbr_weight"], [0.25] * 3)
-    out = apply_fn(p3, jax.tree_util.tree_map(lambda a: a[0], w.val.query.x))
-    assert np.isfinite(np.asarray(out)).all()
+
+    def blends_three(view, weights):  # the model starts each blend weight at 1/4 and runs
+        init_fn, apply_fn = build.Compiled(mcfg).model(sd.encoder.spec)
+        p = init_fn(jax.random.PRNGKey(0))
+        np.testing.assert_allclose(p[weights], [0.25] * 3)
+        out = apply_fn(p, jax.tree_util.tree_map(lambda a: a[0], view.val.query.x))
+        assert np.isfinite(np.asarray(out)).all()
+
+    blends_three(w, "nbr_weight")
     # cf_knn_new_own: every example also carries its features as if its item were new, over the
     # same ratings; the known features are unchanged and new items get their own weights
     mcfg.cf_knn_new_own = True
@@ -356,11 +360,7 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     m = vs.query_mask[..., None]
     np.testing.assert_allclose(n.val.query.x["nbr_new"] * m, want * m, atol=1e-5)
     assert n.train_tasks("resample")(1).support.x["nbr_new"].shape[-1] == 3
-    init_fn, apply_fn = build.Compiled(mcfg).model(sd.encoder.spec)
-    p4 = init_fn(jax.random.PRNGKey(0))
-    np.testing.assert_allclose(p4["nbr_weight_new"], [0.25] * 3)
-    out = apply_fn(p4, jax.tree_util.tree_map(lambda a: a[0], n.val.query.x))
-    assert np.isfinite(np.asarray(out)).all()
+    blends_three(n, "nbr_weight_new")
     mcfg.cf_knn_new_own = False
     mcfg.cf_knn = False  # cf_knn_mf alone changes nothing (as cf_knn_new_items)
     build.validate_config(mcfg)
