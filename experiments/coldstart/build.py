@@ -109,7 +109,9 @@ class SeedData:
             )
         return self._views[(mode, with_mf, with_new)]
 
-    def _neighbour_encoder(self, ratings, with_mf: bool = False, with_new=False) -> Callable:
+    def _neighbour_encoder(
+        self, ratings, with_mf: bool = False, with_new: bool = False
+    ) -> Callable:
         triples = [ratings[c].to_numpy() for c in ("user_id", "item_id", "rating")]
         state = fit_neighbours(*triples)
         mf = None
