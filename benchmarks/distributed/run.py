@@ -248,6 +248,7 @@ def _ml100k(setup: Setup, mesh) -> tuple:
     builds it (default config; training users drawn afresh every epoch)."""
     from experiments.coldstart import build  # the experiment's problem, only when asked for
     from experiments.coldstart.configs import default as coldstart_config
+    from experiments.coldstart.tables import deployed, initial_params
 
     cfg = coldstart_config.get_config()
     cfg.meta_batch, cfg.epochs, cfg.patience = setup.meta_batch, setup.epochs, setup.patience
@@ -259,8 +260,8 @@ def _ml100k(setup: Setup, mesh) -> tuple:
     spec = sd.encoder.spec
     _, k_init, k_train = jax.random.split(jax.random.PRNGKey(setup.seed), 3)
     learner = fns.learner(spec, setup.learner)
-    params0 = build.initial_params(fns.model(spec)[0], k_init, sd, cfg, setup.seed)
-    deploy = build.deployed(sd, cfg, setup.seed)
+    params0 = initial_params(fns.model(spec)[0], k_init, sd, cfg, setup.seed)
+    deploy = deployed(sd, cfg, setup.seed)
     evaluate = fns.eval(spec, setup.learner)
 
     def eval_fn(meta_params, tasks):

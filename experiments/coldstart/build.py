@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 from absl import logging
 
+from experiments.coldstart.draws import CROSSFIT, TASK_SIZES, TRAIN_TASKS, training_draws
 from experiments.coldstart.tuning_sets import tuning_sets, validate_stand_ins
 from experiments.common import split_names
 from metarec import data as mdata
@@ -29,13 +31,6 @@ NETWORK_BASELINES = ("no_adapt", "finetune")
 BASELINES = (*FITTED_BASELINES, *NETWORK_BASELINES)
 TEST_SCENARIOS = mdata.SCENARIOS
 SUPPORT_WIDTH = {"melu": 100 - 10, "time": 15}  # largest support set each protocol can produce
-# the largest task each protocol makes, for tasks drawn from every training rating
-TASK_SIZES = {
-    "melu": {"max_ratings": 100, "n_query": 10},
-    "time": {"max_ratings": 20, "n_query": 5},
-}
-TRAIN_TASKS = ("resample", "resample_support", "fixed")
-HELD_OUT_STREAM = 10**6  # the PRNG stream of the held-out query sets (epochs use 1, 2, ...)
 NAME_FIELDS = ("algos", "baselines")
 
 
@@ -56,8 +51,12 @@ class SeedData:
     # train_tasks mode -> (epoch -> training tasks drawn afresh from fit_ratings)
     samplers: dict = dataclasses.field(default_factory=dict)
     # train_tasks mode -> the ratings a model's item tables are fitted on (fit_ratings, minus the
-    # held-out query sets in "resample_support")
+    # held-out query sets in "resample_support"; in "crossfit" those of fold 0, see fold_ratings)
     table_ratings: dict = dataclasses.field(default_factory=dict)
+    # "crossfit": fold f's ratings, fit_ratings minus fold f's held-out query sets; epoch e draws
+    # its query sets from fold (e - 1) % len(fold_ratings) and trains on features and item
+    # tables fitted on that fold's ratings (see `fold_of`)
+    fold_ratings: list = dataclasses.field(default_factory=list)
     n_task_users: int = 0  # tasks per epoch of a sampler (users with enough training ratings)
     seed: int = 0  # the seed the data was prepared with (the MF feature's fit is seeded by it)
     # train_tasks mode -> (epoch -> the UserSets its sampler encodes)
@@ -76,6 +75,16 @@ class SeedData:
         """What meta-training iterates over: a per-epoch sampler, or the fixed tasks."""
         return self.train if mode == "fixed" else self.samplers[mode]
 
+    def fold_of(self, mode: str, epoch: int) -> int:
+        """The cross-fitting fold whose query sets epoch ``epoch`` (from 1) trains on; 0 in
+        every other mode."""
+        return (epoch - 1) % len(self.fold_ratings) if mode == CROSSFIT else 0
+
+    def training_ratings(self, mode: str, fold: int = 0):
+        """The ratings that features and item tables of meta-training fold ``fold`` are fitted
+        on: ``table_ratings[mode]``, or fold ``fold``'s under cross-fitting."""
+        return self.fold_ratings[fold] if mode == CROSSFIT else self.table_ratings[mode]
+
     def view(self, cfg) -> SeedData:
         """The seed's tasks as the method configured by ``cfg`` reads them: itself, or with
         ``cf_knn`` every task's examples carry ``x["nbr"]``, the neighbourhood predictions from its
@@ -84,7 +93,9 @@ class SeedData:
         every training rating for validation and test tasks; with ``cf_knn_mf`` also the ``mf``
         baseline's fold-in prediction (its defaults, seeded as the baseline is) as a third
         feature; with ``cf_knn_new_own`` also ``x["nbr_new"]``, the features as if each item
-        were new. Cached per mode and feature set."""
+        were new. Under cross-fitting an epoch's tasks read features fitted on its fold's
+        ratings (``training_ratings``), so no training query rating is in its own features.
+        Cached per mode and feature set."""
         if not cfg.get("cf_knn", False):
             return self
         mode, with_mf = cfg.train_tasks, bool(cfg.get("cf_knn_mf", False))
@@ -92,18 +103,25 @@ class SeedData:
         if (mode, with_mf, with_new) not in self._views:
             # training tasks: the ratings the method's item tables are fitted on; validation and
             # test tasks: every training rating (what the deployed model reads, see `deployed`)
-            train_enc = self._neighbour_encoder(self.table_ratings[mode], with_mf, with_new)
+            @functools.cache
+            def train_enc(fold: int) -> Callable:
+                ratings = self.training_ratings(mode, fold)
+                return self._neighbour_encoder(ratings, with_mf, with_new)
+
             enc = self._neighbour_encoder(self.fit_ratings, with_mf, with_new)
             draws = {m: d for m, d in self.draws.items() if m == mode}
             self._views[(mode, with_mf, with_new)] = dataclasses.replace(
                 self,
-                train=train_enc(self.train_sets),
+                train=train_enc(0)(self.train_sets),
                 val=enc(self.val_sets),
                 val_new=None if self.val_new_sets is None else enc(self.val_new_sets),
                 val_cold=None if self.val_cold_sets is None else enc(self.val_cold_sets),
                 test={k: enc(v) for k, v in self.test_sets.items()},
                 encode=enc,
-                samplers={m: (lambda e, d=d: train_enc(d(e))) for m, d in draws.items()},
+                samplers={
+                    m: (lambda e, d=d: train_enc(self.fold_of(mode, e))(d(e)))
+                    for m, d in draws.items()
+                },
                 draws=draws,
                 _views={},
             )
@@ -181,28 +199,7 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         return prepare(encoder.encode(s.pad_support(width)))
 
     test_sets = {k: split.sets[k] for k in TEST_SCENARIOS} if test else {}
-    pool = mdata.rating_pool(fit_ratings, min_ratings=cfg.task_min_support + 1)
-    sizes = TASK_SIZES[cfg.protocol]
-    held = mdata.hold_out_queries(
-        pool,
-        np.random.default_rng([seed, HELD_OUT_STREAM]),
-        n_query=sizes["n_query"],
-        min_support=cfg.task_min_support,
-    )
-
-    def make_draw(fixed_query):
-        def draw(epoch: int) -> mdata.UserSets:
-            return mdata.sample_user_sets(
-                pool,
-                np.random.default_rng([seed, epoch]),
-                min_support=cfg.task_min_support,
-                fixed_query=fixed_query,
-                **sizes,
-            )
-
-        return draw
-
-    draws = {"resample": make_draw(None), "resample_support": make_draw(held)}
+    training = training_draws(fit_ratings, cfg, seed)
 
     return SeedData(
         split=split,
@@ -219,16 +216,10 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         test_sets=test_sets,
         encode=enc,
         fit_ratings=fit_ratings,
-        samplers={m: (lambda e, d=d: enc(d(e))) for m, d in draws.items()},
-        draws=draws,
+        samplers={m: (lambda e, d=d: enc(d(e))) for m, d in training["draws"].items()},
         width=width,
         seed=seed,
-        table_ratings={
-            "resample": fit_ratings,
-            "fixed": fit_ratings,
-            "resample_support": mdata.drop_held_out(fit_ratings, pool, held),
-        },
-        n_task_users=pool.n_users,
+        **training,
     )
 
 
@@ -251,19 +242,6 @@ def method_config(cfg, name: str):
             )
         c[k] = v
     return algo, c
-
-
-def item_tables(sd: SeedData, cfg, seed: int, ratings=None):
-    """``(rows, item_bias, item_factors, mu)``: a biased MF (``cfg.cf_dim`` factors, L2
-    ``cfg.cf_reg``) fitted on the seed's training ratings (without the meta-training query sets
-    when those are held out: ``train_tasks="resample_support"``; or ``ratings``), by the encoder's
-    item rows."""
-    r = sd.table_ratings[cfg.train_tasks] if ratings is None else ratings
-    state = make_baseline("mf", dim=cfg.cf_dim, reg=cfg.cf_reg, seed=seed).fit(
-        r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["rating"].to_numpy()
-    )
-    rows = sd.encoder.vocabs["item_id"].encode(np.asarray(state.item_vocab).astype(str))
-    return rows, state.item_bias, state.item_factors, state.mu
 
 
 def baseline_predictions(
@@ -289,42 +267,6 @@ def baseline_predictions(
         )
         for k, v in sets.items()
     }
-
-
-def initial_params(init_fn, key, sd: SeedData, cfg, seed: int):
-    """The model's initial parameters; a model that starts from MF item tables gets them here."""
-    params = init_fn(key)
-    fill = get_model(cfg.model).with_item_tables
-    if fill is not None and cfg.get("cf_mf_tables", True):
-        params = fill(params, *item_tables(sd, cfg, seed))
-    return params
-
-
-def deployed(sd: SeedData, cfg, seed: int) -> Callable:
-    """``meta_params -> meta_params`` as the method is evaluated (validation and test): a model
-    whose frozen item tables were fitted without the training tasks' query sets
-    (``train_tasks="resample_support"``, which keeps those query ratings unseen during
-    meta-training) gets tables refitted on every training rating; everything meta-learned,
-    including ``global_bias``, is kept. Otherwise the identity."""
-    fill = get_model(cfg.model).with_item_tables
-    if (
-        fill is None
-        or not cfg.get("cf_mf_tables", True)
-        or not cfg.cf_freeze_tables
-        or sd.table_ratings[cfg.train_tasks] is sd.fit_ratings
-    ):
-        return lambda meta: meta
-    tables = item_tables(sd, cfg, seed, sd.fit_ratings)
-
-    def swap(params):
-        return fill(params, *tables) | {"global_bias": params["global_bias"]}
-
-    def deploy(meta):
-        if hasattr(meta, "_replace") and hasattr(meta, "params"):  # e.g. Meta-SGD's (params, lr)
-            return meta._replace(params=swap(meta.params))
-        return swap(meta)
-
-    return deploy
 
 
 def check_pretrained_vocab(info: dict, path: str, encoder, seed: int) -> None:
@@ -527,6 +469,16 @@ def _validate_fields(cfg) -> None:
             f"--config.learner_options: unknown learner(s) {unknown}; "
             f"allowed: {', '.join(LEARNERS)}"
         )
+    if (
+        cfg.train_tasks == CROSSFIT
+        and entry.with_item_tables is not None
+        and cfg.get("cf_mf_tables", True)
+        and not cfg.cf_freeze_tables
+    ):
+        raise ValueError(
+            f"--config.train_tasks={CROSSFIT} swaps the model's MF item tables every epoch, so "
+            f"they must stay frozen: set --config.cf_freeze_tables=True (or another train_tasks)"
+        )
     if cfg.get("cf_knn", False) and cfg.model != "hybrid":
         raise ValueError(f"--config.cf_knn needs --config.model=hybrid, got {cfg.model!r}")
     if "context" in cfg.adapt and cfg.context_dim < 1:
@@ -556,6 +508,7 @@ def _validate_numbers(cfg) -> None:
         "k": 1,
         "task_min_support": 1,
         "cf_dim": 1,
+        "crossfit_folds": 1,
     }
     for name, lo in lower.items():
         if cfg[name] < lo:

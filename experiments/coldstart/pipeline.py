@@ -38,13 +38,12 @@ from experiments.coldstart.build import (
     TEST_SCENARIOS,
     Compiled,
     baseline_predictions,
-    deployed,
-    initial_params,
     prepare_seed,
     validate_config,
 )
 from experiments.coldstart.curves import adaptation_curves, aggregate_curves
 from experiments.coldstart.paired import format_paired, paired_tests
+from experiments.coldstart.tables import deployed, fold_tables, initial_params
 from experiments.common import (
     enable_compilation_cache,
     format_mean_std,
@@ -264,6 +263,7 @@ def run_seed(
                 scale,
                 log_fn=log_fn,
                 mesh=mfns.mesh,
+                epoch_params=fold_tables(msd, mcfg, seed),
                 **kw,
             )
 
@@ -497,9 +497,9 @@ def format_table(res: dict, metrics=TABLE_METRICS) -> str:
     spread = "mean ± sample std over seeds" if len(seeds) > 1 else "one seed, no spread measured"
     n_fit = [res["training"][str(seed)].get("n_fit_ratings") for seed in seeds]
     tasks = (
-        "tasks drawn afresh every epoch from them"
-        if cfg.get("train_tasks") == "resample"
-        else "one fixed task per training user"
+        "one fixed task per training user"
+        if cfg.get("train_tasks") == "fixed"
+        else "tasks drawn afresh every epoch from them"
     )
     lines = [
         f"{res['dataset']} / protocol {res['protocol']} / seeds {seeds} / "

@@ -33,6 +33,7 @@ import optax
 
 from experiments.coldstart import build
 from experiments.coldstart.configs import default as coldstart_default
+from experiments.coldstart.tables import initial_params
 from experiments.common import (
     TRAINING_RUN_FILES,
     enable_compilation_cache,
@@ -269,7 +270,7 @@ def run_seed(data, seed: int, cfg, units: Units, metrics, log_fn, compiled, roun
             continue
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 1000)
         k_init, k_train = jax.random.split(key)  # every setting starts from the same init
-        p0 = build.initial_params(comp.model(spec)[0], k_init, sd, mcfg, seed)
+        p0 = initial_params(comp.model(spec)[0], k_init, sd, mcfg, seed)
         ck = units.checkpointer(seed, setting, cfg.ckpt_keep)
         unit = f"seed{seed}/{setting}"
         t0 = time.time()

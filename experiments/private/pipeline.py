@@ -43,6 +43,7 @@ import pandas as pd
 
 from experiments.coldstart import build
 from experiments.coldstart.configs import default as coldstart_default
+from experiments.coldstart.tables import initial_params
 from experiments.common import (
     TRAINING_RUN_FILES,
     enable_compilation_cache,
@@ -323,7 +324,7 @@ class Runner:
         algo = self.spec.algo
         learner, eval_fn = self.fns.learner(spec, algo), self.fns.eval(spec, algo)
         k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
-        params0 = build.initial_params(self.fns.model(spec)[0], k_init, ps.sd, self.spec.mcfg, seed)
+        params0 = initial_params(self.fns.model(spec)[0], k_init, ps.sd, self.spec.mcfg, seed)
         opt = self.optimizer(lr)
         step = make_dp_meta_step(
             learner,

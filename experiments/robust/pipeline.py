@@ -31,8 +31,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments.coldstart.build import TEST_SCENARIOS, deployed, initial_params, prepare_seed
+from experiments.coldstart.build import TEST_SCENARIOS, prepare_seed
 from experiments.coldstart.pipeline import RunContext, load_unit, save_unit, train_unit
+from experiments.coldstart.tables import deployed, fold_tables, initial_params
 from experiments.common import (
     TRAINING_RUN_FILES,
     check_choice,
@@ -183,6 +184,7 @@ class SeedRun:
                 k_train,
                 self.data.rating_scale,
                 log_fn=self.log,
+                epoch_params=fold_tables(sd, mcfg, self.seed),
                 **kw,
             )
 

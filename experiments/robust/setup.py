@@ -11,6 +11,7 @@ import numpy as np
 
 from experiments.coldstart import build
 from experiments.coldstart.configs import default as coldstart_default
+from experiments.coldstart.draws import training_draws
 from metarec import data as mdata
 from metarec.data.injection import Injection, make_injection, poison
 from metarec.meta import robust
@@ -162,28 +163,7 @@ def poisoned_seed(
     def enc(s: mdata.UserSets):
         return prepare(encoder.encode(s.pad_support(width)))
 
-    pool = mdata.rating_pool(ratings, min_ratings=mcfg.task_min_support + 1)
-    sizes = build.TASK_SIZES[mcfg.protocol]
-    held = mdata.hold_out_queries(
-        pool,
-        np.random.default_rng([seed, build.HELD_OUT_STREAM]),
-        n_query=sizes["n_query"],
-        min_support=mcfg.task_min_support,
-    )
-
-    def make_draw(fixed_query):
-        def draw(epoch: int) -> mdata.UserSets:
-            return mdata.sample_user_sets(
-                pool,
-                np.random.default_rng([seed, epoch]),
-                min_support=mcfg.task_min_support,
-                fixed_query=fixed_query,
-                **sizes,
-            )
-
-        return draw
-
-    draws = {"resample": make_draw(None), "resample_support": make_draw(held)}
+    training = training_draws(ratings, mcfg, seed)
     return dataclasses.replace(
         sd,
         encoder=encoder,
@@ -192,15 +172,9 @@ def poisoned_seed(
         test={k: enc(v) for k, v in sd.test_sets.items()},
         encode=enc,
         fit_ratings=ratings,
-        samplers={m: (lambda e, d=d: enc(d(e))) for m, d in draws.items()},
-        draws=draws,
-        table_ratings={
-            "resample": ratings,
-            "fixed": ratings,
-            "resample_support": mdata.drop_held_out(ratings, pool, held),
-        },
-        n_task_users=pool.n_users,
+        samplers={m: (lambda e, d=d: enc(d(e))) for m, d in training["draws"].items()},
         _views={},
+        **training,
     )
 
 

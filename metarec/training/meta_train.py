@@ -294,6 +294,7 @@ def meta_train(
     metrics: MetricsWriter | None = None,
     unit: str = "",
     progress: bool = False,
+    epoch_params: Callable | None = None,
 ) -> TrainResult:
     """Meta-train with ``step`` (from ``make_meta_step`` with :func:`make_optimizer`) and early
     stopping on validation MAE (``eval_fn`` from ``make_eval_fn``); returns the best
@@ -309,6 +310,9 @@ def meta_train(
     :func:`~metarec.training.checkpoint.epoch_order` ``(sampler_seed, e)`` in meta-batches of
     ``min(cfg.meta_batch, n_tasks)`` (the incomplete last batch is dropped), where ``sampler_seed``
     is drawn from ``key``. One PRNG sub-key per meta-step is split off ``key`` (feature dropout).
+    ``epoch_params(epoch, meta_params) -> meta_params`` (optional) is applied before an epoch's
+    first step, e.g. to swap in frozen tables fitted without that epoch's query sets; what it
+    sets must be leaves the meta-gradient does not reach.
 
     The loop runs on :mod:`metarec.training.trainer`: a piece ends every ``cfg.ckpt_every`` steps
     inside an epoch and at every epoch end (with the validation MAE as the checkpoint metric, so the
@@ -394,9 +398,11 @@ def meta_train(
         nonlocal best_params
         h = state.host
         params, opt_state, k = (state.arrays[n] for n in ("params", "opt_state", "key"))
+        n_step, epoch = state.step, h["epoch"]
+        if epoch_params is not None and h["batch"] == 0:  # a resumed epoch has them already
+            params = epoch_params(epoch, params)
         if multi:
             params, opt_state, k = distributed.replicate((params, opt_state, k), mesh)
-        n_step, epoch = state.step, h["epoch"]
         order = epoch_order(sampler_seed, epoch, n_tasks)
         train_e = epoch_tasks(epoch)
         if train_e.num_tasks != n_tasks:

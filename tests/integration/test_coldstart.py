@@ -9,10 +9,12 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import pandas as pd
 import pytest
 
-from experiments.coldstart import build, pipeline
+from experiments.coldstart import build, pipeline, tables
 from experiments.coldstart.configs import default as default_config
 from experiments.tune import pipeline as tune
 from experiments.tune.pipeline import grid_search
@@ -103,8 +105,9 @@ def test_run_is_deterministic(fixture_data, tiny_run):
         (
             "train_tasks",
             "all",
-            "--config.train_tasks='all'; allowed: resample, resample_support, fixed",
+            "--config.train_tasks='all'; allowed: resample, resample_support, crossfit, fixed",
         ),
+        ("crossfit_folds", 0, "--config.crossfit_folds must be >= 1, got 0"),
         ("dataset", "ml-7m", "ml-7m"),
         ("meta_lr", 0.0, "--config.meta_lr must be > 0"),
         ("seeds", (), "--config.seeds must name at least one seed"),
@@ -311,16 +314,16 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     init_fn, _ = build.Compiled(mcfg).model(sd.encoder.spec)
     import jax
 
-    p0 = build.initial_params(init_fn, jax.random.PRNGKey(0), sd, mcfg, 0)
+    p0 = tables.initial_params(init_fn, jax.random.PRNGKey(0), sd, mcfg, 0)
     p0 = p0 | {"global_bias": p0["global_bias"] + 0.25}  # as if meta-learned
-    dp = build.deployed(sd, mcfg, 0)(p0)
-    full = build.item_tables(sd, mcfg, 0, sd.fit_ratings)
+    dp = tables.deployed(sd, mcfg, 0)(p0)
+    full = tables.item_tables(sd, mcfg, 0, sd.fit_ratings)
     ref = build.get_model("hybrid").with_item_tables(p0, *full)
     np.testing.assert_allclose(dp["item_factors"]["embedding"], ref["item_factors"]["embedding"])
     assert not np.allclose(dp["item_bias"]["embedding"], p0["item_bias"]["embedding"])
     assert dp["global_bias"] == p0["global_bias"]
     mcfg.train_tasks = "resample"  # tables already fitted on every training rating
-    assert build.deployed(sd, mcfg, 0)(p0) is p0
+    assert tables.deployed(sd, mcfg, 0)(p0) is p0
     # cf_knn_mf: a third column, the mf baseline's prediction as the pipeline fits it (seeded by
     # the seed), for validation users over every training rating; the model blends 3 features
     mcfg.cf_knn_mf = True
@@ -366,6 +369,74 @@ def test_neighbour_view_and_deployed_tables(fixture_data):
     build.validate_config(mcfg)
     assert sd.view(mcfg) is sd
     assert "nbr_weight" not in build.Compiled(mcfg).model(sd.encoder.spec)[0](jax.random.PRNGKey(0))
+
+
+def _pairs(frame) -> set:
+    return set(zip(frame["user_id"].tolist(), frame["item_id"].tolist()))
+
+
+def _query_pairs(sets: mdata.UserSets) -> set:
+    return {
+        (int(u), int(i))
+        for u, items, mask in zip(sets.user_id, sets.query_item, sets.query_mask)
+        for i, m in zip(items, mask)
+        if m
+    }
+
+
+def test_crossfit_epochs_query_ratings_unseen_by_their_features_and_tables(fixture_data):
+    """Cross-fitting: epoch e queries fold (e - 1) % K's held-out ratings, and its kNN/MF
+    features and frozen item tables are fitted on exactly the training ratings minus those (no
+    training query rating is in its own features); fold 0 is resample_support's; the folds'
+    query sets differ."""
+    data, _ = fixture_data
+    cfg = tiny_config()
+    _, mcfg = build.method_config(cfg, "cf_metasgd")
+    mcfg.cf_knn, mcfg.cf_knn_mf, mcfg.cf_freeze_tables = True, True, True
+    mcfg.train_tasks, mcfg.crossfit_folds = "crossfit", 3
+    build.validate_config(mcfg)
+    sd = build.prepare_seed(data, 0, mcfg)
+    assert len(sd.fold_ratings) == 3
+    np.testing.assert_array_equal(
+        sd.draws["crossfit"](1).query_item, sd.draws["resample_support"](1).query_item
+    )
+    pd.testing.assert_frame_equal(sd.fold_ratings[0], sd.table_ratings["resample_support"])
+    fit, queries = _pairs(sd.fit_ratings), []
+    for e in (1, 2, 3, 4):
+        f = sd.fold_of("crossfit", e)
+        assert f == (e - 1) % 3 and sd.fold_of("resample_support", e) == 0
+        q = _query_pairs(sd.draws["crossfit"](e))
+        assert q and fit - _pairs(sd.fold_ratings[f]) == q
+        queries.append(q)
+    assert queries[3] == queries[0] and len({frozenset(q) for q in queries}) == 3
+
+    v = sd.view(mcfg)
+    for e in (1, 2, 3):
+        draw = sd.draws["crossfit"](e)
+        got = v.train_tasks("crossfit")(e).query.x["nbr"]
+        for f in range(3):
+            want = sd._neighbour_encoder(sd.fold_ratings[f], True)(draw).query.x["nbr"]
+            assert np.array_equal(got, want) == (f == sd.fold_of("crossfit", e))
+
+    init_fn, _ = build.Compiled(mcfg).model(sd.encoder.spec)
+    p0 = tables.initial_params(init_fn, jax.random.PRNGKey(0), sd, mcfg, 0)
+    p0 = p0 | {"global_bias": p0["global_bias"] + 0.25}  # as if meta-learned
+    swap = tables.fold_tables(sd, mcfg, 0)
+    fill = build.get_model("hybrid").with_item_tables
+    for e in (1, 2, 3):
+        got = swap(e, p0)
+        fold = sd.fold_ratings[sd.fold_of("crossfit", e)]
+        want = fill(p0, *tables.item_tables(sd, mcfg, 0, fold))
+        for name in ("item_factors", "item_bias"):
+            np.testing.assert_array_equal(got[name]["embedding"], want[name]["embedding"])
+        assert got["global_bias"] == p0["global_bias"]
+        same = np.array_equal(got["item_bias"]["embedding"], p0["item_bias"]["embedding"])
+        assert same == (e == 1)  # the initial tables are fold 0's
+    mcfg.train_tasks = "resample_support"
+    assert tables.fold_tables(sd, mcfg, 0) is None
+    mcfg.train_tasks, mcfg.cf_freeze_tables = "crossfit", False
+    with pytest.raises(ValueError, match="must stay frozen: set --config.cf_freeze_tables=True"):
+        build.validate_config(mcfg)
 
 
 @pytest.mark.parametrize("support", ["new", "known"])

@@ -52,9 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
     # every training rating (metarec.data.sampling); "resample_support" = the same with each
     # user's query set held out once (a model's MF item tables are fitted without them, so the
-    # query ratings of a training task are unseen, as a new user's are); "fixed" = the protocol's
-    # one split per user
+    # query ratings of a training task are unseen, as a new user's are); "crossfit" = the same
+    # with crossfit_folds held-out query sets per user, epoch e querying fold (e - 1) % folds and
+    # training on kNN/MF features and item tables fitted without that fold's query ratings (more
+    # distinct query ratings, none of them in its own features); "fixed" = the protocol's one
+    # split per user
     c.train_tasks = "resample"
+    c.crossfit_folds = 5
     c.task_min_support = 3  # a drawn task keeps at least this many support ratings
     # methods
     # the CF-containing meta-learner first (no_adapt and the adaptation curves use the

@@ -238,6 +238,35 @@ def test_score_clips_for_errors_and_ranks_by_raw_predictions():
     assert out["ndcg@1"] == pytest.approx(1.0)  # raw 6.0 ranks the 5-star item first
 
 
+def test_epoch_params_apply_once_before_each_epoch_also_on_resume(setup, tmp_path):
+    """``epoch_params`` runs before an epoch's first step only: not again at a mid-epoch piece
+    or when a crash mid-epoch is resumed (its checkpoint already holds them), so the resumed run
+    is bit-identical; the identity changes nothing."""
+    learner, step, *rest = setup
+    plain = meta_train(learner, step, *rest)
+    asked = []
+
+    def same(epoch, meta):
+        asked.append(epoch)
+        return meta
+
+    assert meta_train(learner, step, *rest, epoch_params=same).params_sha256 == plain.params_sha256
+    assert asked == [1, 2, 3]  # pieces end mid-epoch (ckpt_every 6 of 12 steps) too
+
+    def shrink(epoch, meta):  # not idempotent: a second call in an epoch would show
+        return jax.tree_util.tree_map(lambda a: a * (1.0 - 0.1 * epoch), meta)
+
+    ref = meta_train(learner, step, *rest, epoch_params=shrink)
+    assert ref.params_sha256 != plain.params_sha256
+    with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
+        with pytest.raises(Crash):
+            meta_train(learner, _crash_after(step, 7), *rest, checkpointer=ck, epoch_params=shrink)
+        assert ck.latest_step() == 6  # mid-epoch 2
+    with ckpt.Checkpointer(str(tmp_path / "ck")) as ck:
+        res = meta_train(learner, step, *rest, checkpointer=ck, resume=True, epoch_params=shrink)
+    assert res.resumed_from == 6 and res.params_sha256 == ref.params_sha256
+
+
 # ---------------------------------------------------------------- tasks drawn afresh every epoch
 def test_a_sampler_of_fixed_tasks_equals_the_fixed_tasks(setup):
     learner, step, eval_fn, params, train, val, cfg, key, scale = setup

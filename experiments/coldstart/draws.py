@@ -1,0 +1,71 @@
+"""Meta-training tasks drawn afresh every epoch from the training ratings (the ``train_tasks``
+modes), and the ratings each mode's features and item tables are fitted on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from metarec import data as mdata
+
+# the largest task each protocol makes, for tasks drawn from every training rating
+TASK_SIZES = {
+    "melu": {"max_ratings": 100, "n_query": 10},
+    "time": {"max_ratings": 20, "n_query": 5},
+}
+CROSSFIT = "crossfit"
+TRAIN_TASKS = ("resample", "resample_support", CROSSFIT, "fixed")
+# the PRNG stream of the held-out query sets (epochs use 1, 2, ...); cross-fitting's fold f
+# uses HELD_OUT_STREAM + f, so its fold 0 is resample_support's held-out sets
+HELD_OUT_STREAM = 10**6
+
+
+def training_draws(ratings, cfg, seed: int) -> dict:
+    """The meta-training fields of :class:`SeedData` for tasks drawn from ``ratings``:
+    ``draws`` (mode -> epoch -> UserSets), ``table_ratings``, ``fold_ratings`` and
+    ``n_task_users``. Every mode draws one task per user with enough ratings, afresh each epoch
+    (PRNG stream ``[seed, epoch]``); "resample_support" always queries each user's one held-out
+    set; "crossfit" queries fold ``(epoch - 1) % cfg.crossfit_folds``'s held-out sets (fold 0
+    is resample_support's, the others independent draws), whose ratings its epoch's features and
+    tables are fitted without."""
+    pool = mdata.rating_pool(ratings, min_ratings=cfg.task_min_support + 1)
+    sizes = TASK_SIZES[cfg.protocol]
+    held = [
+        mdata.hold_out_queries(
+            pool,
+            np.random.default_rng([seed, HELD_OUT_STREAM + f]),
+            n_query=sizes["n_query"],
+            min_support=cfg.task_min_support,
+        )
+        for f in range(cfg.get("crossfit_folds", 1))
+    ]
+
+    def make_draw(query_of: Callable) -> Callable:
+        def draw(epoch: int) -> mdata.UserSets:
+            return mdata.sample_user_sets(
+                pool,
+                np.random.default_rng([seed, epoch]),
+                min_support=cfg.task_min_support,
+                fixed_query=query_of(epoch),
+                **sizes,
+            )
+
+        return draw
+
+    folds = [mdata.drop_held_out(ratings, pool, h) for h in held]
+    return {
+        "draws": {
+            "resample": make_draw(lambda e: None),
+            "resample_support": make_draw(lambda e: held[0]),
+            CROSSFIT: make_draw(lambda e: held[(e - 1) % len(held)]),
+        },
+        "table_ratings": {
+            "resample": ratings,
+            "fixed": ratings,
+            "resample_support": folds[0],
+            CROSSFIT: folds[0],
+        },
+        "fold_ratings": folds,
+        "n_task_users": pool.n_users,
+    }
