@@ -98,7 +98,7 @@ def search(
         )
 
     start = start_values(parsed, lambda field: config_value(base, field))
-    return run_study(parsed, n_trials, sampler_seed, start, evaluate, describe)
+    return run_study(parsed, n_trials, sampler_seed, [start], evaluate, describe)
 
 
 def references(base, sims: dict, names) -> dict:

@@ -36,12 +36,11 @@ from experiments.coldstart.build import (
     NETWORK_BASELINES,
     Compiled,
     baseline_predictions,
-    deployed,
-    initial_params,
     method_config,
     prepare_seed,
     validate_config,
 )
+from experiments.coldstart.tables import deployed, fold_tables, initial_params
 from experiments.common import config_value
 from metarec import data as mdata
 from metarec.meta import LEARNERS
@@ -158,6 +157,7 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
             c,
             k_train,
             data.rating_scale,
+            epoch_params=fold_tables(sd, c, seed),
         )
         # as the cold-start experiment does after early stopping: Meta-SGD's learned rates scaled
         # by the validation users' choice
@@ -232,10 +232,13 @@ def search(
     data: mdata.RatingsData | None = None,
     prepared: dict | None = None,
     log_fn: Callable = print,
+    warm_start: dict | None = None,
 ) -> list[dict]:
     """Optuna TPE search (seeded, sequential, so reproducible) of ``space`` for ``method``,
     minimising :func:`selection_objective` of the means over ``seeds``; a space of choices only is
-    searched exhaustively (grid). Returns one row per trial, best first."""
+    searched exhaustively (grid). The first trial is the method's configured point, the second
+    ``warm_start`` (config field -> value, e.g. an earlier stage's choice; fields it lacks are the
+    configured ones) where given. Returns one row per trial, best first."""
 
     parsed = parse_space(space, cfg)
     if prepared is None:
@@ -270,27 +273,37 @@ def search(
             + f"{row['point']} (epochs {row['best_epochs']})"
         )
 
-    start = start_point(cfg, method, parsed)
-    return run_study(parsed, n_trials, sampler_seed, start, evaluate, describe)
+    starts = [start_point(cfg, method, parsed)]
+    if warm_start:
+        _, mcfg = method_config(cfg, method)
+        unknown = sorted(set(warm_start) - set(parsed))
+        if unknown:
+            raise ValueError(
+                f"--config.warm_starts.{method}: {unknown} not in the method's search space "
+                f"({', '.join(parsed)})"
+            )
+        starts.append(start_values(parsed, lambda f: warm_start.get(f, mcfg[f])))
+    return run_study(parsed, n_trials, sampler_seed, starts, evaluate, describe)
 
 
 def run_study(
     parsed: dict,
     n_trials: int,
     sampler_seed: int,
-    start: dict,
+    starts: list[dict],
     evaluate: Callable[[dict], dict],
     describe: Callable[[dict], None],
 ) -> list[dict]:
-    """The search every tune stage runs: :func:`make_study`, ``start`` (optuna parameters, e.g.
-    :func:`start_values`) as the first trial unless the space is a grid, then each proposed point
-    scored by ``evaluate(point) -> row`` (holding ``objective``) and logged by
+    """The search every tune stage runs: :func:`make_study`, ``starts`` (optuna parameters, e.g.
+    :func:`start_values`) as the first trials unless the space is a grid, then each proposed
+    point scored by ``evaluate(point) -> row`` (holding ``objective``) and logged by
     ``describe(row)``. Returns the rows (with ``trial`` and ``point``), best first."""
     import optuna
 
     study, n_trials = make_study(parsed, n_trials, sampler_seed)
     if not isinstance(study.sampler, optuna.samplers.GridSampler):
-        study.enqueue_trial(start)
+        for start in starts:
+            study.enqueue_trial(start)
     rows = []
 
     def objective(trial):
@@ -425,9 +438,11 @@ def select(
     cold_user_weight: float = 0.0,
     data: mdata.RatingsData | None = None,
     log_fn: Callable = print,
+    warm_starts: dict | None = None,
 ) -> dict:
-    """Tune every method of ``spaces`` (method -> search space) and name the recommended one (the
-    lowest :func:`selection_objective`). Returns the ``tuned.json`` content (no provenance)."""
+    """Tune every method of ``spaces`` (method -> search space; ``warm_starts``: method -> a
+    point tried second, see :func:`search`) and name the recommended one (the lowest
+    :func:`selection_objective`). Returns the ``tuned.json`` content (no provenance)."""
     data, prepared = prepare(cfg, seeds, data)
     out = {"methods": {}, "validation": {}, "trials": {}}
     for method, space in spaces.items():
@@ -444,6 +459,7 @@ def select(
             data=data,
             prepared=prepared,
             log_fn=log_fn,
+            warm_start=(warm_starts or {}).get(method),
         )
         best = rows[0]
         out["methods"][method] = method_entry(cfg, method, best["point"])
@@ -511,6 +527,12 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
             "; allowed: 0 to 1 (the rest weighs the warm validation users)"
         )
     spaces = {m: dict(s) for m, s in cfg.spaces.items()}
+    warm = {m: dict(p) for m, p in cfg.get("warm_starts", {}).items()}
+    if set(warm) - set(spaces):
+        raise ValueError(
+            f"--config.warm_starts: {sorted(set(warm) - set(spaces))} not searched; allowed: "
+            f"{', '.join(spaces)}"
+        )
     res = select(
         cfg.base,
         spaces,
@@ -520,6 +542,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         ndcg_weight=cfg.ndcg_weight,
         new_item_weight=cfg.new_item_weight,
         cold_user_weight=cold_w,
+        warm_starts=warm,
     )
     meta = run_metadata(cfg.to_dict(), argv)
     res["provenance"] = {
@@ -540,6 +563,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
             )
         ),
         "spaces": spaces,
+        "warm_starts": warm,
         "selected_on": "validation users of the warm training users; no test task encoded",
         "versions": meta["versions"],
     }

@@ -274,6 +274,27 @@ def test_optuna_selection_never_reads_a_test_scenario(fixture_data):
     assert select(_poison(data, not_val)) != first
 
 
+def test_search_tries_the_configured_point_then_the_warm_start(monkeypatch):
+    cfg = default_config.base_config()
+    space = {"inner_lr": "log:0.05:1.0", "train_tasks": "choice:resample_support,crossfit"}
+    seen = []
+
+    def scored(cfg, method, point, data, prepared):  # no training: the objective is inner_lr
+        seen.append(dict(point))
+        row = {"val_mae": point["inner_lr"], "val_ndcg@3": 0.0, "val_new_mae": 0.0}
+        return row | {"val_new_ndcg@3": 0.0, "val_mae_per_seed": [], "best_epochs": []}
+
+    monkeypatch.setattr(tune, "evaluate_point", scored)
+    kw = dict(method="cf_metasgd", n_trials=4, prepared={0: None}, log_fn=lambda m: None)
+    warm = {"inner_lr": 0.07, "train_tasks": "crossfit"}
+    rows = tune.search(cfg, space, warm_start=warm, **kw)
+    _, mcfg = build.method_config(cfg, "cf_metasgd")
+    assert seen[0]["train_tasks"] == mcfg.train_tasks and seen[1] == warm and len(seen) == 4
+    assert rows[0]["objective"] == min(p["inner_lr"] for p in seen) <= 0.07
+    with pytest.raises(ValueError, match=r"warm_starts.cf_metasgd: \['cf_dim'\] not in the"):
+        tune.search(cfg, space, warm_start={"cf_dim": 8}, **kw)
+
+
 def test_search_spaces_are_parsed_or_refused():
     cfg = default_config.base_config()
     got = tune.parse_space({"inner_lr": "log:0.01:1", "cf_hidden": "choice:none,64,32/16"}, cfg)
