@@ -38,7 +38,7 @@ def training_draws(ratings, cfg, seed: int) -> dict:
             n_query=sizes["n_query"],
             min_support=cfg.task_min_support,
         )
-        for f in range(cfg.get("crossfit_folds", 1))
+        for f in range(cfg.crossfit_folds)
     ]
 
     def make_draw(query_of: Callable) -> Callable:

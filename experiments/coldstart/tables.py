@@ -16,8 +16,8 @@ from metarec.models.registry import get_model
 def item_tables(sd, cfg, seed: int, ratings=None):
     """``(rows, item_bias, item_factors, mu)``: a biased MF (``cfg.cf_dim`` factors, L2
     ``cfg.cf_reg``) fitted on the seed's training ratings (without the meta-training query sets
-    when those are held out: ``train_tasks="resample_support"``; or ``ratings``), by the encoder's
-    item rows."""
+    when those are held out: ``train_tasks="resample_support"``, fold 0's under "crossfit"; or
+    ``ratings``), by the encoder's item rows."""
     r = sd.table_ratings[cfg.train_tasks] if ratings is None else ratings
     state = make_baseline("mf", dim=cfg.cf_dim, reg=cfg.cf_reg, seed=seed).fit(
         r["user_id"].to_numpy(), r["item_id"].to_numpy(), r["rating"].to_numpy()
@@ -38,8 +38,8 @@ def initial_params(init_fn, key, sd, cfg, seed: int):
 def deployed(sd, cfg, seed: int) -> Callable:
     """``meta_params -> meta_params`` as the method is evaluated (validation and test): a model
     whose frozen item tables were fitted without the training tasks' query sets
-    (``train_tasks="resample_support"``, which keeps those query ratings unseen during
-    meta-training) gets tables refitted on every training rating; everything meta-learned,
+    (``train_tasks="resample_support"`` or "crossfit", which keep those query ratings unseen
+    during meta-training) gets tables refitted on every training rating; everything meta-learned,
     including ``global_bias``, is kept. Otherwise the identity."""
     fill = get_model(cfg.model).with_item_tables
     if (
