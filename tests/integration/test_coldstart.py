@@ -245,6 +245,28 @@ def test_the_tuned_file_sets_methods_and_the_recommended_one(tmp_path):
     assert cfg.model == "melu"  # the base config is untouched
 
 
+def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
+    from experiments.coldstart.configs import time as time_config
+    from experiments.tune.configs import default as tune_default
+    from experiments.tune.configs import time as tune_time
+
+    melu, stage = tune_default.get_config(), tune_time.get_config()
+    assert stage.base.protocol == "time" and stage.write_config == time_config.TUNED
+    assert stage.write_config != melu.write_config
+    # the melu stage's search on the time split: only the protocol and the warm start differ
+    differs = {k for k, v in stage.to_dict().items() if v != melu.to_dict()[k]}
+    assert differs == {"base", "write_config", "warm_starts"}
+    assert stage.base.to_dict() == melu.base.to_dict() | {"protocol": "time"}
+    assert set(stage.warm_starts.cf_metasgd) == set(melu.spaces.cf_metasgd)
+    # the evaluation config reads the time stage's file, the melu one only while it is missing
+    path = tmp_path / "tuned_time.json"
+    monkeypatch.setattr(time_config, "TUNED", str(path))
+    assert time_config.get_config().methods.to_dict() == default_config.get_config().methods.to_dict()
+    path.write_text(json.dumps({"methods": {"maml": {"inner_lr": 0.3}}, "recommended": "maml"}))
+    cfg = time_config.get_config()
+    assert cfg.protocol == "time" and cfg.recommended == "maml" and cfg.methods.maml.inner_lr == 0.3
+
+
 def test_optuna_selection_never_reads_a_test_scenario(fixture_data):
     data, _ = fixture_data
     cfg = tiny_config()

@@ -1,0 +1,39 @@
+"""Model selection for the "time" protocol (``experiments/coldstart/configs/time.py``) on that
+protocol's validation users: the melu stage's spaces, objective, stand-ins and trial budget, on
+the time protocol's split; writes ``experiments/coldstart/configs/tuned_time.json``.
+
+  python -m experiments.tune.main --config=experiments/tune/configs/time.py --workdir=runs/tune_time
+"""
+
+import ml_collections
+
+from experiments.coldstart.configs import time
+from experiments.tune.configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = default.get_config()
+    c.base.protocol = "time"  # the melu stage's base (shorter trials, cold-user stand-in) on time
+    c.write_config = time.TUNED
+    # tried right after the configured point: the melu stage's choice (tuned.json of cbe4d5e),
+    # which the time protocol ran with before it had a stage of its own
+    c.warm_starts = {
+        "cf_metasgd": {
+            "inner_newton": 0.2909839295498636,
+            "inner_lr": 0.7038007387660414,
+            "meta_lr": 0.0008198309296876188,
+            "cf_dim": 16,
+            "cf_reg": 8.79593975339351,
+            "id_dropout": 0.7630081806578157,
+            "cf_knn": True,
+            "cf_knn_mf": True,
+            "cf_knn_new_items": True,
+            "cf_knn_new_own": True,
+            "cf_user_fields": -1,
+            "cf_melu": True,
+            "outer_rank_weight": 0.5701953439258904,
+            "cf_new_item_mean": 0.020331998765649187,
+            "train_tasks": "crossfit",
+        }
+    }
+    return c
