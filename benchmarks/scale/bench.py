@@ -26,6 +26,7 @@ from metarec.data import shards as mshards
 from metarec.data import stream as mstream
 from metarec.data import synthetic_scale as ss
 from metarec.meta.step import make_meta_step
+from metarec.models import melu
 
 MB = 1 << 20
 
@@ -59,15 +60,20 @@ def disk_mb(directory: str) -> float:
     return round(n / MB, 1)
 
 
-def build_step(spec, s):
+def build_step(spec, s, rows_per_task: int):
     """MeLU with its decision layers adapted by ``s.learner`` (the cold-start experiment's rule),
-    AdamW, the jitted vmapped meta-step; returns ``(step, params, opt_state)``."""
+    AdamW, the jitted vmapped meta-step; returns ``(step, params, opt_state, gathered)``. With
+    ``s.sparse_tables`` the embedding tables with more rows than a task reads
+    (``rows_per_task``) are row-gathered per task, as ``--config.sparse_tables`` does in
+    ``meta_train``; ``gathered`` names them."""
     init_fn, _, learner = melu_learner(
         spec, s.learner, inner_steps=s.inner_steps, width=s.width, embed_dim=s.embed_dim
     )
     opt = optax.adamw(3e-3, weight_decay=1e-4)
     params = learner.init(init_fn(jax.random.PRNGKey(s.seed)))
-    return make_meta_step(learner, opt, clip_norm=10.0), params, opt.init(params)
+    tables = melu.lookup_tables(spec, min_vocab=rows_per_task + 1) if s.sparse_tables else ()
+    step = make_meta_step(learner, opt, clip_norm=10.0, sparse_tables=tables or None)
+    return step, params, opt.init(params), [t.path for t in tables]
 
 
 def stream_phase(sh, features, s) -> dict:
@@ -89,7 +95,9 @@ def train_phase(sh, features, s, full_epoch: bool) -> dict:
     rest of a whole epoch (``full_epoch``) or ``s.steps`` steps; time per step (input wait
     included) and per epoch, ``n_batches x`` the mean step (compile seconds are reported apart,
     ``first_step_s``)."""
-    step, params, opt_state = build_step(features.spec, s)
+    step, params, opt_state, gathered = build_step(
+        features.spec, s, 1 + sh.support_width + sh.query_width
+    )
     weights = jnp.ones(s.meta_batch)
     start = mstream.LoaderState(s.seed)
     with mstream.MetaBatchStream(
@@ -133,6 +141,7 @@ def train_phase(sh, features, s, full_epoch: bool) -> dict:
             else f"extrapolated: {n_batches} batches x the mean of {n_timed} streamed steps"
         ),
         "tasks_per_s": round(s.meta_batch / mean, 1),
+        "gathered_tables": gathered,
         "last_loss": loss,
         "peak_held_tasks": held,
     }

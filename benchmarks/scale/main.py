@@ -38,6 +38,9 @@ flags.DEFINE_integer("stream_batches", 500, "Meta-batches of the loader-only pha
 flags.DEFINE_integer("buffer", 4, "Loader buffer in meta-batches.", lower_bound=1)
 flags.DEFINE_string("data_dir", None, "Where the data goes (default: <workdir>/data).")
 flags.DEFINE_bool("keep_data", False, "Keep each size's ratings and shards.")
+flags.DEFINE_bool(
+    "sparse_tables", True, "Row-gather the embedding tables larger than a task (meta_train's rule)."
+)
 flags.DEFINE_integer("seed", 0, "Seed of data, parameters and order.")
 common.define_run_flags("runs/bench_scale", resumable=False)
 
@@ -53,7 +56,8 @@ def main() -> None:
     root = FLAGS.data_dir or os.path.join(workdir, "data")
     names = (
         "mean_ratings chunk_users shard_size meta_batch learner inner_steps width embed_dim "
-        "steps full_epoch_max_users stream_batches buffer keep_data seed items_per_user min_items"
+        "steps full_epoch_max_users stream_batches buffer keep_data seed items_per_user min_items "
+        "sparse_tables"
     ).split()
     settings = types.SimpleNamespace(**{n: getattr(FLAGS, n) for n in names})
     command = " ".join(

@@ -1,6 +1,7 @@
 """A tiny scale-benchmark size runs every phase and reports what the JSON promises; the linearity
 summary compares epoch seconds per task. No timing is asserted."""
 
+import math
 import types
 
 import pytest
@@ -24,13 +25,22 @@ TINY = types.SimpleNamespace(
     seed=0,
     items_per_user=0.0,
     min_items=60,
+    sparse_tables=False,
 )
 
 
 @pytest.mark.slow  # ~8 s, mostly compiling the step: the default suite's time budget is spent
-def test_one_size_runs_every_phase(tmp_path):
-    out = bench.run_size(200, TINY, str(tmp_path), lambda m: None)
-    assert (out["n_users"], out["n_items"], out["n_tasks"], out["n_shards"]) == (200, 60, 200, 4)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_one_size_runs_every_phase(tmp_path, sparse):
+    # 600 items: the item-id table has more rows than a task reads, so it is the one gathered
+    s = types.SimpleNamespace(
+        **vars(TINY) | {"sparse_tables": sparse, "min_items": 600 if sparse else 60}
+    )
+    out = bench.run_size(200, s, str(tmp_path), lambda m: None)
+    assert (out["n_users"], out["n_tasks"], out["n_shards"]) == (200, 200, 4)
+    assert out["n_items"] == s.min_items
+    assert out["train"]["gathered_tables"] == (["item_emb_1/embedding"] if sparse else [])
+    assert math.isfinite(out["train"]["last_loss"])
     for p in ("generate", "encode", "stream", "train"):
         assert out[p]["seconds"] >= 0 and out[p]["peak_rss_mb"] > 0
     t = out["train"]

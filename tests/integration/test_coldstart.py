@@ -261,7 +261,8 @@ def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
     # the evaluation config reads the time stage's file, the melu one only while it is missing
     path = tmp_path / "tuned_time.json"
     monkeypatch.setattr(time_config, "TUNED", str(path))
-    assert time_config.get_config().methods.to_dict() == default_config.get_config().methods.to_dict()
+    melu_methods = default_config.get_config().methods.to_dict()
+    assert time_config.get_config().methods.to_dict() == melu_methods
     path.write_text(json.dumps({"methods": {"maml": {"inner_lr": 0.3}}, "recommended": "maml"}))
     cfg = time_config.get_config()
     assert cfg.protocol == "time" and cfg.recommended == "maml" and cfg.methods.maml.inner_lr == 0.3
