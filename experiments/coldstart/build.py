@@ -181,8 +181,9 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
     val_new_sets = val_cold_sets = None
     if not test:  # the tuning path's stand-ins for the cold scenarios (tuning_sets.py)
         n_query = TASK_SIZES[cfg.protocol]["n_query"]
+        years = data.items.set_index("item_id")["year"]
         fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets = tuning_sets(
-            fit_ratings, train_sets, val_sets, cfg, seed, n_query
+            fit_ratings, train_sets, val_sets, cfg, seed, n_query, item_years=years
         )
     # vocabularies from the training ratings only: an item rated nowhere else is out of
     # vocabulary (the learned fallback), not a row that no gradient ever reaches

@@ -32,6 +32,10 @@ COLD_USER_STREAM = 10**6 + 2  # the PRNG stream of the cold-user validation's us
 
 
 VAL_NEW_SUPPORT = ("new", "known")  # how the new-item stand-in's support sets are built
+# which items and users the stand-ins hold out: a seeded random fraction, or the newest items (by
+# release year) and the latest-arriving users (by first training rating), as the time protocol's
+# new items and new users are
+VAL_HOLD_OUT = ("random", "latest")
 
 
 def validate_stand_ins(cfg) -> None:
@@ -44,14 +48,21 @@ def validate_stand_ins(cfg) -> None:
             f"--config.val_new_support={cfg.val_new_support!r}; allowed: "
             f"{', '.join(VAL_NEW_SUPPORT)}"
         )
+    if cfg.get("val_hold_out", "random") not in VAL_HOLD_OUT:
+        raise ValueError(
+            f"--config.val_hold_out={cfg.val_hold_out!r}; allowed: {', '.join(VAL_HOLD_OUT)}"
+        )
 
 
-def hold_out_users(train_sets: mdata.UserSets, fraction: float, seed: int):
+def hold_out_users(train_sets: mdata.UserSets, fraction: float, seed: int, *, first_time=None):
     """``(kept, cold)``: a seeded ``fraction`` of ``train_sets``' users (at least one, and at
-    least one kept) moved to ``cold``."""
+    least one kept) moved to ``cold``; with ``first_time`` (per user of ``train_sets``, the time
+    of their first rating) the latest-arriving users, ties broken at random."""
     n = train_sets.n_users
     n_cold = min(n - 1, max(1, int(round(fraction * n))))
     perm = np.random.default_rng([seed, COLD_USER_STREAM]).permutation(n)
+    if first_time is not None:
+        perm = perm[np.argsort(-np.asarray(first_time, np.float64)[perm], kind="stable")]
     cold = np.zeros(n, bool)
     cold[perm[:n_cold]] = True
     return train_sets.select(~cold), train_sets.select(cold)
@@ -64,16 +75,28 @@ def tuning_sets(
     cfg,
     seed: int,
     n_query: int,
+    item_years: pd.Series | None = None,
 ):
     """``(fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets)`` of the tuning path:
     the training ratings without the held-out items' and the cold users' ratings, and the two
     stand-in sets (``None`` where ``cfg`` turns them off). The held-out items leave the cold
     users' sets as they leave the validation users'; their ratings of held-out items count in
-    the new-item set (as user_item_cold's users count in the test scenarios)."""
+    the new-item set (as user_item_cold's users count in the test scenarios).
+    ``cfg.val_hold_out="latest"`` holds out the newest items by ``item_years`` (item id ->
+    release year) and the users whose first training rating is latest."""
     rated = fit_ratings  # every rating the stand-ins may be built from
+    latest = cfg.get("val_hold_out", "random") == "latest"
+    if latest and item_years is None:
+        raise ValueError("--config.val_hold_out=latest needs the items' release years")
     val_cold_sets = None
     if cfg.get("val_cold_users", 0.0) > 0:
-        train_sets, val_cold_sets = hold_out_users(train_sets, cfg.val_cold_users, seed)
+        first = None
+        if latest:
+            by_user = fit_ratings.groupby("user_id")["timestamp"].min()
+            first = by_user.reindex(np.asarray(train_sets.user_id)).to_numpy()
+        train_sets, val_cold_sets = hold_out_users(
+            train_sets, cfg.val_cold_users, seed, first_time=first
+        )
         cold = fit_ratings["user_id"].isin(np.asarray(val_cold_sets.user_id))
         logging.info(
             "cold-user validation: %d users (%d training ratings) held out of training",
@@ -84,7 +107,10 @@ def tuning_sets(
     val_new_sets = None
     if cfg.val_new_items > 0:
         new_items = mdata.hold_out_items(
-            fit_ratings, cfg.val_new_items, np.random.default_rng([seed, NEW_ITEM_STREAM])
+            fit_ratings,
+            cfg.val_new_items,
+            np.random.default_rng([seed, NEW_ITEM_STREAM]),
+            newest_by=item_years if latest else None,
         )
         fit_ratings = fit_ratings[~fit_ratings["item_id"].isin(new_items)].reset_index(drop=True)
         # every set loses its held-out-item ratings; "known" scores them after the rest

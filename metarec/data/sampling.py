@@ -156,14 +156,27 @@ def drop_held_out(frame: pd.DataFrame, pool: RatingPool, held: np.ndarray) -> pd
     return drop_pairs(frame, users[held[rows]], pool.item[sel])
 
 
-def hold_out_items(frame: pd.DataFrame, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Sorted ids of a random ``fraction`` of the items rated in ``frame`` (at least one): items
-    that selection treats as new by removing every rating of them from training."""
+def hold_out_items(
+    frame: pd.DataFrame,
+    fraction: float,
+    rng: np.random.Generator,
+    *,
+    newest_by: pd.Series | None = None,
+) -> np.ndarray:
+    """Sorted ids of a ``fraction`` of the items rated in ``frame`` (at least one): items that
+    selection treats as new by removing every rating of them from training. A random fraction,
+    or with ``newest_by`` (item id -> release year; missing or non-numeric = oldest) the newest
+    items, ties broken at random, as the new items of the cold-start protocols are the newest."""
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     items = np.unique(frame["item_id"].to_numpy())
     n = max(1, int(round(fraction * len(items))))
-    return np.sort(rng.choice(items, n, replace=False))
+    if newest_by is None:
+        return np.sort(rng.choice(items, n, replace=False))
+    year = pd.to_numeric(newest_by.reindex(items), errors="coerce").fillna(-np.inf).to_numpy()
+    shuffled = rng.permutation(len(items))  # the tie-break
+    order = shuffled[np.argsort(-year[shuffled], kind="stable")]
+    return np.sort(items[order[:n]])
 
 
 def _compact(item, rating, time, keep, width: int):

@@ -2,6 +2,7 @@
 objective that weighs it."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from experiments.coldstart import build
@@ -125,3 +126,36 @@ def test_val_new_support_is_named_and_an_empty_stand_in_is_refused(fixture_data)
         build.prepare_seed(data, 0, cfg, test=False)
     cfg.val_new_support = "known"
     assert build.prepare_seed(data, 0, cfg, test=False).val_new_sets.n_users > 0
+
+
+def test_latest_stand_ins_hold_out_the_newest_items_and_the_latest_users(fixture_data):
+    data, _ = fixture_data
+    cfg = default_config.base_config()
+    cfg.val_new_items, cfg.val_cold_users, cfg.val_new_support = 0.2, 0.3, "known"
+    plain = build.prepare_seed(data, 0, cfg, test=False)
+    cfg.val_hold_out = "latest"
+    sd = build.prepare_seed(data, 0, cfg, test=False)
+    none = default_config.base_config()
+    none.val_new_items = 0.0
+    rated = build.prepare_seed(data, 0, none, test=False).fit_ratings
+    # the cold users are as many as with the random rule, and the latest to arrive
+    cold_ids = np.asarray(sd.val_cold_sets.user_id)
+    assert len(cold_ids) == plain.val_cold_sets.n_users
+    assert set(cold_ids) != set(plain.val_cold_sets.user_id.tolist())
+    first = rated.groupby("user_id")["timestamp"].min()
+    assert first.reindex(cold_ids).min() >= first.reindex(sd.train_sets.user_id).max()
+    # the held-out items are the newest of those the other users rated
+    years = pd.to_numeric(data.items.set_index("item_id")["year"], errors="coerce").fillna(-1)
+    pool = set(rated.loc[~rated["user_id"].isin(cold_ids), "item_id"])
+    kept = set(sd.fit_ratings["item_id"])
+    held = sorted(pool - kept)
+    assert len(held) == round(0.2 * len(pool))
+    assert years.reindex(held).min() >= years.reindex(sorted(kept)).max()
+    assert years.reindex(held).max() > years.reindex(sorted(pool)).min()  # not a flat fixture
+
+
+def test_val_hold_out_is_named():
+    cfg = default_config.base_config()
+    cfg.val_hold_out = "oldest"
+    with pytest.raises(ValueError, match="--config.val_hold_out='oldest'; allowed: random, latest"):
+        build.validate_config(cfg)

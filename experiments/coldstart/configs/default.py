@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     # tuning stage only: this fraction of the other warm training users is held out of training
     # (every rating of them) and scored as new users, the stand-in for user_cold (0 = none)
     c.val_cold_users = 0.0
+    # tuning stage only: which items and users those stand-ins hold out: "random" (a seeded
+    # fraction) or "latest" (the newest items by release year, the users whose first training
+    # rating is latest: the time protocol's new items and new users)
+    c.val_hold_out = "random"
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
     # every training rating (metarec.data.sampling); "resample_support" = the same with each
     # user's query set held out once (a model's MF item tables are fitted without them, so the

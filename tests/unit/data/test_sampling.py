@@ -128,6 +128,32 @@ def test_hold_out_items_is_a_seeded_fraction_of_the_rated_items():
         mdata.hold_out_items(f, 1.0, np.random.default_rng(0))
 
 
+def test_hold_out_items_newest_by_release_year_ties_at_random():
+    f = pd.DataFrame({"user_id": 1, "item_id": np.arange(1, 11), "rating": 3.0})
+    years = pd.Series(
+        ["1990", "1996", "1996", "1996", "unknown", "1995", "1980", "1996", "x", "1"],
+        index=np.arange(1, 11),
+    )
+    got = [
+        mdata.hold_out_items(f, 0.3, np.random.default_rng(s), newest_by=years) for s in range(8)
+    ]
+    assert all(len(g) == 3 and set(g) <= {2, 3, 4, 8} for g in got)  # three of the four 1996s
+    assert len({tuple(g) for g in got}) > 1  # the tie is broken by the generator
+    np.testing.assert_array_equal(
+        got[0], mdata.hold_out_items(f, 0.3, np.random.default_rng(0), newest_by=years)
+    )
+    # unknown and non-numeric years count as the oldest
+    assert set(mdata.hold_out_items(f, 0.7, np.random.default_rng(0), newest_by=years)) == {
+        1,
+        2,
+        3,
+        4,
+        6,
+        7,
+        8,
+    }
+
+
 def test_split_new_items_scores_new_items_after_adapting_on_known_ones():
     sets = _sets(
         support=[
