@@ -228,18 +228,35 @@ def encode_to_shards(
     shard_size: int = 65536,
     with_time: bool = False,
     extra: dict | None = None,
+    epoch: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> dict:
     """Task shards from ``chunks`` (an iterable of ``user, item, rating, time`` arrays in which
     every user's ratings lie in one chunk, users ascending across chunks, e.g.
-    :func:`iter_chunks`): chunk ``c``'s tasks are drawn with ``default_rng([seed, c])``. Memory:
-    one chunk plus at most one shard of tasks. Returns the shard index."""
+    :func:`iter_chunks`): chunk ``c``'s tasks are drawn with ``default_rng([seed, c])``, or
+    ``default_rng([seed, epoch, c])`` for one epoch's fresh draw. A process encodes only its
+    chunks, ``c % process_count == process_index``; as every chunk has its own generator, its
+    tasks are exactly those of a one-process encoding, so each process can redraw its users every
+    epoch without the others. Memory: one chunk plus at most one shard of tasks. Returns the
+    shard index."""
     if max_ratings < n_query + min_support:
         raise ValueError(f"need max_ratings >= n_query + min_support, got {max_ratings}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} with process_count={process_count}: need "
+            "process_count >= 1 and 0 <= process_index < process_count"
+        )
+    if epoch is not None and epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
     info = {
         "seed": seed,
         "max_ratings": max_ratings,
         "n_query": n_query,
         "min_support": min_support,
+        "epoch": epoch,
+        "process_index": process_index,
+        "process_count": process_count,
     }
     writer = ShardWriter(
         directory,
@@ -260,10 +277,12 @@ def encode_to_shards(
                 f"{last}); every user's ratings must be in one chunk"
             )
         last = int(u.max())
+        if c % process_count != process_index:
+            continue
         writer.add(
             draw_user_sets(
                 chunk,
-                np.random.default_rng([seed, c]),
+                np.random.default_rng([seed, c] if epoch is None else [seed, epoch, c]),
                 max_ratings=max_ratings,
                 n_query=n_query,
                 min_support=min_support,

@@ -153,3 +153,39 @@ def test_bad_shards_and_arguments_are_named_in_one_line(tmp_path, scale_dirs):
     with pytest.raises(ValueError, match="user ids must ascend"):
         chunks = list(ss.iter_chunks(scale_dirs[0]))
         ss.encode_to_shards(chunks[::-1], str(tmp_path / "s2"), seed=0)
+
+
+def _all_tasks(directory):
+    sh = mshards.open_shards(directory)
+    return sh.take(np.arange(sh.n_tasks))
+
+
+def test_each_process_redraws_its_own_chunks_every_epoch(scale_dirs, tmp_path):
+    rdir, sdir = scale_dirs
+    chunks = list(ss.iter_chunks(rdir))
+    assert len(chunks) == 3
+
+    def encode(name, **kw):
+        ss.encode_to_shards(iter(chunks), str(tmp_path / name), seed=0, shard_size=100, **kw)
+        return _all_tasks(str(tmp_path / name))
+
+    fixed = _all_tasks(sdir)
+    e1, e2 = encode("e1", epoch=1), encode("e2", epoch=2)
+    again = encode("e1b", epoch=1)
+    np.testing.assert_array_equal(e1.support_item, again.support_item)  # seeded by (seed, epoch)
+    np.testing.assert_array_equal(e1.user_id, fixed.user_id)  # the same users every epoch ...
+    for a, b in ((e1, e2), (e1, fixed)):  # ... with other support/query splits
+        assert not np.array_equal(a.query_item, b.query_item)
+    # two processes: each encodes chunks p::2, and together exactly the one-process draw
+    parts = [encode(f"p{p}", epoch=1, process_index=p, process_count=2) for p in (0, 1)]
+    by_user = {}
+    for part in parts:
+        for t, u in enumerate(part.user_id.tolist()):
+            by_user[u] = (part.support_item[t].tolist(), part.query_item[t].tolist())
+    assert sorted(by_user) == sorted(e1.user_id.tolist())
+    for t, u in enumerate(e1.user_id.tolist()):
+        assert by_user[u] == (e1.support_item[t].tolist(), e1.query_item[t].tolist())
+    # process 1 holds chunk 1 only
+    assert set(parts[1].user_id.tolist()) <= set(chunks[1]["user"].tolist())
+    with pytest.raises(ValueError, match="process_index=2 with process_count=2"):
+        encode("bad", process_index=2, process_count=2)
