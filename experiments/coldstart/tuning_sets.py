@@ -14,6 +14,10 @@ other test scenarios:
   loses every training rating, so no item table, kNN feature or baseline has seen them; they
   adapt on their support set and are scored on their query set, as user_cold's users are.
 
+With ``cfg.val_hold_out="latest"`` the held-out items are the newest by release year and the
+cold users those whose first training rating is latest, as the time protocol's new items and
+new users are; the default ``"random"`` holds out seeded random fractions.
+
 Evaluation (``prepare_seed(..., test=True)``) builds neither: it trains on every training rating.
 """
 
