@@ -238,7 +238,8 @@ def encode_to_shards(
     ``default_rng([seed, epoch, c])`` for one epoch's fresh draw. A process encodes only its
     chunks, ``c % process_count == process_index``; as every chunk has its own generator, its
     tasks are exactly those of a one-process encoding, so each process can redraw its users every
-    epoch without the others. Memory: one chunk plus at most one shard of tasks. Returns the
+    epoch without the others (every process still reads every chunk: the users-ascend check
+    reads each one's user ids). Memory: one chunk plus at most one shard of tasks. Returns the
     shard index."""
     if max_ratings < n_query + min_support:
         raise ValueError(f"need max_ratings >= n_query + min_support, got {max_ratings}")
