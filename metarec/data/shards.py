@@ -263,14 +263,8 @@ class ShardSet:
                 col.close()
 
 
-def open_shards(
-    directory: str, process_index: int = 0, process_count: int = 1, *, verify: bool = False
-) -> ShardSet:
-    """This process's shards of ``directory``: shards ``process_index::process_count``, in order.
-
-    Every file's header is read and checked against the index (shape, dtype, file size);
-    ``verify`` also compares each file's CRC-32 (reads every byte once). Errors
-    are one line naming the file or the argument."""
+def check_process(process_index, process_count) -> None:
+    """One error line unless ``0 <= process_index < process_count`` are ints."""
     for name, v in (("process_index", process_index), ("process_count", process_count)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
             raise ValueError(f"{name} must be an int, got {v!r}")
@@ -279,6 +273,17 @@ def open_shards(
             f"process_index={process_index} with process_count={process_count}: need "
             "process_count >= 1 and 0 <= process_index < process_count"
         )
+
+
+def open_shards(
+    directory: str, process_index: int = 0, process_count: int = 1, *, verify: bool = False
+) -> ShardSet:
+    """This process's shards of ``directory``: shards ``process_index::process_count``, in order.
+
+    Every file's header is read and checked against the index (shape, dtype, file size);
+    ``verify`` also compares each file's CRC-32 (reads every byte once). Errors
+    are one line naming the file or the argument."""
+    check_process(process_index, process_count)
     index = _read_index(directory)
     shards = index["shards"][process_index::process_count]
     if not shards:

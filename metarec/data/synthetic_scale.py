@@ -37,7 +37,7 @@ import numpy as np
 
 from metarec.data.encode import FeatureSpec
 from metarec.data.scenarios import UserSets, padded_arrays
-from metarec.data.shards import ShardWriter
+from metarec.data.shards import ShardWriter, check_process
 from metarec.data.tasks import Examples, Task
 
 LATENT_DIM = 4
@@ -243,11 +243,7 @@ def encode_to_shards(
     shard index."""
     if max_ratings < n_query + min_support:
         raise ValueError(f"need max_ratings >= n_query + min_support, got {max_ratings}")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index} with process_count={process_count}: need "
-            "process_count >= 1 and 0 <= process_index < process_count"
-        )
+    check_process(process_index, process_count)
     if epoch is not None and epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     info = {
