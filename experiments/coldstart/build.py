@@ -188,7 +188,11 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
     # vocabularies from the training ratings only: an item rated nowhere else is out of
     # vocabulary (the learned fallback), not a row that no gradient ever reaches
     encoder = mdata.FeatureEncoder.fit(
-        data, fit_ratings, offset_prior=cfg.offset_prior, stable_shapes=True
+        data,
+        fit_ratings,
+        offset_prior=cfg.offset_prior,
+        stable_shapes=True,
+        unseen_years=cfg.get("unseen_years", "nearest"),
     )
     # one support width per protocol (not per seed), so every seed shares the compiled steps
     width = max(
@@ -452,6 +456,10 @@ def _validate_fields(cfg) -> None:
     if cfg.model not in MODELS:
         raise ValueError(f"--config.model={cfg.model!r}; allowed: {', '.join(MODELS)}")
     validate_stand_ins(cfg)
+    if cfg.get("unseen_years", "nearest") not in mdata.UNSEEN_YEARS:
+        raise ValueError(
+            f"--config.unseen_years={cfg.unseen_years!r}; allowed: {', '.join(mdata.UNSEEN_YEARS)}"
+        )
     check_step_scales(cfg.get("step_scales", ()))
     entry = MODELS[cfg.model]
     if cfg.adapt not in entry.adapt_modes:

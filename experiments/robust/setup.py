@@ -153,7 +153,11 @@ def poisoned_seed(
     ratings, users = poison(sd.fit_ratings, data.users, inj)
     pdata = dataclasses.replace(data, users=users)
     encoder = mdata.FeatureEncoder.fit(
-        pdata, ratings, offset_prior=mcfg.offset_prior, stable_shapes=True
+        pdata,
+        ratings,
+        offset_prior=mcfg.offset_prior,
+        stable_shapes=True,
+        unseen_years=mcfg.get("unseen_years", "nearest"),
     )
     if encoder.spec != sd.encoder.spec:
         raise ValueError("profile injection changed the feature vocabularies")

@@ -7,7 +7,7 @@ as seeded, resumable meta-batches (:mod:`.stream`); synthetic ratings at scale i
 :mod:`.synthetic_scale`.
 """
 
-from metarec.data.encode import FeatureEncoder, FeatureSpec
+from metarec.data.encode import UNSEEN_YEARS, FeatureEncoder, FeatureSpec
 from metarec.data.fetch import ensure_dataset
 from metarec.data.movielens import RatingsData, clean, data_checksum
 from metarec.data.readers import DataFormatError, read_any
@@ -66,6 +66,7 @@ __all__ = [
     "DatasetEntry",
     "Examples",
     "FeatureEncoder",
+    "UNSEEN_YEARS",
     "FeatureSpec",
     "LoaderState",
     "MetaBatchStream",

@@ -10,8 +10,12 @@ Per-example model inputs ``x`` (leaves share the example axis N):
   (computed from the support set only), so a model can predict residuals.
 
 Vocabularies are fitted on training data only (the items and users of ``train_ratings``); index 0
-of every vocabulary is the out-of-vocabulary entry, used for categories never seen in training (new
-release years, unseen zip prefixes, items not rated in training). ``to_dict``/``from_dict`` store
+of every vocabulary is the out-of-vocabulary entry, used for categories never seen in training
+(unseen zip prefixes, items not rated in training). A release year never seen in training maps to
+the nearest year that was (``unseen_years="nearest"``, the default; ties go to the earlier year):
+every new item is newer than every training item, so an OOV year would be one embedding row that
+no training example reaches, left at its random initial value. ``unseen_years="oov"`` keeps the OOV
+index (MeLU's reference encoding). ``to_dict``/``from_dict`` store
 the vocabularies as JSON next to results so a trained model can be applied to new data.
 """
 
@@ -32,6 +36,7 @@ AGE_LABELS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 USER_FIELDS = ("age", "gender", "occupation", "zip3")
 ITEM_FIELDS = ("year", "item_id")
 OOV = 0
+UNSEEN_YEARS = ("nearest", "oov")
 
 
 def age_bucket(age: np.ndarray) -> np.ndarray:
@@ -57,18 +62,38 @@ class Vocab:
     """A token -> index map with index 0 reserved for out-of-vocabulary tokens.
 
     ``capacity`` (optional) reserves that many indices in all (unused ones are never produced), so
-    that embedding tables keep one shape across seeds whose training vocabularies differ."""
+    that embedding tables keep one shape across seeds whose training vocabularies differ.
+    ``nearest``: an unseen numeric token takes the index of the numerically nearest numeric token
+    (ties: the smaller one); unseen non-numeric tokens stay OOV."""
 
-    def __init__(self, tokens, capacity: int = 0):
+    def __init__(self, tokens, capacity: int = 0, nearest: bool = False):
         self.tokens = sorted({str(t) for t in tokens})
         self.index = {t: i + 1 for i, t in enumerate(self.tokens)}
         self.capacity = max(int(capacity), len(self.tokens) + 1)
+        self.nearest = bool(nearest)
+        numeric = sorted((float(t), self.index[t]) for t in self.tokens if _is_number(t))
+        self._values = np.array([v for v, _ in numeric], np.float64)
+        self._rows = np.array([i for _, i in numeric], np.int32)
 
     def __len__(self) -> int:
         return self.capacity
 
     def encode(self, values) -> np.ndarray:
-        return np.array([self.index.get(str(v), OOV) for v in values], dtype=np.int32)
+        tokens = [str(v) for v in values]
+        out = np.array([self.index.get(t, OOV) for t in tokens], dtype=np.int32)
+        if self.nearest and len(self._values):
+            for j in np.flatnonzero(out == OOV):
+                if _is_number(tokens[j]):
+                    # argmin returns the first minimum: the smaller value on ties
+                    out[j] = self._rows[int(np.argmin(np.abs(self._values - float(tokens[j]))))]
+        return out
+
+
+def _is_number(token: str) -> bool:
+    try:
+        return np.isfinite(float(token))
+    except ValueError:
+        return False
 
 
 class FeatureEncoder:
@@ -81,9 +106,16 @@ class FeatureEncoder:
         global_mean: float,
         offset_prior: float,
         capacity: dict[str, int] | None = None,
+        unseen_years: str = "nearest",
     ):
+        if unseen_years not in UNSEEN_YEARS:
+            raise ValueError(f"unseen_years={unseen_years!r}; allowed: {', '.join(UNSEEN_YEARS)}")
         capacity = capacity or {}
-        self.vocabs = {k: Vocab(v, capacity.get(k, 0)) for k, v in vocabs.items()}
+        self.unseen_years = unseen_years
+        self.vocabs = {
+            k: Vocab(v, capacity.get(k, 0), nearest=k == "year" and unseen_years == "nearest")
+            for k, v in vocabs.items()
+        }
         self.genres = list(genres)
         self.global_mean = float(global_mean)
         self.offset_prior = float(offset_prior)
@@ -96,13 +128,14 @@ class FeatureEncoder:
         train_ratings: pd.DataFrame,
         offset_prior: float = 2.0,
         stable_shapes: bool = True,
+        unseen_years: str = "nearest",
     ) -> FeatureEncoder:
         """Vocabularies from the users and items of ``train_ratings`` only.
 
         With ``stable_shapes`` every vocabulary's size (not its content) is the number of distinct
         values in the whole dataset + 1, so models of different seeds have identical parameter
         shapes and share compiled steps; indices of categories unseen in training are still the
-        OOV 0.
+        OOV 0. ``unseen_years``: see the module docstring.
         """
         users = data.users[data.users["user_id"].isin(train_ratings["user_id"].unique())]
         items = data.items[data.items["item_id"].isin(train_ratings["item_id"].unique())]
@@ -123,7 +156,12 @@ class FeatureEncoder:
                 "item_id": len(data.items) + 1,
             }
         enc = cls(
-            vocabs, list(data.genres), float(train_ratings["rating"].mean()), offset_prior, capacity
+            vocabs,
+            list(data.genres),
+            float(train_ratings["rating"].mean()),
+            offset_prior,
+            capacity,
+            unseen_years,
         )
         enc.bind(data)
         return enc
@@ -225,6 +263,7 @@ class FeatureEncoder:
             "genres": self.genres,
             "global_mean": self.global_mean,
             "offset_prior": self.offset_prior,
+            "unseen_years": self.unseen_years,
             "age_buckets": list(AGE_LABELS),
             "user_fields": list(USER_FIELDS),
             "item_fields": list(ITEM_FIELDS),
@@ -232,7 +271,15 @@ class FeatureEncoder:
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureEncoder:
-        return cls(d["vocabs"], d["genres"], d["global_mean"], d["offset_prior"], d.get("capacity"))
+        # files written before unseen_years existed encoded unseen years as OOV
+        return cls(
+            d["vocabs"],
+            d["genres"],
+            d["global_mean"],
+            d["offset_prior"],
+            d.get("capacity"),
+            d.get("unseen_years", "oov"),
+        )
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:

@@ -134,6 +134,13 @@ def test_unknown_algorithm_lists_valid_ones():
         build.validate_config(cfg)
 
 
+def test_unseen_years_is_named():
+    cfg = coldstart_config.get_config()
+    cfg.unseen_years = "latest"
+    with pytest.raises(ValueError, match=r"--config\.unseen_years='latest'; allowed: nearest, oov"):
+        build.validate_config(cfg)
+
+
 def test_workdir_rules(tmp_path):
     def check(cfg, resume, sha="abc", log_fn=lambda m: None):
         return check_resume(

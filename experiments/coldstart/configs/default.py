@@ -88,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: a CAVIA-style user-context vector (adapt "context" or "decision+context")
     c.context_dim = 0
     c.offset_prior = 2.0
+    # a release year never seen in training: "nearest" seen year, or "oov" (one untrained row)
+    c.unseen_years = "nearest"
     c.residual_bound = 4.0  # predictions within offset ± 4 (b * tanh(f / b)); 0 = unbounded
     # hybrid model (metarec.models.hybrid): item side from an MF fitted on the training ratings
     c.cf_dim = 8  # MF factors (the item tables and the adapted user vector)

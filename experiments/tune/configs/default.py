@@ -59,26 +59,25 @@ def get_config() -> ml_collections.ConfigDict:
         "maml": {"inner_lr": "choice:0.01,0.05,0.3"},
         "metasgd": {"inner_lr": "choice:0.01,0.05,0.3"},
     }
-    # a point tried right after the configured one (fields not given: the configured values):
-    # the previous stage's choice (tuned.json of 3072c44) with cross-fitted folds, which the
-    # validation probe in BUILD_NOTES scored 0.0793 against that choice's 0.0865, so a stage
-    # never ends worse on its objective than that point
+    # a point tried right after the configured one (fields not given: the configured values): the
+    # last stage's choice (trial 11 of the stage that wrote tuned.json in cbe4d5e), so a stage never
+    # ends worse on its objective than the point it replaces
     c.warm_starts = {
         "cf_metasgd": {
-            "inner_newton": 0.28721391760969645,
-            "inner_lr": 0.5437003482155643,
-            "meta_lr": 0.00036585254687601404,
+            "inner_newton": 0.2909839295498636,
+            "inner_lr": 0.7038007387660414,
+            "meta_lr": 0.0008198309296876188,
             "cf_dim": 16,
-            "cf_reg": 10.891281897307268,
-            "id_dropout": 0.5551689328042817,
+            "cf_reg": 8.79593975339351,
+            "id_dropout": 0.7630081806578157,
             "cf_knn": True,
             "cf_knn_mf": True,
             "cf_knn_new_items": True,
             "cf_knn_new_own": True,
             "cf_user_fields": -1,
             "cf_melu": True,
-            "outer_rank_weight": 0.5072346403919282,
-            "cf_new_item_mean": 0.10327300965641717,
+            "outer_rank_weight": 0.5701953439258904,
+            "cf_new_item_mean": 0.020331998765649187,
             "train_tasks": "crossfit",
         }
     }

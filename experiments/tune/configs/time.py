@@ -19,24 +19,24 @@ def get_config() -> ml_collections.ConfigDict:
     # latest-arriving training users are held out (declared after its first table, BUILD_NOTES)
     c.base.val_hold_out = "latest"
     c.write_config = time.TUNED
-    # tried right after the configured point: the melu stage's choice (tuned.json of cbe4d5e),
-    # which the time protocol ran with before it had a stage of its own
+    # tried right after the configured point: this stage's last choice (trial 9 of the stage that
+    # wrote tuned_time.json in 1397036), so a stage never ends worse than the point it replaces
     c.warm_starts = {
         "cf_metasgd": {
-            "inner_newton": 0.2909839295498636,
-            "inner_lr": 0.7038007387660414,
-            "meta_lr": 0.0008198309296876188,
+            "inner_newton": 0.38044115726617006,
+            "inner_lr": 0.8030288206301248,
+            "meta_lr": 0.0017224973419826576,
             "cf_dim": 16,
-            "cf_reg": 8.79593975339351,
-            "id_dropout": 0.7630081806578157,
+            "cf_reg": 16.331160542317836,
+            "id_dropout": 0.7614951111999643,
             "cf_knn": True,
             "cf_knn_mf": True,
             "cf_knn_new_items": True,
             "cf_knn_new_own": True,
             "cf_user_fields": -1,
             "cf_melu": True,
-            "outer_rank_weight": 0.5701953439258904,
-            "cf_new_item_mean": 0.020331998765649187,
+            "outer_rank_weight": 0.8991555074393764,
+            "cf_new_item_mean": 0.0259237482758172,
             "train_tasks": "crossfit",
         }
     }
