@@ -13,7 +13,7 @@ Vocabularies are fitted on training data only (the items and users of ``train_ra
 of every vocabulary is the out-of-vocabulary entry, used for categories never seen in training
 (unseen zip prefixes, items not rated in training). A release year never seen in training maps to
 the nearest year that was (``unseen_years="nearest"``, the default; ties go to the earlier year):
-every new item is newer than every training item, so an OOV year would be one embedding row that
+the scenarios' new items are the newest releases, so an OOV year would be one embedding row that
 no training example reaches, left at its random initial value. ``unseen_years="oov"`` keeps the OOV
 index (MeLU's reference encoding). ``to_dict``/``from_dict`` store
 the vocabularies as JSON next to results so a trained model can be applied to new data.
