@@ -192,7 +192,7 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
         fit_ratings,
         offset_prior=cfg.offset_prior,
         stable_shapes=True,
-        unseen_years=cfg.get("unseen_years", "nearest"),
+        unseen_years=cfg.unseen_years,
     )
     # one support width per protocol (not per seed), so every seed shares the compiled steps
     width = max(
@@ -456,7 +456,7 @@ def _validate_fields(cfg) -> None:
     if cfg.model not in MODELS:
         raise ValueError(f"--config.model={cfg.model!r}; allowed: {', '.join(MODELS)}")
     validate_stand_ins(cfg)
-    if cfg.get("unseen_years", "nearest") not in mdata.UNSEEN_YEARS:
+    if cfg.unseen_years not in mdata.UNSEEN_YEARS:
         raise ValueError(
             f"--config.unseen_years={cfg.unseen_years!r}; allowed: {', '.join(mdata.UNSEEN_YEARS)}"
         )

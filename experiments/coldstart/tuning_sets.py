@@ -52,7 +52,7 @@ def validate_stand_ins(cfg) -> None:
             f"--config.val_new_support={cfg.val_new_support!r}; allowed: "
             f"{', '.join(VAL_NEW_SUPPORT)}"
         )
-    if cfg.get("val_hold_out", "random") not in VAL_HOLD_OUT:
+    if cfg.val_hold_out not in VAL_HOLD_OUT:
         raise ValueError(
             f"--config.val_hold_out={cfg.val_hold_out!r}; allowed: {', '.join(VAL_HOLD_OUT)}"
         )
@@ -89,7 +89,7 @@ def tuning_sets(
     ``cfg.val_hold_out="latest"`` holds out the newest items by ``item_years`` (item id ->
     release year) and the users whose first training rating is latest."""
     rated = fit_ratings  # every rating the stand-ins may be built from
-    latest = cfg.get("val_hold_out", "random") == "latest"
+    latest = cfg.val_hold_out == "latest"
     if latest and item_years is None:
         raise ValueError("--config.val_hold_out=latest needs the items' release years")
     val_cold_sets = None

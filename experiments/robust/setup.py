@@ -157,7 +157,7 @@ def poisoned_seed(
         ratings,
         offset_prior=mcfg.offset_prior,
         stable_shapes=True,
-        unseen_years=mcfg.get("unseen_years", "nearest"),
+        unseen_years=mcfg.unseen_years,
     )
     if encoder.spec != sd.encoder.spec:
         raise ValueError("profile injection changed the feature vocabularies")
