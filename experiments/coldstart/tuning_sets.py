@@ -16,7 +16,10 @@ other test scenarios:
 
 With ``cfg.val_hold_out="latest"`` the held-out items are the newest by release year and the
 cold users those whose first training rating is latest, as the time protocol's new items and
-new users are; the default ``"random"`` holds out seeded random fractions.
+new users are; the default ``"random"`` holds out seeded random fractions. With
+``cfg.val_whole_years`` the held-out items are the newest whole release years instead (see
+:func:`metarec.data.hold_out_items`), as both protocols' new items are every release year from a
+cutoff on, so no kept item shares a held-out item's year.
 
 Evaluation (``prepare_seed(..., test=True)``) builds neither: it trains on every training rating.
 """
@@ -87,11 +90,13 @@ def tuning_sets(
     users' sets as they leave the validation users'; their ratings of held-out items count in
     the new-item set (as user_item_cold's users count in the test scenarios).
     ``cfg.val_hold_out="latest"`` holds out the newest items by ``item_years`` (item id ->
-    release year) and the users whose first training rating is latest."""
+    release year) and the users whose first training rating is latest; ``cfg.val_whole_years``
+    the newest whole release years."""
     rated = fit_ratings  # every rating the stand-ins may be built from
     latest = cfg.val_hold_out == "latest"
-    if latest and item_years is None:
-        raise ValueError("--config.val_hold_out=latest needs the items' release years")
+    by_year = latest or cfg.val_whole_years
+    if by_year and item_years is None:
+        raise ValueError("holding out the newest items needs the items' release years")
     val_cold_sets = None
     if cfg.get("val_cold_users", 0.0) > 0:
         first = None
@@ -114,9 +119,16 @@ def tuning_sets(
             fit_ratings,
             cfg.val_new_items,
             np.random.default_rng([seed, NEW_ITEM_STREAM]),
-            newest_by=item_years if latest else None,
+            newest_by=item_years if by_year else None,
+            whole_years=cfg.val_whole_years,
         )
-        fit_ratings = fit_ratings[~fit_ratings["item_id"].isin(new_items)].reset_index(drop=True)
+        held = fit_ratings["item_id"].isin(new_items)
+        logging.info(
+            "new-item validation: %d items (%d training ratings) held out of training",
+            len(new_items),
+            int(held.sum()),
+        )
+        fit_ratings = fit_ratings[~held].reset_index(drop=True)
         # every set loses its held-out-item ratings; "known" scores them after the rest
         train_sets, train_new = mdata.split_new_items(train_sets, new_items, n_query=n_query)
         val_sets, val_new = mdata.split_new_items(val_sets, new_items, n_query=n_query)

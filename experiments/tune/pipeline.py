@@ -2,12 +2,14 @@
 
 Every candidate is meta-trained on the training ratings of the given seeds and scored on those
 seeds' validation users (adapt on their support sets, predict their query sets), exactly as early
-stopping does, and once more on new items (``SeedData.val_new``: a random ``val_new_items``
-fraction of the items loses every training rating, so they are out of vocabulary as a new item
-is, and the training users' ratings of them make tasks as new items' ratings make item_cold's),
-the stand-in for the item-cold scenarios, and on new users (``SeedData.val_cold``: a
-random ``val_cold_users`` fraction of the other training users loses every training rating and
-is scored as user_cold's users are; see ``experiments/coldstart/tuning_sets.py``). The tuning
+stopping does, and once more on new items (``SeedData.val_new``: a ``val_new_items`` fraction
+of the items, random or the newest (``val_hold_out``, ``val_whole_years``), loses every
+training rating, so they are out of vocabulary as a new item is, and the training users'
+ratings of them make tasks as new items' ratings make item_cold's), the stand-in for the
+item-cold scenarios, and on new users
+(``SeedData.val_cold``: a ``val_cold_users`` fraction of the other training users loses every
+training rating and is scored as user_cold's users are; see
+``experiments/coldstart/tuning_sets.py``). The tuning
 path cannot see a test scenario: it builds its data with ``prepare_seed(..., test=False)``, which
 encodes no test task (the split knows which users are test users only to leave them out).
 
@@ -554,7 +556,8 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
             f"{1 - cfg.new_item_weight - cold_w} x "
             f"(val MAE - {cfg.ndcg_weight} x val nDCG@{cfg.base.k})"
             f" + {cfg.new_item_weight} x the same on items held out of training "
-            f"({cfg.base.val_new_items} of the items)"
+            f"({cfg.base.val_new_items} of the items, val_hold_out={cfg.base.val_hold_out}, "
+            f"val_whole_years={cfg.base.val_whole_years})"
             + (
                 f" + {cold_w} x the same on users held out of training "
                 f"({cfg.base.val_cold_users} of the other training users)"

@@ -162,18 +162,36 @@ def hold_out_items(
     rng: np.random.Generator,
     *,
     newest_by: pd.Series | None = None,
+    whole_years: bool = False,
 ) -> np.ndarray:
     """Sorted ids of a ``fraction`` of the items rated in ``frame`` (at least one): items that
     selection treats as new by removing every rating of them from training. A random fraction,
     or with ``newest_by`` (item id -> release year; missing or non-numeric = oldest) the newest
-    items, ties broken at random, as the new items of the cold-start protocols are the newest."""
+    items, ties broken at random, as the new items of the cold-start protocols are the newest.
+
+    ``whole_years=True`` (with ``newest_by``) holds out release years, not items: every item of
+    the newest year, then of each next-newest year while the items held out stay at most a
+    ``fraction`` of them, so no held-out item shares its year with a kept one, as the melu
+    protocol's new items (every release year from a cutoff on) share none with known items."""
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if whole_years and newest_by is None:
+        raise ValueError("whole_years=True needs the items' release years (newest_by)")
     items = np.unique(frame["item_id"].to_numpy())
     n = max(1, int(round(fraction * len(items))))
     if newest_by is None:
         return np.sort(rng.choice(items, n, replace=False))
     year = pd.to_numeric(newest_by.reindex(items), errors="coerce").fillna(-np.inf).to_numpy()
+    if whole_years:
+        years, counts = np.unique(year[np.isfinite(year)], return_counts=True)
+        if len(years) < 2:
+            raise ValueError(
+                "holding out whole release years needs at least two numeric years among the "
+                f"rated items, got {len(years)}"
+            )
+        held = np.cumsum(counts[::-1])  # items held out with the newest 1, 2, ... years
+        n_years = min(len(years) - 1, max(1, int(np.sum(held <= n))))  # one year stays known
+        return np.sort(items[year >= years[::-1][n_years - 1]])
     shuffled = rng.permutation(len(items))  # the tie-break
     order = shuffled[np.argsort(-year[shuffled], kind="stable")]
     return np.sort(items[order[:n]])

@@ -154,6 +154,32 @@ def test_latest_stand_ins_hold_out_the_newest_items_and_the_latest_users(fixture
     assert years.reindex(held).max() > years.reindex(sorted(pool)).min()  # not a flat fixture
 
 
+def test_whole_years_stand_in_holds_out_whole_years_and_keeps_the_user_rule(fixture_data):
+    data, _ = fixture_data
+    cfg = default_config.base_config()
+    cfg.val_new_items, cfg.val_cold_users, cfg.val_new_support = 0.2, 0.3, "known"
+    plain = build.prepare_seed(data, 0, cfg, test=False)
+    cfg.val_whole_years = True
+    sd = build.prepare_seed(data, 0, cfg, test=False)
+    # the cold users still follow val_hold_out (random, as the melu protocol's new users are)
+    assert sd.val_cold_sets.user_id.tolist() == plain.val_cold_sets.user_id.tolist()
+    # the held-out items are every item of the newest years: no kept item shares a year with one
+    none = default_config.base_config()
+    none.val_new_items, none.val_cold_users = 0.0, 0.3
+    pool = set(build.prepare_seed(data, 0, none, test=False).fit_ratings["item_id"])
+    kept = set(sd.fit_ratings["item_id"])
+    held = sorted(pool - kept)
+    years = pd.to_numeric(data.items.set_index("item_id")["year"], errors="coerce").fillna(-1)
+    assert held and (len(held) <= 0.2 * len(pool) or years.reindex(held).nunique() == 1)
+    assert years.reindex(held).min() > years.reindex(sorted(kept)).max()
+    # so the held-out items' years are unseen by the encoder and take the newest training year
+    vocab = sd.encoder.vocabs["year"]
+    held_years = sorted(set(years.reindex(held).astype(int).astype(str)))
+    assert not set(held_years) & set(vocab.tokens)
+    newest = str(int(years.reindex(sorted(kept)).max()))
+    assert (vocab.encode(held_years) == vocab.encode([newest])[0]).all()
+
+
 def test_val_hold_out_is_named():
     cfg = default_config.base_config()
     cfg.val_hold_out = "oldest"

@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
     # fraction) or "latest" (the newest items by release year, the users whose first training
     # rating is latest: the time protocol's new items and new users)
     c.val_hold_out = "random"
+    # tuning stage only: True = the held-out items are whole release years instead, the newest
+    # (at most val_new_items of the items, at least one year), as both protocols' new items are
+    # every year from a cutoff on; the cold users still follow val_hold_out
+    c.val_whole_years = False
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
     # every training rating (metarec.data.sampling); "resample_support" = the same with each
     # user's query set held out once (a model's MF item tables are fitted without them, so the

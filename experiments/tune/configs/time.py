@@ -1,6 +1,7 @@
 """Model selection for the "time" protocol (``experiments/coldstart/configs/time.py``) on that
 protocol's validation users: the melu stage's spaces, objective and trial budget, on the time
-protocol's split, with stand-ins that hold out the newest items and the latest users; writes
+protocol's split, with stand-ins that hold out the newest whole release years and the latest
+users; writes
 ``experiments/coldstart/configs/tuned_time.json``.
 
   python -m experiments.tune.main --config=experiments/tune/configs/time.py --workdir=runs/tune_time
@@ -17,26 +18,26 @@ def get_config() -> ml_collections.ConfigDict:
     c.base.protocol = "time"  # the melu stage's base (shorter trials, cold-user stand-in) on time
     # stand-ins shifted as the time protocol's test scenarios are: the newest known items and the
     # latest-arriving training users are held out (declared after its first table, BUILD_NOTES)
-    c.base.val_hold_out = "latest"
+    c.base.val_hold_out = "latest"  # the items held out are whole years (the melu stage's base)
     c.write_config = time.TUNED
-    # tried right after the configured point: this stage's last choice (trial 9 of the stage that
-    # wrote tuned_time.json in 1397036), so a stage never ends worse than the point it replaces
+    # tried right after the configured point: this stage's last choice (trial 17 of the stage that
+    # wrote tuned_time.json in a7b67a7), so a stage never ends worse than the point it replaces
     c.warm_starts = {
         "cf_metasgd": {
-            "inner_newton": 0.38044115726617006,
-            "inner_lr": 0.8030288206301248,
-            "meta_lr": 0.0017224973419826576,
+            "inner_newton": 0.7028085728873505,
+            "inner_lr": 0.8653084446824917,
+            "meta_lr": 0.002681841566754467,
             "cf_dim": 16,
-            "cf_reg": 16.331160542317836,
-            "id_dropout": 0.7614951111999643,
+            "cf_reg": 15.299105426515734,
+            "id_dropout": 0.5866054371305593,
             "cf_knn": True,
             "cf_knn_mf": True,
             "cf_knn_new_items": True,
             "cf_knn_new_own": True,
             "cf_user_fields": -1,
             "cf_melu": True,
-            "outer_rank_weight": 0.8991555074393764,
-            "cf_new_item_mean": 0.0259237482758172,
+            "outer_rank_weight": 0.5709277878344837,
+            "cf_new_item_mean": 0.22899697924143686,
             "train_tasks": "crossfit",
         }
     }

@@ -154,6 +154,32 @@ def test_hold_out_items_newest_by_release_year_ties_at_random():
     }
 
 
+def test_hold_out_items_whole_years_never_splits_a_year():
+    f = pd.DataFrame({"user_id": 1, "item_id": np.arange(1, 13), "rating": 3.0})
+    years = pd.Series(
+        ["1996", "1996", "1996", "1995", "1995", "1994", "1990", "1990", "1990", "x", "", "1980"],
+        index=np.arange(1, 13),
+    )
+
+    def held(fraction, seed=0):
+        got = mdata.hold_out_items(
+            f, fraction, np.random.default_rng(seed), newest_by=years, whole_years=True
+        )
+        return set(got.tolist())
+
+    # the newest year even when it alone is more than the fraction (3 of 12 items > 0.1)
+    assert held(0.1) == {1, 2, 3} == held(0.1, seed=5)  # no random tie-break
+    assert held(5 / 12) == {1, 2, 3, 4, 5}  # the next year fits exactly
+    assert held(0.5) == {1, 2, 3, 4, 5, 6}  # 1990 would make 9 > 6
+    # non-numeric years are the oldest; the oldest numeric year always stays known
+    assert held(0.99) == set(range(1, 10))
+    with pytest.raises(ValueError, match="newest_by"):
+        mdata.hold_out_items(f, 0.1, np.random.default_rng(0), whole_years=True)
+    with pytest.raises(ValueError, match="two numeric years"):
+        flat = pd.Series("1996", index=np.arange(1, 13))
+        mdata.hold_out_items(f, 0.1, np.random.default_rng(0), newest_by=flat, whole_years=True)
+
+
 def test_split_new_items_scores_new_items_after_adapting_on_known_ones():
     sets = _sets(
         support=[
