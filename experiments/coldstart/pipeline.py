@@ -501,14 +501,20 @@ def format_table(res: dict, metrics=TABLE_METRICS) -> str:
         if cfg.get("train_tasks") == "fixed"
         else "tasks drawn afresh every epoch from them"
     )
+    methods = cfg["methods"]
+    melu_lr = [  # each MeLU learner's own inner step size (a method may override the base's)
+        f"{m} {methods.get(m, {}).get('inner_lr', cfg['inner_lr'])}"
+        for m in cfg["algos"]
+        if methods.get(m, {}).get("model", cfg["model"]) == "melu"
+    ]
     lines = [
         f"{res['dataset']} / protocol {res['protocol']} / seeds {seeds} / "
         f"metrics averaged over users, {spread}; MAE/RMSE of predictions clipped to the scale, "
         "nDCG ranks raw scores",
         f"every method trains on the same ratings: warm training users' ratings minus the "
         f"validation users' query ratings ({', '.join(map(str, n_fit))} per seed); meta-learners "
-        f"on {tasks}; MeLU learners adapt '{cfg['adapt']}' {cfg['inner_steps']} steps lr "
-        f"{cfg['inner_lr']}"
+        f"on {tasks}; MeLU learners adapt '{cfg['adapt']}' {cfg['inner_steps']} steps, lr "
+        f"{', '.join(melu_lr) if melu_lr else cfg['inner_lr']}"
         + (f"; recommended method: {cfg['recommended']}" if cfg.get("recommended") else ""),
     ]
     scaled: dict[str, list[str]] = {}

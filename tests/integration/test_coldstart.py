@@ -84,6 +84,10 @@ def test_run_writes_protocol_format(tiny_run):
     assert "step_scale" not in res["training"]["0"]  # MAML learns no rates: nothing to calibrate
     one_seed = res | {"seeds": [0]}
     assert "± " not in pipeline.format_table(one_seed).split("\n", 1)[1]  # no spread for one seed
+    # the header names each MeLU learner's own inner step size, a method's override included
+    methods = res["config"]["methods"] | {"maml": {"algo": "maml", "inner_lr": 0.125}}
+    config = res["config"] | {"methods": methods, "inner_lr": 0.5}
+    assert pipeline.format_table(res | {"config": config}).splitlines()[1].endswith("lr maml 0.125")
 
 
 def test_run_is_deterministic(fixture_data, tiny_run):
