@@ -171,8 +171,8 @@ def hold_out_items(
 
     ``whole_years=True`` (with ``newest_by``) holds out release years, not items: every item of
     the newest year, then of each next-newest year while the items held out stay at most a
-    ``fraction`` of them, so no held-out item shares its year with a kept one, as the melu
-    protocol's new items (every release year from a cutoff on) share none with known items."""
+    ``fraction`` of them, so no held-out item shares its year with a kept one, as the cold-start
+    protocols' new items (every release year from a cutoff on) share none with known items."""
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     if whole_years and newest_by is None:
