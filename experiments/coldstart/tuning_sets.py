@@ -114,6 +114,7 @@ def tuning_sets(
         )
         fit_ratings = fit_ratings[~cold].reset_index(drop=True)
     val_new_sets = None
+    val_all = val_sets  # before the hold-out: whose tasks a rebuild starts from
     if cfg.val_new_items > 0:
         new_items = mdata.hold_out_items(
             fit_ratings,
@@ -160,4 +161,49 @@ def tuning_sets(
                     f"{cfg.protocol} task; raise --config.val_new_items or set "
                     "--config.val_new_support=known"
                 )
+        if cfg.val_rebuild_tasks:
+            fit_ratings, val_sets, val_cold_sets = rebuild_tasks(
+                rated, fit_ratings, val_all, val_cold_sets, new_items, cfg.protocol, seed, n_query
+            )
     return fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets
+
+
+def rebuild_tasks(rated, fit_ratings, val_sets, val_cold_sets, new_items, protocol, seed, n_query):
+    """``(fit_ratings, val_sets, val_cold_sets)`` with the validation and cold users' tasks built
+    again by ``protocol``'s rule from the ratings the item hold-out left them, as the test
+    scenarios are built from their users' ratings of known items: the hold-out otherwise only
+    removes ratings from fixed tasks, so query sets shrink below the protocol's size.
+
+    ``val_sets`` are the validation users' tasks before the hold-out. Their support ratings stay
+    training ratings and their query ratings do not, as before: the old query ratings of kept
+    items return to ``fit_ratings`` and the new ones leave it. ``rated`` (the training ratings
+    before any hold-out) holds the cold users' ratings."""
+    kept_q = val_sets.ratings(("query",))
+    kept_q = kept_q[~kept_q["item_id"].isin(new_items)]
+    fit_ratings = pd.concat([fit_ratings, kept_q], ignore_index=True)
+    users = np.asarray(val_sets.user_id)
+    mine = fit_ratings[fit_ratings["user_id"].isin(users)]
+    rebuilt = mdata.protocol_sets(mine, protocol, seed, n_query=n_query)
+    fit_ratings = mdata.drop_query_ratings(fit_ratings, rebuilt).reset_index(drop=True)
+    logging.info(
+        "validation users' tasks rebuilt by the %s rule after the item hold-out: %d of %d users "
+        "keep a task; query sets of %.1f ratings (%.1f of kept items before)",
+        protocol,
+        rebuilt.n_users,
+        len(users),
+        float(rebuilt.query_mask.sum(1).mean()) if rebuilt.n_users else 0.0,
+        len(kept_q) / max(1, len(users)),
+    )
+    if val_cold_sets is not None:
+        cold = rated[
+            rated["user_id"].isin(np.asarray(val_cold_sets.user_id))
+            & ~rated["item_id"].isin(new_items)
+        ]
+        n_before = val_cold_sets.n_users
+        val_cold_sets = mdata.protocol_sets(cold, protocol, seed, n_query=n_query)
+        logging.info(
+            "cold-user validation's tasks rebuilt the same way: %d of %d users keep a task",
+            val_cold_sets.n_users,
+            n_before,
+        )
+    return fit_ratings, rebuilt, val_cold_sets

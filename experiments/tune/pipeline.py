@@ -557,7 +557,8 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
             f"(val MAE - {cfg.ndcg_weight} x val nDCG@{cfg.base.k})"
             f" + {cfg.new_item_weight} x the same on items held out of training "
             f"({cfg.base.val_new_items} of the items, val_hold_out={cfg.base.val_hold_out}, "
-            f"val_whole_years={cfg.base.val_whole_years})"
+            f"val_whole_years={cfg.base.val_whole_years}, "
+            f"val_rebuild_tasks={cfg.base.val_rebuild_tasks})"
             + (
                 f" + {cold_w} x the same on users held out of training "
                 f"({cfg.base.val_cold_users} of the other training users)"

@@ -62,6 +62,27 @@ class UserSets:
             }
         )
 
+    def ratings(self, parts=("support", "query")) -> pd.DataFrame:
+        """The ratings of ``parts`` as a ratings frame (``user_id``, ``item_id``, ``rating``,
+        ``timestamp``), user by user, support first: what :func:`protocol_sets` builds sets
+        from."""
+        frames = []
+        for prefix in parts:
+            m = getattr(self, f"{prefix}_mask") > 0
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "user_id": np.repeat(self.user_id, m.sum(1)),
+                        "item_id": getattr(self, f"{prefix}_item")[m],
+                        "rating": getattr(self, f"{prefix}_rating")[m],
+                        "timestamp": getattr(self, f"{prefix}_time")[m],
+                        "_order": np.repeat(np.arange(self.n_users), m.sum(1)),
+                    }
+                )
+            )
+        frame = pd.concat(frames, ignore_index=True).sort_values("_order", kind="stable")
+        return frame.drop(columns="_order").reset_index(drop=True)
+
     def pad_support(self, size: int) -> UserSets:
         """Pad (never truncate) the support axis to ``size`` so batches share one static shape."""
         s = self.support_item.shape[1]

@@ -92,12 +92,14 @@ def test_val_cold_users_out_of_range_is_named():
         build.validate_config(cfg)
 
 
-def test_the_cold_user_validation_reads_no_test_rating(fixture_data):
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_the_cold_user_validation_reads_no_test_rating(fixture_data, rebuild):
     """Every rating outside the split's training ratings poisoned: the tuning path's sets with
-    the cold-user validation on are the same."""
+    the cold-user validation on (and the tasks rebuilt after the hold-out or not) are the same."""
     data, _ = fixture_data
     cfg = default_config.base_config()
     cfg.val_new_items, cfg.val_cold_users = 0.5, 0.3
+    cfg.val_rebuild_tasks = rebuild
     split = mdata.make_split(data, 0, cfg.protocol)
     train_pairs = set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
     in_train = np.array(
@@ -185,3 +187,57 @@ def test_val_hold_out_is_named():
     cfg.val_hold_out = "oldest"
     with pytest.raises(ValueError, match="--config.val_hold_out='oldest'; allowed: random, latest"):
         build.validate_config(cfg)
+
+
+def test_rebuilt_tasks_keep_the_protocols_query_size_and_lose_no_rating(fixture_data):
+    """``val_rebuild_tasks``: after the item hold-out the validation and cold users' tasks are the
+    protocol's rule applied to the ratings they keep (full query sets); the validation users'
+    support ratings stay training ratings, their query ratings do not, and no other training
+    rating changes."""
+    data, _ = fixture_data
+    cfg = default_config.base_config()
+    cfg.val_new_items, cfg.val_cold_users, cfg.val_new_support = 0.2, 0.3, "known"
+    cfg.val_whole_years = True
+    plain = build.prepare_seed(data, 0, cfg, test=False)
+    cfg.val_rebuild_tasks = True
+    sd = build.prepare_seed(data, 0, cfg, test=False)
+    held = set(plain.split.train_ratings["item_id"]) - set(plain.fit_ratings["item_id"])
+    assert held and set(sd.fit_ratings["item_id"]) == set(plain.fit_ratings["item_id"])
+    # without the rebuild the hold-out shortened query sets; with it every one has the full 10
+    assert plain.val_sets.query_mask.sum(1).min() < 10
+    np.testing.assert_array_equal(sd.val_sets.query_mask.sum(1), 10)
+    np.testing.assert_array_equal(sd.val_cold_sets.query_mask.sum(1), 10)
+    # the rule on the ratings the users keep: every warm rating of theirs on a kept item
+    before = build.prepare_seed(data, 0, default_config.base_config(), test=True)
+    warm = before.split.train_ratings
+    for sets, orig in ((sd.val_sets, before.val_sets), (sd.val_cold_sets, plain.val_cold_sets)):
+        assert set(sets.user_id.tolist()) <= set(orig.user_id.tolist())
+        kept = warm[warm["user_id"].isin(orig.user_id) & ~warm["item_id"].isin(held)]
+        want = mdata.protocol_sets(kept, "melu", 0, n_query=10)
+        for f in ("user_id", "query_item", "query_rating"):
+            np.testing.assert_array_equal(getattr(sets, f), getattr(want, f))
+        assert _pairs(sets, "support") == _pairs(want, "support")
+    # training ratings: validation support in, validation query out, cold users out, and the
+    # other users' ratings exactly as without the rebuild
+    fit = set(zip(sd.fit_ratings["user_id"], sd.fit_ratings["item_id"]))
+    assert _pairs(sd.val_sets, "support") <= fit and not _pairs(sd.val_sets, "query") & fit
+    assert not sd.fit_ratings["user_id"].isin(sd.val_cold_sets.user_id).any()
+    val_ids = before.val_sets.user_id
+
+    def others(frame):
+        return frame[~frame["user_id"].isin(val_ids)].reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(others(sd.fit_ratings), others(plain.fit_ratings))
+    mine = set(
+        zip(
+            *[
+                warm.loc[warm["user_id"].isin(val_ids) & ~warm["item_id"].isin(held), c]
+                for c in ("user_id", "item_id")
+            ]
+        )
+    )
+    assert {p for p in fit if p[0] in set(val_ids.tolist())} == mine - _pairs(sd.val_sets, "query")
+    # the new-item stand-in is untouched; the test path builds no stand-in
+    np.testing.assert_array_equal(sd.val_new_sets.query_item, plain.val_new_sets.query_item)
+    full = build.prepare_seed(data, 0, cfg)
+    assert full.fit_ratings.equals(before.fit_ratings)

@@ -57,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
     # (at most val_new_items of the items, at least one year), as both protocols' new items are
     # every year from a cutoff on; the cold users still follow val_hold_out
     c.val_whole_years = False
+    # tuning stage only: True = after the item hold-out, the validation and cold users' tasks are
+    # built again by the protocol's rule from the ratings they keep (as the test scenarios are
+    # built from known items' ratings), so their query sets keep the protocol's size; False = the
+    # hold-out removes ratings from the tasks built before it
+    c.val_rebuild_tasks = False
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
     # every training rating (metarec.data.sampling); "resample_support" = the same with each
     # user's query set held out once (a model's MF item tables are fitted without them, so the

@@ -20,24 +20,24 @@ def get_config() -> ml_collections.ConfigDict:
     # latest-arriving training users are held out (declared after its first table, BUILD_NOTES)
     c.base.val_hold_out = "latest"  # the items held out are whole years (the melu stage's base)
     c.write_config = time.TUNED
-    # tried right after the configured point: this stage's last choice (trial 17 of the stage that
-    # wrote tuned_time.json in a7b67a7), so a stage never ends worse than the point it replaces
+    # tried right after the configured point: this stage's last choice (trial 9 of the stage that
+    # wrote tuned_time.json in 56f2ae0), so a stage never ends worse than the point it replaces
     c.warm_starts = {
         "cf_metasgd": {
-            "inner_newton": 0.7028085728873505,
-            "inner_lr": 0.8653084446824917,
-            "meta_lr": 0.002681841566754467,
+            "inner_newton": 0.39527579273583807,
+            "inner_lr": 0.8056977104262232,
+            "meta_lr": 0.0018604560456470308,
             "cf_dim": 16,
-            "cf_reg": 15.299105426515734,
-            "id_dropout": 0.5866054371305593,
+            "cf_reg": 16.75310973423781,
+            "id_dropout": 0.758144359292705,
             "cf_knn": True,
             "cf_knn_mf": True,
             "cf_knn_new_items": True,
             "cf_knn_new_own": True,
             "cf_user_fields": -1,
             "cf_melu": True,
-            "outer_rank_weight": 0.5709277878344837,
-            "cf_new_item_mean": 0.22899697924143686,
+            "outer_rank_weight": 0.8992730110845089,
+            "cf_new_item_mean": 0.027793777652964924,
             "train_tasks": "crossfit",
         }
     }

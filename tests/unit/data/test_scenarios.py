@@ -80,3 +80,24 @@ def test_time_protocol(scenario_data):
 def test_unknown_protocol(scenario_data):
     with pytest.raises(ValueError, match=r"unknown protocol 'mamo'; allowed: melu, time"):
         make_split(scenario_data, 0, protocol="mamo")
+
+
+@pytest.mark.parametrize("protocol", ["melu", "time"])
+def test_user_sets_ratings_rebuild_the_same_sets(scenario_data, protocol):
+    """``UserSets.ratings`` gives back exactly the ratings a set was built from, so the protocol's
+    rule builds the same set again from them."""
+    from metarec.data.scenarios import protocol_sets
+
+    sets = make_split(scenario_data, seed=3, protocol=protocol).sets["warm_train"]
+    frame = sets.ratings()
+    assert len(frame) == sets.n_ratings
+    assert list(frame.columns) == ["user_id", "item_id", "rating", "timestamp"]
+    again = protocol_sets(frame.sample(frac=1.0, random_state=0), protocol, 3)  # order-free
+    # warm_train's support width is the whole warm scenario's (warm_test's users included)
+    again = again.pad_support(sets.support_item.shape[1])
+    for f in ("user_id", "support_item", "support_rating", "support_time", "query_item"):
+        np.testing.assert_array_equal(getattr(again, f), getattr(sets, f))
+    query = sets.ratings(("query",))
+    assert len(query) == int(sets.query_mask.sum())
+    first = query[query["user_id"] == sets.user_id[0]]["item_id"].tolist()
+    assert first == sets.query_item[0][sets.query_mask[0] > 0].tolist()
