@@ -10,7 +10,8 @@ import sys
 # Most of the suite's time is XLA compiling many small programs that then run for milliseconds, and
 # most of that is optimisation passes: the suite (and every script a test starts, through the
 # environment) compiles with them off. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs it fully optimised;
-# tests that pin the bits of an optimised program request the `xla_optimized` fixture.
+# tests that pin the bits of an optimised program (or a seeded margin measured on it) request the
+# `xla_optimized` fixture.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  (after the environment above, which jax reads on import)
