@@ -35,7 +35,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 benchmark: setup
 	$(PY) -m benchmarks.meta_step.main --workdir=runs/benchmark

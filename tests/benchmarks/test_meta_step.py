@@ -441,6 +441,7 @@ def test_check_targets_on_hand_computed_values():
 # ----------------------------------------------------------------------------------------------
 # a tiny in-process run: every documented key present, JSON-serialisable, targets evaluated
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_tiny_run_has_documented_keys(tmp_path):
     sizes = dict(meta_batch=4, support=6, query=4, inner_steps=2, width=8, embed_dim=4)
     cfg = config.BenchConfig(

@@ -149,6 +149,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_sharded_step_ceiling_uses_per_device_dots_timed_on_both_devices():
     """The per-device dots of a step sharded over 2 devices carry half its matmul FLOPs at the
     batch XLA's partitioned program has, and a dot is timed as one copy per device at once."""
@@ -184,6 +185,7 @@ _DEVICE_CHECK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_device_check_compares_dense_and_gathered_sharded_gradients():
     res = run_on_host_devices(_DEVICE_CHECK_SCRIPT, 2)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -193,6 +193,7 @@ def test_tuning_never_reads_a_test_scenario(fixture_data):
     assert search(_poison(data, not_val)) != rows
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_cf_method_runs_with_paired_tests_against_the_best_baseline(fixture_data):
     data, _ = fixture_data
     cfg = tiny_config()
@@ -273,6 +274,7 @@ def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
     assert cfg.protocol == "time" and cfg.recommended == "maml" and cfg.methods.maml.inner_lr == 0.3
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_optuna_selection_never_reads_a_test_scenario(fixture_data):
     data, _ = fixture_data
     cfg = tiny_config()
@@ -333,6 +335,7 @@ def test_search_spaces_are_parsed_or_refused():
         tune.parse_space({"inner_rate": "log:0.1:1"}, cfg)
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_neighbour_view_and_deployed_tables(fixture_data):
     """cf_knn tasks carry the kNN baselines' predictions (validation: over every training rating,
     training tasks: over the item tables' ratings); the deployed model reads MF tables refitted on
@@ -433,6 +436,7 @@ def _query_pairs(sets: mdata.UserSets) -> set:
     }
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_crossfit_epochs_query_ratings_unseen_by_their_features_and_tables(fixture_data):
     """Cross-fitting: epoch e queries fold (e - 1) % K's held-out ratings, and its kNN/MF
     features and frozen item tables are fitted on exactly the training ratings minus those (no

@@ -71,6 +71,7 @@ def _run_workers(tmp_path, n: int, args: list[str]) -> list[str]:
     return [o for o, _ in texts]
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_two_processes_match_one_process_over_the_whole_meta_batch(tmp_path):
     setup = Setup(learner="maml", meta_batch=8, steps=3, support=8, query=4, inner_steps=2)
     wd = tmp_path / "dist"
@@ -139,6 +140,7 @@ def _epoch_lines(out: str) -> list[str]:
     return [line.split(": ", 1)[1] for line in out.splitlines() if "val_mae" in line]
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_meta_train_on_two_processes_matches_one_process(tmp_path, one_process):
     wd = tmp_path / "mt"
     # the tasks read on demand (the interface of tasks on disk), against the in-memory reference

@@ -149,6 +149,7 @@ def _kill_resume_compare(tmp_path, env, args, kill_dir, kill_after, n_iterations
     return resumed_units, killed_at
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path, tmp_path_factory):
     """Two seeds of PPO: killed while seed 1 trains (seed 0 finished): seed 0 is read back, seed 1's
     PPO continues from its newest checkpoint, and everything equals an uninterrupted run."""

@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from experiments.meta_rl import runner, settings
 from experiments.meta_rl.configs import default
@@ -59,6 +60,7 @@ def test_validation_simulator_reads_no_test_user(tmp_path, monkeypatch):
     assert test_sim.report["n_test_users"] == 4
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_tune_stage_writes_the_config_the_default_applies(tmp_path):
     cfg = tune_config.get_config()
     b = cfg.base

@@ -165,6 +165,7 @@ def _report_cli(*flags):
     )
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_report_cli(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(_results()))
     out = _report_cli(f"--workdir={tmp_path}")

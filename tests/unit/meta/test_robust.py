@@ -94,6 +94,7 @@ def test_the_attack_gradient_through_the_frozen_model_is_zero_and_through_the_fr
     )
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_attacks_increase_the_loss_pgd_beats_fgsm_and_stay_in_the_ball(models):
     *_, meta = models
     f = jax.jit(robust.perturbed_loss(models[2], models[3], LOSS))

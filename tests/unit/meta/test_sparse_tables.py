@@ -101,6 +101,7 @@ def test_parameters_after_steps_equal_dense(problem, name):
     assert_close(out["dense"], out["sparse"])
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_jit_equals_no_jit(problem):
     tasks, spec, params, apply_fn = problem
     tasks = jax.tree_util.tree_map(lambda a: a[:2], tasks)  # eager execution is slow: 2 tasks
@@ -199,6 +200,7 @@ print("SHARDED_SPARSE_OK")
 """
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_sharded_step_with_gathered_tables_equals_dense_single_device():
     from tests.conftest import run_on_host_devices
 

@@ -188,6 +188,7 @@ def test_one_newton_step_on_the_sum_loss_is_ridge_fold_in():
         )
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_neighbour_predictions_are_blended_by_learned_weights():
     params, apply, *_ = filled(n_nbr=2, nbr_init=0.3)
     base, apply0, *_ = filled()
@@ -239,6 +240,7 @@ def test_ids_dropped_in_meta_training_are_not_blended_either():
     np.testing.assert_allclose(np.asarray(got)[kept], want[kept], atol=1e-5)
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_new_items_blend_by_their_own_weights_over_the_as_new_features():
     """nbr_new_own: an out-of-vocabulary id (new, or dropped in meta-training) is blended by
     nbr_weight_new over x["nbr_new"]; a known id as before, by nbr_weight over x["nbr"]."""

@@ -73,6 +73,7 @@ def _exact_two_step_return(theta):
     return total
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_dice_hessian_is_unbiased_and_naive_hessian_is_not():
     net = networks.make_tabular(3)
     theta = jnp.array([0.4, -0.3, 0.1])
@@ -93,6 +94,7 @@ def test_dice_hessian_is_unbiased_and_naive_hessian_is_not():
     assert np.abs(jax.hessian(naive)(theta) - exact).max() > 0.05
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_maml_meta_gradient_matches_exact_expected_update_objective():
     net = networks.make_tabular(2)
     alpha = 6.0
@@ -130,6 +132,7 @@ def test_maml_meta_gradient_matches_exact_expected_update_objective():
     assert np.abs(ex - exact_fo).max() > 0.045  # second-order term is big enough to be detected
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_meta_sgd_learning_rate_gets_gradient():
     net = networks.make_tabular(2)
     cfg = maml.MetaRLConfig(
@@ -188,6 +191,7 @@ def test_myopic_dice_gradient_credits_each_reward_to_its_own_action_only():
         pg.dice_loss(params, net.apply, traj, 0.9, "episode", "bogus")
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_value_baseline_uses_the_critic_in_reinforce_and_dice():
     net = networks.make_item_scorer(3, 1, 4, 8)
     params = net.init(jax.random.PRNGKey(0))

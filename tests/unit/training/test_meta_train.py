@@ -151,6 +151,7 @@ def _has_avx512() -> bool | None:
 PINNED_VAL_MAE = [1.1303929090499878, 1.1274895668029785, 1.131317138671875]
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_single_process_meta_train_is_pinned(xla_optimized):
     isa = _has_avx512()
     if jax.__version__ != PINNED_JAX or jax.default_backend() != "cpu" or isa is None:

@@ -70,6 +70,7 @@ def test_untrained_model_does_not_recover_cycles(trained):
     assert m["acc"] < 0.3
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_sampled_softmax_learns_too():
     seqs, nxt = _cycle_sequences(U=192, seed=1)
     train, val = holdout_split(seqs, 0.25, seed=1)
