@@ -21,6 +21,10 @@ new users are; the default ``"random"`` holds out seeded random fractions. With
 :func:`metarec.data.hold_out_items`), as both protocols' new items are every release year from a
 cutoff on, so no kept item shares a held-out item's year.
 
+With ``cfg.val_rebuild_tasks`` the validation and cold users' tasks are built again by the
+protocol's rule after the item hold-out, from the ratings it leaves them, so their query sets keep
+the protocol's size (as the test scenarios' users' tasks are built from known items' ratings).
+
 Evaluation (``prepare_seed(..., test=True)``) builds neither: it trains on every training rating.
 """
 
@@ -206,4 +210,11 @@ def rebuild_tasks(rated, fit_ratings, val_sets, val_cold_sets, new_items, protoc
             val_cold_sets.n_users,
             n_before,
         )
+    for name, sets in (("validation", rebuilt), ("cold-user validation", val_cold_sets)):
+        if sets is not None and sets.n_users == 0:
+            raise ValueError(
+                f"the {name} users of seed {seed} keep too few ratings after the item hold-out "
+                f"for a {protocol} task; lower --config.val_new_items or set "
+                "--config.val_rebuild_tasks=False"
+            )
     return fit_ratings, rebuilt, val_cold_sets

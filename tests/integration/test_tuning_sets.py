@@ -241,3 +241,14 @@ def test_rebuilt_tasks_keep_the_protocols_query_size_and_lose_no_rating(fixture_
     np.testing.assert_array_equal(sd.val_new_sets.query_item, plain.val_new_sets.query_item)
     full = build.prepare_seed(data, 0, cfg)
     assert full.fit_ratings.equals(before.fit_ratings)
+
+
+def test_an_empty_rebuilt_stand_in_is_refused(fixture_data):
+    # with nine tenths of the items held out no validation user keeps the 13 ratings of a melu task
+    data, _ = fixture_data
+    cfg = default_config.base_config()
+    cfg.val_new_items, cfg.val_new_support, cfg.val_rebuild_tasks = 0.9, "known", True
+    with pytest.raises(
+        ValueError, match="validation users of seed 0 keep too few ratings.*val_rebuild_tasks=False"
+    ):
+        build.prepare_seed(data, 0, cfg, test=False)
