@@ -44,9 +44,16 @@ from experiments.coldstart.build import (
 )
 from experiments.coldstart.tables import deployed, fold_tables, initial_params
 from experiments.common import config_value
+from experiments.tune.noise import selection_noise
 from metarec import data as mdata
 from metarec.meta import LEARNERS
-from metarec.training.meta_train import calibrate_inner_rates, meta_train, predict_tasks, score
+from metarec.training.meta_train import (
+    calibrate_inner_rates,
+    evaluate,
+    meta_train,
+    predict_tasks,
+    score,
+)
 from metarec.training.runlog import write_json_atomic
 from metarec.training.trainer import NonFiniteLossError
 
@@ -127,7 +134,8 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
     the mean best validation MAE and nDCG@k over seeds (also on the new-item validation,
     ``val_new_*``, NaN without one; and on the cold-user validation, ``val_cold_*``, where there
-    is one) and the best epochs. A Meta-SGD method is scored as the cold-start experiment runs
+    is one), the best epochs and ``per_user`` (set -> one per-user record per seed, None where the
+    seed has no such set). A Meta-SGD method is scored as the cold-start experiment runs
     it: its learned rates calibrated on the validation users (``cfg.step_scales``; the chosen
     scale per seed as ``step_scales``)."""
     algo, mcfg = method_config(cfg, method)
@@ -138,6 +146,7 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     fns = Compiled(c)
     maes, ndcgs, epochs, scales = [], [], [], []
     extra = {name: ([], []) for name in stand_ins(prepared)}
+    per_user = {name: [] for name in ("val", *extra)}  # per set, per seed (None without one)
     for seed, sd in prepared.items():
         sd = sd.view(c)
         spec = sd.encoder.spec
@@ -169,14 +178,16 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
         )  # fmt: skip
         scales.append(step_scale)
         out = predict_tasks(eval_fn, params, sd.val, c.eval_chunk)
-        scores = score(out["pred"], sd.val, data.rating_scale, c.k)
+        scores, users = evaluate(out["pred"], sd.val, data.rating_scale, c.k)
+        per_user["val"].append(users)
         maes.append(scores["mae"])
         ndcgs.append(scores[f"ndcg@{c.k}"])
         for name, (e_mae, e_ndcg) in extra.items():
-            tasks, scores = getattr(sd, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}
+            tasks, scores, users = getattr(sd, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}, None
             if tasks is not None:
                 out = predict_tasks(eval_fn, params, tasks, c.eval_chunk)
-                scores = score(out["pred"], tasks, data.rating_scale, c.k)
+                scores, users = evaluate(out["pred"], tasks, data.rating_scale, c.k)
+            per_user[name].append(users)
             e_mae.append(scores["mae"])
             e_ndcg.append(scores[f"ndcg@{c.k}"])
         epochs.append(tr.best_epoch)
@@ -184,7 +195,7 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     for name, (e_mae, e_ndcg) in extra.items():
         row[f"{name}_mae"] = float(np.mean(e_mae))
         row[f"{name}_ndcg@{cfg.k}"] = float(np.mean(e_ndcg))
-    row |= {"val_mae_per_seed": maes, "best_epochs": epochs}
+    row |= {"val_mae_per_seed": maes, "best_epochs": epochs, "per_user": per_user}
     return row | ({"step_scales": scales} if any(x is not None for x in scales) else {})
 
 
@@ -215,6 +226,7 @@ def grid_search(
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
         row = point | evaluate_point(cfg, algo, point, data, prepared)
+        row.pop("per_user")
         log_fn(f"{algo} {point}: val MAE {row['val_mae']:.4f} (best epochs {row['best_epochs']})")
         rows.append(row)
     return sorted(rows, key=lambda r: r["val_mae"])
@@ -444,9 +456,10 @@ def select(
 ) -> dict:
     """Tune every method of ``spaces`` (method -> search space; ``warm_starts``: method -> a
     point tried second, see :func:`search`) and name the recommended one (the lowest
-    :func:`selection_objective`). Returns the ``tuned.json`` content (no provenance)."""
+    :func:`selection_objective`). Returns the ``tuned.json`` content (no provenance) and
+    ``per_user``: method -> trial -> :func:`evaluate_point`'s per-user records."""
     data, prepared = prepare(cfg, seeds, data)
-    out = {"methods": {}, "validation": {}, "trials": {}}
+    out = {"methods": {}, "validation": {}, "trials": {}, "per_user": {}}
     for method, space in spaces.items():
         rows = search(
             cfg,
@@ -465,21 +478,15 @@ def select(
         )
         best = rows[0]
         out["methods"][method] = method_entry(cfg, method, best["point"])
-        out["validation"][method] = {
-            k: best[k]
-            for k in (
-                "objective",
-                "val_mae",
-                f"val_ndcg@{cfg.k}",
-                "val_new_mae",
-                f"val_new_ndcg@{cfg.k}",
-                "val_cold_mae",
-                f"val_cold_ndcg@{cfg.k}",
-                "val_mae_per_seed",
-                "best_epochs",
-            )
-            if k in best
-        }
+        # the chosen trial's scores, in the order tuned.json has always listed them
+        keys = [
+            f"{part}_{m}"
+            for part in ("val", "val_new", "val_cold")
+            for m in ("mae", f"ndcg@{cfg.k}")
+        ]
+        keys = ["objective", *keys, "val_mae_per_seed", "best_epochs"]
+        out["validation"][method] = {k: best[k] for k in keys if k in best}
+        out["per_user"][method] = {r["trial"]: r.pop("per_user") for r in rows if "per_user" in r}
         out["trials"][method] = rows
     out["recommended"] = min(out["validation"], key=lambda m: out["validation"][m]["objective"])
     out["baselines_validation"] = baselines_on_validation(cfg, data, prepared)
@@ -545,6 +552,12 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         new_item_weight=cfg.new_item_weight,
         cold_user_weight=cold_w,
         warm_starts=warm,
+    )
+    per_user = res.pop("per_user")
+    write_json_atomic(os.path.join(workdir, "trials_per_user.json"), per_user)
+    weights = {"val": 1 - cfg.new_item_weight - cold_w, "val_new": cfg.new_item_weight}
+    res["selection_noise"] = selection_noise(
+        res["trials"], per_user, weights | {"val_cold": cold_w}, cfg.ndcg_weight, cfg.base.k, warm
     )
     meta = run_metadata(cfg.to_dict(), argv)
     res["provenance"] = {

@@ -16,9 +16,11 @@ import pytest
 
 from experiments.coldstart import build, pipeline, tables
 from experiments.coldstart.configs import default as default_config
+from experiments.tune import noise
 from experiments.tune import pipeline as tune
 from experiments.tune.pipeline import grid_search
 from metarec import data as mdata
+from metarec import stats
 from metarec.baselines.mf import DEFAULT_REG
 from metarec.baselines.neighbours import new_item_features
 
@@ -281,13 +283,20 @@ def test_optuna_selection_never_reads_a_test_scenario(fixture_data):
     cfg.epochs = 1
     spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0", "loss_prior": "float:0:50"}}
 
-    def select(d):
+    def select(d, keys=("methods", "validation", "recommended", "trials")):
         out = tune.select(
             cfg, spaces, seeds=(0,), n_trials=2, new_item_weight=0.5, data=d, log_fn=lambda m: None
         )
-        return {k: out[k] for k in ("methods", "validation", "recommended", "trials")}
+        return {k: out[k] for k in keys}
 
-    first = select(data)
+    first = select(data, keys=("methods", "validation", "recommended", "trials", "per_user"))
+    # the per-user records rebuild every trial's logged objective (the selection-noise input)
+    trials, cells = noise.cells(
+        first.pop("per_user")["cf_metasgd"], {"val": 0.5, "val_new": 0.5}, 3
+    )
+    logged = {r["trial"]: r["objective"] for r in first["trials"]["cf_metasgd"]}
+    rebuilt = stats.cell_objectives(cells)
+    np.testing.assert_allclose(rebuilt, [logged[t] for t in trials], atol=1e-5)
     assert first["recommended"] == "cf_metasgd" and len(first["trials"]["cf_metasgd"]) == 2
     v = first["validation"]["cf_metasgd"]
     assert v["objective"] == pytest.approx(

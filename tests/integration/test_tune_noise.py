@@ -1,0 +1,76 @@
+"""The tune stage's selection-noise report (experiments/tune/noise.py) on hand-made per-user
+records: it rebuilds the stage's objective, names the chosen trial and compares it pairwise."""
+
+import numpy as np
+import pytest
+
+from experiments.tune import noise
+from experiments.tune import pipeline as tune
+
+
+def _records(rng, n_trials, sizes):
+    """method records: trial -> set -> per seed ``{"user", "mae", "ndcg@3"}``, one nDCG None."""
+    out = {}
+    for t in range(n_trials):
+        out[t] = {}
+        for name, users in sizes.items():
+            seeds = []
+            for s, n in enumerate(users):
+                ndcg = rng.uniform(0.4, 1.0, n).tolist()
+                ndcg[0] = None  # undefined for that user: skipped by every mean
+                mae = rng.uniform(0.5, 1.0, n).tolist()
+                seeds.append(
+                    {"user": list(range(100 * s, 100 * s + n)), "mae": mae, "ndcg@3": ndcg}
+                )
+            out[t][name] = seeds
+    return out
+
+
+def _rows(records, weights):
+    """The stage's rows: per-set means per seed, averaged over seeds, then the objective."""
+    rows = []
+    for t, rec in records.items():
+        row = {"trial": t}
+        for name, seeds in rec.items():
+            for m in ("mae", "ndcg@3"):
+                per_seed = [np.mean([v for v in s[m] if v is not None]) for s in seeds]
+                row[f"{name}_{m}"] = float(np.mean(per_seed))
+        row["objective"] = tune.selection_objective(row, 3, 1.0, weights["val_new"])
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["objective"])
+
+
+def test_the_report_rebuilds_the_objective_and_compares_the_chosen_trial():
+    weights = {"val": 0.6, "val_new": 0.4}
+    records = _records(np.random.default_rng(0), 5, {"val": (6, 7), "val_new": (9, 8)})
+    rows = _rows(records, weights)
+    single = {0: records[0]}
+    got = noise.selection_noise(
+        {"m": rows, "one": rows[:1]},
+        {"m": records, "one": single},
+        weights,
+        1.0,
+        3,
+        warm_started=("m",),
+        log_fn=lambda msg: None,
+    )
+    assert set(got) == {"m"}  # one scored trial: nothing to compare
+    rep = got["m"]
+    assert rep["trials"] == [0, 1, 2, 3, 4] and rep["chosen"] == rows[0]["trial"]
+    assert rep["max_rebuild_error"] < 1e-12
+    assert sum(rep["split_half"]["win_share"].values()) == pytest.approx(1.0)
+    runner_up = rows[1]["trial"]
+    expected = {f"runner-up (trial {runner_up})"}
+    expected |= {n for n, t in (("configured (trial 0)", 0), ("warm start (trial 1)", 1))}
+    expected -= {n for n in expected if n.endswith(f"(trial {rep['chosen']})")}
+    assert set(rep["chosen_vs"]) == expected
+    vs = rep["chosen_vs"][f"runner-up (trial {runner_up})"]
+    assert vs["diff"] == pytest.approx(rows[0]["objective"] - rows[1]["objective"])
+    assert vs["ci95"][0] <= vs["diff"] <= vs["ci95"][1]
+
+
+def test_trials_scored_on_different_users_are_refused():
+    records = _records(np.random.default_rng(1), 2, {"val": (4,)})
+    records[1]["val"][0]["user"] = [9, 8, 7, 6]
+    with pytest.raises(ValueError, match="trials scored different val users"):
+        noise.cells(records, {"val": 1.0}, 3)
