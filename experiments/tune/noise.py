@@ -52,23 +52,25 @@ def cells(per_user: dict, weights: dict[str, float], k: int) -> tuple[list[int],
 
 
 def selection_noise(
-    trial_rows: dict[str, list[dict]],
-    per_user: dict[str, dict],
+    res: dict,
+    per_user: dict,
     weights: dict[str, float],
     ndcg_weight: float,
     k: int,
     warm_started=(),
     log_fn: Callable = print,
 ) -> dict:
-    """``selection_noise`` of every method with more than one scored trial (``trial_rows``:
-    method -> the stage's rows, best first; ``per_user``: method -> trial -> per-user records;
-    ``weights``: stand-in set -> its weight in the objective; ``warm_started``: the methods
-    searched with a warm start)."""
+    """``selection_noise`` of every method with more than one scored trial. ``res``: the stage's
+    output (``trials``: method -> rows, best first; ``baselines_validation``); ``per_user``:
+    ``{"methods": method -> trial -> per-user records, "baselines": baseline -> set -> per-seed
+    records}``; ``weights``: stand-in set -> its weight in the objective; ``warm_started``: the
+    methods searched with a warm start."""
+    trial_rows, records = res["trials"], per_user["methods"]
     out = {}
     for method, rows in trial_rows.items():
-        if len(per_user.get(method, {})) < 2:
+        if len(records.get(method, {})) < 2:
             continue
-        trials, cs = cells(per_user[method], weights, k)
+        trials, cs = cells(records[method], weights, k)
         logged = {r["trial"]: r["objective"] for r in rows}
         full = stats.cell_objectives(cs, ndcg_weight)
         split = stats.split_half_selection(cs, ndcg_weight, N_SPLITS, seed=0)
@@ -94,6 +96,9 @@ def selection_noise(
                 "held_out": dict(zip(map(str, trials), split["held_out"])),
             },
             "chosen_vs": vs,
+            "chosen_vs_baselines": vs_baselines(
+                records[method][chosen], per_user["baselines"], res["baselines_validation"], k
+            ),
         }
         log_fn(
             f"{method} selection noise ({split['n_splits']} half splits): the half-A winner "
@@ -107,4 +112,35 @@ def selection_noise(
                 f"  trial {chosen} - {name}: {v['diff']:+.4f} "
                 f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"
             )
+        for part, metrics in out[method]["chosen_vs_baselines"].items():
+            for m, v in metrics.items():
+                log_fn(
+                    f"  {part} {m}: trial {chosen} - {v['baseline']}: {v['mean_diff']:+.4f} "
+                    f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}] p={v['wilcoxon_p']:.2g} "
+                    f"(n={v['n']})"
+                )
+    return out
+
+
+def _units(seeds: list[dict], metric: str) -> dict:
+    """Per-seed records pooled into ``{"unit": "seed:user", metric: values}``."""
+    keys = [f"{s}:{u}" for s, r in enumerate(seeds) for u in r["user"]]
+    return {"unit": keys, metric: [v for r in seeds for v in r[metric]]}
+
+
+def vs_baselines(chosen: dict, baselines: dict, means: dict, k: int) -> dict:
+    """Per stand-in set and metric: the chosen trial minus the best baseline there (by its mean
+    over seeds: lowest MAE, highest nDCG@k), paired over the set's users of every seed
+    (:func:`metarec.stats.paired_comparison`, as the results table compares on test users)."""
+    out = {}
+    for part, seeds in chosen.items():
+        for m, sign in (("mae", 1), (f"ndcg@{k}", -1)):
+            scored = {b: v[f"{part}_{m}"] for b, v in means.items() if part in baselines.get(b, {})}
+            scored = {b: v for b, v in scored.items() if np.isfinite(v)}
+            if not scored or any(r is None for r in seeds):
+                continue
+            best = min(scored, key=lambda b: sign * scored[b])
+            a, b = _units(seeds, m), _units(baselines[best][part], m)
+            cmp = stats.paired_comparison(a, b, m)
+            out.setdefault(part, {})[m] = {"baseline": best} | cmp
     return out

@@ -52,7 +52,6 @@ from metarec.training.meta_train import (
     evaluate,
     meta_train,
     predict_tasks,
-    score,
 )
 from metarec.training.runlog import write_json_atomic
 from metarec.training.trainer import NonFiniteLossError
@@ -408,11 +407,12 @@ def selection_objective(
     return float(total)
 
 
-def baselines_on_validation(cfg, data, prepared: dict) -> dict:
+def baselines_on_validation(cfg, data, prepared: dict, per_user: dict | None = None) -> dict:
     """Mean validation MAE and nDCG@k over seeds of every fitted baseline of ``cfg.baselines``
     (fitted on the same training ratings), on the validation users and on the stand-ins that
     exist (``val_new_*``, NaN without one; ``val_cold_*`` only with a cold-user validation): the
-    reference the tuned methods are read against."""
+    reference the tuned methods are read against. ``per_user`` (if given) receives baseline ->
+    set -> one per-user record per seed."""
     rows: dict[str, dict[str, list]] = {}
     k = cfg.k
     names = ("val", *stand_ins(prepared))
@@ -425,9 +425,11 @@ def baselines_on_validation(cfg, data, prepared: dict) -> dict:
             pred = baseline_predictions(name, seed, sd.fit_ratings, sets)
             row = rows.setdefault(name, {})
             for n in names:
-                sc = {"mae": np.nan, f"ndcg@{k}": np.nan}
+                sc, users = {"mae": np.nan, f"ndcg@{k}": np.nan}, None
                 if n in sets:
-                    sc = score(pred[n], getattr(sd, n), data.rating_scale, k)
+                    sc, users = evaluate(pred[n], getattr(sd, n), data.rating_scale, k)
+                if per_user is not None:
+                    per_user.setdefault(name, {}).setdefault(n, []).append(users)
                 row.setdefault(f"{n}_mae", []).append(sc["mae"])
                 row.setdefault(f"{n}_ndcg@{k}", []).append(sc[f"ndcg@{k}"])
     return {name: {key: float(np.mean(v)) for key, v in row.items()} for name, row in rows.items()}
@@ -456,8 +458,9 @@ def select(
 ) -> dict:
     """Tune every method of ``spaces`` (method -> search space; ``warm_starts``: method -> a
     point tried second, see :func:`search`) and name the recommended one (the lowest
-    :func:`selection_objective`). Returns the ``tuned.json`` content (no provenance) and
-    ``per_user``: method -> trial -> :func:`evaluate_point`'s per-user records."""
+    :func:`selection_objective`). Returns the ``tuned.json`` content (no provenance),
+    ``per_user`` (method -> trial -> :func:`evaluate_point`'s per-user records) and
+    ``per_user_baselines`` (:func:`baselines_on_validation`'s)."""
     data, prepared = prepare(cfg, seeds, data)
     out = {"methods": {}, "validation": {}, "trials": {}, "per_user": {}}
     for method, space in spaces.items():
@@ -489,7 +492,8 @@ def select(
         out["per_user"][method] = {r["trial"]: r.pop("per_user") for r in rows if "per_user" in r}
         out["trials"][method] = rows
     out["recommended"] = min(out["validation"], key=lambda m: out["validation"][m]["objective"])
-    out["baselines_validation"] = baselines_on_validation(cfg, data, prepared)
+    base_users = out["per_user_baselines"] = {}
+    out["baselines_validation"] = baselines_on_validation(cfg, data, prepared, base_users)
     return out
 
 
@@ -553,11 +557,11 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         cold_user_weight=cold_w,
         warm_starts=warm,
     )
-    per_user = res.pop("per_user")
+    per_user = {"methods": res.pop("per_user"), "baselines": res.pop("per_user_baselines")}
     write_json_atomic(os.path.join(workdir, "trials_per_user.json"), per_user)
     weights = {"val": 1 - cfg.new_item_weight - cold_w, "val_new": cfg.new_item_weight}
     res["selection_noise"] = selection_noise(
-        res["trials"], per_user, weights | {"val_cold": cold_w}, cfg.ndcg_weight, cfg.base.k, warm
+        res, per_user, weights | {"val_cold": cold_w}, cfg.ndcg_weight, cfg.base.k, warm
     )
     meta = run_metadata(cfg.to_dict(), argv)
     res["provenance"] = {

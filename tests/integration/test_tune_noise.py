@@ -45,9 +45,21 @@ def test_the_report_rebuilds_the_objective_and_compares_the_chosen_trial():
     records = _records(np.random.default_rng(0), 5, {"val": (6, 7), "val_new": (9, 8)})
     rows = _rows(records, weights)
     single = {0: records[0]}
+    # a baseline 0.1 worse in MAE and 0.05 better in nDCG@3 than the chosen trial for every user
+    chosen = records[rows[0]["trial"]]
+    shifted = {
+        part: [
+            {"user": r["user"], "mae": [v + 0.1 for v in r["mae"]]}
+            | {"ndcg@3": [None if v is None else v + 0.05 for v in r["ndcg@3"]]}
+            for r in seeds
+        ]
+        for part, seeds in chosen.items()
+    }
+    means = {f"{part}_{m}": 0.5 for part in chosen for m in ("mae", "ndcg@3")}
+    res = {"trials": {"m": rows, "one": rows[:1]}, "baselines_validation": {"b": means}}
     got = noise.selection_noise(
-        {"m": rows, "one": rows[:1]},
-        {"m": records, "one": single},
+        res,
+        {"methods": {"m": records, "one": single}, "baselines": {"b": shifted}},
         weights,
         1.0,
         3,
@@ -67,6 +79,14 @@ def test_the_report_rebuilds_the_objective_and_compares_the_chosen_trial():
     vs = rep["chosen_vs"][f"runner-up (trial {runner_up})"]
     assert vs["diff"] == pytest.approx(rows[0]["objective"] - rows[1]["objective"])
     assert vs["ci95"][0] <= vs["diff"] <= vs["ci95"][1]
+    base = rep["chosen_vs_baselines"]
+    assert set(base) == {"val", "val_new"}
+    for part in base:
+        n_users = {"val": 13, "val_new": 17}[part]
+        assert base[part]["mae"]["baseline"] == "b" and base[part]["mae"]["n"] == n_users
+        assert base[part]["ndcg@3"]["n"] == n_users - 2  # one undefined nDCG per seed
+        assert base[part]["mae"]["mean_diff"] == pytest.approx(-0.1)
+        assert base[part]["ndcg@3"]["mean_diff"] == pytest.approx(-0.05)
 
 
 def test_trials_scored_on_different_users_are_refused():
@@ -74,3 +94,37 @@ def test_trials_scored_on_different_users_are_refused():
     records[1]["val"][0]["user"] = [9, 8, 7, 6]
     with pytest.raises(ValueError, match="trials scored different val users"):
         noise.cells(records, {"val": 1.0}, 3)
+
+
+@pytest.mark.slow  # a three-trial stage (about 20 s); CI runs `make test-slow` too
+def test_the_stage_writes_per_user_records_and_the_report_beside_an_unchanged_config(
+    fixture_data, tmp_path
+):
+    import json
+
+    from experiments.tune.configs import default as tune_config
+    from tests.integration.test_coldstart import tiny_config
+
+    _, folder = fixture_data
+    cfg = tune_config.get_config()
+    cfg.base = tiny_config()
+    cfg.base.data_dir, cfg.base.epochs = str(folder), 1
+    cfg.seeds, cfg.n_trials, cfg.cold_user_weight = (0,), 3, 0.0
+    cfg.spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0"}}
+    cfg.warm_starts = {"cf_metasgd": {"inner_lr": 0.1}}
+    cfg.write_config = str(tmp_path / "tuned.json")
+    tune.main(cfg, str(tmp_path / "w"))
+    out = json.loads((tmp_path / "w" / "tune.json").read_text())
+    written = json.loads((tmp_path / "tuned.json").read_text())
+    assert set(written) == {"methods", "validation", "baselines_validation", "recommended"} | {
+        "provenance"
+    }
+    rep = out["selection_noise"]["cf_metasgd"]
+    assert rep["trials"] == [0, 1, 2] and rep["max_rebuild_error"] < 1e-5
+    assert set(rep["chosen_vs"]) >= {f"runner-up (trial {out['trials']['cf_metasgd'][1]['trial']})"}
+    assert set(rep["chosen_vs_baselines"]) == {"val", "val_new"}
+    per_user = json.loads((tmp_path / "w" / "trials_per_user.json").read_text())
+    assert set(per_user["methods"]["cf_metasgd"]) == {"0", "1", "2"}
+    assert set(per_user["baselines"]) == {"global_mean", "user_mean", "item_mean"}
+    val_users = per_user["methods"]["cf_metasgd"]["0"]["val"][0]["user"]
+    assert per_user["baselines"]["item_mean"]["val"][0]["user"] == val_users
