@@ -6,7 +6,7 @@ held out of the simulator's MF, of the recommender-side MF and of every agent's 
 in as the test users are; the test users' sets are never read. Every candidate point is trained on
 the remaining training users and scored by its CTR on the validation users after each number of
 adaptation episodes in ``episodes``; the objective is minus their mean (the numbers of episodes the
-targets name). The search is the cold-start stage's (:func:`experiments.tune.pipeline.run_study`:
+targets name). The search is the cold-start stage's (:func:`experiments.tune.spaces.run_study`:
 seeded optuna TPE, or a grid for a space of choices only), the recommended method is the one with
 the lowest objective among the meta-learned methods, and :func:`main` writes ``tune.json`` and the
 file the meta-RL default config reads (``experiments/meta_rl/configs/tuned.json``). The bandits'
@@ -24,12 +24,8 @@ import numpy as np
 
 from experiments.common import check_choice, config_value, set_config_value
 from experiments.meta_rl import runner, settings
-from experiments.tune.pipeline import (
-    parse_space,
-    run_study,
-    start_values,
-    write_results,
-)
+from experiments.tune.pipeline import write_results
+from experiments.tune.spaces import parse_space, run_study, start_values
 from metarec.training.trainer import NonFiniteLossError
 
 DIVERGED = 0.0  # the objective of a point whose training diverged (CTR 0)
@@ -80,7 +76,7 @@ def search(
     episodes,
     log_fn: Callable = print,
 ) -> list[dict]:
-    """The cold-start stage's search (:func:`experiments.tune.pipeline.run_study`) of ``space``
+    """The cold-start stage's search (:func:`experiments.tune.spaces.run_study`) of ``space``
     for ``method``, starting from the base config's values; one row per trial, best first."""
     parsed = parse_space(space, base)
 

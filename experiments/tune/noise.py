@@ -78,8 +78,10 @@ def selection_noise(
         ranked = [r["trial"] for r in rows if r["trial"] in pos]
         chosen = ranked[0]
         others = {f"runner-up (trial {ranked[1]})": ranked[1]}
-        if method in warm_started:
-            others |= {"configured (trial 0)": 0, "warm start (trial 1)": 1}
+        if method in warm_started:  # each trial once, under its first name
+            for name, t in (("configured (trial 0)", 0), ("warm start (trial 1)", 1)):
+                if t not in others.values():
+                    others[name] = t
         vs = {
             name: stats.paired_objective_ci(cs, pos[chosen], pos[t], ndcg_weight, N_BOOT)
             for name, t in others.items()
