@@ -69,6 +69,10 @@ class SeedData:
     # tuning path only (``cfg.val_cold_users``): the user-cold stand-in (tuning_sets.py)
     val_cold: Task | None = None
     val_cold_sets: mdata.UserSets | None = None
+    # tuning path only (``cfg.val_new_model = "separate"``): the new-item stand-in's own data,
+    # its items held out of training; this seed's data then holds every training item, and its
+    # model scores the validation and cold users (experiments/tune/pipeline.py)
+    val_new_data: SeedData | None = None
     _views: dict = dataclasses.field(default_factory=dict)
 
     def train_tasks(self, mode: str = "resample"):

@@ -47,6 +47,9 @@ VAL_NEW_SUPPORT = ("new", "known")  # how the new-item stand-in's support sets a
 # release year) and the latest-arriving users (by first training rating), as the time protocol's
 # new items and new users are
 VAL_HOLD_OUT = ("random", "latest")
+# which model scores the validation and cold users: the new-item stand-in's, or one of their own
+# trained on every training item (experiments/tune/pipeline.py)
+VAL_NEW_MODEL = ("shared", "separate")
 
 
 def validate_stand_ins(cfg) -> None:
@@ -58,6 +61,10 @@ def validate_stand_ins(cfg) -> None:
         raise ValueError(
             f"--config.val_new_support={cfg.val_new_support!r}; allowed: "
             f"{', '.join(VAL_NEW_SUPPORT)}"
+        )
+    if cfg.get("val_new_model", "shared") not in VAL_NEW_MODEL:
+        raise ValueError(
+            f"--config.val_new_model={cfg.val_new_model!r}; allowed: {', '.join(VAL_NEW_MODEL)}"
         )
     if cfg.val_hold_out not in VAL_HOLD_OUT:
         raise ValueError(

@@ -24,6 +24,7 @@ Search spaces and the optuna study live in :mod:`experiments.tune.spaces`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import numpy as np
 from experiments.coldstart.build import (
     NETWORK_BASELINES,
     Compiled,
+    SeedData,
     baseline_predictions,
     method_config,
     prepare_seed,
@@ -58,10 +60,24 @@ DIVERGED = 10.0  # the objective of a point whose meta-training diverged
 
 
 def prepare(cfg, seeds, data: mdata.RatingsData | None = None) -> tuple[mdata.RatingsData, dict]:
-    """The dataset and, per seed, its training/validation data with no test task encoded."""
+    """The dataset and, per seed, its training/validation data with no test task encoded
+    (:func:`prepare_tuning_seed`)."""
     if data is None:
         data = mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, download=cfg.download)
-    return data, {seed: prepare_seed(data, seed, cfg, test=False) for seed in seeds}
+    return data, {seed: prepare_tuning_seed(data, seed, cfg) for seed in seeds}
+
+
+def prepare_tuning_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
+    """One seed's tuning data (``prepare_seed(..., test=False)``). With ``cfg.val_new_model =
+    "separate"`` and a new-item stand-in, that data (its items held out) becomes ``val_new_data``
+    of the data prepared with no item held out, whose validation and cold users keep every
+    training item, as the test scenarios' users do."""
+    sd = prepare_seed(data, seed, cfg, test=False)
+    if cfg.get("val_new_model", "shared") == "shared" or not cfg.val_new_items:
+        return sd
+    every_item = ml_collections.ConfigDict(cfg.to_dict())
+    every_item.val_new_items = 0.0
+    return dataclasses.replace(prepare_seed(data, seed, every_item, test=False), val_new_data=sd)
 
 
 def stand_ins(prepared: dict) -> tuple[str, ...]:
@@ -71,6 +87,37 @@ def stand_ins(prepared: dict) -> tuple[str, ...]:
     return ("val_new", "val_cold") if cold else ("val_new",)
 
 
+def _train(c, fns: Compiled, algo: str, sd: SeedData, seed: int, data):
+    """``(params, eval_fn, best epoch, step scale)``: ``sd``'s model meta-trained with early
+    stopping on its validation users, then, as the cold-start experiment does, Meta-SGD's
+    learned rates scaled by those users' choice."""
+    spec = sd.encoder.spec
+    fns.use_seed(seed).load_pretrained(sd.encoder, seed)
+    init_fn, _ = fns.model(spec)
+    k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
+    deploy, train_eval = deployed(sd, c, seed), fns.eval(spec, algo)
+
+    def eval_fn(meta, tasks):
+        return train_eval(deploy(meta), tasks)
+
+    tr = meta_train(
+        fns.learner(spec, algo),
+        fns.step(spec, algo),
+        eval_fn,
+        initial_params(init_fn, k_init, sd, c, seed),
+        sd.train_tasks(c.train_tasks),
+        sd.val,
+        c,
+        k_train,
+        data.rating_scale,
+        epoch_params=fold_tables(sd, c, seed),
+    )
+    params, step_scale, _ = calibrate_inner_rates(
+        eval_fn, tr.params, sd.val, c.get("step_scales", ()), data.rating_scale, c.k, c.eval_chunk
+    )
+    return params, eval_fn, tr.best_epoch, step_scale
+
+
 def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
     the mean best validation MAE and nDCG@k over seeds (also on the new-item validation,
@@ -78,65 +125,43 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     is one), the best epochs and ``per_user`` (set -> one per-user record per seed, None where the
     seed has no such set). A Meta-SGD method is scored as the cold-start experiment runs
     it: its learned rates calibrated on the validation users (``cfg.step_scales``; the chosen
-    scale per seed as ``step_scales``)."""
+    scale per seed as ``step_scales``). A seed with ``val_new_data`` trains a second model on
+    it, which scores the new-item stand-in (its best epochs: ``best_epochs_new``)."""
     algo, mcfg = method_config(cfg, method)
     c = ml_collections.ConfigDict(mcfg.to_dict())
     for k, v in point.items():
         c[k] = v
     validate_config(c)
     fns = Compiled(c)
-    maes, ndcgs, epochs, scales = [], [], [], []
-    extra = {name: ([], []) for name in stand_ins(prepared)}
-    per_user = {name: [] for name in ("val", *extra)}  # per set, per seed (None without one)
+    epochs, epochs_new, scales = [], [], []
+    names = ("val", *stand_ins(prepared))
+    scored = {name: ([], []) for name in names}
+    per_user = {name: [] for name in names}  # per set, per seed (None without one)
     for seed, sd in prepared.items():
         sd = sd.view(c)
-        spec = sd.encoder.spec
-        fns.use_seed(seed).load_pretrained(sd.encoder, seed)
-        init_fn, _ = fns.model(spec)
-        k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
-        deploy, train_eval = deployed(sd, c, seed), fns.eval(spec, algo)
-
-        def eval_fn(meta, tasks, train_eval=train_eval, deploy=deploy):
-            return train_eval(deploy(meta), tasks)
-
-        tr = meta_train(
-            fns.learner(spec, algo),
-            fns.step(spec, algo),
-            eval_fn,
-            initial_params(init_fn, k_init, sd, c, seed),
-            sd.train_tasks(c.train_tasks),
-            sd.val,
-            c,
-            k_train,
-            data.rating_scale,
-            epoch_params=fold_tables(sd, c, seed),
-        )
-        # as the cold-start experiment does after early stopping: Meta-SGD's learned rates scaled
-        # by the validation users' choice
-        params, step_scale, _ = calibrate_inner_rates(
-            eval_fn, tr.params, sd.val, c.get("step_scales", ()), data.rating_scale, c.k,
-            c.eval_chunk,
-        )  # fmt: skip
+        params, eval_fn, epoch, step_scale = _train(c, fns, algo, sd, seed, data)
+        epochs.append(epoch)
         scales.append(step_scale)
-        out = predict_tasks(eval_fn, params, sd.val, c.eval_chunk)
-        scores, users = evaluate(out["pred"], sd.val, data.rating_scale, c.k)
-        per_user["val"].append(users)
-        maes.append(scores["mae"])
-        ndcgs.append(scores[f"ndcg@{c.k}"])
-        for name, (e_mae, e_ndcg) in extra.items():
-            tasks, scores, users = getattr(sd, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}, None
+        models = {name: (sd, params, eval_fn) for name in names}
+        if sd.val_new_data is not None:  # the new-item stand-in's own model, its items held out
+            new = sd.val_new_data.view(c)
+            p_new, fn_new, epoch, _ = _train(c, fns, algo, new, seed, data)
+            models["val_new"] = (new, p_new, fn_new)
+            epochs_new.append(epoch)
+        for name, (src, p, fn) in models.items():
+            tasks, scores, users = getattr(src, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}, None
             if tasks is not None:
-                out = predict_tasks(eval_fn, params, tasks, c.eval_chunk)
+                out = predict_tasks(fn, p, tasks, c.eval_chunk)
                 scores, users = evaluate(out["pred"], tasks, data.rating_scale, c.k)
             per_user[name].append(users)
-            e_mae.append(scores["mae"])
-            e_ndcg.append(scores[f"ndcg@{c.k}"])
-        epochs.append(tr.best_epoch)
-    row = {"val_mae": float(np.mean(maes)), f"val_ndcg@{cfg.k}": float(np.mean(ndcgs))}
-    for name, (e_mae, e_ndcg) in extra.items():
+            scored[name][0].append(scores["mae"])
+            scored[name][1].append(scores[f"ndcg@{c.k}"])
+    row = {}
+    for name, (e_mae, e_ndcg) in scored.items():
         row[f"{name}_mae"] = float(np.mean(e_mae))
         row[f"{name}_ndcg@{cfg.k}"] = float(np.mean(e_ndcg))
-    row |= {"val_mae_per_seed": maes, "best_epochs": epochs, "per_user": per_user}
+    row |= {"val_mae_per_seed": scored["val"][0], "best_epochs": epochs, "per_user": per_user}
+    row |= {"best_epochs_new": epochs_new} if epochs_new else {}
     return row | ({"step_scales": scales} if any(x is not None for x in scales) else {})
 
 
@@ -283,21 +308,28 @@ def baselines_on_validation(cfg, data, prepared: dict, per_user: dict | None = N
     k = cfg.k
     names = ("val", *stand_ins(prepared))
     for seed, sd in prepared.items():
-        sets = {n: getattr(sd, f"{n}_sets") for n in names}
-        sets = {n: v for n, v in sets.items() if v is not None}
+        parts = [(sd, names)]  # (data whose training ratings fit the baselines, sets it scores)
+        if sd.val_new_data is not None:
+            parts = [
+                (sd, tuple(n for n in names if n != "val_new")),
+                (sd.val_new_data, ("val_new",)),
+            ]
         for name in cfg.baselines:
             if name in NETWORK_BASELINES:
                 continue
-            pred = baseline_predictions(name, seed, sd.fit_ratings, sets)
             row = rows.setdefault(name, {})
-            for n in names:
-                sc, users = {"mae": np.nan, f"ndcg@{k}": np.nan}, None
-                if n in sets:
-                    sc, users = evaluate(pred[n], getattr(sd, n), data.rating_scale, k)
-                if per_user is not None:
-                    per_user.setdefault(name, {}).setdefault(n, []).append(users)
-                row.setdefault(f"{n}_mae", []).append(sc["mae"])
-                row.setdefault(f"{n}_ndcg@{k}", []).append(sc[f"ndcg@{k}"])
+            for src, part in parts:
+                sets = {n: getattr(src, f"{n}_sets") for n in part}
+                sets = {n: v for n, v in sets.items() if v is not None}
+                pred = baseline_predictions(name, seed, src.fit_ratings, sets)
+                for n in part:
+                    sc, users = {"mae": np.nan, f"ndcg@{k}": np.nan}, None
+                    if n in sets:
+                        sc, users = evaluate(pred[n], getattr(src, n), data.rating_scale, k)
+                    if per_user is not None:
+                        per_user.setdefault(name, {}).setdefault(n, []).append(users)
+                    row.setdefault(f"{n}_mae", []).append(sc["mae"])
+                    row.setdefault(f"{n}_ndcg@{k}", []).append(sc[f"ndcg@{k}"])
     return {name: {key: float(np.mean(v)) for key, v in row.items()} for name, row in rows.items()}
 
 
@@ -430,6 +462,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         res, per_user, weights | {"val_cold": cold_w}, cfg.ndcg_weight, cfg.base.k, warm
     )
     meta = run_metadata(cfg.to_dict(), argv)
+    separate = cfg.base.get("val_new_model", "shared") == "separate"
     res["provenance"] = {
         "command": meta["command"],
         "seeds": list(seeds),
@@ -441,7 +474,8 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
             f" + {cfg.new_item_weight} x the same on items held out of training "
             f"({cfg.base.val_new_items} of the items, val_hold_out={cfg.base.val_hold_out}, "
             f"val_whole_years={cfg.base.val_whole_years}, "
-            f"val_rebuild_tasks={cfg.base.val_rebuild_tasks})"
+            f"val_rebuild_tasks={cfg.base.val_rebuild_tasks}"
+            + (", val_new_model=separate)" if separate else ")")
             + (
                 f" + {cold_w} x the same on users held out of training "
                 f"({cfg.base.val_cold_users} of the other training users)"

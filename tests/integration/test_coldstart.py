@@ -277,10 +277,12 @@ def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
-def test_optuna_selection_never_reads_a_test_scenario(fixture_data):
+@pytest.mark.parametrize("new_model", ["shared", "separate"])
+def test_optuna_selection_never_reads_a_test_scenario(fixture_data, new_model):
     data, _ = fixture_data
     cfg = tiny_config()
     cfg.epochs = 1
+    cfg.val_new_model = new_model
     spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0", "loss_prior": "float:0:50"}}
 
     def select(d, keys=("methods", "validation", "recommended", "trials")):

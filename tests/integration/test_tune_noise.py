@@ -75,6 +75,8 @@ def test_the_report_rebuilds_the_objective_and_compares_the_chosen_trial():
     expected = {f"runner-up (trial {runner_up})"}
     expected |= {n for n, t in (("configured (trial 0)", 0), ("warm start (trial 1)", 1))}
     expected -= {n for n in expected if n.endswith(f"(trial {rep['chosen']})")}
+    if runner_up in (0, 1):  # named once, as the runner-up
+        expected -= {("configured (trial 0)", "warm start (trial 1)")[runner_up]}
     assert set(rep["chosen_vs"]) == expected
     vs = rep["chosen_vs"][f"runner-up (trial {runner_up})"]
     assert vs["diff"] == pytest.approx(rows[0]["objective"] - rows[1]["objective"])
@@ -109,6 +111,7 @@ def test_the_stage_writes_per_user_records_and_the_report_beside_an_unchanged_co
     cfg = tune_config.get_config()
     cfg.base = tiny_config()
     cfg.base.data_dir, cfg.base.epochs = str(folder), 1
+    cfg.base.val_new_model = "separate"  # two models per trial and seed
     cfg.seeds, cfg.n_trials, cfg.cold_user_weight = (0,), 3, 0.0
     cfg.spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0"}}
     cfg.warm_starts = {"cf_metasgd": {"inner_lr": 0.1}}
@@ -119,6 +122,8 @@ def test_the_stage_writes_per_user_records_and_the_report_beside_an_unchanged_co
     assert set(written) == {"methods", "validation", "baselines_validation", "recommended"} | {
         "provenance"
     }
+    assert "val_new_model=separate" in written["provenance"]["objective"]
+    assert all(len(r["best_epochs_new"]) == 1 for r in out["trials"]["cf_metasgd"])
     rep = out["selection_noise"]["cf_metasgd"]
     assert rep["trials"] == [0, 1, 2] and rep["max_rebuild_error"] < 1e-5
     assert set(rep["chosen_vs"]) >= {f"runner-up (trial {out['trials']['cf_metasgd'][1]['trial']})"}

@@ -252,3 +252,44 @@ def test_an_empty_rebuilt_stand_in_is_refused(fixture_data):
         ValueError, match="validation users of seed 0 keep too few ratings.*val_rebuild_tasks=False"
     ):
         build.prepare_seed(data, 0, cfg, test=False)
+
+
+def test_a_separate_new_item_model_leaves_the_warm_and_cold_users_every_item(fixture_data):
+    """``val_new_model="separate"``: the new-item stand-in and its training data are the shared
+    path's; the validation and cold users' data are the tuning path's with no item held out, so
+    their query sets hold the held-out items too, as warm_test's and user_cold's hold new years'
+    known items; neither reads a test rating."""
+    data, _ = fixture_data
+    cfg = default_config.base_config()
+    cfg.val_new_items, cfg.val_cold_users, cfg.val_new_support = 0.2, 0.3, "known"
+    cfg.val_whole_years = cfg.val_rebuild_tasks = True
+    shared = tune.prepare_tuning_seed(data, 0, cfg)
+    assert shared.val_new_data is None
+    cfg.val_new_model = "separate"
+    sd = tune.prepare_tuning_seed(data, 0, cfg)
+    new = sd.val_new_data
+    assert sd.val_new is None and new.val_new_data is None
+    for f in ("user_id", "support_item", "query_item", "query_rating"):
+        np.testing.assert_array_equal(getattr(new.val_new_sets, f), getattr(shared.val_new_sets, f))
+    assert new.fit_ratings.equals(shared.fit_ratings)
+    every_item = default_config.base_config()
+    every_item.val_cold_users, every_item.val_new_items = 0.3, 0.0
+    plain = build.prepare_seed(data, 0, every_item, test=False)
+    for name in ("val_sets", "val_cold_sets"):
+        for f in ("user_id", "support_item", "query_item", "query_rating"):
+            np.testing.assert_array_equal(
+                getattr(getattr(sd, name), f), getattr(getattr(plain, name), f)
+            )
+    held = set(shared.split.train_ratings["item_id"]) - set(shared.fit_ratings["item_id"])
+    assert held and held <= set(sd.fit_ratings["item_id"])
+    assert np.isin(sd.val_sets.query_item[sd.val_sets.query_mask > 0], list(held)).any()
+    # no warm_test or new user is trained on or scored (item_cold's users are training users)
+    held_users = ("warm_test", "user_cold", "user_item_cold")
+    test_users = set().union(*(sd.split.sets[k].user_id.tolist() for k in held_users))
+    for part in (sd, new):
+        assert not test_users & set(part.fit_ratings["user_id"])
+        assert not test_users & set(part.val_sets.user_id.tolist())
+    assert not test_users & set(sd.val_cold_sets.user_id.tolist())
+    with pytest.raises(ValueError, match=r"--config.val_new_model='both'; allowed: shared, sep"):
+        cfg.val_new_model = "both"
+        build.validate_config(cfg)

@@ -62,6 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
     # built from known items' ratings), so their query sets keep the protocol's size; False = the
     # hold-out removes ratings from the tasks built before it
     c.val_rebuild_tasks = False
+    # tuning stage only: "shared" = one model per trial and seed, trained with the new-item
+    # stand-in's items held out, scores every stand-in; "separate" = that model scores the
+    # new-item stand-in only, and a second one, trained on every training item as the test
+    # scenarios' models are, scores the validation and cold users (whose query sets then hold
+    # the held-out years' items too, as warm_test's and user_cold's do)
+    c.val_new_model = "shared"
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
     # every training rating (metarec.data.sampling); "resample_support" = the same with each
     # user's query set held out once (a model's MF item tables are fitted without them, so the
