@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     # latest-arriving training users are held out (declared after its first table, BUILD_NOTES)
     c.base.val_hold_out = "latest"  # the items held out are whole years (the melu stage's base)
     c.write_config = time.TUNED
+    # not yet rerun with the melu stage's separate new-item model: its tuned_time.json was written
+    # with one model per trial and seed
+    c.base.val_new_model = "shared"
     # tried right after the configured point: this stage's last choice (trial 9 of the stage that
     # wrote tuned_time.json in 56f2ae0), so a stage never ends worse than the point it replaces
     c.warm_starts = {
