@@ -51,6 +51,14 @@ def pair_values(a: dict, b: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x, np.float64), np.asarray(y, np.float64)
 
 
+def pool_seeds(records, metrics) -> dict:
+    """Per-seed per-user records ``(seed, {"user": ids, metric: values})`` pooled into one
+    ``{"unit": "seed:user" keys, metric: values}`` record, as :func:`pair_values` reads it."""
+    records = list(records)
+    out = {"unit": [f"{seed}:{u}" for seed, r in records for u in r["user"]]}
+    return out | {m: [v for _, r in records for v in r[m]] for m in metrics}
+
+
 def paired_comparison(a: dict, b: dict, metric: str, n_boot: int = 10000, seed: int = 0) -> dict:
     """``a`` minus ``b`` on ``metric`` over the users both have: ``n``, the mean difference, its
     paired-bootstrap 95% interval and the Wilcoxon signed-rank p-value."""

@@ -21,11 +21,7 @@ def paired_tests(per_user: dict, cfg, results: dict) -> dict:
         pooled = {}
         for m in [rec, *baselines]:
             rows = [(seed, r[s][m]) for seed, r in per_user.items() if m in r[s]]
-            pooled[m] = {
-                "unit": [f"{seed}:{u}" for seed, pu in rows for u in pu["user"]],
-                "mae": [v for _, pu in rows for v in pu["mae"]],
-                ndcg: [v for _, pu in rows for v in pu[ndcg]],
-            }
+            pooled[m] = mstats.pool_seeds(rows, ("mae", ndcg))
         out[s] = {}
         for metric, pick in (("mae", min), (ndcg, max)):
             cands = [b for b in baselines if b in results[s]]

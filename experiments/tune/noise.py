@@ -124,12 +124,6 @@ def selection_noise(
     return out
 
 
-def _units(seeds: list[dict], metric: str) -> dict:
-    """Per-seed records pooled into ``{"unit": "seed:user", metric: values}``."""
-    keys = [f"{s}:{u}" for s, r in enumerate(seeds) for u in r["user"]]
-    return {"unit": keys, metric: [v for r in seeds for v in r[metric]]}
-
-
 def vs_baselines(chosen: dict, baselines: dict, means: dict, k: int) -> dict:
     """Per stand-in set and metric: the chosen trial minus the best baseline there (by its mean
     over seeds: lowest MAE, highest nDCG@k), paired over the set's users of every seed
@@ -142,7 +136,8 @@ def vs_baselines(chosen: dict, baselines: dict, means: dict, k: int) -> dict:
             if not scored or any(r is None for r in seeds):
                 continue
             best = min(scored, key=lambda b: sign * scored[b])
-            a, b = _units(seeds, m), _units(baselines[best][part], m)
+            a = stats.pool_seeds(enumerate(seeds), (m,))
+            b = stats.pool_seeds(enumerate(baselines[best][part]), (m,))
             cmp = stats.paired_comparison(a, b, m)
             out.setdefault(part, {})[m] = {"baseline": best} | cmp
     return out

@@ -90,3 +90,10 @@ def test_paired_objective_ci_of_a_constant_shift_is_that_shift():
     np.testing.assert_allclose(res["ci95"], [-0.2, -0.2], atol=1e-12)
     same = stats.paired_objective_ci(cells, 1, 1, n_boot=200)
     assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_pool_seeds_keys_units_by_seed_and_user():
+    got = stats.pool_seeds(
+        [(0, {"user": [1, 2], "mae": [0.5, None]}), (2, {"user": [1], "mae": [1.0]})], ("mae",)
+    )
+    assert got == {"unit": ["0:1", "0:2", "2:1"], "mae": [0.5, None, 1.0]}
