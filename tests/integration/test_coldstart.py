@@ -263,8 +263,7 @@ def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
     # the melu stage's search on the time split: only the protocol and the warm start differ
     differs = {k for k, v in stage.to_dict().items() if v != melu.to_dict()[k]}
     assert differs == {"base", "write_config", "warm_starts"}
-    # (and, until the time stage is rerun with it, its one model per trial and seed)
-    latest = {"protocol": "time", "val_hold_out": "latest", "val_new_model": "shared"}
+    latest = {"protocol": "time", "val_hold_out": "latest"}
     assert stage.base.to_dict() == melu.base.to_dict() | latest
     assert set(stage.warm_starts.cf_metasgd) == set(melu.spaces.cf_metasgd)
     # the evaluation config reads the time stage's file, the melu one only while it is missing

@@ -20,27 +20,24 @@ def get_config() -> ml_collections.ConfigDict:
     # latest-arriving training users are held out (declared after its first table, BUILD_NOTES)
     c.base.val_hold_out = "latest"  # the items held out are whole years (the melu stage's base)
     c.write_config = time.TUNED
-    # not yet rerun with the melu stage's separate new-item model: its tuned_time.json was written
-    # with one model per trial and seed
-    c.base.val_new_model = "shared"
-    # tried right after the configured point: this stage's last choice (trial 9 of the stage that
-    # wrote tuned_time.json in 56f2ae0), so a stage never ends worse than the point it replaces
+    # tried right after the configured point: this stage's last choice (trial 13 of the stage that
+    # wrote tuned_time.json in 247e102), so a stage never ends worse than the point it replaces
     c.warm_starts = {
         "cf_metasgd": {
-            "inner_newton": 0.39527579273583807,
-            "inner_lr": 0.8056977104262232,
-            "meta_lr": 0.0018604560456470308,
-            "cf_dim": 16,
-            "cf_reg": 16.75310973423781,
-            "id_dropout": 0.758144359292705,
+            "inner_newton": 0.3211991229031759,
+            "inner_lr": 0.2767907962780806,
+            "meta_lr": 0.0013704526749523658,
+            "cf_dim": 8,
+            "cf_reg": 9.778470340620835,
+            "id_dropout": 0.29799261349561845,
             "cf_knn": True,
-            "cf_knn_mf": True,
-            "cf_knn_new_items": True,
-            "cf_knn_new_own": True,
+            "cf_knn_mf": False,
+            "cf_knn_new_items": False,
+            "cf_knn_new_own": False,
             "cf_user_fields": -1,
-            "cf_melu": True,
-            "outer_rank_weight": 0.8992730110845089,
-            "cf_new_item_mean": 0.027793777652964924,
+            "cf_melu": False,
+            "outer_rank_weight": 0.1540011554235311,
+            "cf_new_item_mean": 0.4388336964691981,
             "train_tasks": "crossfit",
         }
     }
