@@ -172,6 +172,7 @@ def _tiny_ppo_config():
     return c
 
 
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
 def test_non_finite_loss_keeps_last_good_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch):
     cfg = _tiny_ppo_config()
     real_init = runner._Runner.__init__

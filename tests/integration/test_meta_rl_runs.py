@@ -93,7 +93,8 @@ def test_meta_rl_data_sha256_of_movielens(tmp_path):
     assert pipeline.data_sha256(spec) == expected
 
 
-def test_meta_rl_real_pipeline_on_tiny_synthetic_config(tmp_path):  # ~7 s on 2 cores
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
+def test_meta_rl_real_pipeline_on_tiny_synthetic_config(tmp_path):
     wd = str(tmp_path / "rl")
     bar = io.StringIO()
     argv = ["-m", "experiments.meta_rl.main", "--config.dataset=synthetic", "--workdir", wd]
@@ -112,6 +113,7 @@ def test_meta_rl_real_pipeline_on_tiny_synthetic_config(tmp_path):  # ~7 s on 2 
     assert "±" in pipeline.format_table(payload)
 
 
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
 def test_meta_rl_slates_report_ndcg_end_to_end(tmp_path):
     c = _tiny_config(methods=("random", "linucb"))
     c.env.slate_size, c.env.examine_decay = 2, 0.8

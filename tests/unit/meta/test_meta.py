@@ -671,6 +671,7 @@ _SHARDING_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
 def test_data_parallel_step_on_8_host_devices_matches_single_device():
     res = run_on_host_devices(_SHARDING_SCRIPT, 8)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -198,9 +198,8 @@ def test_adversarial_learner_with_eps_or_lam_zero_is_the_base_learner(models):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "where", ["both", *(pytest.param(w, marks=pytest.mark.slow) for w in ("inner", "outer"))]
-)
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
+@pytest.mark.parametrize("where", ["both", "inner", "outer"])
 def test_adversarial_learner_mixes_clean_and_adversarial_gradients(models, where):
     frozen, apply_f, free, apply_u, meta = models
     task, key = make_task(4), jax.random.PRNGKey(5)

@@ -31,6 +31,7 @@ def test_online_loop_running_ctr_and_control():
         online.run_online(jax.random.PRNGKey(1), net, learner, mp, envs, rounds=0)
 
 
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
 def test_bandit_family_shapes_and_popular_is_static():
     envs = _bandit_users(4, n_items=5, horizon=3)
     items = bandits.item_inputs(

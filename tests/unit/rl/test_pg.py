@@ -46,6 +46,7 @@ def test_reinforce_matches_exact_policy_gradient_two_armed_bandit():
     assert np.abs(exact).max() > 0.05  # the check is not vacuous
 
 
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
 def test_dice_gradient_equals_reinforce_gradient():
     net = networks.make_tabular(3)
     params = {"logits": jnp.array([0.1, 0.3, -0.2])}

@@ -32,6 +32,7 @@ def _params(n_items, cfg, seed=0):
     return {**p, "read": read, "h0": 0.3 * jnp.ones_like(p["h0"])}
 
 
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
 def test_reinforce_estimate_matches_the_exact_gradient_through_the_memory():
     # two steps, no satiation, no leaving, no repeats: E[clicks] = sum_a1 pi(a1) [p(a1) +
     # sum_c P(c | a1) sum_a2 pi(a2 | GRU(h0, a1, c), a2 != a1) p(a2)]

@@ -200,6 +200,7 @@ def test_meta_bandit_slate_update_uses_only_examined_positions():
         np.testing.assert_allclose(np.asarray(out[name]), np.asarray(ref[name]), rtol=1e-6)
 
 
+@pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
 def test_slate_agents_run_on_batched_users_with_ndcg():
     config = E.EnvConfig(horizon=2, history_len=4, slate_size=K, examine_decay=DECAY)
     rng = np.random.default_rng(0)
