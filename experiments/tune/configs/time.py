@@ -1,7 +1,7 @@
 """Model selection for the "time" protocol (``experiments/coldstart/configs/time.py``) on that
 protocol's validation users: the melu stage's spaces, objective and trial budget, on the time
 protocol's split, with stand-ins that hold out the newest whole release years and the latest
-users; writes
+users, each trial scored on two models per seed as in the melu stage; writes
 ``experiments/coldstart/configs/tuned_time.json``.
 
   python -m experiments.tune.main --config=experiments/tune/configs/time.py --workdir=runs/tune_time
