@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 
 from experiments.coldstart.draws import CROSSFIT, TASK_SIZES, TRAIN_TASKS, training_draws
-from experiments.coldstart.tuning_sets import tuning_sets, validate_stand_ins
+from experiments.coldstart.tuning_sets import seal_split, tuning_sets, validate_stand_ins
 from experiments.common import split_names
 from metarec import data as mdata
 from metarec.baselines import BASELINES as FITTED_BASELINES
@@ -165,7 +165,9 @@ def fit_ratings_of(split: mdata.Split, val_fraction: float, seed: int):
 def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) -> SeedData:
     """Scenarios, vocabularies and encoded tasks for one seed; every support set padded to one
     width. ``test=False`` (the tuning path) leaves the test scenarios out: ``test`` and
-    ``test_sets`` stay empty, so nothing downstream can read a test user's ratings."""
+    ``test_sets`` stay empty, so nothing downstream can read a test user's ratings; with
+    ``cfg.val_seal_seeds`` it also drops every query rating of those seeds' test scenarios
+    (:func:`~experiments.coldstart.tuning_sets.seal_split`)."""
     split = mdata.make_split(data, seed, cfg.protocol)
     empty = [k for k, v in split.sets.items() if v.n_users == 0]
     if empty:
@@ -180,6 +182,8 @@ def prepare_seed(data: mdata.RatingsData, seed: int, cfg, *, test: bool = True) 
             f"{cfg.protocol} / seed {seed} ({rule}; sizes: {sizes}); nothing can be trained or "
             "scored there: use a larger dataset or another protocol"
         )
+    if not test and cfg.get("val_seal_seeds", ()):
+        split = seal_split(split, data, cfg.val_seal_seeds)
     train_sets, val_sets = validation_split(split, cfg.val_fraction, seed)
     fit_ratings = mdata.drop_query_ratings(split.train_ratings, val_sets)
     val_new_sets = val_cold_sets = None

@@ -25,11 +25,16 @@ With ``cfg.val_rebuild_tasks`` the validation and cold users' tasks are built ag
 protocol's rule after the item hold-out, from the ratings it leaves them, so their query sets keep
 the protocol's size (as the test scenarios' users' tasks are built from known items' ratings).
 
+With ``cfg.val_seal_seeds`` the tuning path also drops every rating that is a query rating of a
+test scenario under one of those seeds (:func:`seal_split`): one tuned config serves every seed,
+and another seed's training users include this seed's test users.
+
 Evaluation (``prepare_seed(..., test=True)``) builds neither: it trains on every training rating.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -66,10 +71,45 @@ def validate_stand_ins(cfg) -> None:
         raise ValueError(
             f"--config.val_new_model={cfg.val_new_model!r}; allowed: {', '.join(VAL_NEW_MODEL)}"
         )
+    seal = cfg.get("val_seal_seeds", ())
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seal):
+        raise ValueError(
+            f"--config.val_seal_seeds must be seeds (integers >= 0), got {tuple(seal)!r}"
+        )
     if cfg.val_hold_out not in VAL_HOLD_OUT:
         raise ValueError(
             f"--config.val_hold_out={cfg.val_hold_out!r}; allowed: {', '.join(VAL_HOLD_OUT)}"
         )
+
+
+def seal_split(split: mdata.Split, data: mdata.RatingsData, seeds) -> mdata.Split:
+    """``split`` (the tuning path's) without every rating that is a query rating of a test
+    scenario under any of ``seeds``, its warm training users' tasks built again by the protocol's
+    rule from the ratings they keep. The tune stage chooses one config for every seed it is
+    evaluated on, and the protocol draws new and warm_test users per seed, so without this one
+    seed's validation users and training ratings hold another seed's test query ratings. Those
+    query sets are found from ids and times only: the rating values are blanked first, so none
+    can reach the tuning path. With nothing to drop the split is returned unchanged."""
+    blank = dataclasses.replace(data, ratings=data.ratings.assign(rating=np.float32(0)))
+    train = split.train_ratings
+    for seed in seeds:
+        other = mdata.make_split(blank, int(seed), split.protocol)
+        for name in mdata.SCENARIOS:
+            train = mdata.drop_query_ratings(train, other.sets[name])
+    n_dropped = len(split.train_ratings) - len(train)
+    if not n_dropped:
+        return split
+    train = train.reset_index(drop=True)
+    warm = mdata.protocol_sets(train, split.protocol, split.seed)
+    logging.info(
+        "sealed against the test scenarios of seeds %s: %d training ratings (query ratings of "
+        "their test users) dropped; %d of %d warm training users keep a task",
+        ",".join(str(int(t)) for t in seeds),
+        n_dropped,
+        warm.n_users,
+        split.sets["warm_train"].n_users,
+    )
+    return dataclasses.replace(split, train_ratings=train, sets={**split.sets, "warm_train": warm})
 
 
 def hold_out_users(train_sets: mdata.UserSets, fraction: float, seed: int, *, first_time=None):

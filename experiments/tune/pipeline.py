@@ -486,6 +486,8 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         "spaces": spaces,
         "warm_starts": warm,
         "selected_on": "validation users of the warm training users; no test task encoded",
+        # every query rating of these seeds' test scenarios dropped from the tuning data
+        "sealed_against_seeds": list(cfg.base.get("val_seal_seeds", ())),
         "versions": meta["versions"],
     }
     keys = ("methods", "validation", "baselines_validation", "recommended", "provenance")

@@ -315,6 +315,43 @@ def test_optuna_selection_never_reads_a_test_scenario(fixture_data, new_model):
     assert select(_poison(data, not_val)) != first
 
 
+@pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
+def test_a_sealed_selection_over_two_seeds_reads_no_test_query_of_either(fixture_data):
+    """One config chosen on seeds 0 and 1 with ``val_seal_seeds``: poisoning every query rating
+    of either seed's test scenarios, and every rating neither seed trains on, leaves the output
+    the same (the other seed's test users' support ratings are training ratings, as allowed)."""
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.epochs = 1
+    cfg.val_new_model = "separate"
+    cfg.val_seal_seeds = (0, 1)
+    spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0"}}
+
+    def select(d):
+        out = tune.select(
+            cfg,
+            spaces,
+            seeds=(0, 1),
+            n_trials=2,
+            new_item_weight=0.5,
+            data=d,
+            log_fn=lambda m: None,
+        )
+        return {k: out[k] for k in ("methods", "validation", "recommended", "trials")}
+
+    pairs = list(zip(data.ratings["user_id"], data.ratings["item_id"]))
+    trained, queried = set(), set()
+    for seed in (0, 1):
+        split = mdata.make_split(data, seed, cfg.protocol)
+        trained |= set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
+        for name in mdata.SCENARIOS:
+            q = split.sets[name].ratings(("query",))
+            queried |= set(zip(q["user_id"], q["item_id"]))
+    keep = np.array([p in trained and p not in queried for p in pairs])
+    assert (~keep & np.array([p in trained for p in pairs])).any()
+    assert select(_poison(data, keep)) == select(data)
+
+
 def test_search_tries_the_configured_point_then_the_warm_start(monkeypatch):
     cfg = default_config.base_config()
     space = {"inner_lr": "log:0.05:1.0", "train_tasks": "choice:resample_support,crossfit"}

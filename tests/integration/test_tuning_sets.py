@@ -293,3 +293,83 @@ def test_a_separate_new_item_model_leaves_the_warm_and_cold_users_every_item(fix
     with pytest.raises(ValueError, match=r"--config.val_new_model='both'; allowed: shared, sep"):
         cfg.val_new_model = "both"
         build.validate_config(cfg)
+
+
+def _test_query_mask(data, seeds, protocol):
+    """Rows of ``data.ratings`` that are a query rating of a test scenario under any of
+    ``seeds``."""
+    pairs = set()
+    for seed in seeds:
+        split = mdata.make_split(data, seed, protocol)
+        for name in mdata.SCENARIOS:
+            pairs |= _pairs(split.sets[name], "query")
+    return np.array([p in pairs for p in zip(data.ratings["user_id"], data.ratings["item_id"])])
+
+
+def _same_tuning_data(a, b) -> bool:
+    """Whether two tuning-path ``SeedData`` hold the same stand-ins and training ratings."""
+    fields = ("user_id", "support_item", "support_rating", "query_item", "query_rating")
+    return a.fit_ratings.equals(b.fit_ratings) and all(
+        np.array_equal(getattr(getattr(a, name), f), getattr(getattr(b, name), f))
+        for name in ("val_cold_sets", "val_new_sets", "val_sets", "train_sets")
+        for f in fields
+    )
+
+
+def test_the_seal_keeps_every_seeds_test_query_ratings_out_of_the_tuning_path(fixture_data):
+    """With ``val_seal_seeds`` no query rating of a test scenario under any of those seeds
+    reaches a seed's tuning data: poisoning them all (and every rating outside this seed's
+    training ratings) leaves it the same. Without the seal another seed's test query ratings are
+    this seed's training ratings, so poisoning them moves it."""
+    data, _ = fixture_data
+    protocol = "melu"  # the fixture is too small for the time protocol's scenarios
+    cfg = default_config.base_config()
+    cfg.val_new_items, cfg.val_cold_users = 0.3, 0.3
+    cfg.val_rebuild_tasks = True
+    seeds = (0, 1, 2)
+    split = mdata.make_split(data, 0, protocol)
+    train_pairs = set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
+    in_train = np.array(
+        [p in train_pairs for p in zip(data.ratings["user_id"], data.ratings["item_id"])]
+    )
+    others = _test_query_mask(data, seeds, protocol)
+    assert (in_train & others).any()  # another seed's test query ratings train seed 0
+    poisoned = _poison(data, in_train & ~others)
+    assert not _same_tuning_data(
+        build.prepare_seed(data, 0, cfg, test=False),
+        build.prepare_seed(poisoned, 0, cfg, test=False),
+    )
+    cfg.val_seal_seeds = seeds
+    a = build.prepare_seed(data, 0, cfg, test=False)
+    assert _same_tuning_data(a, build.prepare_seed(poisoned, 0, cfg, test=False))
+    sealed = set(zip(a.split.train_ratings["user_id"], a.split.train_ratings["item_id"]))
+    assert sealed == train_pairs - set(
+        zip(data.ratings["user_id"][others], data.ratings["item_id"][others])
+    )
+
+
+def test_a_seal_with_nothing_to_drop_leaves_the_split_and_evaluation_ignores_it(fixture_data):
+    """Sealing a seed against its own test scenarios drops nothing (they are never training
+    ratings); the evaluation path never seals, and a bad seed list is one error line."""
+    data, _ = fixture_data
+    split = mdata.make_split(data, 1, "melu")
+    assert build.seal_split(split, data, (1,)) is split
+    rebuilt = mdata.protocol_sets(split.train_ratings, "melu", 1)
+    for f in ("user_id", "support_item", "support_rating", "query_item", "query_rating"):
+        np.testing.assert_array_equal(getattr(rebuilt, f), getattr(split.sets["warm_train"], f))
+    cfg = default_config.base_config()
+    plain = build.prepare_seed(data, 1, cfg)
+    cfg.val_seal_seeds = (0, 1, 2)
+    sealed = build.prepare_seed(data, 1, cfg)
+    assert plain.fit_ratings.equals(sealed.fit_ratings)
+    cfg.val_seal_seeds = (0, -1)
+    with pytest.raises(ValueError, match=r"--config.val_seal_seeds must be seeds .* got \(0, -1\)"):
+        build.validate_config(cfg)
+
+
+def test_both_tune_stages_seal_every_seed_the_cold_start_experiment_evaluates():
+    from experiments.tune.configs import time as time_tune
+
+    for c in (tune_config.get_config(), time_tune.get_config()):
+        assert tuple(c.base.val_seal_seeds) == tuple(default_config.base_config().seeds)
+        assert tuple(c.seeds) == tuple(c.base.val_seal_seeds)

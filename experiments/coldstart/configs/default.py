@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     # scenarios' models are, scores the validation and cold users (whose query sets then hold
     # the held-out years' items too, as warm_test's and user_cold's do)
     c.val_new_model = "shared"
+    # tuning stage only: every query rating of a test scenario under these seeds is dropped from
+    # the tuning path (its training ratings and stand-ins), since one tuned config serves every
+    # evaluated seed and another seed's training users include this seed's test users; () = none
+    c.val_seal_seeds = ()
     # meta-training tasks: "resample" = one task per training user drawn afresh every epoch from
     # every training rating (metarec.data.sampling); "resample_support" = the same with each
     # user's query set held out once (a model's MF item tables are fitted without them, so the

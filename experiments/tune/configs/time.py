@@ -20,24 +20,24 @@ def get_config() -> ml_collections.ConfigDict:
     # latest-arriving training users are held out (declared after its first table, BUILD_NOTES)
     c.base.val_hold_out = "latest"  # the items held out are whole years (the melu stage's base)
     c.write_config = time.TUNED
-    # tried right after the configured point: this stage's last choice (trial 13 of the stage that
-    # wrote tuned_time.json in 247e102), so a stage never ends worse than the point it replaces
+    # tried right after the configured point: this stage's last choice (trial 17 of the stage that
+    # wrote tuned_time.json in d61b968), so a stage never ends worse than the point it replaces
     c.warm_starts = {
         "cf_metasgd": {
-            "inner_newton": 0.3211991229031759,
-            "inner_lr": 0.2767907962780806,
-            "meta_lr": 0.0013704526749523658,
             "cf_dim": 8,
-            "cf_reg": 9.778470340620835,
-            "id_dropout": 0.29799261349561845,
             "cf_knn": True,
             "cf_knn_mf": False,
             "cf_knn_new_items": False,
             "cf_knn_new_own": False,
-            "cf_user_fields": -1,
             "cf_melu": False,
-            "outer_rank_weight": 0.1540011554235311,
-            "cf_new_item_mean": 0.4388336964691981,
+            "cf_new_item_mean": 0.36556533945655906,
+            "cf_reg": 14.701027746753836,
+            "cf_user_fields": -1,
+            "id_dropout": 0.5271787054319331,
+            "inner_lr": 0.568323049457742,
+            "inner_newton": 0.5702241542668357,
+            "meta_lr": 0.0006661286301841268,
+            "outer_rank_weight": 0.33101560887882275,
             "train_tasks": "crossfit",
         }
     }
