@@ -163,6 +163,16 @@ def _poison(data: mdata.RatingsData, keep: np.ndarray) -> mdata.RatingsData:
     return dataclasses.replace(data, ratings=r)
 
 
+def _test_query_pairs(data: mdata.RatingsData, seeds, protocol: str = "melu") -> set:
+    """(user, item) of every query rating of a test scenario under any of ``seeds``."""
+    pairs = set()
+    for seed in seeds:
+        split = mdata.make_split(data, seed, protocol)
+        for name in mdata.SCENARIOS:
+            pairs |= _query_pairs(split.sets[name])
+    return pairs
+
+
 def test_tuning_never_reads_a_test_scenario(fixture_data):
     data, _ = fixture_data
     cfg = tiny_config()
@@ -340,13 +350,8 @@ def test_a_sealed_selection_over_two_seeds_reads_no_test_query_of_either(fixture
         return {k: out[k] for k in ("methods", "validation", "recommended", "trials")}
 
     pairs = list(zip(data.ratings["user_id"], data.ratings["item_id"]))
-    trained, queried = set(), set()
-    for seed in (0, 1):
-        split = mdata.make_split(data, seed, cfg.protocol)
-        trained |= set(zip(split.train_ratings["user_id"], split.train_ratings["item_id"]))
-        for name in mdata.SCENARIOS:
-            q = split.sets[name].ratings(("query",))
-            queried |= set(zip(q["user_id"], q["item_id"]))
+    trained = set().union(*(_pairs(mdata.make_split(data, s).train_ratings) for s in (0, 1)))
+    queried = _test_query_pairs(data, (0, 1))
     keep = np.array([p in trained and p not in queried for p in pairs])
     assert (~keep & np.array([p in trained for p in pairs])).any()
     assert select(_poison(data, keep)) == select(data)

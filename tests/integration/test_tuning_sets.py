@@ -10,7 +10,7 @@ from experiments.coldstart.configs import default as default_config
 from experiments.tune import pipeline as tune
 from experiments.tune.configs import default as tune_config
 from metarec import data as mdata
-from tests.integration.test_coldstart import _poison
+from tests.integration.test_coldstart import _poison, _test_query_pairs
 
 
 def _pairs(sets, prefix):
@@ -295,17 +295,6 @@ def test_a_separate_new_item_model_leaves_the_warm_and_cold_users_every_item(fix
         build.validate_config(cfg)
 
 
-def _test_query_mask(data, seeds, protocol):
-    """Rows of ``data.ratings`` that are a query rating of a test scenario under any of
-    ``seeds``."""
-    pairs = set()
-    for seed in seeds:
-        split = mdata.make_split(data, seed, protocol)
-        for name in mdata.SCENARIOS:
-            pairs |= _pairs(split.sets[name], "query")
-    return np.array([p in pairs for p in zip(data.ratings["user_id"], data.ratings["item_id"])])
-
-
 def _same_tuning_data(a, b) -> bool:
     """Whether two tuning-path ``SeedData`` hold the same stand-ins and training ratings."""
     fields = ("user_id", "support_item", "support_rating", "query_item", "query_rating")
@@ -332,7 +321,8 @@ def test_the_seal_keeps_every_seeds_test_query_ratings_out_of_the_tuning_path(fi
     in_train = np.array(
         [p in train_pairs for p in zip(data.ratings["user_id"], data.ratings["item_id"])]
     )
-    others = _test_query_mask(data, seeds, protocol)
+    queried = _test_query_pairs(data, seeds, protocol)
+    others = np.array([p in queried for p in zip(data.ratings["user_id"], data.ratings["item_id"])])
     assert (in_train & others).any()  # another seed's test query ratings train seed 0
     poisoned = _poison(data, in_train & ~others)
     assert not _same_tuning_data(
@@ -343,9 +333,7 @@ def test_the_seal_keeps_every_seeds_test_query_ratings_out_of_the_tuning_path(fi
     a = build.prepare_seed(data, 0, cfg, test=False)
     assert _same_tuning_data(a, build.prepare_seed(poisoned, 0, cfg, test=False))
     sealed = set(zip(a.split.train_ratings["user_id"], a.split.train_ratings["item_id"]))
-    assert sealed == train_pairs - set(
-        zip(data.ratings["user_id"][others], data.ratings["item_id"][others])
-    )
+    assert sealed == train_pairs - queried
 
 
 def test_a_seal_with_nothing_to_drop_leaves_the_split_and_evaluation_ignores_it(fixture_data):
