@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments.coldstart.draws import CROSSFIT, TASK_SIZES, TRAIN_TASKS, training_draws
+from experiments.coldstart.draws import CROSSFITS, TASK_SIZES, TRAIN_TASKS, training_draws
 from experiments.coldstart.tuning_sets import seal_split, tuning_sets, validate_stand_ins
 from experiments.common import split_names
 from metarec import data as mdata
@@ -53,10 +53,10 @@ class SeedData:
     # train_tasks mode -> the ratings a model's item tables are fitted on (fit_ratings, minus the
     # held-out query sets in "resample_support"; in "crossfit" those of fold 0, see fold_ratings)
     table_ratings: dict = dataclasses.field(default_factory=dict)
-    # "crossfit": fold f's ratings, fit_ratings minus fold f's held-out query sets; epoch e draws
-    # its query sets from fold (e - 1) % len(fold_ratings) and trains on features and item
-    # tables fitted on that fold's ratings (see `fold_of`)
-    fold_ratings: list = dataclasses.field(default_factory=list)
+    # cross-fitting mode ("crossfit", "crossfit_chrono") -> fold f's ratings, fit_ratings minus
+    # fold f's held-out query sets; epoch e draws its query sets from fold (e - 1) % folds and
+    # trains on features and item tables fitted on that fold's ratings (see `fold_of`)
+    fold_ratings: dict = dataclasses.field(default_factory=dict)
     n_task_users: int = 0  # tasks per epoch of a sampler (users with enough training ratings)
     seed: int = 0  # the seed the data was prepared with (the MF feature's fit is seeded by it)
     # train_tasks mode -> (epoch -> the UserSets its sampler encodes)
@@ -82,12 +82,12 @@ class SeedData:
     def fold_of(self, mode: str, epoch: int) -> int:
         """The cross-fitting fold whose query sets epoch ``epoch`` (from 1) trains on; 0 in
         every other mode."""
-        return (epoch - 1) % len(self.fold_ratings) if mode == CROSSFIT else 0
+        return (epoch - 1) % len(self.fold_ratings[mode]) if mode in CROSSFITS else 0
 
     def training_ratings(self, mode: str, fold: int = 0):
         """The ratings that features and item tables of meta-training fold ``fold`` are fitted
         on: ``table_ratings[mode]``, or fold ``fold``'s under cross-fitting."""
-        return self.fold_ratings[fold] if mode == CROSSFIT else self.table_ratings[mode]
+        return self.fold_ratings[mode][fold] if mode in CROSSFITS else self.table_ratings[mode]
 
     def view(self, cfg) -> SeedData:
         """The seed's tasks as the method configured by ``cfg`` reads them: itself, or with
@@ -487,14 +487,15 @@ def _validate_fields(cfg) -> None:
             f"allowed: {', '.join(LEARNERS)}"
         )
     if (
-        cfg.train_tasks == CROSSFIT
+        cfg.train_tasks in CROSSFITS
         and entry.with_item_tables is not None
         and cfg.get("cf_mf_tables", True)
         and not cfg.cf_freeze_tables
     ):
         raise ValueError(
-            f"--config.train_tasks={CROSSFIT} swaps the model's MF item tables every epoch, so "
-            f"they must stay frozen: set --config.cf_freeze_tables=True (or another train_tasks)"
+            f"--config.train_tasks={cfg.train_tasks} swaps the model's MF item tables every "
+            "epoch, so they must stay frozen: set --config.cf_freeze_tables=True (or another "
+            "train_tasks)"
         )
     if cfg.get("cf_knn", False) and cfg.model != "hybrid":
         raise ValueError(f"--config.cf_knn needs --config.model=hybrid, got {cfg.model!r}")

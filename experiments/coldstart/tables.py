@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from experiments.coldstart.draws import CROSSFIT
+from experiments.coldstart.draws import CROSSFITS
 from metarec.baselines import make_baseline
 from metarec.models.registry import get_model
 
@@ -59,14 +59,15 @@ def fold_tables(sd, cfg, seed: int) -> Callable | None:
     the epoch's fold (without its query sets), as its features are; everything meta-learned,
     including ``global_bias``, is kept. None where the model has no tables to swap."""
     fill = get_model(cfg.model).with_item_tables
-    if cfg.train_tasks != CROSSFIT or fill is None or not cfg.get("cf_mf_tables", True):
+    mode = cfg.train_tasks
+    if mode not in CROSSFITS or fill is None or not cfg.get("cf_mf_tables", True):
         return None
 
     @functools.cache
     def tables(fold: int):
-        return item_tables(sd, cfg, seed, sd.training_ratings(CROSSFIT, fold))
+        return item_tables(sd, cfg, seed, sd.training_ratings(mode, fold))
 
-    return lambda epoch, meta: _with_tables(meta, fill, tables(sd.fold_of(CROSSFIT, epoch)))
+    return lambda epoch, meta: _with_tables(meta, fill, tables(sd.fold_of(mode, epoch)))
 
 
 def _with_tables(meta, fill: Callable, tables):

@@ -78,15 +78,40 @@ def rating_pool(frame: pd.DataFrame, min_ratings: int = 4) -> RatingPool:
     )
 
 
+def time_order(pool: RatingPool, u: int) -> np.ndarray:
+    """Pool rows of user ``u`` from earliest to latest (ties: by item id)."""
+    rows = pool.start[u] + np.arange(int(pool.count[u]))
+    return rows[np.argsort(pool.time[rows], kind="stable")]
+
+
+def _window(n: int, rng: np.random.Generator, n_query: int, min_support: int) -> tuple[int, int]:
+    """``(first, length)`` of a chronological query window among ``n`` time-ordered ratings:
+    ``min(n_query, n - min_support)`` consecutive ratings with at least ``min_support`` before
+    them, placed uniformly at random."""
+    n_q = min(n_query, n - min_support)
+    return int(rng.integers(min_support, n - n_q + 1)), n_q
+
+
 def hold_out_queries(
-    pool: RatingPool, rng: np.random.Generator, *, n_query: int = 10, min_support: int = 3
+    pool: RatingPool,
+    rng: np.random.Generator,
+    *,
+    n_query: int = 10,
+    min_support: int = 3,
+    chronological: bool = False,
 ) -> np.ndarray:
     """``bool [n_ratings]``: for every pool user, ``min(n_query, count - min_support)`` random
-    ratings held out as that user's fixed query set (see :func:`sample_user_sets`)."""
+    ratings held out as that user's fixed query set (see :func:`sample_user_sets`); with
+    ``chronological`` consecutive ones in time, at least ``min_support`` ratings after the
+    user's first (a query that follows its support in time, as the "time" protocol's does)."""
     held = np.zeros(pool.item.shape[0], bool)
     for u in range(pool.n_users):
         n = int(pool.count[u])
-        held[pool.start[u] + rng.permutation(n)[: min(n_query, n - min_support)]] = True
+        if chronological:
+            first, n_q = _window(n, rng, n_query, min_support)
+            held[time_order(pool, u)[first : first + n_q]] = True
+        else:
+            held[pool.start[u] + rng.permutation(n)[: min(n_query, n - min_support)]] = True
     return held
 
 
@@ -98,6 +123,7 @@ def sample_user_sets(
     n_query: int = 10,
     min_support: int = 3,
     fixed_query: np.ndarray | None = None,
+    chronological: bool = False,
 ) -> UserSets:
     """One task per pool user, drawn with ``rng`` (see the module docstring).
 
@@ -105,7 +131,14 @@ def sample_user_sets(
     ratings and only the support set is drawn afresh (from the others, at most
     ``max_ratings - n_query``). This is for models whose item side is fitted beforehand on the
     ratings outside those query sets: a training task's query ratings then stay unseen by that fit,
-    as a new user's are."""
+    as a new user's are.
+
+    ``chronological``: tasks shaped as the "time" protocol's (support = a user's ratings just
+    before the query in time, query = the next ones). The query is a window of
+    ``min(n_query, count - min_support)`` consecutive ratings in time, placed at random with at
+    least ``min_support`` ratings before it (or ``fixed_query``'s, held out chronologically), and
+    the support the at most ``max_ratings - n_query`` ratings right before it, in time order.
+    Every rating of a heavy rater can still be in some epoch's task."""
     if n_query < 1 or min_support < 1 or max_ratings < n_query + min_support:
         raise ValueError(
             f"need n_query >= 1, min_support >= 1 and max_ratings >= n_query + min_support; got "
@@ -115,7 +148,20 @@ def sample_user_sets(
     out = padded_arrays(pool.user_id.copy(), s_width, n_query)
     for u in range(t):
         n = int(pool.count[u])
-        if fixed_query is None:
+        if chronological:
+            order = time_order(pool, u)
+            if fixed_query is None:
+                first, n_q = _window(n, rng, n_query, min_support)
+            else:
+                at = np.flatnonzero(fixed_query[order])
+                first, n_q = int(at[0]), len(at)
+                if at[-1] - first + 1 != n_q:
+                    raise ValueError(
+                        f"user {int(pool.user_id[u])}: chronological tasks need a held-out query "
+                        "set of consecutive ratings in time (hold_out_queries(chronological=True))"
+                    )
+            sup, qry = order[max(0, first - s_width) : first], order[first : first + n_q]
+        elif fixed_query is None:
             m = min(n, max_ratings)
             rows = pool.start[u] + rng.permutation(n)[:m]
             n_q = min(n_query, m - min_support)

@@ -111,7 +111,8 @@ def test_run_is_deterministic(fixture_data, tiny_run):
         (
             "train_tasks",
             "all",
-            "--config.train_tasks='all'; allowed: resample, resample_support, crossfit, fixed",
+            "--config.train_tasks='all'; allowed: resample, resample_support, crossfit, fixed, "
+            "resample_chrono, crossfit_chrono",
         ),
         ("crossfit_folds", 0, "--config.crossfit_folds must be >= 1, got 0"),
         ("dataset", "ml-7m", "ml-7m"),
@@ -270,9 +271,13 @@ def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
     melu, stage = tune_default.get_config(), tune_time.get_config()
     assert stage.base.protocol == "time" and stage.write_config == time_config.TUNED
     assert stage.write_config != melu.write_config
-    # the melu stage's search on the time split: only the protocol and the warm start differ
+    # the melu stage's search on the time split: the protocol, the warm start and the time
+    # protocol's chronological tasks among the meta-training task choices differ
     differs = {k for k, v in stage.to_dict().items() if v != melu.to_dict()[k]}
-    assert differs == {"base", "write_config", "warm_starts"}
+    assert differs == {"base", "write_config", "warm_starts", "spaces"}
+    chrono = dict(melu.spaces.cf_metasgd)
+    chrono["train_tasks"] += ",crossfit_chrono"
+    assert stage.spaces.to_dict() == melu.spaces.to_dict() | {"cf_metasgd": chrono}
     latest = {"protocol": "time", "val_hold_out": "latest"}
     assert stage.base.to_dict() == melu.base.to_dict() | latest
     assert set(stage.warm_starts.cf_metasgd) == set(melu.spaces.cf_metasgd)
@@ -490,39 +495,42 @@ def _query_pairs(sets: mdata.UserSets) -> set:
 
 
 @pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
-def test_crossfit_epochs_query_ratings_unseen_by_their_features_and_tables(fixture_data):
+@pytest.mark.parametrize("mode", ["crossfit", "crossfit_chrono"])
+def test_crossfit_epochs_query_ratings_unseen_by_their_features_and_tables(fixture_data, mode):
     """Cross-fitting: epoch e queries fold (e - 1) % K's held-out ratings, and its kNN/MF
     features and frozen item tables are fitted on exactly the training ratings minus those (no
-    training query rating is in its own features); fold 0 is resample_support's; the folds'
-    query sets differ."""
+    training query rating is in its own features); "crossfit"'s fold 0 is resample_support's;
+    the folds' query sets differ."""
     data, _ = fixture_data
     cfg = tiny_config()
     _, mcfg = build.method_config(cfg, "cf_metasgd")
     mcfg.cf_knn, mcfg.cf_knn_mf, mcfg.cf_freeze_tables = True, True, True
-    mcfg.train_tasks, mcfg.crossfit_folds = "crossfit", 3
+    mcfg.train_tasks, mcfg.crossfit_folds = mode, 3
     build.validate_config(mcfg)
     sd = build.prepare_seed(data, 0, mcfg)
-    assert len(sd.fold_ratings) == 3
-    np.testing.assert_array_equal(
-        sd.draws["crossfit"](1).query_item, sd.draws["resample_support"](1).query_item
-    )
-    pd.testing.assert_frame_equal(sd.fold_ratings[0], sd.table_ratings["resample_support"])
+    folds = sd.fold_ratings[mode]
+    assert len(folds) == 3
+    if mode == "crossfit":
+        np.testing.assert_array_equal(
+            sd.draws[mode](1).query_item, sd.draws["resample_support"](1).query_item
+        )
+        pd.testing.assert_frame_equal(folds[0], sd.table_ratings["resample_support"])
     fit, queries = _pairs(sd.fit_ratings), []
     for e in (1, 2, 3, 4):
-        f = sd.fold_of("crossfit", e)
+        f = sd.fold_of(mode, e)
         assert f == (e - 1) % 3 and sd.fold_of("resample_support", e) == 0
-        q = _query_pairs(sd.draws["crossfit"](e))
-        assert q and fit - _pairs(sd.fold_ratings[f]) == q
+        q = _query_pairs(sd.draws[mode](e))
+        assert q and fit - _pairs(folds[f]) == q
         queries.append(q)
     assert queries[3] == queries[0] and len({frozenset(q) for q in queries}) == 3
 
     v = sd.view(mcfg)
     for e in (1, 2, 3):
-        draw = sd.draws["crossfit"](e)
-        got = v.train_tasks("crossfit")(e).query.x["nbr"]
+        draw = sd.draws[mode](e)
+        got = v.train_tasks(mode)(e).query.x["nbr"]
         for f in range(3):
-            want = sd._neighbour_encoder(sd.fold_ratings[f], True)(draw).query.x["nbr"]
-            assert np.array_equal(got, want) == (f == sd.fold_of("crossfit", e))
+            want = sd._neighbour_encoder(folds[f], True)(draw).query.x["nbr"]
+            assert np.array_equal(got, want) == (f == sd.fold_of(mode, e))
 
     init_fn, _ = build.Compiled(mcfg).model(sd.encoder.spec)
     p0 = tables.initial_params(init_fn, jax.random.PRNGKey(0), sd, mcfg, 0)
@@ -531,7 +539,7 @@ def test_crossfit_epochs_query_ratings_unseen_by_their_features_and_tables(fixtu
     fill = build.get_model("hybrid").with_item_tables
     for e in (1, 2, 3):
         got = swap(e, p0)
-        fold = sd.fold_ratings[sd.fold_of("crossfit", e)]
+        fold = folds[sd.fold_of(mode, e)]
         want = fill(p0, *tables.item_tables(sd, mcfg, 0, fold))
         for name in ("item_factors", "item_bias"):
             np.testing.assert_array_equal(got[name]["embedding"], want[name]["embedding"])
@@ -540,7 +548,7 @@ def test_crossfit_epochs_query_ratings_unseen_by_their_features_and_tables(fixtu
         assert same == (e == 1)  # the initial tables are fold 0's
     mcfg.train_tasks = "resample_support"
     assert tables.fold_tables(sd, mcfg, 0) is None
-    mcfg.train_tasks, mcfg.cf_freeze_tables = "crossfit", False
+    mcfg.train_tasks, mcfg.cf_freeze_tables = mode, False
     with pytest.raises(ValueError, match="must stay frozen: set --config.cf_freeze_tables=True"):
         build.validate_config(mcfg)
 

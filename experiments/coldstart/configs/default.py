@@ -79,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     # with crossfit_folds held-out query sets per user, epoch e querying fold (e - 1) % folds and
     # training on kNN/MF features and item tables fitted without that fold's query ratings (more
     # distinct query ratings, none of them in its own features); "fixed" = the protocol's one
-    # split per user
+    # split per user; "resample_chrono" and "crossfit_chrono" = "resample" and "crossfit" with
+    # tasks shaped as the time protocol's (the query a run of consecutive ratings in time, the
+    # support the ratings right before it)
     c.train_tasks = "resample"
     c.crossfit_folds = 5
     c.task_min_support = 3  # a drawn task keeps at least this many support ratings

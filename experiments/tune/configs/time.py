@@ -1,5 +1,6 @@
 """Model selection for the "time" protocol (``experiments/coldstart/configs/time.py``) on that
-protocol's validation users: the melu stage's spaces, objective and trial budget, on the time
+protocol's validation users: the melu stage's spaces (plus meta-training tasks shaped as this
+protocol's, ``train_tasks="crossfit_chrono"``), objective and trial budget, on the time
 protocol's split, with stand-ins that hold out the newest whole release years and the latest
 users, each trial scored on two models per seed as in the melu stage; writes
 ``experiments/coldstart/configs/tuned_time.json``.
@@ -20,8 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     # latest-arriving training users are held out (declared after its first table, BUILD_NOTES)
     c.base.val_hold_out = "latest"  # the items held out are whole years (the melu stage's base)
     c.write_config = time.TUNED
-    # tried right after the configured point: this stage's last choice (trial 17 of the stage that
-    # wrote tuned_time.json in d61b968), so a stage never ends worse than the point it replaces
+    # meta-training tasks may also be shaped as this protocol's (query = the ratings right after
+    # the support in time), cross-fitted (declared in BUILD_NOTES before the stage ran with it)
+    c.spaces["cf_metasgd"]["train_tasks"] = "choice:resample_support,crossfit,crossfit_chrono"
+    # tried right after the configured point: this stage's last choice (trial 3 of the stage that
+    # wrote tuned_time.json in b1bff26), so a stage never ends worse than the point it replaces
     c.warm_starts = {
         "cf_metasgd": {
             "cf_dim": 8,
@@ -30,14 +34,14 @@ def get_config() -> ml_collections.ConfigDict:
             "cf_knn_new_items": False,
             "cf_knn_new_own": False,
             "cf_melu": False,
-            "cf_new_item_mean": 0.36556533945655906,
-            "cf_reg": 14.701027746753836,
-            "cf_user_fields": -1,
-            "id_dropout": 0.5271787054319331,
-            "inner_lr": 0.568323049457742,
-            "inner_newton": 0.5702241542668357,
-            "meta_lr": 0.0006661286301841268,
-            "outer_rank_weight": 0.33101560887882275,
+            "cf_new_item_mean": 0.6176354970758771,
+            "cf_reg": 8.187017493932323,
+            "cf_user_fields": 3,
+            "id_dropout": 0.5454562392827867,
+            "inner_lr": 0.14679138450126356,
+            "inner_newton": 1.1369428752177473,
+            "meta_lr": 0.0010727187395229408,
+            "outer_rank_weight": 0.06022547162926983,
             "train_tasks": "crossfit",
         }
     }

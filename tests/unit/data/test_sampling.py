@@ -102,6 +102,72 @@ def test_held_out_query_sets_stay_fixed_and_out_of_the_supports():
     assert not held_pairs & set(zip(rest["user_id"], rest["item_id"]))
 
 
+def _time_ranks(f: pd.DataFrame) -> dict:
+    """(user, item) -> the rating's position in its user's history by time (ties: item id)."""
+    g = f.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    g = g.assign(rank=g.groupby("user_id").cumcount())
+    return {(u, i): r for u, i, r in zip(g["user_id"], g["item_id"], g["rank"])}
+
+
+def _ranks(sets, t, prefix, ranks) -> list:
+    m = getattr(sets, f"{prefix}_mask")[t] > 0
+    return [ranks[(int(sets.user_id[t]), int(i))] for i in getattr(sets, f"{prefix}_item")[t][m]]
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_chronological_tasks_query_the_ratings_right_after_their_support(held_out):
+    """Chronological tasks are shaped as the time protocol's: the query a run of consecutive
+    ratings in time with at least min_support before it, the support the ratings right before it
+    (at most max_ratings - n_query), in time order; a held-out window is the same every epoch."""
+    f = _frame({1: 150, 2: 30, 3: 8, 4: 4})
+    pool, ranks = mdata.rating_pool(f), _time_ranks(f)
+    held = None
+    if held_out:
+        held = mdata.hold_out_queries(
+            pool, np.random.default_rng(5), n_query=5, min_support=3, chronological=True
+        )
+        assert held.sum() == 5 + 5 + 5 + 1
+
+    def draw(epoch):
+        return mdata.sample_user_sets(
+            pool,
+            np.random.default_rng([1, epoch]),
+            max_ratings=20,
+            n_query=5,
+            fixed_query=held,
+            chronological=True,
+        )
+
+    firsts = set()
+    for epoch in (1, 2, 3):
+        s = draw(epoch)
+        for t, n in enumerate((150, 30, 8, 4)):
+            sup, qry = _ranks(s, t, "support", ranks), _ranks(s, t, "query", ranks)
+            n_q = min(5, n - 3)
+            assert qry == list(range(qry[0], qry[0] + n_q)) and qry[0] >= 3
+            assert sup == list(range(max(0, qry[0] - 15), qry[0]))  # right before, in order
+            if t == 0:
+                firsts.add(qry[0])
+    # a held-out window stays; a drawn one moves (the heavy rater's over 143 places)
+    assert (len(firsts) == 1) == held_out
+    if held_out:  # the held-out ratings are exactly the query sets
+        a = draw(1)
+        rest = mdata.drop_held_out(f, pool, held)
+        q = {(int(u), int(i)) for t, u in enumerate(a.user_id) for i in a.query_item[t] if i}
+        assert len(q) == held.sum() and not q & set(zip(rest["user_id"], rest["item_id"]))
+    # random held-out sets are refused: a chronological query must be one run in time
+    scattered = mdata.hold_out_queries(pool, np.random.default_rng(0), n_query=5, min_support=3)
+    with pytest.raises(ValueError, match="consecutive ratings in time"):
+        mdata.sample_user_sets(
+            pool,
+            np.random.default_rng(0),
+            max_ratings=20,
+            n_query=5,
+            fixed_query=scattered,
+            chronological=True,
+        )
+
+
 def _sets(support, query, width=6, q_width=4):
     """UserSets of users 10, 11, ... from lists of (item, rating) pairs."""
     n = len(support)
