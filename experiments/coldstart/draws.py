@@ -18,9 +18,9 @@ CROSSFIT = "crossfit"
 # the same as "resample" and "crossfit" with tasks shaped as the "time" protocol's: the query a
 # window of consecutive ratings in time, the support the ratings just before it
 # (``sample_user_sets(chronological=True)``)
-CHRONO = {"resample_chrono": "resample", "crossfit_chrono": CROSSFIT}
+CHRONO = ("resample_chrono", "crossfit_chrono")
 TRAIN_TASKS = ("resample", "resample_support", CROSSFIT, "fixed", *CHRONO)
-CROSSFITS = (CROSSFIT, "crossfit_chrono")  # the modes whose epochs cycle through folds
+CROSSFITS = (CROSSFIT, CHRONO[1])  # the modes whose epochs cycle through folds
 # the PRNG stream of the held-out query sets (epochs use 1, 2, ...); cross-fitting's fold f
 # uses HELD_OUT_STREAM + f, so its fold 0 is resample_support's held-out sets; the
 # chronological folds use CHRONO_STREAM + f
