@@ -76,7 +76,7 @@ def training_draws(ratings, cfg, seed: int) -> dict:
             "resample_support": make_draw(lambda e: held[0]),
             CROSSFIT: make_draw(lambda e: held[(e - 1) % len(held)]),
             "resample_chrono": make_draw(lambda e: None, True),
-            "crossfit_chrono": make_draw(lambda e: held_chrono[(e - 1) % len(held)], True),
+            "crossfit_chrono": make_draw(lambda e: held_chrono[(e - 1) % len(held_chrono)], True),
         },
         "table_ratings": {
             "resample": ratings,
