@@ -28,7 +28,12 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from metarec.data import DataFormatError
-from metarec.training.compile_time import compile_seconds, split_seconds, stage_seconds
+from metarec.training.compile_time import (
+    compile_seconds,
+    split_seconds,
+    stage_seconds,
+    worker_compile_seconds,
+)
 from metarec.training.runlog import remove_run_files
 from metarec.training.trainer import NonFiniteLossError
 from metarec.training.workdir import record_timing
@@ -251,10 +256,10 @@ def run_timing(workdir: str | None):
     events, :mod:`metarec.training.compile_time`). A run.json the block did not write (another
     script's, in a shared folder) is left alone."""
     started, wall0, compiled0 = time.time(), time.perf_counter(), compile_seconds()
-    stages0 = stage_seconds()
+    stages0, workers0 = stage_seconds(), worker_compile_seconds()
     yield
     if workdir:
-        timing = split_seconds(time.perf_counter() - wall0, compiled0, stages0)
+        timing = split_seconds(time.perf_counter() - wall0, compiled0, stages0, workers0)
         record_timing(workdir, timing, since=started - 1.0)  # 1 s: file-time granularity
 
 

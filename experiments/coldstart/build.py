@@ -531,6 +531,8 @@ def _validate_numbers(cfg) -> None:
     for name, lo in lower.items():
         if cfg[name] < lo:
             raise ValueError(f"--config.{name} must be >= {lo}, got {cfg[name]}")
+    if cfg.get("seed_workers", 1) < 1:
+        raise ValueError(f"--config.seed_workers must be >= 1, got {cfg.seed_workers}")
     for name in ("inner_lr", "meta_lr"):
         if not cfg[name] > 0:
             raise ValueError(f"--config.{name} must be > 0, got {cfg[name]}")

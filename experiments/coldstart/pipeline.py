@@ -25,6 +25,7 @@ Per seed (PROTOCOL.md, "melu" or "time"):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -42,11 +43,11 @@ from experiments.coldstart.build import (
     validate_config,
 )
 from experiments.coldstart.curves import adaptation_curves, aggregate_curves
-from experiments.coldstart.paired import format_paired, paired_tests
+from experiments.coldstart.paired import paired_tests
+from experiments.coldstart.summary import format_table
 from experiments.coldstart.tables import deployed, fold_tables, initial_params
 from experiments.common import (
     enable_compilation_cache,
-    format_mean_std,
     prepare_workdir,
     train_log,
 )
@@ -62,10 +63,10 @@ from metarec.training.meta_train import (
     predict_tasks,
     score,
 )
+from metarec.training.processes import map_in_processes
 from metarec.training.runlog import MetricsWriter, read_json, run_metadata, write_json_atomic
 from metarec.training.workdir import open_run
 
-TABLE_METRICS = ("mae", "rmse", "ndcg@3")
 # config fields that may change between a run and its --resume (they do not change what was computed
 # so far, or are needed to recover from a non-finite loss); any other difference is refused.
 RESUME_MUTABLE = (
@@ -90,6 +91,7 @@ RESUME_MUTABLE = (
     "finetune_lrs",
     "progress",
     "report",
+    "seed_workers",
 )
 
 
@@ -394,6 +396,21 @@ def run_seed(
     return results
 
 
+def seed_workers(cfg) -> int:
+    """How many seeds :func:`run` runs at once: ``cfg.seed_workers``, at most one per seed, and 1
+    off the CPU (each process would claim the accelerator's memory)."""
+    n = min(int(cfg.get("seed_workers", 1)), len(cfg.seeds))
+    return n if n > 1 and jax.default_backend() == "cpu" else 1
+
+
+def _seed_job(seed: int, *, data, cfg, ctx: RunContext, log_fn, metrics) -> dict:
+    """:func:`run_seed` in a worker process of :func:`map_in_processes` (no progress line: the
+    seeds share one terminal)."""
+    log_fn(f"=== seed {seed}")
+    ctx = dataclasses.replace(ctx, metrics=metrics, progress=False)
+    return run_seed(data, seed, cfg, log_fn, None, ctx)
+
+
 def run(
     cfg,
     data: mdata.RatingsData | None = None,
@@ -406,7 +423,10 @@ def run(
     argv: list[str] | None = None,
 ) -> dict:
     """Every seed, then mean and sample std over seeds, in PROTOCOL.md's results format.
-    ``compiled`` may carry jitted steps over from an earlier call with the same config.
+    ``compiled`` may carry jitted steps over from an earlier call with the same config. With
+    ``cfg.seed_workers`` > 1 (:func:`seed_workers`) seeds run at once, each in a process of its own
+    (:func:`~metarec.training.processes.map_in_processes`; ``compiled`` is then unused): the same
+    results, log lines and metric records, the lines of different seeds interleaved.
 
     With ``workdir``: ``config.json`` and ``run.json`` (command, package versions, devices, git
     commit), per-unit checkpoints and results, ``metrics.jsonl``/``metrics.csv`` (+ TensorBoard if
@@ -438,11 +458,24 @@ def run(
         ctx.workdir, ctx.resume = workdir, resume
         ctx.metrics = MetricsWriter(workdir, tensorboard=True)
     per_seed = {}
-    compiled = compiled or Compiled(cfg)
+    workers = seed_workers(cfg)
     try:
-        for seed in cfg.seeds:
-            log_fn(f"=== seed {seed}")
-            per_seed[seed] = run_seed(data, seed, cfg, log_fn, compiled, ctx)
+        if workers > 1:
+            log_fn(
+                f"seeds {', '.join(map(str, cfg.seeds))}: {workers} at a time, each in a process "
+                "of its own (--config.seed_workers); their epochs go to train_log.txt"
+            )
+            job = functools.partial(
+                _seed_job, data=data, cfg=cfg, ctx=dataclasses.replace(ctx, metrics=None)
+            )
+            seeds = list(cfg.seeds)
+            found = map_in_processes(job, seeds, workers, log_fn=log_fn, metrics=ctx.metrics)
+            per_seed = dict(zip(seeds, found))
+        else:
+            compiled = compiled or Compiled(cfg)
+            for seed in cfg.seeds:
+                log_fn(f"=== seed {seed}")
+                per_seed[seed] = run_seed(data, seed, cfg, log_fn, compiled, ctx)
     finally:
         if ctx.metrics is not None:
             ctx.metrics.close()
@@ -487,56 +520,6 @@ def run(
     if curves and all(c is not None for c in curves):
         out["adaptation"] = aggregate_curves(curves)
     return out
-
-
-def format_table(res: dict, metrics=TABLE_METRICS) -> str:
-    """One table: scenario x method x metric, mean ± sample std over seeds (the mean alone for one
-    seed)."""
-    seeds = res["seeds"]
-    cfg = res["config"]
-    spread = "mean ± sample std over seeds" if len(seeds) > 1 else "one seed, no spread measured"
-    n_fit = [res["training"][str(seed)].get("n_fit_ratings") for seed in seeds]
-    tasks = (
-        "one fixed task per training user"
-        if cfg.get("train_tasks") == "fixed"
-        else "tasks drawn afresh every epoch from them"
-    )
-    methods = cfg["methods"]
-    melu_lr = [  # each MeLU learner's own inner step size (a method may override the base's)
-        f"{m} {methods.get(m, {}).get('inner_lr', cfg['inner_lr'])}"
-        for m in cfg["algos"]
-        if methods.get(m, {}).get("model", cfg["model"]) == "melu"
-    ]
-    lines = [
-        f"{res['dataset']} / protocol {res['protocol']} / seeds {seeds} / "
-        f"metrics averaged over users, {spread}; MAE/RMSE of predictions clipped to the scale, "
-        "nDCG ranks raw scores",
-        f"every method trains on the same ratings: warm training users' ratings minus the "
-        f"validation users' query ratings ({', '.join(map(str, n_fit))} per seed); meta-learners "
-        f"on {tasks}; MeLU learners adapt '{cfg['adapt']}' {cfg['inner_steps']} steps, lr "
-        f"{', '.join(melu_lr) if melu_lr else cfg['inner_lr']}"
-        + (f"; recommended method: {cfg['recommended']}" if cfg.get("recommended") else ""),
-    ]
-    scaled: dict[str, list[str]] = {}
-    for seed in seeds:
-        for m, x in (res["training"][str(seed)].get("step_scale") or {}).items():
-            scaled.setdefault(m, []).append(f"{x:g}")
-    if scaled:
-        lines.append(
-            "learned inner rates scaled by the validation users' choice (per seed): "
-            + "; ".join(f"{m} x {'/'.join(v)}" for m, v in scaled.items())
-        )
-    header = f"{'scenario':15s} {'method':12s}" + "".join(f"{m:>18s}" for m in metrics)
-    lines += [header, "-" * len(header)]
-    for s in TEST_SCENARIOS:
-        n = res["scenarios"][s]["n_users"]
-        for m, vals in res["results"][s].items():
-            cells = [format_mean_std(vals.get(k), len(seeds)) for k in metrics]
-            lines.append(f"{s + f' ({n})':15s} {m:12s}" + "".join(f"{c:>18s}" for c in cells))
-        lines.append("")
-    if res.get("paired"):
-        lines.append(format_paired(res["paired"]))
-    return "\n".join(lines)
 
 
 # files this experiment owns in its workdir (the only ones --overwrite deletes)

@@ -25,6 +25,7 @@ COMPILE_EVENTS = (
 _lock = threading.Lock()
 _installed = {"listener": False}
 _by_event = dict.fromkeys(COMPILE_EVENTS, 0.0)
+_in_workers = dict.fromkeys(COMPILE_EVENTS, 0.0)
 #: short names of the events in :func:`split_seconds`
 STAGES = dict(zip(COMPILE_EVENTS, ("trace", "lower", "backend_compile")))
 
@@ -33,6 +34,21 @@ def _listener(event: str, duration_secs: float, **kwargs) -> None:
     if event in COMPILE_EVENTS:
         with _lock:
             _by_event[event] += float(duration_secs)
+
+
+def add_seconds(event: str, duration_secs: float) -> None:
+    """Count a compile event of a worker process (:mod:`metarec.training.processes`); the workers'
+    seconds are kept apart from this process's (:func:`worker_compile_seconds`), since they
+    overlap its wall time instead of filling it."""
+    if event in COMPILE_EVENTS:
+        with _lock:
+            _in_workers[event] += float(duration_secs)
+
+
+def worker_compile_seconds() -> float:
+    """Compile seconds of this process's worker processes so far, summed over them."""
+    with _lock:
+        return sum(_in_workers.values())
 
 
 def compile_seconds() -> float:
@@ -56,13 +72,18 @@ def stage_seconds() -> dict[str, float]:
 
 
 def split_seconds(
-    wall_seconds: float, compile_before: float, stages_before: dict | None = None
+    wall_seconds: float,
+    compile_before: float,
+    stages_before: dict | None = None,
+    workers_before: float | None = None,
 ) -> dict:
     """``{"wall_seconds", "compile_seconds", "compute_seconds"}`` of a stretch of ``wall_seconds``
     that began when :func:`compile_seconds` read ``compile_before``; compute is the rest (data,
     training, evaluation, I/O). With ``stages_before`` (:func:`stage_seconds` at the start) also
     ``"compile_stages"``: the seconds of each stage (the persistent cache saves only the backend
-    compile; tracing and lowering happen every run)."""
+    compile; tracing and lowering happen every run). With ``workers_before``
+    (:func:`worker_compile_seconds` at the start) also ``"worker_compile_seconds"`` where worker
+    processes compiled."""
     compiled = compile_seconds() - compile_before
     out = {
         "wall_seconds": round(wall_seconds, 3),
@@ -72,4 +93,6 @@ def split_seconds(
     if stages_before is not None:
         now = stage_seconds()
         out["compile_stages"] = {k: round(now[k] - stages_before[k], 3) for k in now}
+    if workers_before is not None and worker_compile_seconds() > workers_before:
+        out["worker_compile_seconds"] = round(worker_compile_seconds() - workers_before, 3)
     return out

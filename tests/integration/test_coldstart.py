@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -42,6 +43,7 @@ def tiny_config():
     # the fixture's users rate 14-60 items: the new-item stand-in (users with 13 ratings of the
     # held-out items, tuning path only) needs half the items held out
     cfg.val_new_items = 0.5
+    cfg.seed_workers = 1  # in this process; the worker processes have a test of their own
     return cfg
 
 
@@ -100,6 +102,28 @@ def test_run_is_deterministic(fixture_data, tiny_run):
         assert again[s] == res["per_seed"]["1"][s]
 
 
+@pytest.mark.slow  # spawns two processes that compile every program again
+def test_seeds_in_worker_processes_give_the_same_run(fixture_data, tiny_run, tmp_path):
+    data, _ = fixture_data
+    _, _, res = tiny_run  # one seed after another, in this process
+    cfg = tiny_config()
+    cfg.seed_workers = 2
+    assert pipeline.seed_workers(cfg) == 2
+    lines = []
+    par = pipeline.run(cfg, data=data, log_fn=lines.append, workdir=str(tmp_path))
+    assert par["per_seed"] == res["per_seed"] and par["per_user"] == res["per_user"]
+    for seed in ("0", "1"):
+        for field in ("params_sha256", "best_epoch", "n_fit_ratings", "finetune_lr"):
+            assert par["training"][seed][field] == res["training"][seed][field], (seed, field)
+    # each seed's epochs reached this process's log, its units and metrics its workdir
+    with open(tmp_path / "metrics.jsonl") as f:
+        units = {json.loads(line)["unit"] for line in f}
+    for seed in (0, 1):
+        assert any(line.startswith(f"  seed{seed}/maml epoch") for line in lines)
+        assert os.path.exists(pipeline.unit_paths(str(tmp_path), seed, "finetune")[1])
+        assert {f"seed{seed}/maml", f"seed{seed}/finetune"} <= units
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [
@@ -118,6 +142,7 @@ def test_run_is_deterministic(fixture_data, tiny_run):
         ("dataset", "ml-7m", "ml-7m"),
         ("meta_lr", 0.0, "--config.meta_lr must be > 0"),
         ("seeds", (), "--config.seeds must name at least one seed"),
+        ("seed_workers", 0, "--config.seed_workers must be >= 1, got 0"),
     ],
 )
 def test_bad_config_is_named(field, value, message):

@@ -1,0 +1,71 @@
+"""map_in_processes: results in item order, and everything a job logs or records reaches the
+parent's log function, metrics writer and logging handlers, in the job's own order."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from metarec.training import compile_time
+from metarec.training.processes import map_in_processes
+
+
+def _job(item, *, log_fn, metrics):
+    """Module-level, so a spawned worker can import it."""
+    if item < 0:
+        raise ValueError(f"item {item}: negative")
+    log_fn(f"job {item} pid {os.getpid()}")
+    logging.getLogger("metarec.test_processes").info("library log of job %d", item)
+    for step in (1, 2, 3):
+        metrics.write({"unit": f"job{item}", "step": step, "value": item * step})
+    metrics.truncate(f"job{item}", 2)
+    import jax
+    import jax.numpy as jnp
+
+    jax.jit(lambda x: x * item + 1)(jnp.arange(3.0)).block_until_ready()  # one compile event
+    return item * item
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def write(self, record):
+        self.calls.append(("write", record["unit"], record["step"], record["value"]))
+
+    def truncate(self, unit, after_step):
+        self.calls.append(("truncate", unit, after_step))
+
+
+def test_jobs_run_in_other_processes_and_report_here(caplog):
+    lines, rec = [], _Recorder()
+    workers0, own0 = compile_time.worker_compile_seconds(), compile_time.compile_seconds()
+    with caplog.at_level(logging.INFO):
+        out = map_in_processes(_job, [3, 1, 2], workers=2, log_fn=lines.append, metrics=rec)
+    assert out == [9, 1, 4]
+    assert sorted(line.split(" pid ")[0] for line in lines) == ["job 1", "job 2", "job 3"]
+    assert all(int(line.split(" pid ")[1]) != os.getpid() for line in lines)
+    for item in (1, 2, 3):
+        mine = [c for c in rec.calls if c[1] == f"job{item}"]
+        assert mine == [
+            ("write", f"job{item}", 1, item),
+            ("write", f"job{item}", 2, 2 * item),
+            ("write", f"job{item}", 3, 3 * item),
+            ("truncate", f"job{item}", 2),
+        ]
+    logs = [r for r in caplog.records if r.name == "metarec.test_processes"]
+    assert sorted(r.getMessage() for r in logs) == [f"library log of job {i}" for i in (1, 2, 3)]
+    assert all(r.process != os.getpid() for r in logs)
+    # the workers' compile seconds are counted apart from this process's own
+    timing = compile_time.split_seconds(60.0, own0, None, workers0)
+    assert timing["worker_compile_seconds"] > 0 and timing["compute_seconds"] <= 60.0
+    assert "worker_compile_seconds" not in compile_time.split_seconds(1.0, 0.0, None, None)
+
+
+def test_a_job_error_is_raised_here_with_its_message():
+    with pytest.raises(ValueError, match="item -1: negative"):
+        map_in_processes(_job, [1, -1], workers=2, log_fn=lambda m: None, metrics=_Recorder())
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        map_in_processes(_job, [1], workers=0)
