@@ -433,6 +433,15 @@ def normalize_config(cfg) -> None:
             ) from None
 
 
+def seed_workers(cfg, n_seeds: int) -> int:
+    """How many of ``n_seeds`` seeds run at once, each in a worker process: ``cfg.seed_workers``,
+    at most one per seed, and 1 off the CPU (each process would claim the accelerator's memory)."""
+    import jax
+
+    n = min(int(cfg.get("seed_workers", 1)), n_seeds)
+    return n if n > 1 and jax.default_backend() == "cpu" else 1
+
+
 def validate_config(cfg) -> None:
     """Raise ``ValueError`` naming the config field and what is allowed."""
     normalize_config(cfg)

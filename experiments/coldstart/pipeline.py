@@ -40,6 +40,7 @@ from experiments.coldstart.build import (
     Compiled,
     baseline_predictions,
     prepare_seed,
+    seed_workers,
     validate_config,
 )
 from experiments.coldstart.curves import adaptation_curves, aggregate_curves
@@ -396,13 +397,6 @@ def run_seed(
     return results
 
 
-def seed_workers(cfg) -> int:
-    """How many seeds :func:`run` runs at once: ``cfg.seed_workers``, at most one per seed, and 1
-    off the CPU (each process would claim the accelerator's memory)."""
-    n = min(int(cfg.get("seed_workers", 1)), len(cfg.seeds))
-    return n if n > 1 and jax.default_backend() == "cpu" else 1
-
-
 def _seed_job(seed: int, *, data, cfg, ctx: RunContext, log_fn, metrics) -> dict:
     """:func:`run_seed` in a worker process of :func:`map_in_processes` (no progress line: the
     seeds share one terminal)."""
@@ -424,9 +418,10 @@ def run(
 ) -> dict:
     """Every seed, then mean and sample std over seeds, in PROTOCOL.md's results format.
     ``compiled`` may carry jitted steps over from an earlier call with the same config. With
-    ``cfg.seed_workers`` > 1 (:func:`seed_workers`) seeds run at once, each in a process of its own
-    (:func:`~metarec.training.processes.map_in_processes`; ``compiled`` is then unused): the same
-    results, log lines and metric records, the lines of different seeds interleaved.
+    ``cfg.seed_workers`` > 1 (:func:`~experiments.coldstart.build.seed_workers`) seeds run at
+    once, each in a process of its own (:func:`~metarec.training.processes.map_in_processes`;
+    ``compiled`` is then unused): the same results, log lines and metric records, the lines of
+    different seeds interleaved.
 
     With ``workdir``: ``config.json`` and ``run.json`` (command, package versions, devices, git
     commit), per-unit checkpoints and results, ``metrics.jsonl``/``metrics.csv`` (+ TensorBoard if
@@ -458,7 +453,7 @@ def run(
         ctx.workdir, ctx.resume = workdir, resume
         ctx.metrics = MetricsWriter(workdir, tensorboard=True)
     per_seed = {}
-    workers = seed_workers(cfg)
+    workers = seed_workers(cfg, len(cfg.seeds))
     try:
         if workers > 1:
             log_fn(

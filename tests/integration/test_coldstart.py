@@ -108,7 +108,7 @@ def test_seeds_in_worker_processes_give_the_same_run(fixture_data, tiny_run, tmp
     _, _, res = tiny_run  # one seed after another, in this process
     cfg = tiny_config()
     cfg.seed_workers = 2
-    assert pipeline.seed_workers(cfg) == 2
+    assert build.seed_workers(cfg, 2) == 2 and build.seed_workers(cfg, 1) == 1
     lines = []
     par = pipeline.run(cfg, data=data, log_fn=lines.append, workdir=str(tmp_path))
     assert par["per_seed"] == res["per_seed"] and par["per_user"] == res["per_user"]
