@@ -316,6 +316,39 @@ def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
     assert cfg.protocol == "time" and cfg.recommended == "maml" and cfg.methods.maml.inner_lr == 0.3
 
 
+def test_the_time_stage_compares_its_task_modes_at_its_chosen_point():
+    from experiments.coldstart.configs import time as time_config
+    from experiments.tune.configs import time as tune_time
+    from experiments.tune.configs import time_tasks
+    from experiments.tune.spaces import make_study, parse_space
+
+    search, stage = tune_time.get_config(), time_tasks.get_config()
+    differs = {k for k, v in stage.to_dict().items() if v != search.to_dict()[k]}
+    assert differs == {"spaces", "warm_starts"} and not stage.warm_starts
+    point = time_tasks.SEARCH_POINT
+    assert set(stage.spaces) == set(search.spaces) == set(point)
+    modes = parse_space(dict(search.spaces.cf_metasgd), stage.base)["train_tasks"][1]
+    for method, space in stage.spaces.items():
+        assert set(space) == set(search.spaces[method]) == set(point[method])
+        parsed = parse_space(dict(space), stage.base)
+        study, n_trials = make_study(parsed, stage.n_trials, stage.sampler_seed)
+        # a grid: one trial per meta-training mode of the search, one per MeLU learner
+        assert n_trials == (len(modes) if method == "cf_metasgd" else 1)
+        for field, (kind, values) in parsed.items():
+            if field == "train_tasks" and method == "cf_metasgd":
+                assert values == modes and point[method][field] in modes
+            else:  # fixed at the search's point, every float to the last bit
+                assert kind == "choice" and values == (point[method][field],)
+                assert type(values[0]) is type(point[method][field])
+    # the committed file comes from this grid: its point apart from the mode
+    with open(time_config.TUNED) as f:
+        tuned = json.load(f)["methods"]
+    for method, fields in point.items():
+        for field, value in fields.items():
+            if field != "train_tasks":
+                assert tuned[method][field] == value, (method, field)
+
+
 @pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 @pytest.mark.parametrize("new_model", ["shared", "separate"])
 def test_optuna_selection_never_reads_a_test_scenario(fixture_data, new_model):
