@@ -24,7 +24,9 @@ Search spaces and the optuna study live in :mod:`experiments.tune.spaces`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from experiments.coldstart.build import (
     baseline_predictions,
     method_config,
     prepare_seed,
+    seed_workers,
     validate_config,
 )
 from experiments.coldstart.tables import deployed, fold_tables, initial_params
@@ -53,6 +56,7 @@ from metarec.training.meta_train import (
     meta_train,
     predict_tasks,
 )
+from metarec.training.processes import WorkerGroup
 from metarec.training.runlog import write_json_atomic
 from metarec.training.trainer import NonFiniteLossError
 
@@ -65,6 +69,21 @@ def prepare(cfg, seeds, data: mdata.RatingsData | None = None) -> tuple[mdata.Ra
     if data is None:
         data = mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, download=cfg.download)
     return data, {seed: prepare_tuning_seed(data, seed, cfg) for seed in seeds}
+
+
+@contextlib.contextmanager
+def prepared_seeds(cfg, seeds, data: mdata.RatingsData | None = None, log_fn: Callable = print):
+    """``(data, prepared)``: :func:`prepare`'s, or, with ``cfg.seed_workers`` > 1 on the CPU
+    (:func:`~experiments.coldstart.build.seed_workers`), the seeds prepared in worker processes
+    (:class:`SeedWorkers`, ended on exit)."""
+    if data is None:
+        data = mdata.load_dataset(cfg.dataset, data_dir=cfg.data_dir or None, download=cfg.download)
+    workers = seed_workers(cfg, len(seeds))
+    if workers == 1:
+        yield prepare(cfg, seeds, data)
+        return
+    with SeedWorkers(cfg, seeds, data, workers, log_fn) as group:
+        yield data, group
 
 
 def prepare_tuning_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
@@ -80,10 +99,34 @@ def prepare_tuning_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
     return dataclasses.replace(prepare_seed(data, seed, every_item, test=False), val_new_data=sd)
 
 
-def stand_ins(prepared: dict) -> tuple[str, ...]:
+def _prepared_state(seed: int, *, cfg, data, log_fn=None, metrics=None) -> tuple:
+    """A :class:`SeedWorkers` worker's state for ``seed``: ``(seed, SeedData, data)``."""
+    return seed, prepare_tuning_seed(data, seed, cfg), data
+
+
+def _has_cold(state, *, log_fn=None, metrics=None) -> bool:
+    return state[1].val_cold is not None
+
+
+class SeedWorkers(WorkerGroup):
+    """The seeds' tuning data prepared once, each in a worker process that then trains and scores
+    every trial's model on it (:func:`evaluate_point`, :func:`baselines_on_validation`): the
+    seeds of a trial at once, with the same numbers as one process (the same programs on the
+    same inputs). A prepared seed holds closures, so it stays in its worker."""
+
+    def __init__(self, cfg, seeds, data: mdata.RatingsData, workers: int, log_fn=print):
+        setup = functools.partial(_prepared_state, cfg=cfg, data=data)
+        super().__init__(setup, seeds, workers, log_fn=log_fn)
+        self.has_cold = any(self.map(_has_cold))
+
+
+def stand_ins(prepared) -> tuple[str, ...]:
     """The stand-in sets every row scores besides the validation users: ``val_new`` (NaN where a
     seed has none) and ``val_cold`` where the seeds have one."""
-    cold = any(sd.val_cold is not None for sd in prepared.values())
+    if isinstance(prepared, SeedWorkers):
+        cold = prepared.has_cold
+    else:
+        cold = any(sd.val_cold is not None for sd in prepared.values())
     return ("val_new", "val_cold") if cold else ("val_new",)
 
 
@@ -118,7 +161,30 @@ def _train(c, fns: Compiled, algo: str, sd: SeedData, seed: int, data):
     return params, eval_fn, tr.best_epoch, step_scale
 
 
-def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
+def _score_seed(state, c, algo: str, names: tuple, *, log_fn=None, metrics=None, fns=None):
+    """One seed's part of :func:`evaluate_point` (``state``: ``(seed, SeedData, data)``; in a
+    :class:`SeedWorkers` worker or here, ``fns`` shared over the seeds)."""
+    seed, sd, data = state
+    fns = fns or Compiled(c)
+    sd = sd.view(c)
+    params, eval_fn, epoch, step_scale = _train(c, fns, algo, sd, seed, data)
+    out = {"epoch": epoch, "scale": step_scale, "epoch_new": None, "scores": {}, "users": {}}
+    models = {name: (sd, params, eval_fn) for name in names}
+    if sd.val_new_data is not None:  # the new-item stand-in's own model, its items held out
+        new = sd.val_new_data.view(c)
+        p_new, fn_new, out["epoch_new"], _ = _train(c, fns, algo, new, seed, data)
+        models["val_new"] = (new, p_new, fn_new)
+    for name, (src, p, fn) in models.items():
+        tasks, scores, users = getattr(src, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}, None
+        if tasks is not None:
+            pred = predict_tasks(fn, p, tasks, c.eval_chunk)
+            scores, users = evaluate(pred["pred"], tasks, data.rating_scale, c.k)
+        out["scores"][name] = (scores["mae"], scores[f"ndcg@{c.k}"])
+        out["users"][name] = users
+    return out
+
+
+def evaluate_point(cfg, method: str, point: dict, data, prepared) -> dict:
     """Meta-train ``method`` with ``point``'s config fields set, on every prepared seed; returns
     the mean best validation MAE and nDCG@k over seeds (also on the new-item validation,
     ``val_new_*``, NaN without one; and on the cold-user validation, ``val_cold_*``, where there
@@ -126,42 +192,33 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared: dict) -> dict:
     seed has no such set). A Meta-SGD method is scored as the cold-start experiment runs
     it: its learned rates calibrated on the validation users (``cfg.step_scales``; the chosen
     scale per seed as ``step_scales``). A seed with ``val_new_data`` trains a second model on
-    it, which scores the new-item stand-in (its best epochs: ``best_epochs_new``)."""
+    it, which scores the new-item stand-in (its best epochs: ``best_epochs_new``). ``prepared``:
+    seed -> SeedData, or :class:`SeedWorkers` (the seeds at once, the same numbers)."""
     algo, mcfg = method_config(cfg, method)
     c = ml_collections.ConfigDict(mcfg.to_dict())
     for k, v in point.items():
         c[k] = v
     validate_config(c)
-    fns = Compiled(c)
-    epochs, epochs_new, scales = [], [], []
     names = ("val", *stand_ins(prepared))
-    scored = {name: ([], []) for name in names}
-    per_user = {name: [] for name in names}  # per set, per seed (None without one)
-    for seed, sd in prepared.items():
-        sd = sd.view(c)
-        params, eval_fn, epoch, step_scale = _train(c, fns, algo, sd, seed, data)
-        epochs.append(epoch)
-        scales.append(step_scale)
-        models = {name: (sd, params, eval_fn) for name in names}
-        if sd.val_new_data is not None:  # the new-item stand-in's own model, its items held out
-            new = sd.val_new_data.view(c)
-            p_new, fn_new, epoch, _ = _train(c, fns, algo, new, seed, data)
-            models["val_new"] = (new, p_new, fn_new)
-            epochs_new.append(epoch)
-        for name, (src, p, fn) in models.items():
-            tasks, scores, users = getattr(src, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}, None
-            if tasks is not None:
-                out = predict_tasks(fn, p, tasks, c.eval_chunk)
-                scores, users = evaluate(out["pred"], tasks, data.rating_scale, c.k)
-            per_user[name].append(users)
-            scored[name][0].append(scores["mae"])
-            scored[name][1].append(scores[f"ndcg@{c.k}"])
+    if isinstance(prepared, SeedWorkers):
+        per_seed = prepared.map(_score_seed, c, algo, names)
+    else:
+        fns = Compiled(c)
+        per_seed = [
+            _score_seed((seed, sd, data), c, algo, names, fns=fns) for seed, sd in prepared.items()
+        ]
     row = {}
-    for name, (e_mae, e_ndcg) in scored.items():
-        row[f"{name}_mae"] = float(np.mean(e_mae))
-        row[f"{name}_ndcg@{cfg.k}"] = float(np.mean(e_ndcg))
-    row |= {"val_mae_per_seed": scored["val"][0], "best_epochs": epochs, "per_user": per_user}
+    for name in names:
+        row[f"{name}_mae"] = float(np.mean([s["scores"][name][0] for s in per_seed]))
+        row[f"{name}_ndcg@{cfg.k}"] = float(np.mean([s["scores"][name][1] for s in per_seed]))
+    row |= {
+        "val_mae_per_seed": [s["scores"]["val"][0] for s in per_seed],
+        "best_epochs": [s["epoch"] for s in per_seed],
+        "per_user": {name: [s["users"][name] for s in per_seed] for name in names},
+    }
+    epochs_new = [s["epoch_new"] for s in per_seed if s["epoch_new"] is not None]
     row |= {"best_epochs_new": epochs_new} if epochs_new else {}
+    scales = [s["scale"] for s in per_seed]
     return row | ({"step_scales": scales} if any(x is not None for x in scales) else {})
 
 
@@ -298,38 +355,53 @@ def selection_objective(
     return float(total)
 
 
-def baselines_on_validation(cfg, data, prepared: dict, per_user: dict | None = None) -> dict:
+def _baselines_seed(state, cfg, names: tuple, *, log_fn=None, metrics=None) -> dict:
+    """One seed's part of :func:`baselines_on_validation`: baseline -> set -> ``(MAE, nDCG@k,
+    per-user record)``."""
+    seed, sd, data = state
+    k = cfg.k
+    parts = [(sd, names)]  # (data whose training ratings fit the baselines, sets it scores)
+    if sd.val_new_data is not None:
+        parts = [
+            (sd, tuple(n for n in names if n != "val_new")),
+            (sd.val_new_data, ("val_new",)),
+        ]
+    out: dict[str, dict] = {}
+    for name in cfg.baselines:
+        if name in NETWORK_BASELINES:
+            continue
+        for src, part in parts:
+            sets = {n: getattr(src, f"{n}_sets") for n in part}
+            sets = {n: v for n, v in sets.items() if v is not None}
+            pred = baseline_predictions(name, seed, src.fit_ratings, sets)
+            for n in part:
+                sc, users = {"mae": np.nan, f"ndcg@{k}": np.nan}, None
+                if n in sets:
+                    sc, users = evaluate(pred[n], getattr(src, n), data.rating_scale, k)
+                out.setdefault(name, {})[n] = (sc["mae"], sc[f"ndcg@{k}"], users)
+    return out
+
+
+def baselines_on_validation(cfg, data, prepared, per_user: dict | None = None) -> dict:
     """Mean validation MAE and nDCG@k over seeds of every fitted baseline of ``cfg.baselines``
     (fitted on the same training ratings), on the validation users and on the stand-ins that
     exist (``val_new_*``, NaN without one; ``val_cold_*`` only with a cold-user validation): the
     reference the tuned methods are read against. ``per_user`` (if given) receives baseline ->
     set -> one per-user record per seed."""
-    rows: dict[str, dict[str, list]] = {}
-    k = cfg.k
     names = ("val", *stand_ins(prepared))
-    for seed, sd in prepared.items():
-        parts = [(sd, names)]  # (data whose training ratings fit the baselines, sets it scores)
-        if sd.val_new_data is not None:
-            parts = [
-                (sd, tuple(n for n in names if n != "val_new")),
-                (sd.val_new_data, ("val_new",)),
-            ]
-        for name in cfg.baselines:
-            if name in NETWORK_BASELINES:
-                continue
+    if isinstance(prepared, SeedWorkers):
+        per_seed = prepared.map(_baselines_seed, cfg, names)
+    else:
+        per_seed = [_baselines_seed((seed, sd, data), cfg, names) for seed, sd in prepared.items()]
+    rows: dict[str, dict[str, list]] = {}
+    for found in per_seed:
+        for name, by_set in found.items():
             row = rows.setdefault(name, {})
-            for src, part in parts:
-                sets = {n: getattr(src, f"{n}_sets") for n in part}
-                sets = {n: v for n, v in sets.items() if v is not None}
-                pred = baseline_predictions(name, seed, src.fit_ratings, sets)
-                for n in part:
-                    sc, users = {"mae": np.nan, f"ndcg@{k}": np.nan}, None
-                    if n in sets:
-                        sc, users = evaluate(pred[n], getattr(src, n), data.rating_scale, k)
-                    if per_user is not None:
-                        per_user.setdefault(name, {}).setdefault(n, []).append(users)
-                    row.setdefault(f"{n}_mae", []).append(sc["mae"])
-                    row.setdefault(f"{n}_ndcg@{k}", []).append(sc[f"ndcg@{k}"])
+            for n, (mae, ndcg, users) in by_set.items():  # the order the sets were scored
+                if per_user is not None:
+                    per_user.setdefault(name, {}).setdefault(n, []).append(users)
+                row.setdefault(f"{n}_mae", []).append(mae)
+                row.setdefault(f"{n}_ndcg@{cfg.k}", []).append(ndcg)
     return {name: {key: float(np.mean(v)) for key, v in row.items()} for name, row in rows.items()}
 
 
@@ -359,39 +431,41 @@ def select(
     :func:`selection_objective`). Returns the ``tuned.json`` content (no provenance),
     ``per_user`` (method -> trial -> :func:`evaluate_point`'s per-user records) and
     ``per_user_baselines`` (:func:`baselines_on_validation`'s)."""
-    data, prepared = prepare(cfg, seeds, data)
-    out = {"methods": {}, "validation": {}, "trials": {}, "per_user": {}}
-    for method, space in spaces.items():
-        rows = search(
-            cfg,
-            dict(space),
-            method=method,
-            seeds=seeds,
-            n_trials=n_trials,
-            sampler_seed=sampler_seed,
-            ndcg_weight=ndcg_weight,
-            new_item_weight=new_item_weight,
-            cold_user_weight=cold_user_weight,
-            data=data,
-            prepared=prepared,
-            log_fn=log_fn,
-            warm_start=(warm_starts or {}).get(method),
-        )
-        best = rows[0]
-        out["methods"][method] = method_entry(cfg, method, best["point"])
-        # the chosen trial's scores, in the order tuned.json has always listed them
-        keys = [
-            f"{part}_{m}"
-            for part in ("val", "val_new", "val_cold")
-            for m in ("mae", f"ndcg@{cfg.k}")
-        ]
-        keys = ["objective", *keys, "val_mae_per_seed", "best_epochs"]
-        out["validation"][method] = {k: best[k] for k in keys if k in best}
-        out["per_user"][method] = {r["trial"]: r.pop("per_user") for r in rows if "per_user" in r}
-        out["trials"][method] = rows
-    out["recommended"] = min(out["validation"], key=lambda m: out["validation"][m]["objective"])
-    base_users = out["per_user_baselines"] = {}
-    out["baselines_validation"] = baselines_on_validation(cfg, data, prepared, base_users)
+    with prepared_seeds(cfg, seeds, data, log_fn) as (data, prepared):
+        out = {"methods": {}, "validation": {}, "trials": {}, "per_user": {}}
+        for method, space in spaces.items():
+            rows = search(
+                cfg,
+                dict(space),
+                method=method,
+                seeds=seeds,
+                n_trials=n_trials,
+                sampler_seed=sampler_seed,
+                ndcg_weight=ndcg_weight,
+                new_item_weight=new_item_weight,
+                cold_user_weight=cold_user_weight,
+                data=data,
+                prepared=prepared,
+                log_fn=log_fn,
+                warm_start=(warm_starts or {}).get(method),
+            )
+            best = rows[0]
+            out["methods"][method] = method_entry(cfg, method, best["point"])
+            # the chosen trial's scores, in the order tuned.json has always listed them
+            keys = [
+                f"{part}_{m}"
+                for part in ("val", "val_new", "val_cold")
+                for m in ("mae", f"ndcg@{cfg.k}")
+            ]
+            keys = ["objective", *keys, "val_mae_per_seed", "best_epochs"]
+            out["validation"][method] = {k: best[k] for k in keys if k in best}
+            out["per_user"][method] = {
+                r["trial"]: r.pop("per_user") for r in rows if "per_user" in r
+            }
+            out["trials"][method] = rows
+        out["recommended"] = min(out["validation"], key=lambda m: out["validation"][m]["objective"])
+        base_users = out["per_user_baselines"] = {}
+        out["baselines_validation"] = baselines_on_validation(cfg, data, prepared, base_users)
     return out
 
 

@@ -23,11 +23,17 @@ Typical use (see :func:`experiments.coldstart.pipeline.run`)::
     )
 
 where ``job(item, *, log_fn, metrics)`` is a module-level function (it is pickled by name).
+
+:class:`WorkerGroup` keeps its workers instead: each builds the state of some keys once (e.g. one
+seed's prepared data, which holds closures that cannot be pickled), then runs many calls on it
+(the tune stage's trials, :mod:`experiments.tune.pipeline`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
+import functools
 import logging
 import logging.handlers
 import multiprocessing
@@ -136,6 +142,70 @@ def _handle(message, log_fn: Callable, metrics, done: set) -> None:
         done.add(message[1])
 
 
+def _new_pool(ctx, queue, workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    level = logging.getLogger().getEffectiveLevel()
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(queue, _parent_jax_settings(), level),
+    )
+
+
+class _Forwarder:
+    """The parent's end of the queue: hands each message to ``log_fn``, ``metrics``, the logging
+    handlers or ``compile_time``, and waits for calls' results and their last messages."""
+
+    def __init__(self, queue, log_fn: Callable, metrics):
+        self.queue, self.log_fn, self.metrics = queue, log_fn, metrics
+        self.done: set[int] = set()
+
+    def drain(self, timeout: float) -> bool:
+        try:
+            _handle(self.queue.get(timeout=timeout), self.log_fn, self.metrics, self.done)
+            return True
+        except queue_lib.Empty:
+            return False
+
+    def wait(self, futures: dict, raise_first: bool) -> tuple[dict, dict]:
+        """``{token: future}`` -> ``({token: result}, {token: exception})`` once every call has
+        returned and its messages are handled. With ``raise_first`` the first call to fail (in
+        completion order) is re-raised at once."""
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        pending = set(futures.values())
+        token_of = {f: t for t, f in futures.items()}
+        while pending:
+            while self.drain(0.1):
+                pass
+            finished = {f for f in pending if f.done()}
+            pending -= finished
+            for f in finished:
+                error = f.exception()
+                if error is not None and raise_first:
+                    raise error
+                if error is not None:
+                    errors[token_of[f]] = error
+                else:
+                    results[token_of[f]] = f.result()
+        # every call has returned; its last messages (sent before it returned) may be queued
+        waited = 0.0
+        while not set(futures) <= self.done and waited < _FLUSH_SECONDS:
+            if not self.drain(0.5):
+                waited += 0.5
+        while self.drain(0.0):
+            pass
+        return results, errors
+
+
+def _stop(pools) -> None:
+    """End every worker of ``pools`` now (the executor has no public way to end a running call)."""
+    for pool in pools:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def map_in_processes(
     fn: Callable,
     items: Sequence,
@@ -152,53 +222,99 @@ def map_in_processes(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    done: set[int] = set()
-    results: dict[int, Any] = {}
-    level = logging.getLogger().getEffectiveLevel()
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(workers, len(items)) or 1,
-        mp_context=ctx,
-        initializer=_init_worker,
-        initargs=(queue, _parent_jax_settings(), level),
-    )
-
-    def drain(timeout: float) -> bool:
-        try:
-            _handle(queue.get(timeout=timeout), log_fn, metrics, done)
-            return True
-        except queue_lib.Empty:
-            return False
-
+    forward = _Forwarder(ctx.Queue(), log_fn, metrics)
+    pool = _new_pool(ctx, forward.queue, min(workers, len(items)) or 1)
     try:
         futures = {
-            pool.submit(_run_job, fn, item, i, metrics is not None): i
+            i: pool.submit(_run_job, fn, item, i, metrics is not None)
             for i, item in enumerate(items)
         }
-        pending = set(futures)
-        while pending:
-            while drain(0.1):
-                pass
-            finished = {f for f in pending if f.done()}
-            pending -= finished
-            for f in finished:
-                results[futures[f]] = f.result()  # re-raises the job's error
-        # every job has returned; its last messages (sent before it returned) may still be queued
-        waited = 0.0
-        while len(done) < len(items) and waited < _FLUSH_SECONDS:
-            if not drain(0.5):
-                waited += 0.5
-        while drain(0.0):
-            pass
+        results, _ = forward.wait(futures, raise_first=True)
     except BaseException:
-        while drain(0.0):  # what the jobs said before it stopped
+        while forward.drain(0.0):  # what the jobs said before it stopped
             pass
         # stop the jobs still running: their error would come minutes later for nothing (each
-        # keeps its checkpoints, so a resumed run continues them); the executor has no public
-        # way to end a running call
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        # keeps its checkpoints, so a resumed run continues them)
+        _stop([pool])
         raise
     pool.shutdown(wait=True)
     return [results[i] for i in range(len(items))]
+
+
+def _setup_key(setup: Callable, key, token: int):
+    _worker.setdefault("state", {})[key] = _run_job(setup, key, token, False)
+
+
+def _call_key(fn: Callable, key, args: tuple, token: int):
+    state = _worker["state"][key]
+    return _run_job(lambda s, **kw: fn(s, *args, **kw), state, token, False)
+
+
+class WorkerGroup:
+    """Long-lived spawned workers, each holding the state of some keys (e.g. one seed's prepared
+    data), so that many calls on that state pay for building it once.
+
+    ``setup(key, log_fn=, metrics=None)`` builds a key's state in its worker (keys are dealt to
+    ``workers`` processes in turn); :meth:`map` then runs ``fn(state, *args, log_fn=,
+    metrics=None)`` for every key at once, each in the worker that holds its state, forwarding
+    what the calls log as :func:`map_in_processes` does. The state never crosses processes; the
+    arguments and results do (pickled). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, setup: Callable, keys: Sequence, workers: int, *, log_fn=print):
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.keys = list(keys)
+        ctx = multiprocessing.get_context("spawn")
+        self._forward = _Forwarder(ctx.Queue(), log_fn, None)
+        n = min(workers, len(self.keys)) or 1
+        self._pools = [_new_pool(ctx, self._forward.queue, 1) for _ in range(n)]
+        self._token = 0
+        try:
+            self._run([(k, functools.partial(_setup_key, setup, k)) for k in self.keys])
+        except BaseException:
+            self.close(stop=True)
+            raise
+
+    def _pool(self, i: int):
+        return self._pools[i % len(self._pools)]
+
+    def _run(self, calls: list) -> list:
+        """``calls``: ``(key, job(token))`` -> results in order; the first error in key order is
+        re-raised after every call has returned (the workers stay usable unless one died)."""
+        try:
+            futures = {}
+            for i, (_, job) in enumerate(calls):
+                futures[self._token] = self._pool(i).submit(job, self._token)
+                self._token += 1
+            results, errors = self._forward.wait(futures, raise_first=False)
+        except BaseException:
+            self.close(stop=True)
+            raise
+        for token in futures:
+            if isinstance(errors.get(token), concurrent.futures.process.BrokenProcessPool):
+                self.close(stop=True)
+                raise errors[token]
+        for token in futures:
+            if token in errors:
+                raise errors[token]
+        return [results[t] for t in futures]
+
+    def map(self, fn: Callable, *args) -> list:
+        """``[fn(state_of(key), *args, log_fn=...) for key in keys]``, the keys' calls at once in
+        their workers; ``fn`` and ``args`` must be picklable."""
+        return self._run([(k, functools.partial(_call_key, fn, k, args)) for k in self.keys])
+
+    def close(self, stop: bool = False) -> None:
+        """End the workers: at once with ``stop``, else after their calls."""
+        if stop:
+            _stop(self._pools)
+        else:
+            for pool in self._pools:
+                pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        self.close(stop=kind is not None)

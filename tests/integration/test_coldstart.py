@@ -388,6 +388,37 @@ def test_optuna_selection_never_reads_a_test_scenario(fixture_data, new_model):
     assert select(_poison(data, not_val)) != first
 
 
+@pytest.mark.slow  # spawns two worker processes that compile every program again
+def test_a_selection_with_the_seeds_in_worker_processes_is_the_same(fixture_data, monkeypatch):
+    """The tune stage's seeds prepared and trained in worker processes (``seed_workers``): the
+    same trials, scores, per-user records and baselines as one process, bit for bit."""
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.epochs = 1
+    cfg.val_new_model = "separate"
+    spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0"}, "maml": {"inner_lr": "choice:0.01,0.3"}}
+
+    def select(workers):
+        cfg.seed_workers = workers
+        out = tune.select(
+            cfg, spaces, seeds=(0, 1), n_trials=2, new_item_weight=0.5, data=data, log_fn=print
+        )
+        return json.dumps(out, default=lambda a: np.asarray(a).tolist())
+
+    calls, group_map = [], tune.SeedWorkers.map
+
+    def counted(self, fn, *args):
+        calls.append(fn.__name__)
+        return group_map(self, fn, *args)
+
+    monkeypatch.setattr(tune.SeedWorkers, "map", counted)
+    one = select(1)
+    assert '"recommended"' in one and '"per_user_baselines"' in one and not calls
+    assert select(2) == one
+    # every trial (2 + 2) and the baselines ran in the workers
+    assert calls == ["_has_cold"] + ["_score_seed"] * 4 + ["_baselines_seed"]
+
+
 @pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too
 def test_a_sealed_selection_over_two_seeds_reads_no_test_query_of_either(fixture_data):
     """One config chosen on seeds 0 and 1 with ``val_seal_seeds``: poisoning every query rating

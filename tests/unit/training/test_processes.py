@@ -9,7 +9,7 @@ import os
 import pytest
 
 from metarec.training import compile_time
-from metarec.training.processes import map_in_processes
+from metarec.training.processes import WorkerGroup, map_in_processes
 
 
 def _job(item, *, log_fn, metrics):
@@ -69,3 +69,38 @@ def test_a_job_error_is_raised_here_with_its_message():
         map_in_processes(_job, [1, -1], workers=2, log_fn=lambda m: None, metrics=_Recorder())
     with pytest.raises(ValueError, match="workers must be at least 1"):
         map_in_processes(_job, [1], workers=0)
+
+
+def _setup(key, *, log_fn, metrics):
+    log_fn(f"setup {key}")
+    return {"key": key, "pid": os.getpid(), "calls": 0}
+
+
+def _call(state, add, *, log_fn, metrics):
+    if add < 0 and state["key"] == 1:
+        raise ValueError(f"key {state['key']}: negative")
+    state["calls"] += 1  # the state persists in its worker between calls
+    log_fn(f"call {state['key']}")
+    return state["key"] + add, state["calls"], state["pid"]
+
+
+def test_a_worker_group_keeps_each_keys_state_between_calls():
+    lines = []
+    with WorkerGroup(_setup, [0, 1, 2], workers=2, log_fn=lines.append) as group:
+        first = group.map(_call, 10)
+        second = group.map(_call, 100)
+        # a failing call is raised here after the others return; the group stays usable
+        with pytest.raises(ValueError, match="key 1: negative"):
+            group.map(_call, -1)
+        third = group.map(_call, 0)
+    assert [r[0] for r in first] == [10, 11, 12] and [r[0] for r in second] == [100, 101, 102]
+    assert [r[1] for r in first] == [1, 1, 1] and [r[1] for r in second] == [2, 2, 2]
+    assert [r[1] for r in third] == [4, 3, 4]  # key 1's failed call counted nothing
+    pids = [r[2] for r in first]
+    assert pids == [r[2] for r in second] == [r[2] for r in third]
+    # keys dealt to the two workers in turn, none in this process
+    assert pids[0] == pids[2] != pids[1] and os.getpid() not in pids
+    assert sorted(lines[:3]) == ["setup 0", "setup 1", "setup 2"]
+    assert sorted(lines[3:6]) == ["call 0", "call 1", "call 2"]
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        WorkerGroup(_setup, [0], workers=0)
