@@ -162,8 +162,8 @@ def _train(c, fns: Compiled, algo: str, sd: SeedData, seed: int, data):
 
 
 def _score_seed(state, c, algo: str, names: tuple, *, log_fn=None, metrics=None, fns=None):
-    """One seed's part of :func:`evaluate_point` (``state``: ``(seed, SeedData, data)``; in a
-    :class:`SeedWorkers` worker or here, ``fns`` shared over the seeds)."""
+    """One seed's part of :func:`evaluate_point` (``state``: ``(seed, SeedData, data)``), in its
+    :class:`SeedWorkers` worker or here (``fns``: the compiled functions the seeds share)."""
     seed, sd, data = state
     fns = fns or Compiled(c)
     sd = sd.view(c)

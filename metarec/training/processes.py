@@ -201,7 +201,7 @@ class _Forwarder:
 def _stop(pools) -> None:
     """End every worker of ``pools`` now (the executor has no public way to end a running call)."""
     for pool in pools:
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -271,7 +271,7 @@ class WorkerGroup:
         self._pools = [_new_pool(ctx, self._forward.queue, 1) for _ in range(n)]
         self._token = 0
         try:
-            self._run([(k, functools.partial(_setup_key, setup, k)) for k in self.keys])
+            self._run([functools.partial(_setup_key, setup, k) for k in self.keys])
         except BaseException:
             self.close(stop=True)
             raise
@@ -279,12 +279,13 @@ class WorkerGroup:
     def _pool(self, i: int):
         return self._pools[i % len(self._pools)]
 
-    def _run(self, calls: list) -> list:
-        """``calls``: ``(key, job(token))`` -> results in order; the first error in key order is
-        re-raised after every call has returned (the workers stay usable unless one died)."""
+    def _run(self, jobs: list) -> list:
+        """``jobs``: one ``job(token)`` per key, in key order -> their results; the first error in
+        key order is re-raised after every job has returned (the workers stay usable unless one
+        died)."""
         try:
             futures = {}
-            for i, (_, job) in enumerate(calls):
+            for i, job in enumerate(jobs):
                 futures[self._token] = self._pool(i).submit(job, self._token)
                 self._token += 1
             results, errors = self._forward.wait(futures, raise_first=False)
@@ -303,15 +304,16 @@ class WorkerGroup:
     def map(self, fn: Callable, *args) -> list:
         """``[fn(state_of(key), *args, log_fn=...) for key in keys]``, the keys' calls at once in
         their workers; ``fn`` and ``args`` must be picklable."""
-        return self._run([(k, functools.partial(_call_key, fn, k, args)) for k in self.keys])
+        return self._run([functools.partial(_call_key, fn, k, args) for k in self.keys])
 
     def close(self, stop: bool = False) -> None:
-        """End the workers: at once with ``stop``, else after their calls."""
+        """End the workers: at once with ``stop``, else after their calls (again: nothing)."""
         if stop:
             _stop(self._pools)
         else:
             for pool in self._pools:
                 pool.shutdown(wait=True)
+        self._pools = []
 
     def __enter__(self):
         return self

@@ -102,5 +102,17 @@ def test_a_worker_group_keeps_each_keys_state_between_calls():
     assert pids[0] == pids[2] != pids[1] and os.getpid() not in pids
     assert sorted(lines[:3]) == ["setup 0", "setup 1", "setup 2"]
     assert sorted(lines[3:6]) == ["call 0", "call 1", "call 2"]
+    group.close()  # closing again does nothing
     with pytest.raises(ValueError, match="workers must be at least 1"):
         WorkerGroup(_setup, [0], workers=0)
+
+
+def _bad_setup(key, *, log_fn, metrics):
+    if key == 1:
+        raise ValueError(f"key {key}: cannot prepare")
+    return key
+
+
+def test_a_worker_group_whose_setup_fails_raises_it_here():
+    with pytest.raises(ValueError, match="key 1: cannot prepare"):
+        WorkerGroup(_bad_setup, [0, 1], workers=2, log_fn=lambda m: None)
