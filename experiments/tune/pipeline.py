@@ -120,6 +120,15 @@ class SeedWorkers(WorkerGroup):
         self.has_cold = any(self.map(_has_cold))
 
 
+def _per_seed(prepared, data, fn: Callable, *args, **here) -> list:
+    """``fn((seed, SeedData, data), *args)`` for every prepared seed, in seed order: in the seeds'
+    :class:`SeedWorkers` workers, or here one after another with the keyword arguments ``here``
+    (e.g. compiled functions the seeds share)."""
+    if isinstance(prepared, SeedWorkers):
+        return prepared.map(fn, *args)
+    return [fn((seed, sd, data), *args, **here) for seed, sd in prepared.items()]
+
+
 def stand_ins(prepared) -> tuple[str, ...]:
     """The stand-in sets every row scores besides the validation users: ``val_new`` (NaN where a
     seed has none) and ``val_cold`` where the seeds have one."""
@@ -200,13 +209,7 @@ def evaluate_point(cfg, method: str, point: dict, data, prepared) -> dict:
         c[k] = v
     validate_config(c)
     names = ("val", *stand_ins(prepared))
-    if isinstance(prepared, SeedWorkers):
-        per_seed = prepared.map(_score_seed, c, algo, names)
-    else:
-        fns = Compiled(c)
-        per_seed = [
-            _score_seed((seed, sd, data), c, algo, names, fns=fns) for seed, sd in prepared.items()
-        ]
+    per_seed = _per_seed(prepared, data, _score_seed, c, algo, names, fns=Compiled(c))
     row = {}
     for name in names:
         row[f"{name}_mae"] = float(np.mean([s["scores"][name][0] for s in per_seed]))
@@ -389,10 +392,7 @@ def baselines_on_validation(cfg, data, prepared, per_user: dict | None = None) -
     reference the tuned methods are read against. ``per_user`` (if given) receives baseline ->
     set -> one per-user record per seed."""
     names = ("val", *stand_ins(prepared))
-    if isinstance(prepared, SeedWorkers):
-        per_seed = prepared.map(_baselines_seed, cfg, names)
-    else:
-        per_seed = [_baselines_seed((seed, sd, data), cfg, names) for seed, sd in prepared.items()]
+    per_seed = _per_seed(prepared, data, _baselines_seed, cfg, names)
     rows: dict[str, dict[str, list]] = {}
     for found in per_seed:
         for name, by_set in found.items():
