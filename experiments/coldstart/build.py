@@ -560,6 +560,12 @@ def _validate_numbers(cfg) -> None:
     for name in ("id_dropout", "feature_dropout"):
         if not 0 <= cfg[name] < 1:
             raise ValueError(f"--config.{name} must be in [0, 1), got {cfg[name]}")
+    new_scale = cfg.get("new_item_step_scale", -1.0)
+    if not (new_scale >= 0 or new_scale == -1):
+        raise ValueError(
+            f"--config.new_item_step_scale must be -1 (one scale for every item) or >= 0, got "
+            f"{new_scale}"
+        )
     if not 0 <= cfg.cf_new_item_mean <= 1:
         raise ValueError(f"--config.cf_new_item_mean must be in [0, 1], got {cfg.cf_new_item_mean}")
     for name in ("meta_batch", "chunk_size") if cfg.all_devices else ():

@@ -60,6 +60,7 @@ from metarec.training.meta_train import (
     calibrate_inner_rates,
     evaluate,
     meta_train,
+    new_item_params,
     pooled_tasks,
     predict_tasks,
     score,
@@ -276,19 +277,23 @@ def run_seed(
             f"{tr.seconds:.1f}s"
             + (f" (resumed from step {tr.resumed_from})" if tr.resumed_from is not None else "")
         )
+        new_scale = mcfg.get("new_item_step_scale", -1.0)
         params, step_scale, calibration = calibrate_inner_rates(
-            eval_fn, tr.params, msd.val, mcfg.get("step_scales", ()), scale, cfg.k, cfg.eval_chunk
-        )
+            eval_fn, tr.params, msd.val, mcfg.get("step_scales", ()), scale, cfg.k,
+            cfg.eval_chunk, new_scale=new_scale,
+        )  # fmt: skip
+        new_params = new_item_params(tr.params, new_scale)
         if step_scale is not None:
             v = calibration[step_scale]
             log_fn(
                 f"seed {seed} {name}: learned inner rates x {step_scale:g} (validation users: "
                 f"MAE {v['mae']:.4f}, nDCG@{cfg.k} {v[f'ndcg@{cfg.k}']:.4f})"
+                + ("" if new_params is None else f"; new items x {new_scale:g}")
             )
         scores = {s: {} for s in TEST_SCENARIOS}
         users = {s: {} for s in TEST_SCENARIOS}
         for s, t in msd.test.items():
-            out = predict_tasks(eval_fn, params, t, cfg.eval_chunk)
+            out = predict_tasks(eval_fn, params, t, cfg.eval_chunk, new_params)
             scores[s][name], users[s][name] = evaluate(out["pred"], t, scale, cfg.k)
             if name == cfg.algos[0] and "no_adapt" in cfg.baselines:
                 # the first meta-learner's initialisation, not adapted

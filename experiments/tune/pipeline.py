@@ -54,6 +54,7 @@ from metarec.training.meta_train import (
     calibrate_inner_rates,
     evaluate,
     meta_train,
+    new_item_params,
     predict_tasks,
 )
 from metarec.training.processes import WorkerGroup
@@ -140,9 +141,10 @@ def stand_ins(prepared) -> tuple[str, ...]:
 
 
 def _train(c, fns: Compiled, algo: str, sd: SeedData, seed: int, data):
-    """``(params, eval_fn, best epoch, step scale)``: ``sd``'s model meta-trained with early
-    stopping on its validation users, then, as the cold-start experiment does, Meta-SGD's
-    learned rates scaled by those users' choice."""
+    """``((params, new-item params), eval_fn, best epoch, step scale)``: ``sd``'s model
+    meta-trained with early stopping on its validation users, then, as the cold-start experiment
+    does, Meta-SGD's learned rates scaled by those users' choice (and, with
+    ``new_item_step_scale`` >= 0, by that scale for new items; otherwise None)."""
     spec = sd.encoder.spec
     fns.use_seed(seed).load_pretrained(sd.encoder, seed)
     init_fn, _ = fns.model(spec)
@@ -164,10 +166,12 @@ def _train(c, fns: Compiled, algo: str, sd: SeedData, seed: int, data):
         data.rating_scale,
         epoch_params=fold_tables(sd, c, seed),
     )
+    new_scale = c.get("new_item_step_scale", -1.0)
     params, step_scale, _ = calibrate_inner_rates(
-        eval_fn, tr.params, sd.val, c.get("step_scales", ()), data.rating_scale, c.k, c.eval_chunk
-    )
-    return params, eval_fn, tr.best_epoch, step_scale
+        eval_fn, tr.params, sd.val, c.get("step_scales", ()), data.rating_scale, c.k,
+        c.eval_chunk, new_scale=new_scale,
+    )  # fmt: skip
+    return (params, new_item_params(tr.params, new_scale)), eval_fn, tr.best_epoch, step_scale
 
 
 def _score_seed(state, c, algo: str, names: tuple, *, log_fn=None, metrics=None, fns=None):
@@ -186,7 +190,7 @@ def _score_seed(state, c, algo: str, names: tuple, *, log_fn=None, metrics=None,
     for name, (src, p, fn) in models.items():
         tasks, scores, users = getattr(src, name), {"mae": np.nan, f"ndcg@{c.k}": np.nan}, None
         if tasks is not None:
-            pred = predict_tasks(fn, p, tasks, c.eval_chunk)
+            pred = predict_tasks(fn, p[0], tasks, c.eval_chunk, p[1])
             scores, users = evaluate(pred["pred"], tasks, data.rating_scale, c.k)
         out["scores"][name] = (scores["mae"], scores[f"ndcg@{c.k}"])
         out["users"][name] = users

@@ -32,6 +32,24 @@ def _parse_choice(value: str, like):
     return value
 
 
+def fixed_value(value) -> str:
+    """``value`` as a one-value ``choice`` entry that :func:`parse_space` reads back as ``value``
+    (``str()`` of a float reads back as the same float; a tuple or list as ``64/32``)."""
+    if isinstance(value, (tuple, list)):
+        return "choice:" + ("/".join(str(int(v)) for v in value) if value else "none")
+    return f"choice:{value}"
+
+
+def point_spaces(point: dict[str, dict], free: dict[str, dict[str, str]]) -> dict:
+    """Spaces (method -> {field: entry}) that fix every field of ``point`` (method -> {field:
+    value}) except ``free``'s (method -> {field: entry}): a stage on them is a grid at ``point``
+    (a space made only of choices is searched as a grid)."""
+    spaces = {m: {f: fixed_value(v) for f, v in fields.items()} for m, fields in point.items()}
+    for method, fields in free.items():
+        spaces.setdefault(method, {}).update(fields)
+    return spaces
+
+
 def parse_space(space: dict[str, str], cfg) -> dict[str, tuple]:
     """``{field: (kind, args)}`` from the string form of the module docstring (``section/field``
     names a section's field); a bad entry raises ``ValueError`` naming the field and the allowed

@@ -39,6 +39,12 @@ OOV = 0
 UNSEEN_YEARS = ("nearest", "oov")
 
 
+def new_item_mask(x: dict) -> np.ndarray:
+    """True where an encoded example's item is out of vocabulary (``x["item"][..., 1]`` is
+    :data:`OOV`): a new item, which a model predicts from its content."""
+    return np.asarray(x["item"])[..., ITEM_FIELDS.index("item_id")] == OOV
+
+
 def age_bucket(age: np.ndarray) -> np.ndarray:
     """Map ages to 1..7 (PROTOCOL buckets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+); unknown
     (<0) -> 0. ml-1m's age codes (1, 18, 25, 35, 45, 50, 56) land in the matching buckets."""

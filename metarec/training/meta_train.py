@@ -20,6 +20,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from metarec import metrics as mmetrics
+from metarec.data.encode import new_item_mask
 from metarec.data.stream import ShardTasks
 from metarec.data.tasks import Task, index_tasks, map_blocks, pad_tasks
 from metarec.meta import tables as mtables
@@ -104,8 +105,17 @@ def make_step(learner, cfg, *, tables=(), mesh=None, log_fn: Callable | None = N
     return step
 
 
-def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np.ndarray]:
-    """Run a jitted eval function over ``tasks`` in fixed-size padded chunks (one compilation)."""
+def predict_tasks(
+    eval_fn, meta_params, tasks: Task, chunk: int, new_params=None
+) -> dict[str, np.ndarray]:
+    """Run a jitted eval function over ``tasks`` in fixed-size padded chunks (one compilation).
+    With ``new_params`` (:func:`new_item_params`), the query examples whose item is new (out of
+    vocabulary) are predicted with those meta-parameters instead."""
+    if new_params is not None:
+        out = predict_tasks(eval_fn, meta_params, tasks, chunk)
+        new = predict_tasks(eval_fn, new_params, tasks, chunk)["pred"]
+        out["pred"] = np.where(new_item_mask(tasks.query.x), new, out["pred"])
+        return out
     n = tasks.num_tasks
     padded, _ = pad_tasks(tasks, chunk)
     outs = []
@@ -113,6 +123,15 @@ def predict_tasks(eval_fn, meta_params, tasks: Task, chunk: int) -> dict[str, np
         batch = jax.tree_util.tree_map(lambda a, s=start: jnp.asarray(a[s : s + chunk]), padded)
         outs.append(jax.device_get(eval_fn(meta_params, batch)))
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+
+
+def new_item_params(meta_params, new_scale: float | None):
+    """The meta-parameters that predict new items: Meta-SGD's learned inner rates times
+    ``new_scale`` (``--config.new_item_step_scale``); None (new items are predicted as known
+    ones are) for a negative or no scale, or meta-parameters without learned rates."""
+    if new_scale is None or new_scale < 0 or not isinstance(meta_params, MetaSGDParams):
+        return None
+    return scale_inner_rates(meta_params, float(new_scale))
 
 
 def check_step_scales(scales) -> None:
@@ -130,12 +149,14 @@ def check_step_scales(scales) -> None:
 
 def calibrate_inner_rates(
     eval_fn, meta_params, tasks: Task, scales, rating_scale, k: int, chunk: int,
-    ndcg_weight: float = 1.0,
+    ndcg_weight: float = 1.0, new_scale: float | None = None,
 ) -> tuple[Any, float | None, dict]:  # fmt: skip
     """Choose a multiplier of Meta-SGD's learned inner rates on ``tasks`` (validation users, after
     early stopping): the scale in ``scales`` with the lowest ``MAE - ndcg_weight x nDCG@k`` (ties:
     the scale nearest 1). Early stopping picks the epoch by the rates as learned; this picks how
-    far those rates step, on the same users (scale 0 is the initialisation, not adapted).
+    far those rates step, on the same users (scale 0 is the initialisation, not adapted). With
+    ``new_scale`` >= 0 the scale is the known items' only: query examples of new items are
+    predicted at ``new_scale`` for every candidate (:func:`new_item_params`).
 
     Returns ``(scaled meta-parameters, scale, {scale: {"mae", "ndcg@k", "objective"}})``;
     meta-parameters without learned rates, or no ``scales``, come back unchanged with scale None.
@@ -144,8 +165,9 @@ def calibrate_inner_rates(
     if not scales or not isinstance(meta_params, MetaSGDParams):
         return meta_params, None, {}
     table = {}
+    new_params = new_item_params(meta_params, new_scale)
     for s in dict.fromkeys(float(x) for x in scales):
-        out = predict_tasks(eval_fn, scale_inner_rates(meta_params, s), tasks, chunk)
+        out = predict_tasks(eval_fn, scale_inner_rates(meta_params, s), tasks, chunk, new_params)
         m = score(out["pred"], tasks, rating_scale, k)
         table[s] = {
             "mae": m["mae"],

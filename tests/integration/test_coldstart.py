@@ -24,6 +24,7 @@ from metarec import data as mdata
 from metarec import stats
 from metarec.baselines.mf import DEFAULT_REG
 from metarec.baselines.neighbours import new_item_features
+from metarec.data.encode import new_item_mask
 
 
 def tiny_config():
@@ -143,6 +144,11 @@ def test_seeds_in_worker_processes_give_the_same_run(fixture_data, tiny_run, tmp
         ("meta_lr", 0.0, "--config.meta_lr must be > 0"),
         ("seeds", (), "--config.seeds must name at least one seed"),
         ("seed_workers", 0, "--config.seed_workers must be >= 1, got 0"),
+        (
+            "new_item_step_scale",
+            -0.5,
+            "--config.new_item_step_scale must be -1 (one scale for every item) or >= 0, got -0.5",
+        ),
     ],
 )
 def test_bad_config_is_named(field, value, message):
@@ -347,6 +353,63 @@ def test_the_time_stage_compares_its_task_modes_at_its_chosen_point():
         for field, value in fields.items():
             if field != "train_tasks":
                 assert tuned[method][field] == value, (method, field)
+
+
+@pytest.mark.parametrize("stage", ["melu", "time"])
+def test_the_new_item_scale_step_is_a_grid_at_the_stage_s_point(stage):
+    from experiments.tune.configs import new_item_scale
+    from experiments.tune.spaces import make_study, parse_space
+
+    c = new_item_scale.get_config(stage)
+    search = new_item_scale.STAGES[stage].get_config()
+    differs = {k for k, v in c.to_dict().items() if v != search.to_dict()[k]}
+    assert differs == {"spaces", "warm_starts"} and not c.warm_starts
+    with open(c.write_config) as f:
+        written = json.load(f)["methods"]
+    values = (-1.0, *c.base.step_scales)
+    for method, space in c.spaces.items():
+        assert set(space) - {"new_item_step_scale"} == set(search.spaces[method])
+        parsed = parse_space(dict(space), c.base)
+        _, n_trials = make_study(parsed, c.n_trials, c.sampler_seed)
+        # a grid: one trial per scale, one per MeLU learner
+        assert n_trials == (len(values) if method == "cf_metasgd" else 1)
+        for field, (kind, got) in parsed.items():
+            if field == "new_item_step_scale":
+                assert got == values
+            else:  # fixed at the point the stage wrote, every float to the last bit
+                assert kind == "choice" and got == (written[method][field],)
+                assert type(got[0]) is type(written[method][field])
+    # what the step wrote: one of its scales (the file before the step has none)
+    assert written["cf_metasgd"].get("new_item_step_scale", -1.0) in values
+    with pytest.raises(ValueError, match="allowed: melu, time"):
+        new_item_scale.get_config("melu2")
+
+
+def test_new_items_adapt_at_their_own_scale(fixture_data):
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.seeds = (0,)
+    cfg.algos = ("metasgd",)
+    cfg.baselines = ("no_adapt",)
+    cfg.step_scales = (1.0,)
+    one = pipeline.run_seed(data, 0, cfg, log_fn=lambda m: None)
+    cfg.new_item_step_scale = 0.0  # new items: the initialisation, not adapted
+    new = pipeline.run_seed(data, 0, cfg, log_fn=lambda m: None)
+    tasks = build.prepare_seed(data, 0, cfg).test
+    all_new = 0
+    for s in build.TEST_SCENARIOS:
+        has_new = new_item_mask(tasks[s].query.x).any(axis=1)
+        if has_new.all():  # every user's query is new items: predicted as not adapted
+            all_new += 1
+            assert new[s]["metasgd"]["mae"] == pytest.approx(new[s]["no_adapt"]["mae"], abs=1e-6)
+            assert one[s]["metasgd"]["mae"] != pytest.approx(one[s]["no_adapt"]["mae"], abs=1e-4)
+        # a user without a new item in the query set is scored as before, to the last bit
+        known = [
+            [v for v, n in zip(run["_info"]["per_user"][s]["metasgd"]["mae"], has_new) if not n]
+            for run in (one, new)
+        ]
+        assert known[0] == known[1]
+    assert all_new == 2  # item_cold and user_item_cold
 
 
 @pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too

@@ -214,6 +214,10 @@ def base_config() -> ml_collections.ConfigDict:
     # of this grid that scores best on the validation users (MAE - nDCG@k); () = as learned.
     # The cold-start experiment and the tune stage (each point is scored after it)
     c.step_scales = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # >= 0: query examples of new (out-of-vocabulary) items are predicted with the learned inner
+    # rates times this scale, a choice of the tune stage on its new-item stand-in, and the scale
+    # above is chosen for known items; -1 = one scale for every item
+    c.new_item_step_scale = -1.0
     c.eval_chunk = 64
     c.k = 3  # nDCG@k
     # the conventionally trained network fine-tuned per user (baseline "finetune")

@@ -13,6 +13,7 @@ objective; writes ``experiments/coldstart/configs/tuned_time.json``.
 import ml_collections
 
 from experiments.tune.configs import time
+from experiments.tune.spaces import point_spaces
 
 # the time search's choice (trial 11 of the stage that wrote tuned_time.json in d211905)
 SEARCH_POINT = {
@@ -41,12 +42,7 @@ GRID_FIELD = "train_tasks"  # the one field of cf_metasgd that keeps the search'
 
 def get_config() -> ml_collections.ConfigDict:
     c = time.get_config()
-    search = c.spaces.to_dict()
-    spaces = {}
-    for method, point in SEARCH_POINT.items():
-        # a one-value choice fixes a field; str() of a float reads back as the same float
-        spaces[method] = {f: f"choice:{v}" for f, v in point.items()}
-    spaces["cf_metasgd"][GRID_FIELD] = search["cf_metasgd"][GRID_FIELD]
-    c.spaces = spaces
+    free = {"cf_metasgd": {GRID_FIELD: c.spaces["cf_metasgd"][GRID_FIELD]}}
+    c.spaces = point_spaces(SEARCH_POINT, free)
     c.warm_starts = {}  # a grid tries every point
     return c

@@ -1,7 +1,8 @@
 """Calibration of Meta-SGD's learned inner rates on validation users: the scale with the lowest
 MAE - nDCG@k wins (hand-made predictions whose error is known for every scale), ties go to the
 scale nearest 1, an undefined objective never wins, other learners pass through, and bad scales
-are refused naming the config field."""
+are refused naming the config field; with a new-item scale, new items are predicted with
+their own meta-parameters and the calibration chooses the known items' scale."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metarec.data.encode import new_item_mask
 from metarec.data.tasks import Examples, Task
 from metarec.meta import MetaSGDParams, scale_inner_rates
-from metarec.training.meta_train import calibrate_inner_rates, check_step_scales
+from metarec.training.meta_train import (
+    calibrate_inner_rates,
+    check_step_scales,
+    new_item_params,
+    predict_tasks,
+)
 
 Y = np.array([[4.0, 2.0, 5.0, 1.0], [3.0, 5.0, 2.0, 4.0]], np.float32)
 TASKS = Task(
@@ -76,3 +83,48 @@ def test_other_learners_and_empty_scales_pass_through():
 def test_bad_scales_are_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match="--config.step_scales"):
         check_step_scales(bad)
+
+
+# new items: query examples whose item id (x["item"][..., 1]) is out of vocabulary (0)
+ITEMS = np.stack([np.full((2, 4), 7), np.array([[3, 0, 5, 0], [0, 0, 2, 9]])], axis=-1)
+NEW = ITEMS[..., 1] == 0
+TASKS_ITEMS = Task(
+    support=Examples(x={"item": ITEMS}, y=Y, mask=np.ones_like(Y)),
+    query=Examples(x={"item": ITEMS}, y=Y, mask=np.ones_like(Y)),
+    user=np.arange(2, dtype=np.int32),
+)
+
+
+def _rate_fn(meta, batch):
+    """Every prediction is the mean learned rate: which meta-parameters predicted it."""
+    return {"pred": jnp.zeros_like(batch.query.y) + jnp.mean(meta.lr["w"])}
+
+
+def test_new_items_are_predicted_with_their_own_parameters():
+    np.testing.assert_array_equal(new_item_mask(TASKS_ITEMS.query.x), NEW)
+    new = new_item_params(META, 0.25)
+    np.testing.assert_allclose(new.lr["w"], np.full(3, 0.5))
+    out = predict_tasks(_rate_fn, META, TASKS_ITEMS, 8, new)["pred"]
+    np.testing.assert_allclose(out, np.where(NEW, 0.5, 2.0))
+    # without new-item parameters every example is predicted as before
+    np.testing.assert_allclose(predict_tasks(_rate_fn, META, TASKS_ITEMS, 8)["pred"], 2.0)
+    # -1 (one scale for every item), no scale, or a learner without learned rates: none
+    assert new_item_params(META, -1.0) is None and new_item_params(META, None) is None
+    assert new_item_params({"w": jnp.zeros(3)}, 0.5) is None
+
+
+def test_calibration_with_a_new_item_scale_chooses_the_known_items_scale():
+    # known items' error |rate - 1| / 4 wants the scale 0.5; new items are predicted at the
+    # fixed scale 0 (rate 0, error 1/4) whatever the candidate, so they add a constant error
+    def fn(meta, batch):
+        off = jnp.abs(jnp.mean(meta.lr["w"]) - 1.0) / 4
+        return {"pred": batch.query.y + off * jnp.where(batch.query.y > 3, -1.0, 1.0)}
+
+    params, s, table = calibrate_inner_rates(
+        fn, META, TASKS_ITEMS, (0.0, 0.5, 1.0), (1.0, 5.0), 2, 8, new_scale=0.0
+    )
+    assert s == 0.5
+    np.testing.assert_allclose(params.lr["w"], np.ones(3))
+    share = NEW.mean(axis=1)  # per user, the share of query examples that are new (error 1/4)
+    assert table[0.5]["mae"] == pytest.approx(np.mean(share / 4))
+    assert table[1.0]["mae"] == pytest.approx(np.mean(share / 4 + (1 - share) / 4))
