@@ -47,8 +47,11 @@ def subsample_support(
     )
 
 
-def adaptation_curves(fns: Compiled, spec, name: str, params, sd: SeedData, cfg, scale) -> dict:
+def adaptation_curves(
+    fns: Compiled, spec, name: str, params, sd: SeedData, cfg, scale, new_params=None
+) -> dict:
     """Test MAE of the trained meta-parameters ``params`` of learner ``name`` per scenario
+    (new items predicted with ``new_params`` where given, as the results are)
     (a) versus the number of inner steps (``cfg.curve_steps``; 0 = the initialisation, not adapted)
     and (b) versus the support-set size (``cfg.curve_support``; each user's first ``n`` support
     ratings, users with fewer left out and counted; the offset feature is recomputed from the
@@ -62,7 +65,7 @@ def adaptation_curves(fns: Compiled, spec, name: str, params, sd: SeedData, cfg,
         ev, key = fns.eval(spec, name, **kw), "pred_init" if int(k) == 0 else "pred"
         for s, t in sd.test.items():
             out["steps"][s][str(int(k))] = score(
-                predict_tasks(ev, params, t, cfg.eval_chunk)[key], t, scale, cfg.k
+                predict_tasks(ev, params, t, cfg.eval_chunk, new_params)[key], t, scale, cfg.k
             )["mae"]
     ev = fns.eval(spec, name)
     for n in cfg.curve_support:
@@ -71,9 +74,8 @@ def adaptation_curves(fns: Compiled, spec, name: str, params, sd: SeedData, cfg,
             if sub.n_users == 0:
                 continue
             t = sd.encode(sub)
-            mae = score(predict_tasks(ev, params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k)[
-                "mae"
-            ]
+            pred = predict_tasks(ev, params, t, cfg.eval_chunk, new_params)["pred"]
+            mae = score(pred, t, scale, cfg.k)["mae"]
             out["support"][s][str(int(n))] = {"mae": mae, "n_users": sub.n_users}
     return out
 

@@ -313,9 +313,12 @@ def run_seed(
             "step_calibration": {str(k): v for k, v in calibration.items()},
         }
         if name == cfg.algos[0] and cfg.get("adaptation_curves", False):
+            deployed_new = None if new_params is None else deploy(new_params)
             rec["adaptation"] = {
                 "algo": name,
-                **adaptation_curves(mfns, spec, algo, deploy(params), msd, mcfg, scale),
+                **adaptation_curves(
+                    mfns, spec, algo, deploy(params), msd, mcfg, scale, deployed_new
+                ),
             }
         save_unit(ctx, seed, name, rec)
         record(name, rec)

@@ -394,6 +394,7 @@ def test_new_items_adapt_at_their_own_scale(fixture_data):
     cfg.step_scales = (1.0,)
     one = pipeline.run_seed(data, 0, cfg, log_fn=lambda m: None)
     cfg.new_item_step_scale = 0.0  # new items: the initialisation, not adapted
+    cfg.adaptation_curves, cfg.curve_steps, cfg.curve_support = True, (cfg.inner_steps,), ()
     new = pipeline.run_seed(data, 0, cfg, log_fn=lambda m: None)
     tasks = build.prepare_seed(data, 0, cfg).test
     all_new = 0
@@ -403,6 +404,9 @@ def test_new_items_adapt_at_their_own_scale(fixture_data):
             all_new += 1
             assert new[s]["metasgd"]["mae"] == pytest.approx(new[s]["no_adapt"]["mae"], abs=1e-6)
             assert one[s]["metasgd"]["mae"] != pytest.approx(one[s]["no_adapt"]["mae"], abs=1e-4)
+        # the adaptation curve at the trained number of steps predicts new items as the results do
+        curve = new["_info"]["adaptation"]["steps"][s][str(cfg.inner_steps)]
+        assert curve == pytest.approx(new[s]["metasgd"]["mae"], abs=1e-6)
         # a user without a new item in the query set is scored as before, to the last bit
         known = [
             [v for v, n in zip(run["_info"]["per_user"][s]["metasgd"]["mae"], has_new) if not n]
