@@ -51,11 +51,10 @@ def adaptation_curves(
     fns: Compiled, spec, name: str, params, sd: SeedData, cfg, scale, new_params=None
 ) -> dict:
     """Test MAE of the trained meta-parameters ``params`` of learner ``name`` per scenario
-    (new items predicted with ``new_params`` where given, as the results are)
     (a) versus the number of inner steps (``cfg.curve_steps``; 0 = the initialisation, not adapted)
     and (b) versus the support-set size (``cfg.curve_support``; each user's first ``n`` support
     ratings, users with fewer left out and counted; the offset feature is recomputed from the
-    subset). Returns
+    subset). New items are predicted with ``new_params`` where given, as the results are. Returns
     ``{"steps": {scenario: {k: mae}}, "support": {scenario: {n: {"mae", "n_users"}}}}``."""
     out: dict = {"steps": {s: {} for s in sd.test}, "support": {s: {} for s in sd.test}}
     for k in cfg.curve_steps:

@@ -8,6 +8,13 @@ from experiments.common import format_mean_std
 TABLE_METRICS = ("mae", "rmse", "ndcg@3")
 
 
+def _new_items(cfg: dict, method: str) -> str:
+    """``", new items x S"`` where ``method`` predicts new items at a scale of its own."""
+    entry = cfg.get("methods", {}).get(method, {})
+    scale = entry.get("new_item_step_scale", cfg.get("new_item_step_scale", -1.0))
+    return f", new items x {scale:g}" if scale >= 0 else ""
+
+
 def format_table(res: dict, metrics=TABLE_METRICS) -> str:
     """One table: scenario x method x metric, mean ± sample std over seeds (the mean alone for one
     seed)."""
@@ -43,7 +50,7 @@ def format_table(res: dict, metrics=TABLE_METRICS) -> str:
     if scaled:
         lines.append(
             "learned inner rates scaled by the validation users' choice (per seed): "
-            + "; ".join(f"{m} x {'/'.join(v)}" for m, v in scaled.items())
+            + "; ".join(f"{m} x {'/'.join(v)}{_new_items(cfg, m)}" for m, v in scaled.items())
         )
     header = f"{'scenario':15s} {'method':12s}" + "".join(f"{m:>18s}" for m in metrics)
     lines += [header, "-" * len(header)]

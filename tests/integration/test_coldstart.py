@@ -93,6 +93,11 @@ def test_run_writes_protocol_format(tiny_run):
     methods = res["config"]["methods"] | {"maml": {"algo": "maml", "inner_lr": 0.125}}
     config = res["config"] | {"methods": methods, "inner_lr": 0.5}
     assert pipeline.format_table(res | {"config": config}).splitlines()[1].endswith("lr maml 0.125")
+    # a method with a new-item scale of its own says so beside its per-seed scales
+    training = {k: v | {"step_scale": {"maml": 0.25}} for k, v in res["training"].items()}
+    config = res["config"] | {"methods": {"maml": {"algo": "maml", "new_item_step_scale": 0.5}}}
+    table = pipeline.format_table(res | {"config": config, "training": training})
+    assert "(per seed): maml x 0.25/0.25, new items x 0.5\n" in table
 
 
 def test_run_is_deterministic(fixture_data, tiny_run):
