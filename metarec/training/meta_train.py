@@ -108,14 +108,11 @@ def make_step(learner, cfg, *, tables=(), mesh=None, log_fn: Callable | None = N
 def predict_tasks(
     eval_fn, meta_params, tasks: Task, chunk: int, new_params=None
 ) -> dict[str, np.ndarray]:
-    """Run a jitted eval function over ``tasks`` in fixed-size padded chunks (one compilation).
-    With ``new_params`` (:func:`new_item_params`), the query examples whose item is new (out of
-    vocabulary) are predicted with those meta-parameters instead."""
+    """Run a jitted eval function over ``tasks`` in fixed-size padded chunks (one compilation);
+    with ``new_params`` (:func:`new_item_params`) the query examples of new items use those."""
     if new_params is not None:
-        out = predict_tasks(eval_fn, meta_params, tasks, chunk)
-        new = predict_tasks(eval_fn, new_params, tasks, chunk)["pred"]
-        out["pred"] = np.where(new_item_mask(tasks.query.x), new, out["pred"])
-        return out
+        out, new = (predict_tasks(eval_fn, p, tasks, chunk) for p in (meta_params, new_params))
+        return out | {"pred": _with_new_items(out["pred"], new["pred"], tasks)}
     n = tasks.num_tasks
     padded, _ = pad_tasks(tasks, chunk)
     outs = []
@@ -125,10 +122,14 @@ def predict_tasks(
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
 
 
+def _with_new_items(pred: np.ndarray, new_pred: np.ndarray | None, tasks: Task) -> np.ndarray:
+    """``pred`` with its new items' query examples taken from ``new_pred`` (if given)."""
+    return pred if new_pred is None else np.where(new_item_mask(tasks.query.x), new_pred, pred)
+
+
 def new_item_params(meta_params, new_scale: float | None):
-    """The meta-parameters that predict new items: Meta-SGD's learned inner rates times
-    ``new_scale`` (``--config.new_item_step_scale``); None (new items are predicted as known
-    ones are) for a negative or no scale, or meta-parameters without learned rates."""
+    """Meta-SGD's meta-parameters with the learned inner rates times ``new_scale``, to predict new
+    items; None (new items as known ones) for no or a negative scale, or no learned rates."""
     if new_scale is None or new_scale < 0 or not isinstance(meta_params, MetaSGDParams):
         return None
     return scale_inner_rates(meta_params, float(new_scale))
@@ -165,10 +166,11 @@ def calibrate_inner_rates(
     if not scales or not isinstance(meta_params, MetaSGDParams):
         return meta_params, None, {}
     table = {}
-    new_params = new_item_params(meta_params, new_scale)
+    new = new_item_params(meta_params, new_scale)  # new items: one prediction for every scale
+    new = None if new is None else predict_tasks(eval_fn, new, tasks, chunk)["pred"]
     for s in dict.fromkeys(float(x) for x in scales):
-        out = predict_tasks(eval_fn, scale_inner_rates(meta_params, s), tasks, chunk, new_params)
-        m = score(out["pred"], tasks, rating_scale, k)
+        pred = predict_tasks(eval_fn, scale_inner_rates(meta_params, s), tasks, chunk)["pred"]
+        m = score(_with_new_items(pred, new, tasks), tasks, rating_scale, k)
         table[s] = {
             "mae": m["mae"],
             f"ndcg@{k}": m[f"ndcg@{k}"],
