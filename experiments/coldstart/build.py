@@ -97,13 +97,16 @@ class SeedData:
         every training rating for validation and test tasks; with ``cf_knn_mf`` also the ``mf``
         baseline's fold-in prediction (its defaults, seeded as the baseline is) as a third
         feature; with ``cf_knn_new_own`` also ``x["nbr_new"]``, the features as if each item
-        were new. Under cross-fitting an epoch's tasks read features fitted on its fold's
-        ratings (``training_ratings``), so no training query rating is in its own features.
+        were new (with ``cf_knn_new_content``, a genre kNN as the item-kNN one). Under
+        cross-fitting an epoch's tasks read features fitted on its fold's ratings
+        (``training_ratings``), so no training query rating is in its own features.
         Cached per mode and feature set."""
         if not cfg.get("cf_knn", False):
             return self
         mode, with_mf = cfg.train_tasks, bool(cfg.get("cf_knn_mf", False))
-        with_new = bool(cfg.get("cf_knn_new_own", False))
+        with_new = ""  # the new-item features: none, "own" or "content" (with the genre kNN)
+        if cfg.get("cf_knn_new_own", False):
+            with_new = "content" if cfg.get("cf_knn_new_content", False) else "own"
         if (mode, with_mf, with_new) not in self._views:
             # training tasks: the ratings the method's item tables are fitted on; validation and
             # test tasks: every training rating (what the deployed model reads, see `deployed`)
@@ -131,9 +134,9 @@ class SeedData:
             )
         return self._views[(mode, with_mf, with_new)]
 
-    def _neighbour_encoder(
-        self, ratings, with_mf: bool = False, with_new: bool = False
-    ) -> Callable:
+    def _neighbour_encoder(self, ratings, with_mf: bool = False, with_new: str = "") -> Callable:
+        """Tasks -> tasks with neighbour features fitted on ``ratings`` (``with_new``: "",
+        "own", or "content" for new-item features with the genre kNN)."""
         triples = [ratings[c].to_numpy() for c in ("user_id", "item_id", "rating")]
         state = fit_neighbours(*triples)
         mf = None
@@ -143,7 +146,8 @@ class SeedData:
 
         def enc(sets: mdata.UserSets) -> Task:
             padded = sets.pad_support(self.width)
-            return with_neighbours(self.encode(sets), padded, state, mf, with_new)
+            content = with_new == "content"
+            return with_neighbours(self.encode(sets), padded, state, mf, bool(with_new), content)
 
         return enc
 

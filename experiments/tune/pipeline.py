@@ -62,6 +62,27 @@ from metarec.training.runlog import write_json_atomic
 from metarec.training.trainer import NonFiniteLossError
 
 DIVERGED = 10.0  # the objective of a point whose meta-training diverged
+# fields that act after meta-training: points that differ only in them share one training
+AFTER_TRAINING = ("new_item_step_scale",)
+TRAINED_KEEP = 4  # meta-training results kept per process (see `_meta_trained`)
+_trained: dict = {}
+
+
+def _meta_trained(sd: SeedData, c, algo: str, seed: int, train: Callable):
+    """``train()`` (meta-training ``sd``'s model under ``c``), or its result for an earlier point
+    whose config differs from ``c`` only in :data:`AFTER_TRAINING` fields on this same ``sd``,
+    ``algo`` and ``seed``. Meta-training is deterministic, so a reused result equals a retrained
+    one; a grid over such a field (the tune stages' last step) then trains once per model, not
+    once per trial. The last :data:`TRAINED_KEEP` results are kept; each holds its ``sd``, so
+    an ``id`` in a key cannot be reused by another object while it is kept."""
+    fields = {k: v for k, v in c.to_dict().items() if k not in AFTER_TRAINING}
+    key = (id(sd), algo, seed, repr(sorted(fields.items())))
+    if key not in _trained:
+        result = train()
+        while len(_trained) >= TRAINED_KEEP:
+            _trained.pop(next(iter(_trained)))
+        _trained[key] = (sd, result)
+    return _trained[key][1]
 
 
 def prepare(cfg, seeds, data: mdata.RatingsData | None = None) -> tuple[mdata.RatingsData, dict]:
@@ -154,18 +175,21 @@ def _train(c, fns: Compiled, algo: str, sd: SeedData, seed: int, data):
     def eval_fn(meta, tasks):
         return train_eval(deploy(meta), tasks)
 
-    tr = meta_train(
-        fns.learner(spec, algo),
-        fns.step(spec, algo),
-        eval_fn,
-        initial_params(init_fn, k_init, sd, c, seed),
-        sd.train_tasks(c.train_tasks),
-        sd.val,
-        c,
-        k_train,
-        data.rating_scale,
-        epoch_params=fold_tables(sd, c, seed),
-    )
+    def train():
+        return meta_train(
+            fns.learner(spec, algo),
+            fns.step(spec, algo),
+            eval_fn,
+            initial_params(init_fn, k_init, sd, c, seed),
+            sd.train_tasks(c.train_tasks),
+            sd.val,
+            c,
+            k_train,
+            data.rating_scale,
+            epoch_params=fold_tables(sd, c, seed),
+        )
+
+    tr = _meta_trained(sd, c, algo, seed, train)
     new_scale = c.get("new_item_step_scale", -1.0)
     params, step_scale, _ = calibrate_inner_rates(
         eval_fn, tr.params, sd.val, c.get("step_scales", ()), data.rating_scale, c.k,

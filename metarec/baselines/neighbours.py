@@ -46,6 +46,7 @@ from metarec.data.tasks import Task, map_blocks
 N_FEATURES = 2  # (user-kNN prediction, item-kNN prediction)
 PAD_TASKS = 128  # tasks per compiled call
 PAD_ITEMS = 128  # the fitted item axis is padded to a multiple of this
+CONTENT_SHRINK = 2.0  # content_features' prior weight on the support mean (offset_prior's value)
 
 
 @flax.struct.dataclass
@@ -302,14 +303,75 @@ def new_item_features(
     return _task_blocks(_new_block, (state, mf_arg), arrays, task_chunk)
 
 
+def content_features(
+    support_genres,
+    support_rating,
+    support_mask,
+    support_item,
+    target_genres,
+    target_item,
+    fallback=None,
+    shrink: float = CONTENT_SHRINK,
+) -> np.ndarray:
+    """``[T, R]`` float32: a content kNN over the user's own support ratings, for items nobody's
+    ratings describe (new items). The leave-one-out support mean ``m`` plus the
+    similarity-weighted deviation of the support ratings from it::
+
+        f(u, t) = m + sum_j sim(t, j) (r_uj - m) / (sum_j sim(t, j) + shrink)
+
+    with ``sim`` the cosine of the genre vectors (``[T, R, G]`` / ``[T, S, G]``, 0/1), over the
+    support entries other than the target's own (the target itself when it is a support item;
+    ``m`` leaves it out too). A target without genres, or without a support item sharing one,
+    gets ``m``; one with no other support entry gets ``fallback [T, R]`` (default 0)."""
+    if not shrink > 0:
+        raise ValueError(f"content_features needs shrink > 0, got {shrink}")
+    arrays = [
+        np.asarray(a)
+        for a in (support_genres, support_rating, support_mask, support_item, target_genres)
+    ]
+    t_item = np.asarray(target_item)
+    fb = np.zeros(t_item.shape) if fallback is None else np.asarray(fallback, np.float64)
+    out = np.zeros(t_item.shape, np.float32)
+    for lo in range(0, len(t_item), PAD_TASKS):  # blocks of tasks bound the [T, R, S] arrays
+        sl = slice(lo, lo + PAD_TASKS)
+        out[sl] = _content_block(*(a[sl] for a in arrays), t_item[sl], fb[sl], float(shrink))
+    return out
+
+
+def _content_block(gs, s_rat, s_mask, s_item, gt, t_item, fallback, shrink):
+    gs, gt = gs.astype(np.float64), gt.astype(np.float64)
+    gs = gs / np.maximum(np.linalg.norm(gs, axis=-1, keepdims=True), 1e-12)
+    gt = gt / np.maximum(np.linalg.norm(gt, axis=-1, keepdims=True), 1e-12)
+    keep = (s_mask > 0)[:, None, :] & (t_item[:, :, None] != s_item[:, None, :])  # [T, R, S]
+    r = s_rat.astype(np.float64)[:, None, :]
+    n = keep.sum(-1)
+    m = np.where(n > 0, (r * keep).sum(-1) / np.maximum(n, 1), fallback)
+    sim = np.einsum("trg,tsg->trs", gt, gs) * keep
+    return m + (sim * (r - m[..., None])).sum(-1) / (sim.sum(-1) + shrink)
+
+
 def with_neighbours(
-    task: Task, sets, state: NeighbourState, mf=None, new_items: bool = False
+    task: Task,
+    sets,
+    state: NeighbourState,
+    mf=None,
+    new_items: bool = False,
+    content: bool = False,
 ) -> Task:
     """``task`` (encoded from ``sets``, a :class:`metarec.data.UserSets` padded as the task is)
     with ``x["nbr"]`` on its support and query examples: :func:`neighbour_features`, and with
     ``mf = (MFState, fold-in reg)`` :func:`mf_features` as a third feature; with ``new_items``
     also ``x["nbr_new"]``, the same features as if each example's item were new
-    (:func:`new_item_features`)."""
+    (:func:`new_item_features`), whose item-kNN column is, with ``content``, the
+    :func:`content_features` of the item's genres (its fallback where the support is empty)."""
+    if content and not new_items:
+        raise ValueError("content features are new-item features: they need new_items=True")
+    s_genres = task.support.x["genres"]
+    if content and s_genres.shape[:2] != np.shape(sets.support_item):
+        raise ValueError(
+            f"task support {s_genres.shape[:2]} and sets support "
+            f"{np.shape(sets.support_item)} differ: pad the sets as the task is"
+        )
 
     def add(ex, items):
         f = neighbour_features(
@@ -320,9 +382,16 @@ def with_neighbours(
             f = np.concatenate([f, m[..., None]], axis=-1)
         x = {"nbr": f}
         if new_items:
-            x["nbr_new"] = new_item_features(
-                state, sets.support_item, sets.support_rating, sets.support_mask, items, mf
+            x["nbr_new"] = np.array(
+                new_item_features(
+                    state, sets.support_item, sets.support_rating, sets.support_mask, items, mf
+                )
             )
+            if content:
+                x["nbr_new"][..., 1] = content_features(
+                    s_genres, sets.support_rating, sets.support_mask, sets.support_item,
+                    ex.x["genres"], items, x["nbr_new"][..., 1],
+                )  # fmt: skip
         return ex.replace(x=ex.x | x)
 
     return task.replace(

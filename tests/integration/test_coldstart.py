@@ -372,15 +372,21 @@ def test_the_new_item_scale_step_is_a_grid_at_the_stage_s_point(stage):
     with open(c.write_config) as f:
         written = json.load(f)["methods"]
     values = (-1.0, *c.base.step_scales)
+    # the content feature is gridded only where new items have a blend of their own
+    own = written["cf_metasgd"]["cf_knn_new_own"]
+    assert own == (stage == "melu")
+    gridded = {"new_item_step_scale"} | ({"cf_knn_new_content"} if own else set())
     for method, space in c.spaces.items():
-        assert set(space) - {"new_item_step_scale"} == set(search.spaces[method])
+        assert set(space) - gridded == set(search.spaces[method])
         parsed = parse_space(dict(space), c.base)
         _, n_trials = make_study(parsed, c.n_trials, c.sampler_seed)
-        # a grid: one trial per scale, one per MeLU learner
-        assert n_trials == (len(values) if method == "cf_metasgd" else 1)
+        # a grid: one trial per scale (and content feature), one per MeLU learner
+        assert n_trials == (len(values) * (1 + own) if method == "cf_metasgd" else 1)
         for field, (kind, got) in parsed.items():
             if field == "new_item_step_scale":
                 assert got == values
+            elif field == "cf_knn_new_content":
+                assert got == (False, True)
             else:  # fixed at the point the stage wrote, every float to the last bit
                 assert kind == "choice" and got == (written[method][field],)
                 assert type(got[0]) is type(written[method][field])
@@ -419,6 +425,38 @@ def test_new_items_adapt_at_their_own_scale(fixture_data):
         ]
         assert known[0] == known[1]
     assert all_new == 2  # item_cold and user_item_cold
+
+
+@pytest.mark.slow  # about 25 s: six meta-trainings; CI runs `make test-slow` too
+def test_points_differing_only_in_the_new_item_scale_share_one_meta_training(
+    fixture_data, monkeypatch
+):
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.epochs = 1
+    cfg.val_new_model = "separate"  # as the tune stages run: two models per seed
+    cfg.methods.cf_metasgd.update(cf_knn_new_own=True, cf_knn_mf=True, step_scales=(0.5, 1.0))
+    _, prepared = tune.prepare(cfg, (0,), data)
+    calls = []
+    train = tune.meta_train
+    monkeypatch.setattr(tune, "meta_train", lambda *a, **k: calls.append(1) or train(*a, **k))
+    tune._trained.clear()
+
+    def point(scale, content=False):
+        p = {"new_item_step_scale": scale, "cf_knn_new_content": content}
+        row = tune.evaluate_point(cfg, "cf_metasgd", p, data, prepared)
+        return {k: v for k, v in row.items() if k != "per_user"}
+
+    half = point(0.5)
+    zero = point(0.0)
+    assert len(calls) == 2  # the warm users' model and the new-item stand-in's, once each
+    assert zero["val_new_mae"] != half["val_new_mae"]  # the scale acts on the new items
+    assert zero["val_mae"] == half["val_mae"]  # the warm validation users' query items are known
+    content = point(0.0, True)  # the content feature changes training: a model of its own
+    assert len(calls) == 4 and content["val_new_mae"] != zero["val_new_mae"]
+    tune._trained.clear()  # retrained from scratch: the same numbers as the reused training
+    assert point(0.0) == zero and len(calls) == 6
+    tune._trained.clear()
 
 
 @pytest.mark.slow  # over 12 s in the default suite; CI runs `make test-slow` too

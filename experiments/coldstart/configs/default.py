@@ -137,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
     # True: new items (and ids dropped by id_dropout) are blended by weights of their own over
     # the features a new item has (the support mean, mu + b_u), whatever cf_knn_new_items says
     c.cf_knn_new_own = False
+    # True: ... and their item-kNN feature is a content kNN instead of the support mean: the
+    # user's support ratings weighted by genre similarity to the item (no effect without
+    # cf_knn_new_own)
+    c.cf_knn_new_content = False
     # > 0: a new item's prediction is shrunk toward the user's support mean by this weight
     c.cf_new_item_mean = 0.0
     # the user prior reads the first n demographic fields (age, gender, occupation, zip3); -1 = all

@@ -1,10 +1,12 @@
-"""A tune stage's last step: the step scale of new items (``new_item_step_scale``) at the point
-the stage chose. Every searched field of that point (read from the file the stage wrote) is fixed
-(a one-value choice), and ``new_item_step_scale`` takes -1 (new items at the scale the
-validation users choose for every item, as before this step) and each scale of ``step_scales``,
-so the stage is a grid of one trial per value (and one per MeLU learner, at its chosen step
-size); the same stand-ins, seal and objective. Only the new-item stand-in's predictions differ
-between the trials, so its users make the choice. Writes the file it read, with the scale added.
+"""A tune stage's last step: how new items are predicted, at the point the stage chose. Every
+searched field of that point (read from the file the stage wrote) is fixed (a one-value choice),
+and ``new_item_step_scale`` takes -1 (new items at the scale the validation users choose for
+every item, as before this step) and each scale of ``step_scales``; where the point blends new
+items by weights of their own (``cf_knn_new_own``), ``cf_knn_new_content`` takes False and True
+(their item-kNN feature: the support mean, or a genre kNN over the support). The stage is a grid
+of one trial per combination (and one per MeLU learner, at its chosen step size); the same
+stand-ins, seal and objective. Trials that differ only in the scale share one meta-training
+(``pipeline.AFTER_TRAINING``). Writes the file it read, with the fields added.
 
   python -m experiments.tune.main --workdir=runs/tune            # the melu search
   python -m experiments.tune.main --config=experiments/tune/configs/new_item_scale.py \\
@@ -22,6 +24,7 @@ from experiments.tune.configs import default, time
 from experiments.tune.spaces import point_spaces
 
 FIELD = "new_item_step_scale"
+CONTENT = "cf_knn_new_content"  # gridded only where the point has cf_knn_new_own
 STAGES = {"melu": default, "time": time}
 
 
@@ -29,7 +32,10 @@ def chosen_point(c: ml_collections.ConfigDict) -> dict[str, dict]:
     """The searched fields of each method of ``c.spaces``, as the stage's file has them."""
     with open(c.write_config) as f:
         methods = json.load(f)["methods"]
-    return {m: {f: methods[m][f] for f in space if f != FIELD} for m, space in c.spaces.items()}
+    return {
+        m: {f: methods[m][f] for f in space if f not in (FIELD, CONTENT)}
+        for m, space in c.spaces.items()
+    }
 
 
 def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
@@ -37,6 +43,10 @@ def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
         raise ValueError(f"--config=...new_item_scale.py:{stage}; allowed: {', '.join(STAGES)}")
     c = STAGES[stage].get_config()
     values = ",".join(str(float(v)) for v in (-1.0, *c.base.step_scales))
-    c.spaces = point_spaces(chosen_point(c), {"cf_metasgd": {FIELD: f"choice:{values}"}})
+    point = chosen_point(c)
+    grid = {FIELD: f"choice:{values}"}
+    if point["cf_metasgd"].get("cf_knn_new_own", False):
+        grid[CONTENT] = "choice:False,True"
+    c.spaces = point_spaces(point, {"cf_metasgd": grid})
     c.warm_starts = {}  # a grid tries every point
     return c

@@ -178,3 +178,78 @@ def test_new_item_features_are_the_features_of_the_item_renamed_unseen(world):
     np.testing.assert_allclose(
         new_item_features(st, si, sr, sm, fresh, mf), features(si, fresh), atol=1e-4
     )
+
+
+def test_content_features_against_hand_computed_values():
+    from metarec.baselines.neighbours import content_features
+
+    # one user: support items 10 (Action, 5), 11 (Action+Comedy, 3), 12 (Comedy, 1), 13 (padding)
+    gs = np.array([[[1, 0], [1, 1], [0, 1], [1, 0]]], np.float32)
+    sr = np.array([[5, 3, 1, 4]], np.float32)
+    sm = np.array([[1, 1, 1, 0]], np.float32)
+    si = np.array([[10, 11, 12, 13]])
+    # targets: support item 10 itself, a new Action item, a new item without genres
+    gt = np.array([[[1, 0], [1, 0], [0, 0]]], np.float32)
+    ti = np.array([[10, 99, 98]])
+    got = content_features(gs, sr, sm, si, gt, ti, np.full((1, 3), 3.5), shrink=2.0)
+    c = 1 / np.sqrt(2)  # cos(Action, Action+Comedy)
+    want = [
+        2 + c * (3 - 2) / (c + 2),  # leave-one-out: mean 2 of items 11, 12
+        3 + (1 * 2 + c * 0 + 0 * -2) / (1 + c + 2),  # mean 3; padding ignored
+        3.0,  # no genres: the support mean
+    ]
+    np.testing.assert_allclose(got[0], want, rtol=1e-6)
+    # nothing else in the support: the fallback
+    one = content_features(gs[:, :1], sr[:, :1], sm[:, :1], si[:, :1], gt[:, :1], ti[:, :1],
+                           np.full((1, 1), 3.5))  # fmt: skip
+    np.testing.assert_allclose(one, [[3.5]])
+    # task blocks: many tasks equal each task alone
+    rng = np.random.default_rng(0)
+    T, S, R, G = 300, 7, 5, 4
+    gs = (rng.random((T, S, G)) < 0.4).astype(np.float32)
+    gt = (rng.random((T, R, G)) < 0.4).astype(np.float32)
+    sr = rng.integers(1, 6, (T, S)).astype(np.float32)
+    sm = (rng.random((T, S)) < 0.8).astype(np.float32)
+    si, ti = rng.integers(0, 9, (T, S)), rng.integers(0, 9, (T, R))
+    fb = rng.random((T, R))
+    many = content_features(gs, sr, sm, si, gt, ti, fb)
+    alone = [content_features(gs[t:t + 1], sr[t:t + 1], sm[t:t + 1], si[t:t + 1], gt[t:t + 1],
+                              ti[t:t + 1], fb[t:t + 1])[0] for t in range(0, T, 37)]  # fmt: skip
+    np.testing.assert_allclose(many[::37], alone, rtol=1e-6)
+    with pytest.raises(ValueError, match="shrink > 0"):
+        content_features(gs, sr, sm, si, gt, ti, shrink=0.0)
+
+
+def test_with_neighbours_content_replaces_only_the_new_item_knn_column(world):
+    from metarec.baselines.neighbours import content_features, with_neighbours
+    from metarec.data.tasks import Examples, Task
+
+    train, si, sr, sm, qi, users = world
+    st = fit_neighbours(*train)
+    rng = np.random.default_rng(1)
+
+    def ex(items, y, m):
+        g = (rng.random(items.shape + (3,)) < 0.5).astype(np.float32)
+        return Examples(x={"genres": g}, y=y, mask=m)
+
+    qm = np.ones(qi.shape, np.float32)
+    task = Task(support=ex(si, sr, sm), query=ex(qi, qm, qm), user=users)
+
+    class Sets:
+        support_item, support_rating, support_mask, query_item, user_id = si, sr, sm, qi, users
+
+    plain = with_neighbours(task, Sets, st, new_items=True)
+    content = with_neighbours(task, Sets, st, new_items=True, content=True)
+    for part in ("support", "query"):
+        a, b = getattr(plain, part).x, getattr(content, part).x
+        np.testing.assert_array_equal(a["nbr"], b["nbr"])
+        np.testing.assert_array_equal(a["nbr_new"][..., 0], b["nbr_new"][..., 0])
+        items = si if part == "support" else qi
+        g = getattr(task, part).x["genres"]
+        want = content_features(
+            task.support.x["genres"], sr, sm, si, g, items, a["nbr_new"][..., 1]
+        )
+        np.testing.assert_allclose(b["nbr_new"][..., 1], want, rtol=1e-6)
+        assert np.abs(b["nbr_new"][..., 1] - a["nbr_new"][..., 1]).max() > 0.05  # not vacuous
+    with pytest.raises(ValueError, match="need new_items=True"):
+        with_neighbours(task, Sets, st, content=True)
