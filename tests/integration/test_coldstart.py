@@ -372,20 +372,26 @@ def test_the_new_item_scale_step_is_a_grid_at_the_stage_s_point(stage):
     with open(c.write_config) as f:
         written = json.load(f)["methods"]
     values = (-1.0, *c.base.step_scales)
-    # the content feature is gridded only where new items have a blend of their own
-    own = written["cf_metasgd"]["cf_knn_new_own"]
-    assert own == (stage == "melu")
-    gridded = {"new_item_step_scale"} | ({"cf_knn_new_content"} if own else set())
+    # with the kNN blend the content feature is gridded, and new items' own blend where the
+    # point has none (the content feature needs it)
+    point = written["cf_metasgd"]
+    assert point["cf_knn"]
+    both = {"cf_knn_new_content", "cf_knn_new_own"}
+    gridded = {"new_item_step_scale", "cf_knn_new_content"}
+    gridded |= set() if point["cf_knn_new_own"] else {"cf_knn_new_own"}
     for method, space in c.spaces.items():
-        assert set(space) - gridded == set(search.spaces[method])
+        assert set(space) - {"new_item_step_scale", "cf_knn_new_content"} == set(
+            search.spaces[method]
+        )
         parsed = parse_space(dict(space), c.base)
         _, n_trials = make_study(parsed, c.n_trials, c.sampler_seed)
-        # a grid: one trial per scale (and content feature), one per MeLU learner
-        assert n_trials == (len(values) * (1 + own) if method == "cf_metasgd" else 1)
+        # a grid: one trial per scale and new-item blend, one per MeLU learner
+        n_blends = 2 ** len(gridded & both)
+        assert n_trials == (len(values) * n_blends if method == "cf_metasgd" else 1)
         for field, (kind, got) in parsed.items():
             if field == "new_item_step_scale":
                 assert got == values
-            elif field == "cf_knn_new_content":
+            elif field in gridded:
                 assert got == (False, True)
             else:  # fixed at the point the stage wrote, every float to the last bit
                 assert kind == "choice" and got == (written[method][field],)

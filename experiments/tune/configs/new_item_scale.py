@@ -1,11 +1,13 @@
 """A tune stage's last step: how new items are predicted, at the point the stage chose. Every
 searched field of that point (read from the file the stage wrote) is fixed (a one-value choice),
 and ``new_item_step_scale`` takes -1 (new items at the scale the validation users choose for
-every item, as before this step) and each scale of ``step_scales``; where the point blends new
-items by weights of their own (``cf_knn_new_own``), ``cf_knn_new_content`` takes False and True
-(their item-kNN feature: the support mean, or a genre kNN over the support). The stage is a grid
-of one trial per combination (and one per MeLU learner, at its chosen step size); the same
-stand-ins, seal and objective. Trials that differ only in the scale share one meta-training
+every item, as before this step) and each scale of ``step_scales``; where the point has the kNN
+blend (``cf_knn``), ``cf_knn_new_content`` takes False and True (new items' item-kNN feature: the
+support mean, or a genre kNN over the support), and where its new items have no blend of their
+own, ``cf_knn_new_own`` takes False and True too, since the genre kNN needs that blend (with it
+False the two content values are the same model). The stage is a grid of one trial per
+combination (and one per MeLU learner, at its chosen step size); the same stand-ins, seal and
+objective. Trials that differ only in the scale share one meta-training
 (``pipeline.AFTER_TRAINING``). Writes the file it read, with the fields added.
 
   python -m experiments.tune.main --workdir=runs/tune            # the melu search
@@ -24,7 +26,8 @@ from experiments.tune.configs import default, time
 from experiments.tune.spaces import point_spaces
 
 FIELD = "new_item_step_scale"
-CONTENT = "cf_knn_new_content"  # gridded only where the point has cf_knn_new_own
+CONTENT = "cf_knn_new_content"  # gridded where the point has cf_knn
+OWN = "cf_knn_new_own"  # gridded where the point has cf_knn but not this
 STAGES = {"melu": default, "time": time}
 
 
@@ -45,8 +48,10 @@ def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
     values = ",".join(str(float(v)) for v in (-1.0, *c.base.step_scales))
     point = chosen_point(c)
     grid = {FIELD: f"choice:{values}"}
-    if point["cf_metasgd"].get("cf_knn_new_own", False):
+    if point["cf_metasgd"].get("cf_knn", False):
         grid[CONTENT] = "choice:False,True"
+        if not point["cf_metasgd"].get(OWN, False):
+            grid[OWN] = "choice:False,True"
     c.spaces = point_spaces(point, {"cf_metasgd": grid})
     c.warm_starts = {}  # a grid tries every point
     return c
