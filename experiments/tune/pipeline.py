@@ -71,17 +71,15 @@ _trained: dict = {}
 def _meta_trained(sd: SeedData, c, algo: str, seed: int, train: Callable):
     """``train()`` (meta-training ``sd``'s model under ``c``), or its result for an earlier point
     whose config differs from ``c`` only in :data:`AFTER_TRAINING` fields on this same ``sd``,
-    ``algo`` and ``seed``. Meta-training is deterministic, so a reused result equals a retrained
-    one; a grid over such a field (the tune stages' last step) then trains once per model, not
-    once per trial. The last :data:`TRAINED_KEEP` results are kept; each holds its ``sd``, so
-    an ``id`` in a key cannot be reused by another object while it is kept."""
+    ``algo`` and ``seed`` (deterministic, so the same): a grid over such a field (the tune
+    stages' last step) trains once per model, not once per trial. The last :data:`TRAINED_KEEP`
+    are kept, each with its ``sd``, so no other object can reuse an ``id`` in a key meanwhile."""
     fields = {k: v for k, v in c.to_dict().items() if k not in AFTER_TRAINING}
     key = (id(sd), algo, seed, repr(sorted(fields.items())))
     if key not in _trained:
-        result = train()
         while len(_trained) >= TRAINED_KEEP:
             _trained.pop(next(iter(_trained)))
-        _trained[key] = (sd, result)
+        _trained[key] = (sd, train())
     return _trained[key][1]
 
 
