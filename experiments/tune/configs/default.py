@@ -54,19 +54,25 @@ def get_config() -> ml_collections.ConfigDict:
             "cf_new_item_mean": "float:0.0:1.0",
             # meta-training tasks: one held-out query set per user, or cross-fitted folds
             "train_tasks": "choice:resample_support,crossfit",
+            # with cf_knn_new_own: new items' item-kNN feature a genre kNN over the support
+            "cf_knn_new_content": "choice:False,True",
+            # new items' inner-step scale (-1: the validation users' scale for every item)
+            "new_item_step_scale": "choice:-1.0,0.0,0.25,0.5,0.75,1.0",
         },
         # the MeLU reference learners: their inner step size, on a grid
         "maml": {"inner_lr": "choice:0.01,0.05,0.3"},
         "metasgd": {"inner_lr": "choice:0.01,0.05,0.3"},
     }
     # a point tried right after the configured one (fields not given: the configured values): the
-    # last stage's choice (trial 9 of the stage that wrote tuned.json in 1165013), so a stage never
-    # ends worse on its objective than the point it replaces
+    # committed choice (trial 9 of the stage that wrote tuned.json in 1165013, then its last step,
+    # new_item_scale.py, in 6360623), so a stage never ends worse on its objective than the point
+    # it replaces
     c.warm_starts = {
         "cf_metasgd": {
             "cf_dim": 16,
             "cf_knn": True,
             "cf_knn_mf": True,
+            "cf_knn_new_content": True,
             "cf_knn_new_items": True,
             "cf_knn_new_own": True,
             "cf_melu": True,
@@ -77,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
             "inner_lr": 0.796908200167759,
             "inner_newton": 0.39942770555742113,
             "meta_lr": 0.0018168980890764877,
+            "new_item_step_scale": 1.0,
             "outer_rank_weight": 0.9005117832608491,
             "train_tasks": "crossfit",
         }

@@ -13,6 +13,8 @@ import ml_collections
 from experiments.coldstart.configs import time
 from experiments.tune.configs import default
 
+TO_LAST_STEP = ("cf_knn_new_content", "new_item_step_scale")
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
@@ -24,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     # meta-training tasks may also be shaped as this protocol's (query = the ratings right after
     # the support in time), cross-fitted (declared in BUILD_NOTES before the stage ran with it)
     c.spaces["cf_metasgd"]["train_tasks"] = "choice:resample_support,crossfit,crossfit_chrono"
+    # new items' genre kNN and step scale are left to this stage's last step (new_item_scale.py),
+    # as before the melu search took them in (this stage has not been rerun since)
+    for field in TO_LAST_STEP:
+        del c.spaces["cf_metasgd"][field]
     # tried right after the configured point: this stage's last choice (trial 3 of the stage that
     # wrote tuned_time.json in b1bff26), so a stage never ends worse than the point it replaces
     c.warm_starts = {
