@@ -13,8 +13,6 @@ import ml_collections
 from experiments.coldstart.configs import time
 from experiments.tune.configs import default
 
-TO_LAST_STEP = ("cf_knn_new_content", "new_item_step_scale")
-
 
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
@@ -26,28 +24,27 @@ def get_config() -> ml_collections.ConfigDict:
     # meta-training tasks may also be shaped as this protocol's (query = the ratings right after
     # the support in time), cross-fitted (declared in BUILD_NOTES before the stage ran with it)
     c.spaces["cf_metasgd"]["train_tasks"] = "choice:resample_support,crossfit,crossfit_chrono"
-    # new items' genre kNN and step scale are left to this stage's last step (new_item_scale.py),
-    # as before the melu search took them in (this stage has not been rerun since)
-    for field in TO_LAST_STEP:
-        del c.spaces["cf_metasgd"][field]
-    # tried right after the configured point: this stage's last choice (trial 3 of the stage that
-    # wrote tuned_time.json in b1bff26), so a stage never ends worse than the point it replaces
+    # tried right after the configured point: the committed choice (trial 11 of the search that
+    # wrote tuned_time.json in d211905, then its steps, time_tasks.py and new_item_scale.py in
+    # 71ca8e0), so a stage never ends worse on its objective than the point it replaces
     c.warm_starts = {
         "cf_metasgd": {
             "cf_dim": 8,
             "cf_knn": True,
             "cf_knn_mf": False,
+            "cf_knn_new_content": False,
             "cf_knn_new_items": False,
-            "cf_knn_new_own": False,
+            "cf_knn_new_own": True,
             "cf_melu": False,
-            "cf_new_item_mean": 0.6176354970758771,
-            "cf_reg": 8.187017493932323,
+            "cf_new_item_mean": 0.40358224694637557,
+            "cf_reg": 10.963151789119598,
             "cf_user_fields": 3,
-            "id_dropout": 0.5454562392827867,
-            "inner_lr": 0.14679138450126356,
-            "inner_newton": 1.1369428752177473,
-            "meta_lr": 0.0010727187395229408,
-            "outer_rank_weight": 0.06022547162926983,
+            "id_dropout": 0.5806039939083947,
+            "inner_lr": 0.20948062967627523,
+            "inner_newton": 4.710320953576413,
+            "meta_lr": 0.0018957920763988728,
+            "new_item_step_scale": 0.0,
+            "outer_rank_weight": 0.28327633446926426,
             "train_tasks": "crossfit",
         }
     }
