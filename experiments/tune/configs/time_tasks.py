@@ -15,8 +15,8 @@ import ml_collections
 from experiments.tune.configs import time
 from experiments.tune.spaces import point_spaces
 
-# the time search's choice (trial 11 of the stage that wrote tuned_time.json in d211905; the
-# genre kNN and the new-item scale were not in its space then, so they are the config's values)
+# the time search's choice (trial 1, its warm start, of the search run in a worktree of 41e319e,
+# which kept the committed point)
 SEARCH_POINT = {
     "cf_metasgd": {
         "cf_dim": 8,
@@ -24,7 +24,7 @@ SEARCH_POINT = {
         "cf_knn_mf": False,
         "cf_knn_new_content": False,
         "cf_knn_new_items": False,
-        "cf_knn_new_own": False,
+        "cf_knn_new_own": True,
         "cf_melu": False,
         "cf_new_item_mean": 0.40358224694637557,
         "cf_reg": 10.963151789119598,
@@ -33,7 +33,7 @@ SEARCH_POINT = {
         "inner_lr": 0.20948062967627523,
         "inner_newton": 4.710320953576413,
         "meta_lr": 0.0018957920763988728,
-        "new_item_step_scale": -1.0,
+        "new_item_step_scale": 0.0,
         "outer_rank_weight": 0.28327633446926426,
         "train_tasks": "crossfit",
     },
