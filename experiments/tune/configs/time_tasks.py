@@ -15,28 +15,10 @@ import ml_collections
 from experiments.tune.configs import time
 from experiments.tune.spaces import point_spaces
 
-# the time search's choice (trial 1, its warm start, of the search run in a worktree of 41e319e,
-# which kept the committed point)
+# the time search's choice: its warm start, the committed point (trial 1 of the search run in a
+# worktree of 41e319e)
 SEARCH_POINT = {
-    "cf_metasgd": {
-        "cf_dim": 8,
-        "cf_knn": True,
-        "cf_knn_mf": False,
-        "cf_knn_new_content": False,
-        "cf_knn_new_items": False,
-        "cf_knn_new_own": True,
-        "cf_melu": False,
-        "cf_new_item_mean": 0.40358224694637557,
-        "cf_reg": 10.963151789119598,
-        "cf_user_fields": 3,
-        "id_dropout": 0.5806039939083947,
-        "inner_lr": 0.20948062967627523,
-        "inner_newton": 4.710320953576413,
-        "meta_lr": 0.0018957920763988728,
-        "new_item_step_scale": 0.0,
-        "outer_rank_weight": 0.28327633446926426,
-        "train_tasks": "crossfit",
-    },
+    "cf_metasgd": time.get_config().warm_starts.cf_metasgd.to_dict(),
     "maml": {"inner_lr": 0.01},
     "metasgd": {"inner_lr": 0.01},
 }
