@@ -385,9 +385,8 @@ def test_the_new_item_scale_step_is_a_grid_at_the_stage_s_point(stage):
     point = written["cf_metasgd"]
     assert point["cf_knn"]
     both = {"cf_knn_new_content", "cf_knn_new_own"}
-    gridded = {"new_item_step_scale", "cf_knn_new_content"}
-    gridded |= set() if point["cf_knn_new_own"] else {"cf_knn_new_own"}
-    last = {"new_item_step_scale", "cf_knn_new_content"}
+    last = {"new_item_step_scale", "cf_knn_new_content"}  # in the search's space too (melu)
+    gridded = last | (set() if point["cf_knn_new_own"] else {"cf_knn_new_own"})
     for method, space in c.spaces.items():
         assert set(space) - last == set(search.spaces[method]) - last
         parsed = parse_space(dict(space), c.base)

@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
             "cf_new_item_mean": "float:0.0:1.0",
             # meta-training tasks: one held-out query set per user, or cross-fitted folds
             "train_tasks": "choice:resample_support,crossfit",
-            # with cf_knn_new_own: new items' item-kNN feature a genre kNN over the support
+            # with cf_knn_new_own: new items' item-kNN feature is a genre kNN over the support
             "cf_knn_new_content": "choice:False,True",
             # new items' inner-step scale (-1: the validation users' scale for every item)
             "new_item_step_scale": "choice:-1.0,0.0,0.25,0.5,0.75,1.0",
