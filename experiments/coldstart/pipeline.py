@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments.coldstart import finetune
 from experiments.coldstart.build import (
     NETWORK_BASELINES,
     TEST_SCENARIOS,
@@ -61,7 +62,6 @@ from metarec.training.meta_train import (
     evaluate,
     meta_train,
     new_item_params,
-    pooled_tasks,
     predict_tasks,
     score,
 )
@@ -331,44 +331,16 @@ def run_seed(
             info["resumed"].append("finetune")
             record("finetune", done)
         else:
-            ft_cfg = ml_collections.ConfigDict(cfg.to_dict())
-            ft_cfg.epochs = cfg.finetune_epochs
-            # conventional training: no inner loop (0 steps), every training rating in the loss;
-            # early stopping on the validation users' query MAE without adaptation.
-            plain = dict(inner_steps=0, adapt="all")
             tr = train_unit(
                 ctx,
                 seed,
                 "finetune",
                 log_fn,
-                ft_cfg,
-                lambda **kw: meta_train(
-                    fns.learner(spec, "maml", **plain),
-                    fns.step(spec, "maml", **plain),
-                    fns.eval(spec, "maml", **plain),
-                    init_fn(k_init),
-                    pooled_tasks(sd.train_tasks(cfg.train_tasks)),
-                    sd.val,
-                    ft_cfg,
-                    k_train,
-                    scale,
-                    mesh=fns.mesh,
-                    **kw,
-                ),
+                cfg,
+                finetune.trainer(fns, sd, cfg, k_init, k_train, scale),
             )
             t_trained = time.time()
-            best_lr, best_mae = None, np.inf
-            for lr in cfg.finetune_lrs:
-                out = predict_tasks(
-                    fns.eval(spec, "maml", inner_lr=lr, adapt="all"),
-                    tr.params,
-                    sd.val,
-                    cfg.eval_chunk,
-                )
-                m = score(out["pred"], sd.val, scale, cfg.k)["mae"]
-                if m < best_mae:
-                    best_lr, best_mae = lr, m
-            ft_eval = fns.eval(spec, "maml", inner_lr=best_lr, adapt="all")
+            best_lr, best_mae, ft_eval = finetune.choose_lr(fns, sd, tr.params, cfg, scale)
             evals = {
                 s: evaluate(
                     predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k

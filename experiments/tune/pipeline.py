@@ -35,8 +35,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments.coldstart import finetune
 from experiments.coldstart.build import (
-    NETWORK_BASELINES,
     Compiled,
     SeedData,
     baseline_predictions,
@@ -391,32 +391,32 @@ def _baselines_seed(state, cfg, names: tuple, *, log_fn=None, metrics=None) -> d
     k = cfg.k
     parts = [(sd, names)]  # (data whose training ratings fit the baselines, sets it scores)
     if sd.val_new_data is not None:
-        parts = [
-            (sd, tuple(n for n in names if n != "val_new")),
-            (sd.val_new_data, ("val_new",)),
-        ]
+        parts = [(sd, tuple(n for n in names if n != "val_new")), (sd.val_new_data, ("val_new",))]
     out: dict[str, dict] = {}
     for name in cfg.baselines:
-        if name in NETWORK_BASELINES:
+        if name == "no_adapt":  # a method's own start, not a baseline of its own
             continue
         for src, part in parts:
             sets = {n: getattr(src, f"{n}_sets") for n in part}
             sets = {n: v for n, v in sets.items() if v is not None}
-            pred = baseline_predictions(name, seed, src.fit_ratings, sets)
+            if name == "finetune":
+                tasks = {n: getattr(src, n) for n in sets}
+                got = finetune.fit_and_score(src, cfg, seed, data.rating_scale, tasks)
+            else:
+                pred = baseline_predictions(name, seed, src.fit_ratings, sets)
+                got = {n: evaluate(pred[n], getattr(src, n), data.rating_scale, k) for n in sets}
             for n in part:
-                sc, users = {"mae": np.nan, f"ndcg@{k}": np.nan}, None
-                if n in sets:
-                    sc, users = evaluate(pred[n], getattr(src, n), data.rating_scale, k)
+                sc, users = got.get(n, ({"mae": np.nan, f"ndcg@{k}": np.nan}, None))
                 out.setdefault(name, {})[n] = (sc["mae"], sc[f"ndcg@{k}"], users)
     return out
 
 
 def baselines_on_validation(cfg, data, prepared, per_user: dict | None = None) -> dict:
-    """Mean validation MAE and nDCG@k over seeds of every fitted baseline of ``cfg.baselines``
-    (fitted on the same training ratings), on the validation users and on the stand-ins that
-    exist (``val_new_*``, NaN without one; ``val_cold_*`` only with a cold-user validation): the
-    reference the tuned methods are read against. ``per_user`` (if given) receives baseline ->
-    set -> one per-user record per seed."""
+    """Mean validation MAE and nDCG@k over seeds of every baseline of ``cfg.baselines`` but
+    ``no_adapt`` (fitted, or for ``finetune`` trained, on the same training ratings), on the
+    validation users and on the stand-ins that exist (``val_new_*``, NaN without one; ``val_cold_*``
+    only with a cold-user validation): the reference the tuned methods are read against.
+    ``per_user`` (if given) receives baseline -> set -> one per-user record per seed."""
     names = ("val", *stand_ins(prepared))
     per_seed = _per_seed(prepared, data, _baselines_seed, cfg, names)
     rows: dict[str, dict[str, list]] = {}

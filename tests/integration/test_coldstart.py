@@ -480,13 +480,15 @@ def test_optuna_selection_never_reads_a_test_scenario(fixture_data, new_model):
     cfg.val_new_model = new_model
     spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0", "loss_prior": "float:0:50"}}
 
-    def select(d, keys=("methods", "validation", "recommended", "trials")):
+    compared = ("methods", "validation", "recommended", "trials", "baselines_validation")
+
+    def select(d, keys=compared):
         out = tune.select(
             cfg, spaces, seeds=(0,), n_trials=2, new_item_weight=0.5, data=d, log_fn=lambda m: None
         )
         return {k: out[k] for k in keys}
 
-    first = select(data, keys=("methods", "validation", "recommended", "trials", "per_user"))
+    first = select(data, keys=(*compared, "per_user"))
     # the per-user records rebuild every trial's logged objective (the selection-noise input)
     trials, cells = noise.cells(
         first.pop("per_user")["cf_metasgd"], {"val": 0.5, "val_new": 0.5}, 3
@@ -563,7 +565,8 @@ def test_a_sealed_selection_over_two_seeds_reads_no_test_query_of_either(fixture
             data=d,
             log_fn=lambda m: None,
         )
-        return {k: out[k] for k in ("methods", "validation", "recommended", "trials")}
+        keys = ("methods", "validation", "recommended", "trials", "baselines_validation")
+        return {k: out[k] for k in keys}
 
     pairs = list(zip(data.ratings["user_id"], data.ratings["item_id"]))
     trained = set().union(*(_pairs(mdata.make_split(data, s).train_ratings) for s in (0, 1)))
