@@ -561,6 +561,12 @@ def _validate_numbers(cfg) -> None:
         raise ValueError(f"--config.outer_rank_weight must be >= 0, got {cfg.outer_rank_weight}")
     if not cfg.cf_reg >= 0:
         raise ValueError(f"--config.cf_reg must be >= 0, got {cfg.cf_reg}")
+    lrs = cfg.finetune_lrs
+    if "finetune" in cfg.baselines and (not lrs or not all(float(v) >= 0 for v in lrs)):
+        raise ValueError(
+            f"--config.finetune_lrs={tuple(lrs)!r}; allowed: one or more step sizes >= 0 (the "
+            "validation users choose among them), or leave finetune out of --config.baselines"
+        )
     for name in ("id_dropout", "feature_dropout"):
         if not 0 <= cfg[name] < 1:
             raise ValueError(f"--config.{name} must be in [0, 1), got {cfg[name]}")

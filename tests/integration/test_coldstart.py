@@ -149,6 +149,8 @@ def test_seeds_in_worker_processes_give_the_same_run(fixture_data, tiny_run, tmp
         ("meta_lr", 0.0, "--config.meta_lr must be > 0"),
         ("seeds", (), "--config.seeds must name at least one seed"),
         ("seed_workers", 0, "--config.seed_workers must be >= 1, got 0"),
+        ("finetune_lrs", (), "--config.finetune_lrs=(); allowed: one or more step sizes >= 0"),
+        ("finetune_lrs", (0.1, -1.0), "--config.finetune_lrs=(0.1, -1.0); allowed: one or more"),
         (
             "new_item_step_scale",
             -0.5,
