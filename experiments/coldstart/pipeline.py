@@ -187,7 +187,6 @@ def run_seed(
     spec = sd.encoder.spec
     fns = (compiled or Compiled(cfg)).use_seed(seed)
     fns.load_pretrained(sd.encoder, seed)
-    init_fn, _ = fns.model(spec)
     key = jax.random.PRNGKey(seed)
     results = {s: {} for s in TEST_SCENARIOS}
     info = {
