@@ -130,6 +130,8 @@ def test_the_stage_writes_per_user_records_and_the_report_beside_an_unchanged_co
     assert set(rep["chosen_vs_baselines"]) == {"val", "val_new"}
     per_user = json.loads((tmp_path / "w" / "trials_per_user.json").read_text())
     assert set(per_user["methods"]["cf_metasgd"]) == {"0", "1", "2"}
-    assert set(per_user["baselines"]) == {"global_mean", "user_mean", "item_mean"}
+    # every baseline of the tiny config but no_adapt, fine-tuning included
+    assert set(per_user["baselines"]) == {"global_mean", "user_mean", "item_mean", "finetune"}
     val_users = per_user["methods"]["cf_metasgd"]["0"]["val"][0]["user"]
-    assert per_user["baselines"]["item_mean"]["val"][0]["user"] == val_users
+    for b in ("item_mean", "finetune"):
+        assert per_user["baselines"][b]["val"][0]["user"] == val_users
