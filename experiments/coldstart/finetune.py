@@ -80,6 +80,12 @@ def fit_and_score(sd, cfg, seed: int, scale, tasks: dict) -> dict:
     k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
     params = trainer(fns, sd, cfg, k_init, k_train, scale)().params
     _, _, eval_fn = choose_lr(fns, sd, params, cfg, scale)
+    return score_tasks(eval_fn, params, tasks, cfg, scale)
+
+
+def score_tasks(eval_fn, params, tasks: dict, cfg, scale) -> dict:
+    """Each of ``tasks`` (name -> Task) fine-tuned by ``eval_fn`` from ``params`` and scored:
+    name -> ``(scores, per-user record)`` of :func:`metarec.training.meta_train.evaluate`."""
     return {
         n: evaluate(predict_tasks(eval_fn, params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k)
         for n, t in tasks.items()

@@ -340,12 +340,7 @@ def run_seed(
             )
             t_trained = time.time()
             best_lr, best_mae, ft_eval = finetune.choose_lr(fns, sd, tr.params, cfg, scale)
-            evals = {
-                s: evaluate(
-                    predict_tasks(ft_eval, tr.params, t, cfg.eval_chunk)["pred"], t, scale, cfg.k
-                )
-                for s, t in sd.test.items()
-            }
+            evals = finetune.score_tasks(ft_eval, tr.params, sd.test, cfg, scale)
             rec = {
                 "scores": {s: {"finetune": e[0]} for s, e in evals.items()},
                 "per_user": {s: {"finetune": e[1]} for s, e in evals.items()},
