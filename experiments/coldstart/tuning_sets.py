@@ -25,6 +25,10 @@ With ``cfg.val_rebuild_tasks`` the validation and cold users' tasks are built ag
 protocol's rule after the item hold-out, from the ratings it leaves them, so their query sets keep
 the protocol's size (as the test scenarios' users' tasks are built from known items' ratings).
 
+With ``cfg.val_support_in_fit=False`` the validation users' support ratings leave the training
+ratings too, so no rating of theirs is fitted (item tables, kNN, MF, meta-training tasks), as no
+warm_test user's is; the default keeps them, and only their query ratings are held out.
+
 With ``cfg.val_seal_seeds`` the tuning path also drops every rating that is a query rating of a
 test scenario under one of those seeds (:func:`seal_split`): one tuned config serves every seed,
 and another seed's training users include this seed's test users.
@@ -216,7 +220,21 @@ def tuning_sets(
             fit_ratings, val_sets, val_cold_sets = rebuild_tasks(
                 rated, fit_ratings, val_all, val_cold_sets, new_items, cfg.protocol, seed, n_query
             )
+    if not cfg.get("val_support_in_fit", True):
+        fit_ratings = drop_users(fit_ratings, val_sets, "validation users' support")
     return fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets
+
+
+def drop_users(fit_ratings: pd.DataFrame, sets: mdata.UserSets, what: str) -> pd.DataFrame:
+    """``fit_ratings`` without any rating of ``sets``' users, the count logged as ``what``."""
+    mine = fit_ratings["user_id"].isin(np.asarray(sets.user_id))
+    logging.info(
+        "%d training ratings (the %s, %d users) held out of training",
+        int(mine.sum()),
+        what,
+        sets.n_users,
+    )
+    return fit_ratings[~mine].reset_index(drop=True)
 
 
 def rebuild_tasks(rated, fit_ratings, val_sets, val_cold_sets, new_items, protocol, seed, n_query):

@@ -108,14 +108,14 @@ def prepared_seeds(cfg, seeds, data: mdata.RatingsData | None = None, log_fn: Ca
 
 def prepare_tuning_seed(data: mdata.RatingsData, seed: int, cfg) -> SeedData:
     """One seed's tuning data (``prepare_seed(..., test=False)``). With ``cfg.val_new_model =
-    "separate"`` and a new-item stand-in, that data (its items held out) becomes ``val_new_data``
-    of the data prepared with no item held out, whose validation and cold users keep every
-    training item, as the test scenarios' users do."""
-    sd = prepare_seed(data, seed, cfg, test=False)
+    "separate"`` and a new-item stand-in, that data (its items held out, the validation users'
+    support fitted as in evaluation) becomes ``val_new_data`` of the data with no item held out,
+    whose validation and cold users keep every training item, as the test scenarios' users do."""
     if cfg.get("val_new_model", "shared") == "shared" or not cfg.val_new_items:
-        return sd
-    every_item = ml_collections.ConfigDict(cfg.to_dict())
-    every_item.val_new_items = 0.0
+        return prepare_seed(data, seed, cfg, test=False)
+    every_item, new_item = (ml_collections.ConfigDict(cfg.to_dict()) for _ in range(2))
+    every_item.val_new_items, new_item.val_support_in_fit = 0.0, True
+    sd = prepare_seed(data, seed, new_item, test=False)
     return dataclasses.replace(prepare_seed(data, seed, every_item, test=False), val_new_data=sd)
 
 
@@ -562,7 +562,6 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         res, per_user, weights | {"val_cold": cold_w}, cfg.ndcg_weight, cfg.base.k, warm
     )
     meta = run_metadata(cfg.to_dict(), argv)
-    separate = cfg.base.get("val_new_model", "shared") == "separate"
     res["provenance"] = {
         "command": meta["command"],
         "seeds": list(seeds),
@@ -575,7 +574,7 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
             f"({cfg.base.val_new_items} of the items, val_hold_out={cfg.base.val_hold_out}, "
             f"val_whole_years={cfg.base.val_whole_years}, "
             f"val_rebuild_tasks={cfg.base.val_rebuild_tasks}"
-            + (", val_new_model=separate)" if separate else ")")
+            + (", val_new_model=separate)" if cfg.base.get("val_new_model") == "separate" else ")")
             + (
                 f" + {cold_w} x the same on users held out of training "
                 f"({cfg.base.val_cold_users} of the other training users)"
@@ -585,7 +584,8 @@ def main(cfg: ml_collections.ConfigDict, workdir: str, argv: list[str] | None = 
         ),
         "spaces": spaces,
         "warm_starts": warm,
-        "selected_on": "validation users of the warm training users; no test task encoded",
+        "selected_on": "validation users of the warm training users; no test task encoded"
+        + ("" if cfg.base.get("val_support_in_fit", True) else "; none of their ratings fitted"),
         # every query rating of these seeds' test scenarios dropped from the tuning data
         "sealed_against_seeds": list(cfg.base.get("val_seal_seeds", ())),
         "versions": meta["versions"],

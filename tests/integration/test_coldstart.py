@@ -480,6 +480,7 @@ def test_optuna_selection_never_reads_a_test_scenario(fixture_data, new_model):
     cfg = tiny_config()
     cfg.epochs = 1
     cfg.val_new_model = new_model
+    cfg.val_support_in_fit = new_model == "shared"  # the time stage's "separate" holds them out
     spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0", "loss_prior": "float:0:50"}}
 
     compared = ("methods", "validation", "recommended", "trials", "baselines_validation")

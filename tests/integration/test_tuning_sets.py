@@ -361,3 +361,44 @@ def test_both_tune_stages_seal_every_seed_the_cold_start_experiment_evaluates():
     for c in (tune_config.get_config(), time_tune.get_config()):
         assert tuple(c.base.val_seal_seeds) == tuple(default_config.base_config().seeds)
         assert tuple(c.seeds) == tuple(c.base.val_seal_seeds)
+
+
+@pytest.mark.parametrize("new_model", ["shared", "separate"])
+def test_validation_users_held_out_of_the_fit_keep_their_tasks(fixture_data, new_model):
+    """``val_support_in_fit=False``: no rating of a validation user is fitted or drawn for
+    meta-training, as no warm_test user's is; exactly their support ratings leave, every set is
+    the default's, and a separate new-item model's data keeps them, as evaluation's model does."""
+    data, _ = fixture_data
+    cfg = default_config.base_config()
+    cfg.val_new_items, cfg.val_cold_users, cfg.val_new_support = 0.2, 0.3, "known"
+    cfg.val_whole_years = cfg.val_rebuild_tasks = True
+    cfg.val_new_model = new_model
+    before = tune.prepare_tuning_seed(data, 0, cfg)
+    cfg.val_support_in_fit = False
+    sd = tune.prepare_tuning_seed(data, 0, cfg)
+    val_ids = set(sd.val_sets.user_id.tolist())
+    mine = before.fit_ratings["user_id"].isin(val_ids)
+    assert val_ids and mine.any()
+    assert sd.fit_ratings.equals(before.fit_ratings[~mine].reset_index(drop=True))
+    gone = before.fit_ratings[mine]
+    assert set(zip(gone["user_id"], gone["item_id"])) == _pairs(sd.val_sets, "support")
+    assert not val_ids & set(sd.draws["resample"](1).user_id.tolist())
+    assert val_ids & set(before.draws["resample"](1).user_id.tolist())
+    fields = ("user_id", "support_item", "support_rating", "query_item", "query_rating")
+    for name in ("val_sets", "val_cold_sets", "val_new_sets", "train_sets"):
+        if getattr(before, name) is None:
+            continue
+        for f in fields:
+            np.testing.assert_array_equal(
+                getattr(getattr(sd, name), f), getattr(getattr(before, name), f)
+            )
+    if new_model == "separate":
+        new, old = sd.val_new_data, before.val_new_data
+        assert new.fit_ratings.equals(old.fit_ratings)
+        assert new.fit_ratings["user_id"].isin(val_ids).any()
+        for f in fields:
+            np.testing.assert_array_equal(
+                getattr(new.val_new_sets, f), getattr(old.val_new_sets, f)
+            )
+    # evaluation fits the validation users' support as before
+    assert build.prepare_seed(data, 0, cfg).fit_ratings["user_id"].isin(val_ids).any()

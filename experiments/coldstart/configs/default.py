@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     # scenarios' models are, scores the validation and cold users (whose query sets then hold
     # the held-out years' items too, as warm_test's and user_cold's do)
     c.val_new_model = "shared"
+    # tuning stage only: False = the validation users' support ratings leave the training ratings
+    # too (only their query ratings do otherwise), so none of their ratings is fitted, as none of
+    # warm_test's users' is; with val_new_model="separate" the new-item stand-in's model keeps them
+    c.val_support_in_fit = True
     # tuning stage only: every query rating of a test scenario under these seeds is dropped from
     # the tuning path (its training ratings and stand-ins), since one tuned config serves every
     # evaluated seed and another seed's training users include this seed's test users; () = none
