@@ -316,7 +316,8 @@ def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
     chrono = dict(melu.spaces.cf_metasgd)
     chrono["train_tasks"] += ",crossfit_chrono"
     assert stage.spaces.to_dict() == melu.spaces.to_dict() | {"cf_metasgd": chrono}
-    latest = {"protocol": "time", "val_hold_out": "latest"}
+    # its stand-ins shifted in time, and no rating of its validation users fitted
+    latest = {"protocol": "time", "val_hold_out": "latest", "val_support_in_fit": False}
     assert stage.base.to_dict() == melu.base.to_dict() | latest
     assert set(stage.warm_starts.cf_metasgd) == set(stage.spaces.cf_metasgd)
     # the evaluation config reads the time stage's file, the melu one only while it is missing
