@@ -221,7 +221,7 @@ def tuning_sets(
                 rated, fit_ratings, val_all, val_cold_sets, new_items, cfg.protocol, seed, n_query
             )
     if not cfg.get("val_support_in_fit", True):
-        fit_ratings = drop_users(fit_ratings, val_sets, "validation users' support")
+        fit_ratings = drop_users(fit_ratings, val_sets, "validation users' non-query ratings")
     return fit_ratings, train_sets, val_sets, val_new_sets, val_cold_sets
 
 
