@@ -161,13 +161,7 @@ def tuning_sets(
         train_sets, val_cold_sets = hold_out_users(
             train_sets, cfg.val_cold_users, seed, first_time=first
         )
-        cold = fit_ratings["user_id"].isin(np.asarray(val_cold_sets.user_id))
-        logging.info(
-            "cold-user validation: %d users (%d training ratings) held out of training",
-            val_cold_sets.n_users,
-            int(cold.sum()),
-        )
-        fit_ratings = fit_ratings[~cold].reset_index(drop=True)
+        fit_ratings = drop_users(fit_ratings, val_cold_sets, "cold-user validation's ratings")
     val_new_sets = None
     val_all = val_sets  # before the hold-out: whose tasks a rebuild starts from
     if cfg.val_new_items > 0:

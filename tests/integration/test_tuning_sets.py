@@ -295,14 +295,20 @@ def test_a_separate_new_item_model_leaves_the_warm_and_cold_users_every_item(fix
         build.validate_config(cfg)
 
 
+def _same_sets(a, b) -> bool:
+    """Whether two tuning-path ``SeedData`` hold the same stand-ins (absent in both, or equal)."""
+    fields = ("user_id", "support_item", "support_rating", "query_item", "query_rating")
+    names = ("val_cold_sets", "val_new_sets", "val_sets", "train_sets")
+    return all(
+        getattr(a, n) is None is getattr(b, n)
+        or all(np.array_equal(getattr(getattr(a, n), f), getattr(getattr(b, n), f)) for f in fields)
+        for n in names
+    )
+
+
 def _same_tuning_data(a, b) -> bool:
     """Whether two tuning-path ``SeedData`` hold the same stand-ins and training ratings."""
-    fields = ("user_id", "support_item", "support_rating", "query_item", "query_rating")
-    return a.fit_ratings.equals(b.fit_ratings) and all(
-        np.array_equal(getattr(getattr(a, name), f), getattr(getattr(b, name), f))
-        for name in ("val_cold_sets", "val_new_sets", "val_sets", "train_sets")
-        for f in fields
-    )
+    return a.fit_ratings.equals(b.fit_ratings) and _same_sets(a, b)
 
 
 def test_the_seal_keeps_every_seeds_test_query_ratings_out_of_the_tuning_path(fixture_data):
@@ -384,21 +390,10 @@ def test_validation_users_held_out_of_the_fit_keep_their_tasks(fixture_data, new
     assert set(zip(gone["user_id"], gone["item_id"])) == _pairs(sd.val_sets, "support")
     assert not val_ids & set(sd.draws["resample"](1).user_id.tolist())
     assert val_ids & set(before.draws["resample"](1).user_id.tolist())
-    fields = ("user_id", "support_item", "support_rating", "query_item", "query_rating")
-    for name in ("val_sets", "val_cold_sets", "val_new_sets", "train_sets"):
-        if getattr(before, name) is None:
-            continue
-        for f in fields:
-            np.testing.assert_array_equal(
-                getattr(getattr(sd, name), f), getattr(getattr(before, name), f)
-            )
+    assert _same_sets(sd, before)
     if new_model == "separate":
         new, old = sd.val_new_data, before.val_new_data
-        assert new.fit_ratings.equals(old.fit_ratings)
+        assert _same_tuning_data(new, old)
         assert new.fit_ratings["user_id"].isin(val_ids).any()
-        for f in fields:
-            np.testing.assert_array_equal(
-                getattr(new.val_new_sets, f), getattr(old.val_new_sets, f)
-            )
     # evaluation fits the validation users' support as before
     assert build.prepare_seed(data, 0, cfg).fit_ratings["user_id"].isin(val_ids).any()
