@@ -316,8 +316,9 @@ def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):
     chrono = dict(melu.spaces.cf_metasgd)
     chrono["train_tasks"] += ",crossfit_chrono"
     assert stage.spaces.to_dict() == melu.spaces.to_dict() | {"cf_metasgd": chrono}
-    # its stand-ins shifted in time, and no rating of its validation users fitted
-    latest = {"protocol": "time", "val_hold_out": "latest", "val_support_in_fit": False}
+    # its stand-ins shifted in time; in both, no rating of the validation users is fitted
+    assert not melu.base.val_support_in_fit
+    latest = {"protocol": "time", "val_hold_out": "latest"}
     assert stage.base.to_dict() == melu.base.to_dict() | latest
     assert set(stage.warm_starts.cf_metasgd) == set(stage.spaces.cf_metasgd)
     # the evaluation config reads the time stage's file, the melu one only while it is missing
@@ -481,7 +482,7 @@ def test_optuna_selection_never_reads_a_test_scenario(fixture_data, new_model):
     cfg = tiny_config()
     cfg.epochs = 1
     cfg.val_new_model = new_model
-    cfg.val_support_in_fit = new_model == "shared"  # the time stage's "separate" holds them out
+    cfg.val_support_in_fit = new_model == "shared"  # the tune stages' "separate" holds them out
     spaces = {"cf_metasgd": {"inner_lr": "log:0.05:1.0", "loss_prior": "float:0:50"}}
 
     compared = ("methods", "validation", "recommended", "trials", "baselines_validation")

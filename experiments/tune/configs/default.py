@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     # draws test users per seed: every query rating of those seeds' test scenarios leaves every
     # seed's tuning data (declared in BUILD_NOTES before the stage first ran with it)
     c.base.val_seal_seeds = tuple(c.base.seeds)
+    # the validation users' support ratings are held out of the fit too, so none of their ratings
+    # is fitted, as none of warm_test's users' is (declared in BUILD_NOTES before the stage ran)
+    c.base.val_support_in_fit = False
     # shorter runs per trial than the final training (epochs 30, patience 8)
     c.base.epochs = 20
     c.base.patience = 4

@@ -20,9 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
     # stand-ins shifted as the time protocol's test scenarios are: the newest known items and the
     # latest-arriving training users are held out (declared after its first table, BUILD_NOTES)
     c.base.val_hold_out = "latest"  # the items held out are whole years (the melu stage's base)
-    # the validation users' support ratings are held out of the fit too, so none of their ratings
-    # is fitted, as none of warm_test's users' is (declared in BUILD_NOTES before the stage ran)
-    c.base.val_support_in_fit = False
     c.write_config = time.TUNED
     # meta-training tasks may also be shaped as this protocol's (query = the ratings right after
     # the support in time), cross-fitted (declared in BUILD_NOTES before the stage ran with it)
