@@ -536,6 +536,7 @@ def _validate_numbers(cfg) -> None:
         "embed_dim": 1,
         "chunk_size": 0,
         "finetune_epochs": 1,
+        "finetune_patience": 1,
         "k": 1,
         "task_min_support": 1,
         "cf_dim": 1,

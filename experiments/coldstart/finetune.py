@@ -31,11 +31,12 @@ PLAIN = {"inner_steps": 0, "adapt": "all"}  # conventional training: no inner lo
 
 def trainer(fns, sd, cfg, k_init: jax.Array, k_train: jax.Array, scale) -> Callable:
     """``train(**meta_train_kwargs) -> TrainResult``: the base network (``fns.model``) trained on
-    ``sd``'s pooled training tasks (``cfg.train_tasks``) for ``cfg.finetune_epochs`` epochs."""
+    ``sd``'s pooled training tasks (``cfg.train_tasks``) for ``cfg.finetune_epochs`` epochs
+    (patience ``cfg.finetune_patience``)."""
     spec = sd.encoder.spec
     init_fn, _ = fns.model(spec)
     ft_cfg = ml_collections.ConfigDict(cfg.to_dict())
-    ft_cfg.epochs = cfg.finetune_epochs
+    ft_cfg.epochs, ft_cfg.patience = cfg.finetune_epochs, cfg.finetune_patience
 
     def train(**kw) -> TrainResult:
         return meta_train(

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -299,6 +300,55 @@ def test_the_tuned_file_sets_methods_and_the_recommended_one(tmp_path):
     algo, mcfg = build.method_config(cfg, "cf_metasgd")
     assert algo == "metasgd" and mcfg.model == "hybrid" and mcfg.cf_hidden == (64,)
     assert cfg.model == "melu"  # the base config is untouched
+
+
+def test_the_main_job_trains_its_meta_learners_as_the_tune_stage_scores_them():
+    from experiments.coldstart.configs import time as time_config
+    from experiments.tune.configs import default as tune_default
+    from experiments.tune.configs import time as tune_time
+
+    for stage, main in (
+        (tune_default.get_config(), default_config.get_config()),
+        (tune_time.get_config(), time_config.get_config()),
+    ):
+        assert (stage.base.epochs, stage.base.patience) == (main.epochs, main.patience)
+        # fine-tuning, a baseline, keeps its own budget in the main job
+        assert (main.finetune_epochs, main.finetune_patience) == (30, 8)
+
+
+def test_fine_tuning_stops_at_its_own_patience(monkeypatch):
+    from experiments.coldstart import finetune
+
+    seen = {}
+
+    def fake_meta_train(*args, **kw):
+        seen["cfg"] = args[6]
+
+    class Fns:
+        mesh = None
+
+        def model(self, spec):
+            return (lambda k: {}), None
+
+        def learner(self, spec, algo, **kw):
+            return None
+
+        step = eval = learner
+
+    class Sd:
+        encoder = types.SimpleNamespace(spec=None)
+        val = ()
+
+        def train_tasks(self, mode):
+            return []
+
+    monkeypatch.setattr(finetune, "meta_train", fake_meta_train)
+    monkeypatch.setattr(finetune, "pooled_tasks", lambda tasks: tasks)
+    cfg = default_config.get_config()
+    cfg.finetune_epochs, cfg.finetune_patience = 7, 3
+    finetune.trainer(Fns(), Sd(), cfg, None, None, 1.0)()
+    assert (seen["cfg"].epochs, seen["cfg"].patience) == (7, 3)
+    assert (cfg.epochs, cfg.patience) == (20, 4)  # the meta-learners' budget is left alone
 
 
 def test_the_time_protocol_has_a_tune_stage_of_its_own(tmp_path, monkeypatch):

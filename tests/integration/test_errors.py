@@ -96,6 +96,7 @@ def test_non_finite_features_are_named(where, value):
             r"--config\.curve_support values must be integers >= 1, got \(0, 5\)",
         ),
         ("patience", 0, "--config.patience must be >= 1"),
+        ("finetune_patience", 0, "--config.finetune_patience must be >= 1"),
         ("val_fraction", 1.0, r"--config\.val_fraction must be in \(0, 1\)"),
         ("id_dropout", 1.0, r"--config\.id_dropout must be in \[0, 1\)"),
         ("cf_new_item_mean", -0.1, r"--config\.cf_new_item_mean must be in \[0, 1\]"),

@@ -216,8 +216,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (MeLU; same parameters up to float summation order, a step independent of the catalogue
     # size); a learner whose inner loop adapts a table falls back to the dense step
     c.sparse_tables = False
-    c.epochs = 30
-    c.patience = 8
+    # the meta-learners' budget; the tune stage scores its trials with the same, so the main job
+    # trains the models the selection scored
+    c.epochs = 20
+    c.patience = 4
     # after early stopping, a Meta-SGD method's learned inner rates are multiplied by the scale
     # of this grid that scores best on the validation users (MAE - nDCG@k); () = as learned.
     # The cold-start experiment and the tune stage (each point is scored after it)
@@ -231,6 +233,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the conventionally trained network fine-tuned per user (baseline "finetune")
     c.finetune_lrs = (0.01, 0.03, 0.1)
     c.finetune_epochs = 30
+    c.finetune_patience = 8
     # bookkeeping
     c.ckpt_every = 50  # meta-steps between checkpoints inside an epoch (0: epoch ends only)
     c.keep_checkpoints = 2  # newest checkpoints kept per (seed, learner), plus the best

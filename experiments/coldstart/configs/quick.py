@@ -11,6 +11,7 @@ def get_config():
     c.seeds = (0,)
     c.epochs = 2
     c.patience = 1
+    c.finetune_patience = 1
     c.progress = False
     c.report = False
     return c

@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     # the validation users' support ratings are held out of the fit too, so none of their ratings
     # is fitted, as none of warm_test's users' is (declared in BUILD_NOTES before the stage ran)
     c.base.val_support_in_fit = False
-    # shorter runs per trial than the final training (epochs 30, patience 8)
-    c.base.epochs = 20
-    c.base.patience = 4
+    # the fine-tuning baseline's validation reference stops after 4 epochs without improvement,
+    # as it did when the committed files were written (the main job's baseline: 8)
+    c.base.finetune_patience = 4
     return c
