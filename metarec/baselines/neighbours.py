@@ -247,7 +247,30 @@ def mf_features(
     if not reg > 0:
         raise ValueError(f"mf_features needs a ridge reg > 0, got {reg}")
     arrays = (support_item, support_rating, support_mask, target_item)
-    return _task_blocks(_mf_block, (state, jnp.float32(reg)), arrays, task_chunk)
+    return _task_blocks(_mf_block, (_fold_in_side(state), jnp.float32(reg)), arrays, task_chunk)
+
+
+def _fold_in_side(state: MFState) -> MFState:
+    """What :func:`_mf_loo` reads of ``state``, shaped so that states fitted on other folds or
+    seeds share one compiled program: the item axis padded to a multiple of ``PAD_ITEMS`` (as
+    :func:`_pad_items`: ids int32 max that match none, zero bias and factors, so no lookup or
+    gather changes) and the user tables and loss history, which fold-in never reads, empty."""
+    n_items, d = state.item_factors.shape
+    p = -n_items % PAD_ITEMS
+
+    def pad(a):
+        return jnp.concatenate([a, jnp.zeros((p, *a.shape[1:]), a.dtype)])
+
+    vocab = jnp.asarray(state.item_vocab, jnp.int32)
+    return state.replace(
+        item_vocab=jnp.concatenate([vocab, jnp.full(p, np.iinfo(np.int32).max, jnp.int32)]),
+        item_bias=pad(state.item_bias),
+        item_factors=pad(state.item_factors),
+        user_vocab=jnp.zeros(0, jnp.int32),
+        user_bias=jnp.zeros(0, state.user_bias.dtype),
+        user_factors=jnp.zeros((0, d), state.user_factors.dtype),
+        loss_history=jnp.zeros(0, state.loss_history.dtype),
+    )
 
 
 def _task_blocks(fn, head, arrays, task_chunk):
@@ -269,12 +292,14 @@ def _task_blocks(fn, head, arrays, task_chunk):
 
 
 @functools.partial(jax.jit, static_argnums=(6,))
-def _new_block(state, mf, s_item, s_rat, s_mask, t_item, task_chunk):
+def _new_block(mus, mf, s_item, s_rat, s_mask, t_item, task_chunk):
+    user_mu, item_mu = mus
+
     def one(xs):
         s_item, s_rat, s_mask, t_item = xs
         m = s_mask > 0
         eq = ((t_item[:, None] == s_item[None, :]) & m[None, :]).astype(jnp.float32)
-        cols = [_loo_mean(s_rat, m, eq, state.user.mu), _loo_mean(s_rat, m, eq, state.item.mu)]
+        cols = [_loo_mean(s_rat, m, eq, user_mu), _loo_mean(s_rat, m, eq, item_mu)]
         if mf is not None:
             cols.append(_mf_loo(mf[0], mf[1], s_item, s_rat, s_mask, t_item, as_new=True))
         return jnp.stack(cols, axis=-1)
@@ -298,9 +323,10 @@ def new_item_features(
     mean without the target's own entry, the MF fold-in is ``mu + b_u``. For an item that really
     is unfitted this equals those functions' output; for a fitted one it is what a model that
     drops the item's id (a simulated new item) should be given."""
-    mf_arg = None if mf is None else (mf[0], jnp.float32(mf[1]))
+    mf_arg = None if mf is None else (_fold_in_side(mf[0]), jnp.float32(mf[1]))
     arrays = (support_item, support_rating, support_mask, target_item)
-    return _task_blocks(_new_block, (state, mf_arg), arrays, task_chunk)
+    # only the two fallback means of ``state`` go in, so its fitted shapes do not recompile this
+    return _task_blocks(_new_block, ((state.user.mu, state.item.mu), mf_arg), arrays, task_chunk)
 
 
 def content_features(

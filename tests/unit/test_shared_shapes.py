@@ -114,6 +114,53 @@ def test_neighbour_features_pad_items_and_tasks(world):
     assert nb._features._cache_size() - before <= 3
 
 
+def _blocks_reference(fn, head, arrays):
+    """``fn(*head, block..., task_chunk=32)`` on the same ``PAD_TASKS`` blocks as the library,
+    without any padding of ``head``."""
+    out, t = [], len(arrays[0])
+    for a in range(0, t, nb.PAD_TASKS):
+        sl = slice(a, a + nb.PAD_TASKS)
+        pad = nb.PAD_TASKS - len(arrays[0][sl])
+        blk = [np.concatenate([x[sl], np.zeros((pad, *x.shape[1:]), x.dtype)]) for x in arrays]
+        dtypes = (np.int32, np.float32, np.float32, np.int32)
+        blk = [b.astype(d) for b, d in zip(blk, dtypes)]
+        out.append(np.asarray(fn(*head, *blk, 32))[: t - a])
+    return np.concatenate(out)
+
+
+def test_mf_and_new_item_features_share_a_program_across_fitted_shapes(world):
+    train, tasks = world
+    u, i, r = train
+    model = make_baseline("mf", steps=50)
+    # one item and some users fewer: the shapes other folds and seeds have
+    keep = (i != 500) & (u < 130)
+    states = [model.fit(u, i, r), model.fit(u[keep], i[keep], r[keep])]
+    assert states[0].item_factors.shape[0] == states[1].item_factors.shape[0] + 1
+    assert states[0].user_factors.shape[0] > states[1].user_factors.shape[0]
+    nbs = [nb.fit_neighbours(u, i, r), nb.fit_neighbours(u[keep], i[keep], r[keep])]
+    reg = np.float32(5.0)
+    before = (nb._mf_block._cache_size(), nb._new_block._cache_size())
+    found = []
+    for st, ns in zip(states, nbs):
+        for t in (3, 130):  # one block, and two blocks of nb.PAD_TASKS
+            s_item, s_rat, s_mask, q_item, _ = tasks(t, 6)
+            for targets in (q_item, s_item):  # query targets, and support ones (left out)
+                arrays = [s_item, s_rat, s_mask, targets]
+                f = nb.mf_features(st, reg, *arrays)
+                new = nb.new_item_features(ns, *arrays, (st, reg))
+                found.append((st, ns, arrays, f, new))
+    # both fitted shapes and both task counts: one program per target width (query, support)
+    assert nb._mf_block._cache_size() - before[0] <= 2
+    assert nb._new_block._cache_size() - before[1] <= 2
+    for st, ns, arrays, f, new in found:
+        # references: the unpadded fitted state, every field of it
+        ref = _blocks_reference(nb._mf_block, (st, reg), arrays)
+        np.testing.assert_array_equal(bits(f), bits(ref))
+        mus = (ns.user.mu, ns.item.mu)
+        ref_new = _blocks_reference(nb._new_block, (mus, (st, reg)), arrays)
+        np.testing.assert_array_equal(bits(new), bits(ref_new))
+
+
 def test_padded_metrics_equal_the_unpadded_ones():
     rng = np.random.default_rng(0)
     before = mmetrics.per_task_metrics._cache_size()
