@@ -258,18 +258,21 @@ def _fold_in_side(state: MFState) -> MFState:
     n_items, d = state.item_factors.shape
     p = -n_items % PAD_ITEMS
 
-    def pad(a):
-        return jnp.concatenate([a, jnp.zeros((p, *a.shape[1:]), a.dtype)])
+    def pad(a, value=0):  # on the host: no small programs compiled per fitted shape
+        a = np.asarray(a)
+        return jnp.asarray(np.concatenate([a, np.full((p, *a.shape[1:]), value, a.dtype)]))
 
-    vocab = jnp.asarray(state.item_vocab, jnp.int32)
+    def empty(a, *shape):
+        return jnp.asarray(np.zeros(shape, a.dtype))
+
     return state.replace(
-        item_vocab=jnp.concatenate([vocab, jnp.full(p, np.iinfo(np.int32).max, jnp.int32)]),
+        item_vocab=pad(np.asarray(state.item_vocab, np.int32), np.iinfo(np.int32).max),
         item_bias=pad(state.item_bias),
         item_factors=pad(state.item_factors),
-        user_vocab=jnp.zeros(0, jnp.int32),
-        user_bias=jnp.zeros(0, state.user_bias.dtype),
-        user_factors=jnp.zeros((0, d), state.user_factors.dtype),
-        loss_history=jnp.zeros(0, state.loss_history.dtype),
+        user_vocab=empty(state.user_vocab, 0),
+        user_bias=empty(state.user_bias, 0),
+        user_factors=empty(state.user_factors, 0, d),
+        loss_history=empty(state.loss_history, 0),
     )
 
 
