@@ -160,6 +160,20 @@ def neighbour_features(
     return map_blocks(block, arrays, PAD_TASKS)
 
 
+def _pad_axis(a, p: int, axis: int = 0, value=0) -> jax.Array:
+    """``a`` with ``p`` entries of ``value`` appended along ``axis``, built on the host (padding
+    compiles no program per fitted shape)."""
+    widths = [(0, 0)] * np.ndim(a)
+    widths[axis] = (0, p)
+    return jnp.asarray(np.pad(np.asarray(a), widths, constant_values=value))
+
+
+def _pad_vocab(vocab, p: int) -> jax.Array:
+    """A sorted id vocabulary with ``p`` ids appended that sort after every real id and match none
+    (int32 max)."""
+    return _pad_axis(np.asarray(vocab, np.int32), p, value=np.iinfo(np.int32).max)
+
+
 def _pad_items(state: NeighbourState, multiple: int) -> NeighbourState:
     """``state`` with its item axis padded to a multiple of ``multiple``: the padded items' ids sort
     after every real id and match none (int32 max), they are observed by nobody and carry zeros, so
@@ -168,25 +182,18 @@ def _pad_items(state: NeighbourState, multiple: int) -> NeighbourState:
     p = -n_items % multiple
     if p == 0:
         return state
-
-    def pad(a, axis):
-        widths = [(0, 0)] * np.ndim(a)
-        widths[axis] = (0, p)
-        return jnp.asarray(np.pad(np.asarray(a), widths))
-
-    vocab = np.concatenate(
-        [np.asarray(state.user.item_vocab), np.full(p, np.iinfo(np.int32).max, np.int32)]
-    )
-    vocab = jnp.asarray(vocab)
+    vocab = _pad_vocab(state.user.item_vocab, p)
     user = state.user.replace(
-        item_vocab=vocab, centred=pad(state.user.centred, 1), observed=pad(state.user.observed, 1)
+        item_vocab=vocab,
+        centred=_pad_axis(state.user.centred, p, 1),
+        observed=_pad_axis(state.user.observed, p, 1),
     )
     item = state.item.replace(
         item_vocab=vocab,
-        item_mean=pad(state.item.item_mean, 0),
-        centred=pad(state.item.centred, 0),
-        observed=pad(state.item.observed, 0),
-        norm=pad(state.item.norm, 0),
+        item_mean=_pad_axis(state.item.item_mean, p),
+        centred=_pad_axis(state.item.centred, p),
+        observed=_pad_axis(state.item.observed, p),
+        norm=_pad_axis(state.item.norm, p),
     )
     return state.replace(user=user, item=item)
 
@@ -258,17 +265,13 @@ def _fold_in_side(state: MFState) -> MFState:
     n_items, d = state.item_factors.shape
     p = -n_items % PAD_ITEMS
 
-    def pad(a, value=0):  # on the host: no small programs compiled per fitted shape
-        a = np.asarray(a)
-        return jnp.asarray(np.concatenate([a, np.full((p, *a.shape[1:]), value, a.dtype)]))
-
     def empty(a, *shape):
         return jnp.asarray(np.zeros(shape, a.dtype))
 
     return state.replace(
-        item_vocab=pad(np.asarray(state.item_vocab, np.int32), np.iinfo(np.int32).max),
-        item_bias=pad(state.item_bias),
-        item_factors=pad(state.item_factors),
+        item_vocab=_pad_vocab(state.item_vocab, p),
+        item_bias=_pad_axis(state.item_bias, p),
+        item_factors=_pad_axis(state.item_factors, p),
         user_vocab=empty(state.user_vocab, 0),
         user_bias=empty(state.user_bias, 0),
         user_factors=empty(state.user_factors, 0, d),
