@@ -172,9 +172,14 @@ def run_seed(
     log_fn: Callable = print,
     compiled: Compiled | None = None,
     ctx: RunContext | None = None,
+    start: int = 0,
 ) -> dict:
     """All methods on all scenarios for one seed: ``{scenario: {method: {metric: value}}}`` plus
     ``_info`` (scenario sizes, training histories, timings, parameter digests, adaptation curves).
+
+    The meta-learners train in the order of ``cfg.algos`` starting at position ``start`` (then
+    wrapping round); the results do not depend on it (each learner's keys are drawn in config
+    order).
 
     Each meta-learner and ``finetune`` is a unit: with ``ctx.workdir`` it is checkpointed under
     ``checkpoints/seed<seed>/<unit>`` and its scores saved to ``units/seed<seed>/<unit>.json`` when
@@ -221,8 +226,14 @@ def run_seed(
         if "finetune_lr" in rec:
             info["finetune_lr"] = rec["finetune_lr"]
 
+    keys = {}
     for name in cfg.algos:
         key, k_init, k_train = jax.random.split(key, 3)
+        keys[name] = (k_init, k_train)
+    recs = {}
+    n_algos = len(cfg.algos)
+    for name in [cfg.algos[(start + j) % n_algos] for j in range(n_algos)]:
+        k_init, k_train = keys[name]
         done = load_unit(ctx, seed, name)
         if done is not None:
             log_fn(
@@ -230,7 +241,7 @@ def run_seed(
                 f"{unit_paths(ctx.workdir, seed, name)[1]}"
             )
             info["resumed"].append(name)
-            record(name, done)
+            recs[name] = done
             continue
         algo, mfns = fns.for_method(name)
         mcfg = mfns.cfg
@@ -320,7 +331,9 @@ def run_seed(
                 ),
             }
         save_unit(ctx, seed, name, rec)
-        record(name, rec)
+        recs[name] = rec
+    for name in cfg.algos:  # recorded in config order, whatever order they trained in
+        record(name, recs[name])
 
     if "finetune" in cfg.baselines:
         key, k_init, k_train = jax.random.split(key, 3)
@@ -373,10 +386,12 @@ def run_seed(
 
 def _seed_job(seed: int, *, data, cfg, ctx: RunContext, log_fn, metrics) -> dict:
     """:func:`run_seed` in a worker process of :func:`map_in_processes` (no progress line: the
-    seeds share one terminal)."""
+    seeds share one terminal). The seed at position ``p`` of ``cfg.seeds`` starts at meta-learner
+    ``p``: the processes then compile different meta-steps at once, and each later loads the
+    others' from the persistent compilation cache instead of compiling the same one alongside."""
     log_fn(f"=== seed {seed}")
     ctx = dataclasses.replace(ctx, metrics=metrics, progress=False)
-    return run_seed(data, seed, cfg, log_fn, None, ctx)
+    return run_seed(data, seed, cfg, log_fn, None, ctx, start=list(cfg.seeds).index(seed))
 
 
 def run(

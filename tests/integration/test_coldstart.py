@@ -109,6 +109,35 @@ def test_run_is_deterministic(fixture_data, tiny_run):
         assert again[s] == res["per_seed"]["1"][s]
 
 
+def test_learner_order_leaves_the_results_unchanged(fixture_data):
+    """A seed worker starts at another meta-learner (``run_seed(start=...)``): each learner's
+    keys, parameters and scores, and the order they are recorded in, are those of config order."""
+    data, _ = fixture_data
+    cfg = tiny_config()
+    cfg.algos = ("maml", "fomaml")
+    cfg.baselines = ("no_adapt",)
+    cfg.epochs = 1
+    compiled = build.Compiled(cfg)
+    runs, logs = [], []
+    for start in (0, 1):
+        lines = []
+        runs.append(pipeline.run_seed(data, 1, cfg, lines.append, compiled, start=start))
+        logs.append([line.split(":")[0] for line in lines if line.startswith("seed 1 ")])
+    assert logs[0][0] == "seed 1 maml" and logs[1][0] == "seed 1 fomaml"
+    for s in build.TEST_SCENARIOS:
+        assert runs[1][s] == runs[0][s] and list(runs[1][s]) == list(runs[0][s])
+    for field in ("params_sha256", "best_epoch"):
+        assert runs[1]["_info"][field] == runs[0]["_info"][field], field
+    assert list(runs[1]["_info"]["params_sha256"]) == list(runs[0]["_info"]["params_sha256"])
+
+    def untimed(history):
+        return {u: [{k: v for k, v in e.items() if k != "seconds"} for e in h] for u, h in history}
+
+    assert untimed(runs[1]["_info"]["histories"].items()) == untimed(
+        runs[0]["_info"]["histories"].items()
+    )
+
+
 @pytest.mark.slow  # spawns two processes that compile every program again
 def test_seeds_in_worker_processes_give_the_same_run(fixture_data, tiny_run, tmp_path):
     data, _ = fixture_data
