@@ -132,14 +132,18 @@ def enable_compilation_cache(environ=None) -> str | None:
     """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir` (a second run
     with the same shapes loads executables instead of compiling them); every entry point calls it
     through :func:`run_main`, the test suite from ``tests/conftest.py``. Returns the folder, or None
-    when ``$METAREC_COMPILATION_CACHE`` turned it off (JAX's own settings are then left alone)."""
+    when ``$METAREC_COMPILATION_CACHE`` turned it off (JAX's own settings are then left alone).
+
+    Every program is written, however quick to compile (JAX's default keeps only those over 1 s):
+    a run compiles hundreds of small ones, and seed worker processes started together load the
+    ones another process compiled first."""
     cache = compilation_cache_dir(environ)
     if cache is None:
         return None
     import jax
 
     jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return cache
 
 

@@ -50,7 +50,10 @@ def test_run_timing_adds_compile_and_compute_seconds_to_the_run_json_the_block_w
     wd.mkdir()
     with common.run_timing(str(wd)):
         (wd / "run.json").write_text(json.dumps({"command": "x"}))
-        f = jax.jit(lambda v: jnp.cos(v) * 7.0 - 0.5)  # a function no other test compiles
+        # a program no other test or earlier run compiles (every program is cached, and a cache
+        # hit has no backend_compile event): a constant of its own in the HLO
+        unique = float(time.time_ns() % 1_000_003)
+        f = jax.jit(lambda v: jnp.cos(v) * 7.0 - unique)
         f(jnp.arange(3.0)).block_until_ready()
         time.sleep(0.05)  # compute that is not compilation
     timing = json.loads((wd / "run.json").read_text())["timing"]
