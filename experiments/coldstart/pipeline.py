@@ -230,7 +230,7 @@ def run_seed(
     for name in cfg.algos:
         key, k_init, k_train = jax.random.split(key, 3)
         keys[name] = (k_init, k_train)
-    recs = {}
+    recs, resumed = {}, set()
     n_algos = len(cfg.algos)
     for name in [cfg.algos[(start + j) % n_algos] for j in range(n_algos)]:
         k_init, k_train = keys[name]
@@ -240,8 +240,8 @@ def run_seed(
                 f"seed {seed} {name}: finished earlier, results read from "
                 f"{unit_paths(ctx.workdir, seed, name)[1]}"
             )
-            info["resumed"].append(name)
             recs[name] = done
+            resumed.add(name)
             continue
         algo, mfns = fns.for_method(name)
         mcfg = mfns.cfg
@@ -334,6 +334,8 @@ def run_seed(
         recs[name] = rec
     for name in cfg.algos:  # recorded in config order, whatever order they trained in
         record(name, recs[name])
+        if name in resumed:
+            info["resumed"].append(name)
 
     if "finetune" in cfg.baselines:
         key, k_init, k_train = jax.random.split(key, 3)
