@@ -231,8 +231,8 @@ def run_seed(
         key, k_init, k_train = jax.random.split(key, 3)
         keys[name] = (k_init, k_train)
     recs, resumed = {}, set()
-    n_algos = len(cfg.algos)
-    for name in [cfg.algos[(start + j) % n_algos] for j in range(n_algos)]:
+    start %= len(cfg.algos)
+    for name in (*cfg.algos[start:], *cfg.algos[:start]):
         k_init, k_train = keys[name]
         done = load_unit(ctx, seed, name)
         if done is not None:
