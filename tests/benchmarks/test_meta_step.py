@@ -324,6 +324,7 @@ def test_device_batches_equal_host_batches():
             np.testing.assert_array_equal(np.asarray(b), a)
 
 
+@pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_device_input_gives_the_same_steps():
     """Device-side input feeds the step the same batches as host input: after the same number of
     steps from the same start, the parameters are equal."""

@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks.rl_env import bench
 from benchmarks.rl_env.numpy_env import run_random_episodes, users_of
@@ -41,6 +42,7 @@ def test_numpy_simulator_steps_like_the_jax_simulator():
     assert 3 <= run_random_episodes(users_of(envs), seed=1) <= 3 * cfg.horizon
 
 
+@pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_benchmark_writes_its_json(tmp_path):
     out = bench.run(
         str(tmp_path),

@@ -492,6 +492,7 @@ def test_the_new_item_scale_step_is_a_grid_at_the_stage_s_point(stage):
         new_item_scale.get_config("melu2")
 
 
+@pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_new_items_adapt_at_their_own_scale(fixture_data):
     data, _ = fixture_data
     cfg = tiny_config()

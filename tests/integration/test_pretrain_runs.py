@@ -97,6 +97,7 @@ def test_pretrain_stops_on_non_finite_loss(split, straight, tmp_path):
         assert ck.latest_step() is None
 
 
+@pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_pretrain_script_run_json_metrics_and_resume(tmp_path):
     directory = write_ml100k(
         tmp_path / "ml", n_users=80, n_items=60, min_per_user=14, max_per_user=40, seed=4

@@ -13,6 +13,7 @@ from metarec.training.meta_train import predict_tasks, score
 from tests.integration.test_coldstart import tiny_config
 
 
+@pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_the_tune_report_has_the_finetune_baseline_as_the_experiment_defines_it(fixture_data):
     """``finetune`` is scored on the validation users and both stand-ins (the new-item one by a
     network trained without the held-out items); its step size is the validation users' choice

@@ -135,6 +135,7 @@ def test_client_update_is_local_sgd():
     assert float(n) == 6.0
 
 
+@pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_dropped_clients_change_nothing():
     lrn = learner()
     opt = optax.adamw(1e-2)

@@ -58,7 +58,12 @@ def assert_close(a, b, rtol=1e-5):
 
 @pytest.mark.parametrize(
     "name,dropout_key,chunk",
-    [("maml", True, None), ("maml", False, 4), ("fomaml", True, None), ("metasgd", True, 4)],
+    [
+        pytest.param("maml", True, None, marks=pytest.mark.slow),  # over 6 s, as the next one
+        ("maml", False, 4),
+        ("fomaml", True, None),
+        pytest.param("metasgd", True, 4, marks=pytest.mark.slow),
+    ],
 )
 def test_meta_gradient_equals_dense(problem, name, dropout_key, chunk):
     tasks, spec, params, apply_fn = problem
@@ -79,7 +84,7 @@ def test_meta_gradient_equals_dense(problem, name, dropout_key, chunk):
         assert 0 < int(jnp.sum(jnp.any(table != 0, axis=1))) < table.shape[0]
 
 
-@pytest.mark.parametrize("name", ["maml", "metasgd"])
+@pytest.mark.parametrize("name", ["maml", pytest.param("metasgd", marks=pytest.mark.slow)])
 def test_parameters_after_steps_equal_dense(problem, name):
     tasks, spec, params, apply_fn = problem
     lrn = learner(name, apply_fn)

@@ -75,6 +75,7 @@ def test_reinforce_estimate_matches_the_exact_gradient_through_the_memory():
         assert np.abs(ex).max() > 8 * se.max(), name  # the check has power
 
 
+@pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_vmapped_evaluation_equals_one_user_at_a_time_and_slates_update_position_by_position():
     n_items, cfg = 8, R.RL2Config(hidden=4)
     params = _params(n_items, cfg)
