@@ -33,6 +33,7 @@ from metarec.training.compile_time import (
     split_seconds,
     stage_seconds,
     worker_compile_seconds,
+    worker_stage_seconds,
 )
 from metarec.training.runlog import remove_run_files
 from metarec.training.trainer import NonFiniteLossError
@@ -261,9 +262,11 @@ def run_timing(workdir: str | None):
     script's, in a shared folder) is left alone."""
     started, wall0, compiled0 = time.time(), time.perf_counter(), compile_seconds()
     stages0, workers0 = stage_seconds(), worker_compile_seconds()
+    worker_stages0 = worker_stage_seconds()
     yield
     if workdir:
-        timing = split_seconds(time.perf_counter() - wall0, compiled0, stages0, workers0)
+        wall = time.perf_counter() - wall0
+        timing = split_seconds(wall, compiled0, stages0, workers0, worker_stages0)
         record_timing(workdir, timing, since=started - 1.0)  # 1 s: file-time granularity
 
 

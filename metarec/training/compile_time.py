@@ -51,6 +51,14 @@ def worker_compile_seconds() -> float:
         return sum(_in_workers.values())
 
 
+def worker_stage_seconds() -> dict[str, float]:
+    """:func:`worker_compile_seconds` per stage (``trace``, ``lower``, ``backend_compile``): a
+    worker traces and lowers every program it runs, and the persistent cache can save only the
+    backend compile."""
+    with _lock:
+        return {STAGES[e]: v for e, v in _in_workers.items()}
+
+
 def compile_seconds() -> float:
     """Seconds spent tracing, lowering and compiling in this process since the first call (which
     installs the listener and returns 0.0, unless something compiled concurrently)."""
@@ -76,6 +84,7 @@ def split_seconds(
     compile_before: float,
     stages_before: dict | None = None,
     workers_before: float | None = None,
+    worker_stages_before: dict | None = None,
 ) -> dict:
     """``{"wall_seconds", "compile_seconds", "compute_seconds"}`` of a stretch of ``wall_seconds``
     that began when :func:`compile_seconds` read ``compile_before``; compute is the rest (data,
@@ -83,7 +92,8 @@ def split_seconds(
     ``"compile_stages"``: the seconds of each stage (the persistent cache saves only the backend
     compile; tracing and lowering happen every run). With ``workers_before``
     (:func:`worker_compile_seconds` at the start) also ``"worker_compile_seconds"`` where worker
-    processes compiled."""
+    processes compiled, and with ``worker_stages_before`` (:func:`worker_stage_seconds` at the
+    start) their stages as ``"worker_compile_stages"``."""
     compiled = compile_seconds() - compile_before
     out = {
         "wall_seconds": round(wall_seconds, 3),
@@ -95,4 +105,9 @@ def split_seconds(
         out["compile_stages"] = {k: round(now[k] - stages_before[k], 3) for k in now}
     if workers_before is not None and worker_compile_seconds() > workers_before:
         out["worker_compile_seconds"] = round(worker_compile_seconds() - workers_before, 3)
+        if worker_stages_before is not None:
+            now = worker_stage_seconds()
+            out["worker_compile_stages"] = {
+                k: round(now[k] - worker_stages_before[k], 3) for k in now
+            }
     return out

@@ -42,6 +42,7 @@ class _Recorder:
 def test_jobs_run_in_other_processes_and_report_here(caplog):
     lines, rec = [], _Recorder()
     workers0, own0 = compile_time.worker_compile_seconds(), compile_time.compile_seconds()
+    stages0 = compile_time.worker_stage_seconds()
     with caplog.at_level(logging.INFO):
         out = map_in_processes(_job, [3, 1, 2], workers=2, log_fn=lines.append, metrics=rec)
     assert out == [9, 1, 4]
@@ -59,8 +60,11 @@ def test_jobs_run_in_other_processes_and_report_here(caplog):
     assert sorted(r.getMessage() for r in logs) == [f"library log of job {i}" for i in (1, 2, 3)]
     assert all(r.process != os.getpid() for r in logs)
     # the workers' compile seconds are counted apart from this process's own
-    timing = compile_time.split_seconds(60.0, own0, None, workers0)
+    timing = compile_time.split_seconds(60.0, own0, None, workers0, stages0)
     assert timing["worker_compile_seconds"] > 0 and timing["compute_seconds"] <= 60.0
+    stages = timing["worker_compile_stages"]  # the workers' seconds, stage by stage
+    assert set(stages) == {"trace", "lower", "backend_compile"} and stages["trace"] > 0
+    assert sum(stages.values()) == pytest.approx(timing["worker_compile_seconds"], abs=0.01)
     assert "worker_compile_seconds" not in compile_time.split_seconds(1.0, 0.0, None, None)
 
 
