@@ -59,7 +59,7 @@ def assert_close(a, b, rtol=1e-5):
 @pytest.mark.parametrize(
     "name,dropout_key,chunk",
     [
-        pytest.param("maml", True, None, marks=pytest.mark.slow),  # over 6 s, as the next one
+        pytest.param("maml", True, None, marks=pytest.mark.slow),  # over 6 s, as the metasgd case
         ("maml", False, 4),
         ("fomaml", True, None),
         pytest.param("metasgd", True, 4, marks=pytest.mark.slow),
