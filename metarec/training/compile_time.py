@@ -45,18 +45,17 @@ def add_seconds(event: str, duration_secs: float) -> None:
             _in_workers[event] += float(duration_secs)
 
 
-def worker_compile_seconds() -> float:
-    """Compile seconds of this process's worker processes so far, summed over them."""
-    with _lock:
-        return sum(_in_workers.values())
-
-
 def worker_stage_seconds() -> dict[str, float]:
     """:func:`worker_compile_seconds` per stage (``trace``, ``lower``, ``backend_compile``): a
     worker traces and lowers every program it runs, and the persistent cache can save only the
     backend compile."""
     with _lock:
         return {STAGES[e]: v for e, v in _in_workers.items()}
+
+
+def worker_compile_seconds() -> float:
+    """Compile seconds of this process's worker processes so far, summed over them."""
+    return sum(worker_stage_seconds().values())
 
 
 def compile_seconds() -> float:
@@ -103,11 +102,11 @@ def split_seconds(
     if stages_before is not None:
         now = stage_seconds()
         out["compile_stages"] = {k: round(now[k] - stages_before[k], 3) for k in now}
-    if workers_before is not None and worker_compile_seconds() > workers_before:
-        out["worker_compile_seconds"] = round(worker_compile_seconds() - workers_before, 3)
+    workers_now = worker_stage_seconds()
+    if workers_before is not None and sum(workers_now.values()) > workers_before:
+        out["worker_compile_seconds"] = round(sum(workers_now.values()) - workers_before, 3)
         if worker_stages_before is not None:
-            now = worker_stage_seconds()
             out["worker_compile_stages"] = {
-                k: round(now[k] - worker_stages_before[k], 3) for k in now
+                k: round(v - worker_stages_before[k], 3) for k, v in workers_now.items()
             }
     return out
