@@ -560,6 +560,10 @@ def _validate_numbers(cfg) -> None:
         raise ValueError(f"--config.loss_prior must be >= 0, got {cfg.loss_prior}")
     if not cfg.outer_rank_weight >= 0:
         raise ValueError(f"--config.outer_rank_weight must be >= 0, got {cfg.outer_rank_weight}")
+    if not cfg.get("early_stop_ndcg_weight", 0.0) >= 0:
+        raise ValueError(
+            f"--config.early_stop_ndcg_weight must be >= 0, got {cfg.early_stop_ndcg_weight}"
+        )
     if not cfg.cf_reg >= 0:
         raise ValueError(f"--config.cf_reg must be >= 0, got {cfg.cf_reg}")
     lrs = cfg.finetune_lrs

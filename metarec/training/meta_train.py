@@ -2,7 +2,8 @@
 
 :func:`meta_train` runs a jitted meta-step (:func:`metarec.meta.step.make_meta_step`) over
 meta-batches of training tasks, scores the validation users after every epoch (adapt on their
-support sets, predict their query sets) and keeps the best meta-parameters by validation MAE.
+support sets, predict their query sets) and keeps the best meta-parameters by validation MAE (or
+MAE minus a weight times nDCG@k, ``cfg.early_stop_ndcg_weight``).
 :func:`predict_tasks` and :func:`score` are the evaluation used for validation and for the test
 scenarios alike.
 """
@@ -33,10 +34,12 @@ from metarec.training.runlog import MetricsWriter, Progress
 
 @dataclasses.dataclass
 class TrainResult:
-    """What :func:`meta_train` returns: the best meta-parameters by validation MAE and how they were
-    found. ``seconds`` is the total training time (summed over resumed pieces); ``steps`` the number
-    of meta-steps taken; ``resumed_from`` the checkpoint step training continued from (None: fresh);
-    ``params_sha256`` a digest of ``params`` (:func:`metarec.training.checkpoint.tree_digest`)."""
+    """What :func:`meta_train` returns: the best meta-parameters by the stopping criterion
+    (validation MAE, or MAE - ``early_stop_ndcg_weight`` x nDCG@k), their validation MAE and how
+    they were found. ``seconds`` is the total training time (summed over resumed pieces);
+    ``steps`` the number of meta-steps taken; ``resumed_from`` the checkpoint step training
+    continued from (None: fresh); ``params_sha256`` a digest of ``params``
+    (:func:`metarec.training.checkpoint.tree_digest`)."""
 
     params: Any
     history: list[dict]
@@ -133,6 +136,18 @@ def new_item_params(meta_params, new_scale: float | None):
     if new_scale is None or new_scale < 0 or not isinstance(meta_params, MetaSGDParams):
         return None
     return scale_inner_rates(meta_params, float(new_scale))
+
+
+def _stopping_criterion(val_scores: dict, cfg) -> tuple[float, float, dict]:
+    """``(validation MAE, what early stopping minimises, extra history fields)``: the MAE, or with
+    ``cfg.early_stop_ndcg_weight`` = w > 0, ``MAE - w x nDCG@k`` (the tune stage's objective on
+    these users), recorded in the history with the nDCG."""
+    mae, w = val_scores["mae"], float(cfg.get("early_stop_ndcg_weight", 0.0))
+    if not w:
+        return mae, mae, {}
+    ndcg = val_scores[f"ndcg@{cfg.k}"]
+    crit = mae - w * ndcg
+    return mae, crit, {f"val_ndcg@{cfg.k}": ndcg, "val_criterion": crit}
 
 
 def check_step_scales(scales) -> None:
@@ -321,8 +336,8 @@ def meta_train(
     epoch_params: Callable | None = None,
 ) -> TrainResult:
     """Meta-train with ``step`` (from ``make_meta_step`` with :func:`make_optimizer`) and early
-    stopping on validation MAE (``eval_fn`` from ``make_eval_fn``); returns the best
-    meta-parameters.
+    stopping on validation MAE, or with ``cfg.early_stop_ndcg_weight`` = w > 0 on validation MAE -
+    w x nDCG@``cfg.k`` (``eval_fn`` from ``make_eval_fn``); returns the best meta-parameters.
 
     ``train`` is a fixed :class:`Task` batch, a function ``epoch -> Task`` (a fresh draw per
     epoch, e.g. from :func:`metarec.data.sample_user_sets`; it must be deterministic in ``epoch``
@@ -339,8 +354,8 @@ def meta_train(
     sets must be leaves the meta-gradient does not reach.
 
     The loop runs on :mod:`metarec.training.trainer`: a piece ends every ``cfg.ckpt_every`` steps
-    inside an epoch and at every epoch end (with the validation MAE as the checkpoint metric, so the
-    best one is retained). With ``resume`` it continues from the newest checkpoint and, on a
+    inside an epoch and at every epoch end (with the stopping criterion as the checkpoint metric, so
+    the best one is retained). With ``resume`` it continues from the newest checkpoint and, on a
     deterministic backend, ends with bit-identical parameters and history (timings aside).
 
     A non-finite loss or gradient stops training with
@@ -490,9 +505,10 @@ def meta_train(
         if multi:  # this process's copy, on its default device, for the local evaluation
             params = jax.tree_util.tree_map(jnp.asarray, state.arrays["params"])
         out = predict_tasks(eval_fn, params, val, cfg.eval_chunk)
-        val_mae = score(out["pred"], val, scale, cfg.k)["mae"]
+        val_scores = score(out["pred"], val, scale, cfg.k)
+        val_mae, criterion, extra = _stopping_criterion(val_scores, cfg)
         if multi:  # early stopping must agree, or the processes would part ways
-            multihost_utils.assert_equal(val_mae, f"{name}: processes differ in validation MAE")
+            multihost_utils.assert_equal(criterion, f"{name}: processes differ in validation")
         train_loss = float(np.mean(h["losses"]))
         h["history"].append(
             {
@@ -500,6 +516,7 @@ def meta_train(
                 "step": n_step,
                 "train_loss": train_loss,
                 "val_mae": val_mae,
+                **extra,
                 "seconds": state.seconds,
             }
         )
@@ -518,17 +535,17 @@ def meta_train(
         if log_fn:
             log_fn(f"  {name} epoch {epoch:3d} train_loss {train_loss:.4f} val_mae {val_mae:.4f}")
         best_val = np.inf if h["best_val"] is None else h["best_val"]
-        if val_mae < best_val:
-            h["best_val"], h["best_epoch"], h["best_step"] = val_mae, epoch, n_step
+        if criterion < best_val:
+            h["best_val"], h["best_epoch"], h["best_step"] = criterion, epoch, n_step
             best_params = params
         state.done = epoch - h["best_epoch"] >= cfg.patience or epoch >= cfg.epochs
         h["epoch"], h["batch"], h["losses"] = epoch + 1, 0, []
         state.step = n_step
-        return state, val_mae
+        return state, criterion
 
     state = trainer.run(piece, state, checkpointer=checkpointer, ident=ident)
     h = state.host
-    best_val = np.inf if h["best_val"] is None else h["best_val"]
+    best_val = next((r["val_mae"] for r in h["history"] if r["epoch"] == h["best_epoch"]), np.inf)
     if bar is not None:
         bar.close(best_val_mae=float(best_val))
     if multi:  # a host copy (checkpointed or resumed state): on this process's default device

@@ -492,6 +492,34 @@ def test_the_new_item_scale_step_is_a_grid_at_the_stage_s_point(stage):
         new_item_scale.get_config("melu2")
 
 
+@pytest.mark.parametrize("stage", ["melu", "time"])
+def test_the_early_stopping_step_is_a_grid_of_the_weight_at_the_stage_s_point(stage):
+    from experiments.tune.configs import early_stop
+    from experiments.tune.spaces import make_study, parse_space
+
+    c, search = early_stop.get_config(stage), early_stop.STAGES[stage].get_config()
+    differs = {k for k, v in c.to_dict().items() if v != search.to_dict()[k]}
+    assert differs == {"spaces", "warm_starts"} and not c.warm_starts
+    with open(c.write_config) as f:
+        written = json.load(f)["methods"]
+    for method, space in c.spaces.items():
+        gridded = {early_stop.FIELD} if method == "cf_metasgd" else set()
+        assert set(space) == set(search.spaces[method]) | gridded
+        parsed = parse_space(dict(space), c.base)
+        _, n_trials = make_study(parsed, c.n_trials, c.sampler_seed)
+        assert n_trials == (len(early_stop.WEIGHTS) if gridded else 1)
+        for field, (kind, got) in parsed.items():
+            if field in gridded:
+                assert got == (0.0, 1.0)
+            else:  # every searched field, the last step's included, as the stage wrote it
+                assert kind == "choice" and got == (written[method][field],)
+                assert type(got[0]) is type(written[method][field])
+    # 0 (MAE alone) is the config's value, so the file before the step stops as it always did
+    assert c.base.early_stop_ndcg_weight == 0.0
+    with pytest.raises(ValueError, match="allowed: melu, time"):
+        early_stop.get_config("melu2")
+
+
 @pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_new_items_adapt_at_their_own_scale(fixture_data):
     data, _ = fixture_data

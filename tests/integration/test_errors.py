@@ -100,6 +100,7 @@ def test_non_finite_features_are_named(where, value):
         ("val_fraction", 1.0, r"--config\.val_fraction must be in \(0, 1\)"),
         ("id_dropout", 1.0, r"--config\.id_dropout must be in \[0, 1\)"),
         ("cf_new_item_mean", -0.1, r"--config\.cf_new_item_mean must be in \[0, 1\]"),
+        ("early_stop_ndcg_weight", -1.0, r"--config\.early_stop_ndcg_weight must be >= 0"),
     ],
 )
 def test_bad_config_values(field, value, message):

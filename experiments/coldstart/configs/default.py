@@ -220,6 +220,9 @@ def base_config() -> ml_collections.ConfigDict:
     # trains the models the selection scored
     c.epochs = 20
     c.patience = 4
+    # early stopping keeps the epoch with the lowest validation MAE - this x validation nDCG@k
+    # (0 = MAE alone; the tune stage's objective and the step-scale calibration weigh nDCG by 1)
+    c.early_stop_ndcg_weight = 0.0
     # after early stopping, a Meta-SGD method's learned inner rates are multiplied by the scale
     # of this grid that scores best on the validation users (MAE - nDCG@k); () = as learned.
     # The cold-start experiment and the tune stage (each point is scored after it)

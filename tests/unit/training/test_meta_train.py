@@ -303,3 +303,35 @@ def test_each_epoch_trains_on_its_own_draw(setup):
 
     with pytest.raises(ValueError, match="drew 34 tasks, not 35"):
         meta_train(learner, step, eval_fn, params, shrinking, val, cfg, key, scale)
+
+
+def test_early_stopping_on_mae_minus_weighted_ndcg_keeps_that_epoch(setup):
+    import ml_collections
+
+    from metarec.training.meta_train import predict_tasks, score
+
+    learner, step, eval_fn, params, train, val, cfg, key, scale = setup
+    # on these four validation users MAE is lowest at epoch 3 and MAE - nDCG@3 at epoch 2
+    val = mdata.index_tasks(val, slice(0, 4))
+    runs = {}
+    for w in (0.0, 1.0):
+        c = ml_collections.ConfigDict(cfg.to_dict())
+        c.epochs, c.patience, c.early_stop_ndcg_weight = 6, 6, w
+        runs[w] = meta_train(learner, step, eval_fn, params, train, val, c, key, scale)
+    mae_only, weighted = runs[0.0], runs[1.0]
+    assert all("val_criterion" not in r for r in mae_only.history)  # history as before
+    # the same training: only the kept epoch differs
+    assert [r["val_mae"] for r in weighted.history] == [r["val_mae"] for r in mae_only.history]
+    crit = [r["val_mae"] - r["val_ndcg@3"] for r in weighted.history]
+    assert [r["val_criterion"] for r in weighted.history] == pytest.approx(crit, abs=1e-12)
+    assert weighted.best_epoch == 1 + int(np.argmin(crit))
+    assert mae_only.best_epoch == 1 + int(np.argmin([r["val_mae"] for r in mae_only.history]))
+    assert weighted.best_epoch != mae_only.best_epoch
+    # the returned parameters are that epoch's: they score its MAE and criterion again
+    for res, w in ((weighted, 1.0), (mae_only, 0.0)):
+        s = score(predict_tasks(eval_fn, res.params, val, cfg.eval_chunk)["pred"], val, scale, 3)
+        assert s["mae"] == pytest.approx(res.best_val_mae, abs=1e-6)
+        best = res.history[res.best_epoch - 1]
+        assert s["mae"] - w * s["ndcg@3"] == pytest.approx(
+            best["val_mae"] - w * best.get("val_ndcg@3", 0.0), abs=1e-6
+        )
