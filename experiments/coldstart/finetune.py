@@ -17,11 +17,11 @@ import ml_collections
 import numpy as np
 
 from experiments.coldstart.build import Compiled
+from metarec.data.tasks import pooled_tasks
 from metarec.training.meta_train import (
     TrainResult,
     evaluate,
     meta_train,
-    pooled_tasks,
     predict_tasks,
     score,
 )

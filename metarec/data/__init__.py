@@ -42,10 +42,13 @@ from metarec.data.synthetic import make_synthetic_tasks
 from metarec.data.tasks import (
     Examples,
     Task,
+    check_finite_tasks,
     epoch_order,
     index_tasks,
     iterate_meta_batches,
     pad_tasks,
+    pooled,
+    pooled_tasks,
     stack_tasks,
 )
 
@@ -81,6 +84,7 @@ __all__ = [
     "UNSEEN_YEARS",
     "UserSets",
     "check_dataset",
+    "check_finite_tasks",
     "clean",
     "data_checksum",
     "drop_held_out",
@@ -97,6 +101,8 @@ __all__ = [
     "melu_scenarios",
     "open_shards",
     "pad_tasks",
+    "pooled",
+    "pooled_tasks",
     "protocol_sets",
     "rating_pool",
     "read_any",

@@ -141,3 +141,46 @@ def iterate_meta_batches(
         if batch.num_tasks < meta_batch:
             batch, _ = pad_tasks(batch, meta_batch)
         yield batch
+
+
+def check_finite_tasks(tasks: Task, name: str) -> None:
+    """Raise ``ValueError`` if a floating-point input, target or mask of ``tasks`` is NaN or inf,
+    naming the set (``name``), the field, the task index, the user id and how many values are bad.
+    Run once before training: a NaN feature would otherwise surface much later as a non-finite
+    loss."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tasks)[0]:
+        a = np.asarray(leaf)
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(a)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            per_task = a.ndim and a.shape[0] == tasks.user.shape[0]
+            user = int(np.asarray(tasks.user)[first[0]]) if per_task else None
+            field = jax.tree_util.keystr(path).lstrip(".")
+            raise ValueError(
+                f"{name}: {int(bad.sum())} non-finite value(s) (NaN/inf) in {field} "
+                f"(first at index {tuple(int(i) for i in first)}, user {user}, "
+                f"value {a[tuple(first)]}); "
+                "inputs, targets and masks must be finite numbers"
+            )
+
+
+def pooled(tasks: Task) -> Task:
+    """Support and query of every training task concatenated into the query set (empty support):
+    conventional (non-meta) training on the same ratings."""
+
+    def cat(a, b):
+        return np.concatenate([np.asarray(a), np.asarray(b)], axis=1)
+
+    q = jax.tree_util.tree_map(cat, tasks.support, tasks.query)
+    empty = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, :1], tasks.support)
+    empty = empty.replace(mask=np.zeros_like(empty.mask))
+    return Task(support=empty, query=q, user=tasks.user)
+
+
+def pooled_tasks(train):
+    """:func:`pooled` of fixed tasks, or of every draw of a per-epoch sampler."""
+    if callable(train):
+        return lambda epoch: pooled(train(epoch))
+    return pooled(train)

@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metarec.data.tasks import Task, index_tasks
+from metarec.data.tasks import Task, check_finite_tasks, index_tasks
 from metarec.meta.federated import message_bytes
 from metarec.training import trainer
 from metarec.training.checkpoint import Checkpointer, tree_digest
-from metarec.training.meta_train import check_finite_tasks, predict_tasks, score
+from metarec.training.meta_train import predict_tasks, score
 from metarec.training.runlog import MetricsWriter
 
 SAMPLING = ("uniform", "poisson")

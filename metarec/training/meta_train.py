@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from metarec import metrics as mmetrics
 from metarec.data.encode import new_item_mask
 from metarec.data.stream import ShardTasks
-from metarec.data.tasks import Task, index_tasks, map_blocks, pad_tasks
+from metarec.data.tasks import Task, check_finite_tasks, index_tasks, map_blocks, pad_tasks
 from metarec.meta import tables as mtables
 from metarec.meta.learners import MetaSGDParams, scale_inner_rates
 from metarec.meta.step import make_meta_step, shard_tasks
@@ -250,42 +250,6 @@ def evaluate(
     return _summary(values, valid), _per_user(values, valid, tasks, k)
 
 
-def check_finite_tasks(tasks: Task, name: str) -> None:
-    """Raise ``ValueError`` if a floating-point input, target or mask of ``tasks`` is NaN or inf,
-    naming the set (``name``), the field, the task index, the user id and how many values are bad.
-    Run once before training: a NaN feature would otherwise surface much later as a non-finite
-    loss."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tasks)[0]:
-        a = np.asarray(leaf)
-        if not np.issubdtype(a.dtype, np.floating):
-            continue
-        bad = ~np.isfinite(a)
-        if bad.any():
-            first = np.argwhere(bad)[0]
-            per_task = a.ndim and a.shape[0] == tasks.user.shape[0]
-            user = int(np.asarray(tasks.user)[first[0]]) if per_task else None
-            field = jax.tree_util.keystr(path).lstrip(".")
-            raise ValueError(
-                f"{name}: {int(bad.sum())} non-finite value(s) (NaN/inf) in {field} "
-                f"(first at index {tuple(int(i) for i in first)}, user {user}, "
-                f"value {a[tuple(first)]}); "
-                "inputs, targets and masks must be finite numbers"
-            )
-
-
-def pooled(tasks: Task) -> Task:
-    """Support and query of every training task concatenated into the query set (empty support):
-    conventional (non-meta) training on the same ratings."""
-
-    def cat(a, b):
-        return np.concatenate([np.asarray(a), np.asarray(b)], axis=1)
-
-    q = jax.tree_util.tree_map(cat, tasks.support, tasks.query)
-    empty = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, :1], tasks.support)
-    empty = empty.replace(mask=np.zeros_like(empty.mask))
-    return Task(support=empty, query=q, user=tasks.user)
-
-
 def _epoch_tasks(train, name: str) -> Callable[[int], Task]:
     """``epoch -> Task`` for fixed tasks or a per-epoch sampler; the last draw is memoised (a
     checkpointed epoch runs in several pieces) and every draw is checked for non-finite values
@@ -306,13 +270,6 @@ def _epoch_tasks(train, name: str) -> Callable[[int], Task]:
         return memo[epoch]
 
     return get
-
-
-def pooled_tasks(train):
-    """:func:`pooled` of fixed tasks, or of every draw of a per-epoch sampler."""
-    if callable(train):
-        return lambda epoch: pooled(train(epoch))
-    return pooled(train)
 
 
 def meta_train(

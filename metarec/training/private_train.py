@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from metarec.data.poisson import poisson_capacity, poisson_sample
-from metarec.data.tasks import Task, index_tasks
+from metarec.data.tasks import Task, check_finite_tasks, index_tasks
 from metarec.meta import accounting
 from metarec.training import trainer
 from metarec.training.checkpoint import Checkpointer, tree_digest
-from metarec.training.meta_train import check_finite_tasks, predict_tasks, score
+from metarec.training.meta_train import predict_tasks, score
 from metarec.training.runlog import MetricsWriter, Progress
 
 

@@ -15,8 +15,8 @@ import pytest
 from experiments.coldstart import build, curves, pipeline
 from experiments.coldstart.configs import default as coldstart_config
 from metarec import data as mdata
+from metarec.data.tasks import check_finite_tasks
 from metarec.meta import make_learner
-from metarec.training.meta_train import check_finite_tasks
 from metarec.training.workdir import check_resume
 from tests.conftest import load_ml100k, write_ml100k
 
