@@ -103,8 +103,9 @@ def split_seconds(
         now = stage_seconds()
         out["compile_stages"] = {k: round(now[k] - stages_before[k], 3) for k in now}
     workers_now = worker_stage_seconds()
-    if workers_before is not None and sum(workers_now.values()) > workers_before:
-        out["worker_compile_seconds"] = round(sum(workers_now.values()) - workers_before, 3)
+    workers_total = sum(workers_now.values())
+    if workers_before is not None and workers_total > workers_before:
+        out["worker_compile_seconds"] = round(workers_total - workers_before, 3)
         if worker_stages_before is not None:
             out["worker_compile_stages"] = {
                 k: round(v - worker_stages_before[k], 3) for k, v in workers_now.items()

@@ -17,30 +17,20 @@ read, with the field added.
       --workdir=runs/tune_time_early_stop
 """
 
-import json
-
 import ml_collections
 
-from experiments.tune.configs import default, time
+from experiments.tune.configs.new_item_scale import STAGES, chosen_point
 from experiments.tune.spaces import point_spaces
 
 FIELD = "early_stop_ndcg_weight"
 WEIGHTS = (0.0, 1.0)
-STAGES = {"melu": default, "time": time}
-
-
-def chosen_point(c: ml_collections.ConfigDict) -> dict[str, dict]:
-    """Every searched field of each method of ``c.spaces``, as the stage's file has them."""
-    with open(c.write_config) as f:
-        methods = json.load(f)["methods"]
-    return {m: {f: methods[m][f] for f in space} for m, space in c.spaces.items()}
 
 
 def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
     if stage not in STAGES:
         raise ValueError(f"--config=...early_stop.py:{stage}; allowed: {', '.join(STAGES)}")
     c = STAGES[stage].get_config()
-    point = chosen_point(c)
+    point = chosen_point(c, leave=())  # every searched field, the last step's included
     values = ",".join(str(float(w)) for w in WEIGHTS)
     c.spaces = point_spaces(point, {"cf_metasgd": {FIELD: f"choice:{values}"}})
     c.warm_starts = {}  # a grid tries every point
