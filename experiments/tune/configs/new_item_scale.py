@@ -31,12 +31,16 @@ OWN = "cf_knn_new_own"  # gridded where the point has cf_knn but not this
 STAGES = {"melu": default, "time": time}
 
 
-def chosen_point(c: ml_collections.ConfigDict, leave=(FIELD, CONTENT)) -> dict[str, dict]:
-    """The searched fields of each method of ``c.spaces`` but ``leave``, as the stage's file has
-    them."""
+def chosen_point(c: ml_collections.ConfigDict, leave=(FIELD, CONTENT), also=()) -> dict[str, dict]:
+    """The searched fields of each method of ``c.spaces`` but ``leave``, plus those of ``also``
+    (fields an earlier step added) that a method's entry has, as the stage's file has them."""
     with open(c.write_config) as f:
         methods = json.load(f)["methods"]
-    return {m: {f: methods[m][f] for f in space if f not in leave} for m, space in c.spaces.items()}
+    return {
+        m: {f: methods[m][f] for f in space if f not in leave}
+        | {f: methods[m][f] for f in also if f in methods[m]}
+        for m, space in c.spaces.items()
+    }
 
 
 def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
