@@ -520,6 +520,36 @@ def test_the_early_stopping_step_is_a_grid_of_the_weight_at_the_stage_s_point(st
         early_stop.get_config("melu2")
 
 
+@pytest.mark.parametrize("stage", ["melu", "time"])
+def test_the_budget_step_is_a_grid_of_cf_metasgd_s_budget_at_the_stage_s_point(stage):
+    from experiments.tune.configs import budget, early_stop
+    from experiments.tune.spaces import make_study, parse_space
+
+    c, search = budget.get_config(stage), budget.STAGES[stage].get_config()
+    differs = {k for k, v in c.to_dict().items() if v != search.to_dict()[k]}
+    assert differs == {"spaces", "warm_starts"} and not c.warm_starts
+    with open(c.write_config) as f:
+        written = json.load(f)["methods"]
+    for method, space in c.spaces.items():
+        gridded = {"epochs", "patience"} if method == "cf_metasgd" else set()
+        # the earlier step's field, outside the search space, is fixed as the file has it
+        added = {early_stop.FIELD} & set(written[method])
+        assert set(space) == set(search.spaces[method]) | gridded | added
+        assert (method == "cf_metasgd") == bool(added)
+        parsed = parse_space(dict(space), c.base)
+        _, n_trials = make_study(parsed, c.n_trials, c.sampler_seed)
+        assert n_trials == (len(budget.EPOCHS) * len(budget.PATIENCE) if gridded else 1)
+        for field, (kind, got) in parsed.items():
+            if field in gridded:
+                assert got == {"epochs": budget.EPOCHS, "patience": budget.PATIENCE}[field]
+            else:
+                assert kind == "choice" and got == (written[method][field],)
+    # the base budget every earlier trial trained with is one of the grid's points
+    assert c.base.epochs in budget.EPOCHS and c.base.patience in budget.PATIENCE
+    with pytest.raises(ValueError, match="allowed: melu, time"):
+        budget.get_config("melu2")
+
+
 @pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_new_items_adapt_at_their_own_scale(fixture_data):
     data, _ = fixture_data
