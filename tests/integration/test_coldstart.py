@@ -492,62 +492,55 @@ def test_the_new_item_scale_step_is_a_grid_at_the_stage_s_point(stage):
         new_item_scale.get_config("melu2")
 
 
-@pytest.mark.parametrize("stage", ["melu", "time"])
-def test_the_early_stopping_step_is_a_grid_of_the_weight_at_the_stage_s_point(stage):
-    from experiments.tune.configs import early_stop
+def _assert_grid_at_written_point(step, stage: str, grid: dict, also=()):
+    """``step.get_config(stage)`` differs from its stage's search only in its spaces and warm
+    starts: cf_metasgd's fields of ``grid`` (field -> values) take those values, and every other
+    field (the search's, and those of ``also`` a method's entry has) is fixed as the stage's file
+    has it, to the last bit. Returns the step's config."""
     from experiments.tune.spaces import make_study, parse_space
 
-    c, search = early_stop.get_config(stage), early_stop.STAGES[stage].get_config()
+    c, search = step.get_config(stage), step.STAGES[stage].get_config()
     differs = {k for k, v in c.to_dict().items() if v != search.to_dict()[k]}
     assert differs == {"spaces", "warm_starts"} and not c.warm_starts
     with open(c.write_config) as f:
         written = json.load(f)["methods"]
     for method, space in c.spaces.items():
-        gridded = {early_stop.FIELD} if method == "cf_metasgd" else set()
-        assert set(space) == set(search.spaces[method]) | gridded
+        gridded = grid if method == "cf_metasgd" else {}
+        added = set(also) & set(written[method])
+        assert set(space) == set(search.spaces[method]) | set(gridded) | added
         parsed = parse_space(dict(space), c.base)
         _, n_trials = make_study(parsed, c.n_trials, c.sampler_seed)
-        assert n_trials == (len(early_stop.WEIGHTS) if gridded else 1)
+        assert n_trials == np.prod([len(v) for v in gridded.values()], dtype=int)
         for field, (kind, got) in parsed.items():
             if field in gridded:
-                assert got == (0.0, 1.0)
-            else:  # every searched field, the last step's included, as the stage wrote it
+                assert got == tuple(gridded[field])
+            else:
                 assert kind == "choice" and got == (written[method][field],)
                 assert type(got[0]) is type(written[method][field])
+    with pytest.raises(ValueError, match="allowed: melu, time"):
+        step.get_config("melu2")
+    return c
+
+
+@pytest.mark.parametrize("stage", ["melu", "time"])
+def test_the_early_stopping_step_is_a_grid_of_the_weight_at_the_stage_s_point(stage):
+    from experiments.tune.configs import early_stop
+
+    c = _assert_grid_at_written_point(early_stop, stage, {early_stop.FIELD: (0.0, 1.0)})
     # 0 (MAE alone) is the config's value, so the file before the step stops as it always did
     assert c.base.early_stop_ndcg_weight == 0.0
-    with pytest.raises(ValueError, match="allowed: melu, time"):
-        early_stop.get_config("melu2")
 
 
 @pytest.mark.parametrize("stage", ["melu", "time"])
 def test_the_budget_step_is_a_grid_of_cf_metasgd_s_budget_at_the_stage_s_point(stage):
     from experiments.tune.configs import budget, early_stop
-    from experiments.tune.spaces import make_study, parse_space
 
-    c, search = budget.get_config(stage), budget.STAGES[stage].get_config()
-    differs = {k for k, v in c.to_dict().items() if v != search.to_dict()[k]}
-    assert differs == {"spaces", "warm_starts"} and not c.warm_starts
-    with open(c.write_config) as f:
-        written = json.load(f)["methods"]
-    for method, space in c.spaces.items():
-        gridded = {"epochs", "patience"} if method == "cf_metasgd" else set()
-        # the earlier step's field, outside the search space, is fixed as the file has it
-        added = {early_stop.FIELD} & set(written[method])
-        assert set(space) == set(search.spaces[method]) | gridded | added
-        assert (method == "cf_metasgd") == bool(added)
-        parsed = parse_space(dict(space), c.base)
-        _, n_trials = make_study(parsed, c.n_trials, c.sampler_seed)
-        assert n_trials == (len(budget.EPOCHS) * len(budget.PATIENCE) if gridded else 1)
-        for field, (kind, got) in parsed.items():
-            if field in gridded:
-                assert got == {"epochs": budget.EPOCHS, "patience": budget.PATIENCE}[field]
-            else:
-                assert kind == "choice" and got == (written[method][field],)
+    grid = {"epochs": budget.EPOCHS, "patience": budget.PATIENCE}
+    c = _assert_grid_at_written_point(budget, stage, grid, also=(early_stop.FIELD,))
+    # the earlier step's field, outside the search space, is fixed as the file has it
+    assert early_stop.FIELD in c.spaces["cf_metasgd"]
     # the base budget every earlier trial trained with is one of the grid's points
     assert c.base.epochs in budget.EPOCHS and c.base.patience in budget.PATIENCE
-    with pytest.raises(ValueError, match="allowed: melu, time"):
-        budget.get_config("melu2")
 
 
 @pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
