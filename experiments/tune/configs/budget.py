@@ -1,13 +1,11 @@
 """A tune stage's step after ``early_stop.py``: cf_metasgd's training budget, at the point the
 stage chose. Every searched field of that point (read from the file the stage wrote, the earlier
 steps' fields included) is fixed, and cf_metasgd's ``epochs`` and ``patience`` take each pair of
-{20, 30} x {4, 8}: the base config's 20 / 4, which every earlier trial trained with, a later cap,
-more patience, and both (30 / 8 is what the main job trained with before the budget moved to one
-place). Early stopping on about 50 validation users per seed is noisy at patience 4 (a trial can
-stop at epoch 1), and the cap binds where a seed is still improving. One trial per pair for
-cf_metasgd (each its own meta-training) and one per MeLU learner, whose budget stays the base
-config's; the same stand-ins, seal and objective. Writes the file it read, with the fields added
-to cf_metasgd's entry (a per-method override of the base budget).
+{20, 30} x {4, 8}, the base config's 20 / 4 among them: early stopping on a few dozen validation
+users per seed is noisy at patience 4, and the cap binds where a seed still improves. One trial
+per pair for cf_metasgd (each its own meta-training) and one per MeLU learner, whose budget stays
+the base config's; the same stand-ins, seal and objective. Writes the file it read, with the
+fields added to cf_metasgd's entry (a per-method override of the base budget).
 
   # the time protocol: after configs/time.py, time_tasks.py, new_item_scale.py:time and
   # early_stop.py:time
