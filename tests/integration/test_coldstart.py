@@ -497,9 +497,10 @@ def _assert_grid_at_written_point(step, stage: str, grid: dict, also=()):
     starts: cf_metasgd's fields of ``grid`` (field -> values) take those values, and every other
     field (the search's, and those of ``also`` a method's entry has) is fixed as the stage's file
     has it, to the last bit. Returns the step's config."""
+    from experiments.tune.configs.new_item_scale import STAGES
     from experiments.tune.spaces import make_study, parse_space
 
-    c, search = step.get_config(stage), step.STAGES[stage].get_config()
+    c, search = step.get_config(stage), STAGES[stage].get_config()
     differs = {k for k, v in c.to_dict().items() if v != search.to_dict()[k]}
     assert differs == {"spaces", "warm_starts"} and not c.warm_starts
     with open(c.write_config) as f:

@@ -16,22 +16,16 @@ fields added to cf_metasgd's entry (a per-method override of the base budget).
 import ml_collections
 
 from experiments.tune.configs import early_stop
-from experiments.tune.configs.new_item_scale import STAGES, chosen_point
-from experiments.tune.spaces import point_spaces
+from experiments.tune.configs.new_item_scale import chosen_point, grid_at, stage_config
 
 EPOCHS = (20, 30)
 PATIENCE = (4, 8)
 
 
 def get_config(stage: str = "time") -> ml_collections.ConfigDict:
-    if stage not in STAGES:
-        raise ValueError(f"--config=...budget.py:{stage}; allowed: {', '.join(STAGES)}")
-    c = STAGES[stage].get_config()
-    point = chosen_point(c, leave=(), also=(early_stop.FIELD,))
+    c = stage_config("budget", stage)
     grid = {
         "epochs": "choice:" + ",".join(map(str, EPOCHS)),
         "patience": "choice:" + ",".join(map(str, PATIENCE)),
     }
-    c.spaces = point_spaces(point, {"cf_metasgd": grid})
-    c.warm_starts = {}  # a grid tries every point
-    return c
+    return grid_at(c, chosen_point(c, leave=(), also=(early_stop.FIELD,)), grid)

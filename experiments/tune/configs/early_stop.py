@@ -19,19 +19,14 @@ read, with the field added.
 
 import ml_collections
 
-from experiments.tune.configs.new_item_scale import STAGES, chosen_point
-from experiments.tune.spaces import point_spaces
+from experiments.tune.configs.new_item_scale import chosen_point, grid_at, stage_config
 
 FIELD = "early_stop_ndcg_weight"
 WEIGHTS = (0.0, 1.0)
 
 
 def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
-    if stage not in STAGES:
-        raise ValueError(f"--config=...early_stop.py:{stage}; allowed: {', '.join(STAGES)}")
-    c = STAGES[stage].get_config()
-    point = chosen_point(c, leave=())  # every searched field, the last step's included
+    c = stage_config("early_stop", stage)
     values = ",".join(str(float(w)) for w in WEIGHTS)
-    c.spaces = point_spaces(point, {"cf_metasgd": {FIELD: f"choice:{values}"}})
-    c.warm_starts = {}  # a grid tries every point
-    return c
+    # every searched field fixed, the last step's included
+    return grid_at(c, chosen_point(c, leave=()), {FIELD: f"choice:{values}"})

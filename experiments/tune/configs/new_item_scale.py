@@ -43,10 +43,24 @@ def chosen_point(c: ml_collections.ConfigDict, leave=(FIELD, CONTENT), also=()) 
     }
 
 
-def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
+def stage_config(step: str, stage: str) -> ml_collections.ConfigDict:
+    """The config of ``stage``'s search, which the step ``step`` (its file name) runs after; an
+    unknown stage is one error line."""
     if stage not in STAGES:
-        raise ValueError(f"--config=...new_item_scale.py:{stage}; allowed: {', '.join(STAGES)}")
-    c = STAGES[stage].get_config()
+        raise ValueError(f"--config=...{step}.py:{stage}; allowed: {', '.join(STAGES)}")
+    return STAGES[stage].get_config()
+
+
+def grid_at(c: ml_collections.ConfigDict, point: dict, grid: dict) -> ml_collections.ConfigDict:
+    """``c`` searching a grid: ``point`` fixed but cf_metasgd's fields of ``grid`` (field ->
+    space entry)."""
+    c.spaces = point_spaces(point, {"cf_metasgd": grid})
+    c.warm_starts = {}  # a grid tries every point
+    return c
+
+
+def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
+    c = stage_config("new_item_scale", stage)
     values = ",".join(str(float(v)) for v in (-1.0, *c.base.step_scales))
     point = chosen_point(c)
     grid = {FIELD: f"choice:{values}"}
@@ -54,6 +68,4 @@ def get_config(stage: str = "melu") -> ml_collections.ConfigDict:
         grid[CONTENT] = "choice:False,True"
         if not point["cf_metasgd"].get(OWN, False):
             grid[OWN] = "choice:False,True"
-    c.spaces = point_spaces(point, {"cf_metasgd": grid})
-    c.warm_starts = {}  # a grid tries every point
-    return c
+    return grid_at(c, point, grid)
