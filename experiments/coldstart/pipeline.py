@@ -69,15 +69,12 @@ from metarec.training.processes import map_in_processes
 from metarec.training.runlog import MetricsWriter, read_json, run_metadata, write_json_atomic
 from metarec.training.workdir import open_run
 
+# the training budget and optimiser fields: mutable on resume as base fields and as a method's own
+_TRAINING_FIELDS = ("epochs", "patience", "meta_lr", "inner_lr", "clip_norm", "weight_decay")
 # config fields that may change between a run and its --resume (they do not change what was computed
 # so far, or are needed to recover from a non-finite loss); any other difference is refused.
 RESUME_MUTABLE = (
-    "epochs",
-    "patience",
-    "meta_lr",
-    "inner_lr",
-    "clip_norm",
-    "weight_decay",
+    *_TRAINING_FIELDS,
     "ckpt_every",
     "keep_checkpoints",
     "log_every",
@@ -94,6 +91,7 @@ RESUME_MUTABLE = (
     "progress",
     "report",
     "seed_workers",
+    *(f"methods.*.{f}" for f in _TRAINING_FIELDS),
 )
 
 

@@ -9,6 +9,7 @@ the list of invocations).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections.abc import Callable
@@ -16,10 +17,41 @@ from collections.abc import Callable
 from metarec.training.runlog import read_json, run_metadata, write_json_atomic
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-    """Names of top-level config fields whose values differ (or exist on one side only)."""
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of config fields whose values differ (or exist on one side only); a field that
+    is a dict on both sides is compared field by field (``methods.cf_metasgd.epochs``)."""
     missing = "<missing>"
-    return sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
+    out = []
+    for k in set(old) | set(new):
+        a, b = old.get(k, missing), new.get(k, missing)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return sorted(out)
+
+
+def is_mutable(name: str, mutable) -> bool:
+    """Whether the dotted field ``name`` may change on resume: it or a dict holding it matches an
+    entry of ``mutable`` (``fnmatch`` patterns, e.g. ``methods.*.epochs``)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, m) for p in prefixes for m in mutable)
+
+
+class _Missing:
+    def __repr__(self):
+        return "<missing>"
+
+
+def _get(config: dict, name: str):
+    """The value of the field ``name``, a key or a dotted path (``<missing>`` where absent)."""
+    if name in config:
+        return config[name]
+    head, _, rest = name.partition(".")
+    if rest and isinstance(config.get(head), dict):
+        return _get(config[head], rest)
+    return _Missing()
 
 
 def check_resume(
@@ -34,9 +66,10 @@ def check_resume(
 ) -> list[str]:
     """Check ``workdir`` against ``resume`` and the saved ``config.json``; write the new one.
 
-    ``state``: names whose presence means the folder holds a run. Returns the config fields that
-    changed since the saved run (only ``mutable`` ones are allowed; fields new in the code are
-    accepted with their defaults). Raises ``ValueError`` naming the conflict and what to do.
+    ``state``: names whose presence means the folder holds a run. Returns the dotted config fields
+    that changed since the saved run (only those :func:`is_mutable` allows; top-level fields new in
+    the code are accepted with their defaults). Raises ``ValueError`` naming the conflict and what
+    to do.
     """
     os.makedirs(workdir, exist_ok=True)
     config = json.loads(json.dumps(config))  # as saved: tuples become lists
@@ -51,16 +84,16 @@ def check_resume(
     if resume and os.path.exists(cfg_path):
         saved = read_json(cfg_path)
         changed = config_diff(saved["config"], config)
-        added = [k for k in changed if k not in saved["config"]]
+        added = [k for k in changed if k in config and k not in saved["config"]]
         if added:
             log_fn(
                 "--resume: config fields new since the run started (their defaults are used): "
                 + ", ".join(added)
             )
-        fixed = [k for k in changed if k not in mutable and k not in added]
+        fixed = [k for k in changed if not is_mutable(k, mutable) and k not in added]
         if fixed:
             detail = "; ".join(
-                f"{k}: {saved['config'].get(k)!r} -> {config.get(k)!r}" for k in fixed
+                f"{k}: {_get(saved['config'], k)!r} -> {_get(config, k)!r}" for k in fixed
             )
             raise ValueError(
                 f"--resume: the run in {workdir} was started with a different config ({detail}); "

@@ -14,10 +14,11 @@ import pytest
 
 from experiments.coldstart import build, curves, pipeline
 from experiments.coldstart.configs import default as coldstart_config
+from experiments.coldstart.configs import time as time_config
 from metarec import data as mdata
 from metarec.data.tasks import check_finite_tasks
 from metarec.meta import make_learner
-from metarec.training.workdir import check_resume
+from metarec.training.workdir import check_resume, config_diff, is_mutable
 from tests.conftest import load_ml100k, write_ml100k
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,6 +185,49 @@ def test_workdir_rules(tmp_path):
     logged = []
     assert check(cfg, resume=True, log_fn=logged.append) == ["embed_dim", "epochs", "meta_lr"]
     assert "fields new since the run started (their defaults are used): embed_dim" in logged[0]
+
+
+def test_config_diff_names_nested_fields_and_mutable_patterns():
+    old = {"epochs": 20, "methods": {"a": {"epochs": 30, "model": "mlp"}}, "settings": {"x": 1}}
+    new = {"epochs": 20, "methods": {"a": {"epochs": 40, "model": "melu", "patience": 8}}}
+    new["settings"], new["seeds"] = {"x": 2}, [0]
+    assert config_diff(old, new) == [
+        "methods.a.epochs",
+        "methods.a.model",
+        "methods.a.patience",
+        "seeds",
+        "settings.x",
+    ]
+    # a whole dict on one side only is one name; equal configs have no differences
+    assert config_diff({"m": 1}, {"m": {"a": 1}}) == ["m"] and config_diff(new, new) == []
+    mutable = ("seeds", "settings", "methods.*.epochs")
+    assert is_mutable("methods.a.epochs", mutable) and is_mutable("settings.x", mutable)
+    assert not is_mutable("methods.a.model", mutable) and not is_mutable("epochs", mutable)
+
+
+def test_resume_may_change_a_methods_own_budget_not_its_model(tmp_path):
+    """The time job's cf_metasgd trains with a budget of its own (methods.cf_metasgd.epochs); a
+    resume may change it as it may change the base epochs, but not the method's other fields."""
+    wd = str(tmp_path / "run")
+
+    def check(cfg):
+        return check_resume(
+            wd, cfg.to_dict(), resume=True, mutable=pipeline.RESUME_MUTABLE, log_fn=lambda m: None
+        )
+
+    cfg = time_config.get_config()
+    assert check(cfg) == []
+    longer = time_config.get_config()
+    longer.methods.cf_metasgd.epochs = cfg.methods.cf_metasgd.epochs + 10
+    longer.methods.cf_metasgd.patience = 12
+    assert check(longer) == ["methods.cf_metasgd.epochs", "methods.cf_metasgd.patience"]
+    other = time_config.get_config()
+    other.methods.cf_metasgd.epochs = 99
+    other.methods.cf_metasgd.cf_dim = 4
+    with pytest.raises(
+        ValueError, match=r"different config \(methods\.cf_metasgd\.cf_dim: 8 -> 4\); only"
+    ):
+        check(other)
 
 
 # ---------------------------------------------------------------- scripts: one line, no traceback
