@@ -17,13 +17,20 @@ from collections.abc import Callable
 from metarec.training.runlog import read_json, run_metadata, write_json_atomic
 
 
+class _Missing:
+    def __repr__(self):
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted names of config fields whose values differ (or exist on one side only); a field that
     is a dict on both sides is compared field by field (``methods.cf_metasgd.epochs``)."""
-    missing = "<missing>"
     out = []
     for k in set(old) | set(new):
-        a, b = old.get(k, missing), new.get(k, missing)
+        a, b = old.get(k, _MISSING), new.get(k, _MISSING)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_diff(a, b, f"{prefix}{k}.")
         elif a != b:
@@ -39,11 +46,6 @@ def is_mutable(name: str, mutable) -> bool:
     return any(fnmatch.fnmatchcase(p, m) for p in prefixes for m in mutable)
 
 
-class _Missing:
-    def __repr__(self):
-        return "<missing>"
-
-
 def _get(config: dict, name: str):
     """The value of the field ``name``, a key or a dotted path (``<missing>`` where absent)."""
     if name in config:
@@ -51,7 +53,7 @@ def _get(config: dict, name: str):
     head, _, rest = name.partition(".")
     if rest and isinstance(config.get(head), dict):
         return _get(config[head], rest)
-    return _Missing()
+    return _MISSING
 
 
 def check_resume(
