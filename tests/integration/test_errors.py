@@ -205,7 +205,7 @@ def test_config_diff_names_nested_fields_and_mutable_patterns():
     assert not is_mutable("methods.a.model", mutable) and not is_mutable("epochs", mutable)
 
 
-def test_resume_may_change_a_methods_own_budget_not_its_model(tmp_path):
+def test_resume_may_change_a_methods_own_budget_not_its_other_fields(tmp_path):
     """The time job's cf_metasgd trains with a budget of its own (methods.cf_metasgd.epochs); a
     resume may change it as it may change the base epochs, but not the method's other fields."""
     wd = str(tmp_path / "run")
@@ -223,9 +223,11 @@ def test_resume_may_change_a_methods_own_budget_not_its_model(tmp_path):
     assert check(longer) == ["methods.cf_metasgd.epochs", "methods.cf_metasgd.patience"]
     other = time_config.get_config()
     other.methods.cf_metasgd.epochs = 99
-    other.methods.cf_metasgd.cf_dim = 4
+    dim = cfg.methods.cf_metasgd.cf_dim
+    other.methods.cf_metasgd.cf_dim = dim + 1
     with pytest.raises(
-        ValueError, match=r"different config \(methods\.cf_metasgd\.cf_dim: 8 -> 4\); only"
+        ValueError,
+        match=rf"different config \(methods\.cf_metasgd\.cf_dim: {dim} -> {dim + 1}\); only",
     ):
         check(other)
 
