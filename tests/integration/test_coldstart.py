@@ -544,6 +544,20 @@ def test_the_budget_step_is_a_grid_of_cf_metasgd_s_budget_at_the_stage_s_point(s
     assert c.base.epochs in budget.EPOCHS and c.base.patience in budget.PATIENCE
 
 
+@pytest.mark.parametrize("stage", ["melu", "time"])
+def test_the_mf_feature_step_is_a_grid_of_the_flag_at_the_stage_s_point(stage):
+    from experiments.tune.configs import mf_feature
+
+    grid = {mf_feature.FIELD: (False, True)}
+    c = _assert_grid_at_written_point(mf_feature, stage, grid, also=mf_feature.EARLIER)
+    # the earlier steps' fields outside the search space are fixed as the file has them
+    with open(c.write_config) as f:
+        written = json.load(f)["methods"]["cf_metasgd"]
+    assert {f for f in mf_feature.EARLIER if f in written} <= set(c.spaces["cf_metasgd"])
+    if stage == "time":  # its budget step wrote cf_metasgd's own epochs and patience
+        assert {"epochs", "patience"} <= set(c.spaces["cf_metasgd"])
+
+
 @pytest.mark.slow  # over 6 s in the default suite (2026-12-07); CI runs `make test-slow` too
 def test_new_items_adapt_at_their_own_scale(fixture_data):
     data, _ = fixture_data
