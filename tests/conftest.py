@@ -3,19 +3,28 @@ real data, whose licence forbids redistribution)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
 
-# Most of the suite's time is XLA compiling many small programs that then run for milliseconds, and
-# most of that is optimisation passes: the suite (and every script a test starts, through the
-# environment) compiles with them off. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs it fully optimised;
-# tests that pin the bits of an optimised program (or a seeded margin measured on it) request the
-# `xla_optimized` fixture.
+# Most of the suite's time is XLA compiling many small programs that then run for milliseconds, so
+# the suite (and every script a test starts, through the environment) compiles the cheap way:
+# without XLA's optimisation passes, and with XLA:CPU's older fusion emitters, whose fixed cost per
+# program is lower than that of the MLIR ones (BUILD_NOTES.md, "The test suite's codegen").
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite as users compile; tests that pin the bits of the
+# users' programs (or a seeded margin measured on them) request `xla_optimized`, which runs them in
+# a child process that compiles that way.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+FALSE = ("0", "n", "no", "f", "false", "off")  # how jax reads a false boolean variable
+CHEAP_CODEGEN = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() not in FALSE
+# an unknown flag in XLA_FLAGS is fatal, so it is added only for the jaxlib it was measured on
+CHEAP_FLAG = "--xla_cpu_use_fusion_emitters=false"
+if CHEAP_CODEGEN and importlib.metadata.version("jaxlib").startswith("0.10."):
+    if CHEAP_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):  # unless set by the user
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CHEAP_FLAG).strip()
 
-import jax  # noqa: E402  (after the environment above, which jax reads on import)
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (after the environment above, which jax reads on import)
 import pytest  # noqa: E402
 
 from experiments.common import enable_compilation_cache  # noqa: E402
@@ -30,15 +39,30 @@ GENRES_100K = 19
 
 @pytest.fixture
 def xla_optimized():
-    """Compile with XLA's optimisation passes on (what users run) for one test; the in-memory
-    executables of the other mode are dropped on the way in and out."""
-    flag = "jax_disable_most_optimizations"
-    before = jax.config.read(flag)
-    jax.clear_caches()
-    jax.config.update(flag, False)
-    yield
-    jax.config.update(flag, before)
-    jax.clear_caches()
+    """Run this test on the programs users run: where the suite compiles the cheap way,
+    :func:`pytest_pyfunc_call` runs it in a child pytest process that compiles as users do."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    if not CHEAP_CODEGEN or "xla_optimized" not in pyfuncitem.fixturenames:
+        return None
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="0")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != CHEAP_FLAG)
+    # `-m ""` lifts the default `-m 'not slow'`, so a slow test runs when it is asked for
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", ""]
+    out = subprocess.run(
+        [*cmd, pyfuncitem.nodeid], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    if out.returncode != 0:
+        pytest.fail(
+            f"in a child process compiled as users do:\n{out.stdout[-6000:]}{out.stderr[-2000:]}",
+            pytrace=False,
+        )
+    if "passed" not in summary:
+        pytest.skip(f"in a child process compiled as users do: {out.stdout[-500:]}")
+    return True
 
 
 def write_ml100k(
