@@ -130,7 +130,9 @@ def test_loop_non_finite_stops_naming_iteration_and_keeps_last_good(tmp_path):
 
 
 @pytest.mark.slow  # ~1-2 min on 2 cores (compiling PPO, DQN and Meta-SGD twice)
-def test_every_trainer_in_pieces_equals_one_piece():
+# bit for bit on the programs users run: with other fusions a scan of 7 and pieces of 3, 3, 1 round
+# differently
+def test_every_trainer_in_pieces_equals_one_piece(xla_optimized):
     from metarec.rl import dqn, maml, networks, ppo
     from metarec.rl import env as E
     from metarec.rl import simulator as S

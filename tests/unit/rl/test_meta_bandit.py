@@ -112,7 +112,7 @@ def test_meta_training_beats_its_start_and_linucb_on_planted_users(seed):
 
 
 @pytest.mark.slow  # over 5 s per call in the default suite; CI runs `make test-slow` too
-def test_training_in_pieces_equals_one_piece_and_is_seeded():
+def test_training_in_pieces_equals_one_piece_and_is_seeded(xla_optimized):
     cfg_env = E.EnvConfig(horizon=4, history_len=2)
     sim = S.synthetic_simulator(0, 16, 4, 10, env_config=cfg_env, mf_steps=10)
     items = bandits.item_inputs(sim.agent_item_factors, sim.agent_item_score, sim.popularity)
