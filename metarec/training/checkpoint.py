@@ -4,13 +4,17 @@ metric.
 
 A checkpoint holds two items:
 
-* ``state`` — a pytree of arrays (``{"params", "opt_state", "key"}`` for the cold-start loop), saved
-  with ``orbax.checkpoint.args.StandardSave`` and restored into the structure of a template pytree
-  (so NamedTuple optimizer states and Meta-SGD parameters come back as the same types);
+* ``state`` — a pytree of arrays (``{"params", "opt_state", "key"}`` for the cold-start loop),
+  saved packed: its leaves concatenated into one 1-D array per dtype
+  (``orbax.checkpoint.args.StandardSave`` of ``{dtype name: array}``), because orbax's cost per
+  saved array, not per byte, dominates at these sizes. It is restored into the structure of a
+  template pytree (so NamedTuple optimizer states and Meta-SGD parameters come back as the same
+  types);
 * ``meta`` — a JSON dict of host-side counters: step, sampler position ``(epoch, batch)``, the
   losses of the current epoch so far, the training history, the early-stopping state and elapsed
-  seconds. Python floats round-trip exactly through JSON, so a resumed run continues
-  bit-identically.
+  seconds, plus ``layout``: every leaf's path, dtype and shape, in order, which is how the packed
+  arrays are split again and what a template is checked against. Python floats round-trip exactly
+  through JSON, so a resumed run continues bit-identically.
 
 Orbax writes every step into a temporary directory and renames it when complete (atomic on a local
 file system); temporary directories left by a killed process are removed when the directory is
@@ -64,6 +68,71 @@ def _key_data(x):
 
 def _is_typed_key(x) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _layout(tree: PyTree) -> list[list]:
+    """One JSON-able ``[path, dtype, shape]`` per leaf of ``tree``, typed keys as their raw data
+    (from shapes and dtypes only: a template's buffers are never read)."""
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_typed_key(x):
+            x = jax.eval_shape(jax.random.key_data, x)
+        elif not hasattr(x, "dtype"):  # a Python scalar
+            x = np.asarray(x)
+        out.append([jax.tree_util.keystr(path), str(np.dtype(x.dtype)), list(x.shape)])
+    return out
+
+
+def _host_leaves(tree: PyTree) -> list[np.ndarray]:
+    """``tree``'s leaves as host arrays, typed keys as their raw data."""
+    return [np.asarray(jax.device_get(_key_data(x))) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _pack(leaves: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """One 1-D array per dtype: the leaves of that dtype raveled and concatenated in order."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for a in leaves:
+        groups.setdefault(str(a.dtype), []).append(a.ravel())
+    return {d: np.concatenate(g) for d, g in groups.items()}
+
+
+def _packed_like(layout: list[list]) -> dict[str, np.ndarray]:
+    """Zero arrays of the packed shapes of ``layout``: the restore template."""
+    sizes: dict[str, int] = {}
+    for _, dtype, shape in layout:
+        sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+    return {d: np.zeros(n, np.dtype(d)) for d, n in sizes.items()}
+
+
+def _unpack(packed: dict[str, np.ndarray], layout: list[list]) -> list[np.ndarray]:
+    """The leaves of ``layout`` cut back out of the packed arrays."""
+    at = dict.fromkeys(packed, 0)
+    out = []
+    for _, dtype, shape in layout:
+        n = math.prod(shape)
+        out.append(np.asarray(packed[dtype][at[dtype] : at[dtype] + n]).reshape(shape))
+        at[dtype] += n
+    return out
+
+
+def _like_leaf(restored: np.ndarray, t):
+    """A restored leaf as the kind of its template leaf: a typed key, a device array placed as
+    the template is, or a host array."""
+    if _is_typed_key(t):
+        return jax.random.wrap_key_data(
+            jax.device_put(restored, t.sharding), impl=jax.random.key_impl(t)
+        )
+    if isinstance(t, jax.Array):
+        return jax.device_put(restored, t.sharding)
+    return restored
+
+
+def _layout_mismatch(saved: list[list], expected: list[list]) -> str:
+    """The first difference between two layouts, for an error message."""
+    for a, b in zip(saved, expected, strict=False):
+        if a != b:
+            return f"saved {a[0]} {a[1]}{tuple(a[2])}, expected {b[0]} {b[1]}{tuple(b[2])}"
+    return f"{len(saved)} arrays saved, {len(expected)} expected"
 
 
 def _metric_key(metrics: dict):
@@ -136,13 +205,14 @@ class Checkpointer:
     def save(self, step: int, state: PyTree, meta: dict, metric: float | None = None) -> None:
         """Write checkpoint ``step`` (arrays ``state``, JSON-able ``meta``); ``metric`` (lower is
         better, e.g. validation MAE) makes it a candidate for the best-checkpoint retention."""
+        layout, leaves = _layout(state), _host_leaves(state)
         meta = dict(meta, step=int(step), metric=None if metric is None else float(metric))
-        state = jax.tree_util.tree_map(_key_data, state)
+        meta["layout"] = layout
         metrics = None if metric is None else {"value": float(metric), "step": int(step)}
         self._manager.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(_pack(leaves)), meta=ocp.args.JsonSave(meta)
             ),
             metrics=metrics,
             force=True,
@@ -152,36 +222,46 @@ class Checkpointer:
     def restore(self, step: int, like: PyTree) -> tuple[PyTree, dict]:
         """Restore checkpoint ``step`` into the structure, dtypes and shapes of ``like``; returns
         ``(state, meta)``."""
+        meta = self._saved_meta(step)
+        layout = meta.pop("layout")
+        expected = _layout(like)
+        if layout != expected:
+            raise ValueError(
+                f"{self.directory}/{step}: the checkpoint does not match the model being trained "
+                f"(different architecture or config?): {_layout_mismatch(layout, expected)}"
+            )
+        leaves = _unpack(self._restore_packed(step, layout), layout)
+        like_leaves, treedef = jax.tree_util.tree_flatten(like)
+        state = [_like_leaf(r, t) for r, t in zip(leaves, like_leaves, strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, state), meta
+
+    def restore_meta(self, step: int) -> dict:
+        """Only the JSON part of checkpoint ``step`` (without its layout)."""
+        meta = self._saved_meta(step)
+        meta.pop("layout")
+        return meta
+
+    def _saved_meta(self, step: int) -> dict:
         if step not in self._manager.all_steps():
             raise FileNotFoundError(
                 f"{self.directory}: no checkpoint for step {step}; available: {self.all_steps()}"
             )
-        template = jax.tree_util.tree_map(_key_data, like)
-        try:
-            out = self._manager.restore(
-                int(step),
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
-                ),
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{self.directory}/{step}: the checkpoint does not match the model being trained "
-                f"(different architecture or config?): {str(e)[:300]}"
-            ) from None
-        state = jax.tree_util.tree_map(
-            lambda t, r: (
-                jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r
-            ),
-            like,
-            out.state,
-        )
-        return state, dict(out.meta)
-
-    def restore_meta(self, step: int) -> dict:
-        """Only the JSON part of checkpoint ``step``."""
         out = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out.meta)
+        meta = dict(out.meta)
+        if "layout" not in meta:
+            raise ValueError(
+                f"{self.directory}/{step}: written by an older metarec (one saved array per "
+                "leaf), which this version does not read; finish that run with the version that "
+                "started it, or start again with --overwrite"
+            )
+        return meta
+
+    def _restore_packed(self, step: int, layout: list[list]) -> dict[str, np.ndarray]:
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(_packed_like(layout))),
+        )
+        return {d: np.asarray(a) for d, a in out.state.items()}
 
     def close(self) -> None:
         self._manager.close()
@@ -205,21 +285,25 @@ def restore_latest_params(directory: str, like: PyTree, which: str = "best") -> 
             step = ck.latest_step()
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint found")
-        state_like = {"params": jax.tree_util.tree_map(_key_data, like)}
-        # only the params of the saved {"params", "opt_state", "key"} tree are read
-        out = ck._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=state_like,
-                    restore_args=jax.tree_util.tree_map(
-                        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), state_like
-                    ),
-                    partial_restore=True,
-                )
-            ),
+        layout = ck._saved_meta(step)["layout"]
+        leaves = _unpack(ck._restore_packed(step, layout), layout)
+    # only the params of the saved {"params", "opt_state", "key"} tree are returned
+    prefix = "['params']"
+    params = [
+        ([p[len(prefix) :], d, s], a)
+        for (p, d, s), a in zip(layout, leaves, strict=True)
+        if p.startswith(prefix)
+    ]
+    got = [entry for entry, _ in params]
+    expected = _layout(like)
+    if got != expected:
+        raise ValueError(
+            f"{directory}/{step}: the checkpoint's params do not match ``like``: "
+            f"{_layout_mismatch(got, expected)}"
         )
-        return jax.tree_util.tree_map(jnp.asarray, out.state["params"])
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(like), [jnp.asarray(a) for _, a in params]
+    )
 
 
 __all__ = ["Checkpointer", "epoch_order", "restore_latest_params", "tree_digest"]

@@ -1,5 +1,6 @@
-"""Checkpoints: orbax round trip (NamedTuple params/opt state, PRNG keys), retention of the last N +
-best, the resumable sampler, clear errors for a wrong structure or a missing step."""
+"""Checkpoints: orbax round trip (NamedTuple params/opt state, PRNG keys), one saved array per
+dtype, retention of the last N + best, the resumable sampler, clear errors for a wrong structure,
+an older layout or a missing step."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from metarec.meta import MetaSGDParams
@@ -82,3 +84,37 @@ def test_restore_into_wrong_structure_is_a_clear_error(tmp_path):
         ck.save(1, {"params": {"w": jnp.ones(3)}}, {})
         with pytest.raises(ValueError, match="does not match the model being trained"):
             ck.restore(1, {"params": {"w": jnp.ones(3), "v": jnp.ones(2)}})
+
+
+def test_state_is_saved_as_one_array_per_dtype(tmp_path):
+    state = _state(1)
+    with ckpt.Checkpointer(str(tmp_path / "p")) as ck:
+        ck.save(1, state, {})
+        saved = ck._manager.item_metadata(1).state.tree
+        st, meta = ck.restore(1, _state(0))
+    n = {d: sum(x.size for x in jax.tree_util.tree_leaves(state) if x.dtype == d) for d in saved}
+    assert sorted(saved) == ["float32", "int32", "uint32"]  # values, adam's count, the key
+    assert all(saved[d].shape == (n[d],) for d in saved)
+    assert ckpt.tree_digest(st) == ckpt.tree_digest(state) and "layout" not in meta
+
+
+def test_a_template_of_other_shapes_with_the_same_sizes_is_refused(tmp_path):
+    with ckpt.Checkpointer(str(tmp_path / "s")) as ck:
+        ck.save(1, {"w": jnp.arange(6.0).reshape(3, 2)}, {})
+        with pytest.raises(ValueError, match=r"saved \['w'\] float32\(3, 2\), expected"):
+            ck.restore(1, {"w": jnp.zeros((2, 3))})
+        with pytest.raises(ValueError, match=r"saved \['w'\] float32\(3, 2\), expected"):
+            ck.restore(1, {"w": jnp.zeros((3, 2), jnp.int32)})
+
+
+def test_a_checkpoint_of_the_older_layout_is_one_clear_error(tmp_path):
+    # as metarec wrote them before packing: one saved array per leaf, no layout in meta
+    state = {"w": jnp.ones(3)}
+    with ocp.CheckpointManager(str(tmp_path / "o"), item_names=("state", "meta")) as m:
+        args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({"step": 1})}
+        m.save(1, args=ocp.args.Composite(**args))
+        m.wait_until_finished()
+    with ckpt.Checkpointer(str(tmp_path / "o")) as ck:
+        for read in (lambda: ck.restore(1, state), lambda: ck.restore_meta(1)):
+            with pytest.raises(ValueError, match="written by an older metarec"):
+                read()
