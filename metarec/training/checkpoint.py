@@ -84,8 +84,9 @@ def _layout(tree: PyTree) -> list[list]:
 
 
 def _host_leaves(tree: PyTree) -> list[np.ndarray]:
-    """``tree``'s leaves as host arrays, typed keys as their raw data."""
-    return [np.asarray(jax.device_get(_key_data(x))) for x in jax.tree_util.tree_leaves(tree)]
+    """``tree``'s leaves as host arrays (one transfer), typed keys as their raw data."""
+    leaves = jax.device_get([_key_data(x) for x in jax.tree_util.tree_leaves(tree)])
+    return [np.asarray(a) for a in leaves]
 
 
 def _pack(leaves: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,7 +111,7 @@ def _unpack(packed: dict[str, np.ndarray], layout: list[list]) -> list[np.ndarra
     out = []
     for _, dtype, shape in layout:
         n = math.prod(shape)
-        out.append(np.asarray(packed[dtype][at[dtype] : at[dtype] + n]).reshape(shape))
+        out.append(packed[dtype][at[dtype] : at[dtype] + n].reshape(shape))
         at[dtype] += n
     return out
 
@@ -127,12 +128,18 @@ def _like_leaf(restored: np.ndarray, t):
     return restored
 
 
-def _layout_mismatch(saved: list[list], expected: list[list]) -> str:
-    """The first difference between two layouts, for an error message."""
+def _check_layout(saved: list[list], like: PyTree, what: str) -> None:
+    """``ValueError`` starting with ``what`` and naming the first difference unless ``like`` has
+    the ``saved`` layout."""
+    expected = _layout(like)
+    if saved == expected:
+        return
+    detail = f"{len(saved)} arrays saved, {len(expected)} expected"
     for a, b in zip(saved, expected, strict=False):
         if a != b:
-            return f"saved {a[0]} {a[1]}{tuple(a[2])}, expected {b[0]} {b[1]}{tuple(b[2])}"
-    return f"{len(saved)} arrays saved, {len(expected)} expected"
+            detail = f"saved {a[0]} {a[1]}{tuple(a[2])}, expected {b[0]} {b[1]}{tuple(b[2])}"
+            break
+    raise ValueError(f"{what}: {detail}")
 
 
 def _metric_key(metrics: dict):
@@ -224,12 +231,12 @@ class Checkpointer:
         ``(state, meta)``."""
         meta = self._saved_meta(step)
         layout = meta.pop("layout")
-        expected = _layout(like)
-        if layout != expected:
-            raise ValueError(
-                f"{self.directory}/{step}: the checkpoint does not match the model being trained "
-                f"(different architecture or config?): {_layout_mismatch(layout, expected)}"
-            )
+        _check_layout(
+            layout,
+            like,
+            f"{self.directory}/{step}: the checkpoint does not match the model being trained "
+            "(different architecture or config?)",
+        )
         leaves = _unpack(self._restore_packed(step, layout), layout)
         like_leaves, treedef = jax.tree_util.tree_flatten(like)
         state = [_like_leaf(r, t) for r, t in zip(leaves, like_leaves, strict=True)]
@@ -294,13 +301,11 @@ def restore_latest_params(directory: str, like: PyTree, which: str = "best") -> 
         for (p, d, s), a in zip(layout, leaves, strict=True)
         if p.startswith(prefix)
     ]
-    got = [entry for entry, _ in params]
-    expected = _layout(like)
-    if got != expected:
-        raise ValueError(
-            f"{directory}/{step}: the checkpoint's params do not match ``like``: "
-            f"{_layout_mismatch(got, expected)}"
-        )
+    _check_layout(
+        [entry for entry, _ in params],
+        like,
+        f"{directory}/{step}: the checkpoint's params do not match ``like``",
+    )
     return jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(like), [jnp.asarray(a) for _, a in params]
     )
